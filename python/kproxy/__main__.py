@@ -1,0 +1,7 @@
+"""``python -m kproxy``."""
+
+from __future__ import annotations
+
+from kproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The command line: ``kproxy daemon|cleanup|version`` with kube-proxy's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from kproxy import __version__
+from kproxy.config import MODES, ProxyConfig, build, load_file, parse_duration
+from kproxy.errors import ConfigError, KproxyError
+
+log = logging.getLogger("kproxy")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and exit code 2, like every other bad value."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"kproxy: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _duration_flag(name: str) -> Any:
+    def parse(value: str) -> float:
+        try:
+            return parse_duration(name, value)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
+
+    return parse
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kproxy", description="A drop-in kube-proxy replacement.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("daemon", help="run the proxy")
+    # Every default is None: only flags the user typed override the config file.
+    S = argparse.SUPPRESS
+    d.add_argument("--config", default=None, help="a KubeProxyConfiguration YAML file")
+    d.add_argument("--kubeconfig", default=S, help="kubeconfig with the API server and credentials")
+    d.add_argument("--master", default=S, help="API server address (overrides the kubeconfig)")
+    d.add_argument(
+        "--manifests", default=S, metavar="DIR",
+        help="read Services and EndpointSlices from YAML files in DIR instead of an API server",
+    )  # fmt: skip
+    d.add_argument("--proxy-mode", dest="mode", choices=MODES, default=S)
+    d.add_argument("--hostname-override", default=S)
+    d.add_argument("--bind-address", default=S)
+    d.add_argument("--cluster-cidr", dest="cluster_cidrs", type=_comma_list, default=S)
+    d.add_argument("--detect-local-mode", default=S)
+    for flag in ("--min-sync-period", "--iptables-min-sync-period"):
+        d.add_argument(flag, dest="min_sync_period", type=_duration_flag(flag), default=S)
+    for flag in ("--sync-period", "--iptables-sync-period"):
+        d.add_argument(flag, dest="sync_period", type=_duration_flag(flag), default=S)
+    d.add_argument(
+        "--config-sync-period", type=_duration_flag("--config-sync-period"), default=S
+    )
+    d.add_argument("--healthz-bind-address", default=S)
+    d.add_argument("--metrics-bind-address", default=S)
+    d.add_argument("--nodeport-addresses", type=_comma_list, default=S)
+    d.add_argument(
+        "--masquerade-all", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
+    )
+    d.add_argument("--iptables-masquerade-bit", dest="masquerade_bit", type=int, default=S)
+    d.add_argument(
+        "--conntrack-tcp-be-liberal", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
+    )
+    d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
+
+    c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
+    c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def _bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("true", "1", "t"):
+        return True
+    if v in ("false", "0", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
+
+
+def setup_logging(verbosity: int) -> None:
+    # klog levels: 0-1 info, 2-3 more info, 4+ debug.
+    level = logging.DEBUG if verbosity >= 4 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_config(args: argparse.Namespace) -> ProxyConfig:
+    warnings: list[str] = []
+    file_values = load_file(args.config, warnings) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    cfg = build(file_values, flags)
+    for w in warnings:
+        log.warning("%s", w)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.command == "version":
+        from kproxy import _core
+
+        print(f"kproxy {__version__} (core {_core.version()})")
+        return 0
+    try:
+        if args.command == "cleanup":
+            setup_logging(args.verbosity)
+            from kproxy.lifecycle import cleanup
+
+            return cleanup()
+        cfg = load_config(args)
+    except ConfigError as e:
+        sys.stderr.write(f"kproxy: error: {e}\n")
+        return 2
+    setup_logging(cfg.verbosity)
+    from kproxy.daemon import run
+
+    try:
+        return run(cfg)
+    except KproxyError as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Change trackers: what changed since the last sync, with no-op updates dropped.
+
+A tracker holds the current normalized value of every object and what was last handed to a
+sync. ``drain()`` returns only keys whose value now differs from what was handed over, so an
+update that changes nothing kproxy uses (a status heartbeat, a label we ignore), or an add
+followed by a delete before the next sync, costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kproxy.model import Endpoint, EndpointSlice, NodeInfo, PortEndpoints, Service, ServiceKey
+
+Merged = tuple[PortEndpoints, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """What one sync hands to the core."""
+
+    services: dict[ServiceKey, Service | None] = field(default_factory=dict)
+    endpoints: dict[ServiceKey, Merged] = field(default_factory=dict)
+    node: NodeInfo | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.services or self.endpoints or self.node)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "services": [
+                {
+                    "namespace": k.namespace,
+                    "name": k.name,
+                    "service": None if v is None else v.to_wire(),
+                }
+                for k, v in sorted(self.services.items())
+            ],
+            "endpoints": [
+                {"namespace": k.namespace, "name": k.name, "ports": [p.to_wire() for p in v]}
+                for k, v in sorted(self.endpoints.items())
+            ],
+            "node": None if self.node is None else self.node.to_wire(),
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_wire(), separators=(",", ":")).encode()
+
+
+class ServiceTracker:
+    def __init__(self) -> None:
+        self._current: dict[ServiceKey, Service] = {}
+        self._handed: dict[ServiceKey, Service] = {}
+        self._dirty: set[ServiceKey] = set()
+
+    def update(self, key: ServiceKey, svc: Service | None) -> bool:
+        """Record the Service's new value (None: gone). Returns whether a sync is now owed."""
+        if svc is None:
+            self._current.pop(key, None)
+        else:
+            self._current[key] = svc
+        if self._current.get(key) != self._handed.get(key):
+            self._dirty.add(key)
+        else:
+            self._dirty.discard(key)
+        return bool(self._dirty)
+
+    def get(self, key: ServiceKey) -> Service | None:
+        return self._current.get(key)
+
+    def keys(self) -> Iterable[ServiceKey]:
+        return self._current.keys()
+
+    @property
+    def pending(self) -> int:
+        return len(self._dirty)
+
+    def drain(self) -> dict[ServiceKey, Service | None]:
+        out = {k: self._current.get(k) for k in sorted(self._dirty)}
+        for k, v in out.items():
+            if v is None:
+                self._handed.pop(k, None)
+            else:
+                self._handed[k] = v
+        self._dirty.clear()
+        return out
+
+    def resend_all(self) -> None:
+        """Forget what was handed over: the next drain carries every Service (and deletions)."""
+        self._dirty = set(self._current) | set(self._handed)
+        self._handed = {}
+
+
+def merge_slices(slices: Iterable[EndpointSlice]) -> Merged:
+    """Merge a Service's slices into per-port endpoint lists.
+
+    The same address and port in two slices (which happens briefly while the EndpointSlice
+    controller moves endpoints) counts once; a ready copy wins over a not-ready one, then the
+    slice that sorts first by name, so the result never depends on event order.
+    """
+    by_port: dict[tuple[str, str], dict[tuple[str, int], Endpoint]] = {}
+    for sl in sorted(slices, key=lambda s: s.name):
+        for port in sl.ports:
+            eps = by_port.setdefault((port.name, port.protocol), {})
+            for ep in sl.endpoints:
+                k = (ep.ip, port.port)
+                have = eps.get(k)
+                if have is None or (ep.ready and not have.ready):
+                    eps[k] = ep
+    out: list[PortEndpoints] = []
+    for (name, protocol), eps in sorted(by_port.items()):
+        items = tuple(sorted(((ep, port) for (_, port), ep in eps.items()), key=_ep_order))
+        out.append(PortEndpoints(name, protocol, items))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _ep_order(item: tuple[Endpoint, int]) -> tuple[str, int]:
+    return (item[0].ip, item[1])
+
+
+class EndpointsTracker:
+    """Tracks EndpointSlices and hands over merged endpoints per Service."""
+
+    def __init__(self) -> None:
+        self._slices: dict[ServiceKey, dict[str, EndpointSlice]] = {}
+        self._owner: dict[tuple[str, str], ServiceKey] = {}
+        self._handed: dict[ServiceKey, Merged] = {}
+        self._dirty: set[ServiceKey] = set()
+
+    def update(self, namespace: str, name: str, sl: EndpointSlice | None) -> bool:
+        """Record a slice's new value (None: gone or no longer proxied)."""
+        slice_id = (namespace, name)
+        if sl is not None and self._slices.get(sl.service, {}).get(name) == sl:
+            return bool(self._dirty)  # a no-op update (e.g. only its resourceVersion moved)
+        old_owner = self._owner.pop(slice_id, None)
+        if old_owner is not None:
+            owned = self._slices.get(old_owner, {})
+            owned.pop(name, None)
+            if not owned:
+                self._slices.pop(old_owner, None)
+            self._dirty.add(old_owner)
+        if sl is not None:
+            self._owner[slice_id] = sl.service
+            self._slices.setdefault(sl.service, {})[name] = sl
+            self._dirty.add(sl.service)
+        return bool(self._dirty)
+
+    def slice_ids(self) -> Iterable[tuple[str, str]]:
+        return self._owner.keys()
+
+    @property
+    def pending(self) -> int:
+        return len(self._dirty)
+
+    def merged(self, key: ServiceKey) -> Merged:
+        return merge_slices(self._slices.get(key, {}).values())
+
+    def drain(self) -> dict[ServiceKey, Merged]:
+        out: dict[ServiceKey, Merged] = {}
+        for key in sorted(self._dirty):
+            merged = self.merged(key)
+            if merged != self._handed.get(key, ()):
+                out[key] = merged
+                if merged:
+                    self._handed[key] = merged
+                else:
+                    self._handed.pop(key, None)
+        self._dirty.clear()
+        return out
+
+    def resend_all(self) -> None:
+        self._dirty = set(self._slices) | set(self._handed)
+        self._handed = {}

@@ -1,0 +1,249 @@
+//! [`Engine`]: one IP family's merged state, its last applied rules and its kernel handle.
+//!
+//! `sync` is the one call Python makes per sync: apply the change set, render, apply to the
+//! kernel, and return a small [`SyncReport`]. Rule text crosses back only on request.
+
+use crate::error::{Error, Result};
+use crate::iptables::{self, chains, Backend, RenderConfig};
+use crate::model::{ChangeSet, Cidr, IpFamily};
+use crate::state::State;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// Which kernel interface an engine drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The real kernel.
+    #[default]
+    Kernel,
+    /// An in-memory kernel (tests, `render`, dry runs).
+    Fake,
+}
+
+/// Static configuration of one engine (JSON from Python).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    pub family: IpFamily,
+    pub node_name: String,
+    #[serde(default)]
+    pub cluster_cidrs: Vec<Cidr>,
+    #[serde(default)]
+    pub masquerade_all: bool,
+    #[serde(default = "default_masquerade_bit")]
+    pub masquerade_bit: u8,
+    /// `None`: NodePorts on every local address.
+    #[serde(default)]
+    pub nodeport_ips: Option<Vec<IpAddr>>,
+    #[serde(default)]
+    pub conntrack_tcp_be_liberal: bool,
+    #[serde(default)]
+    pub backend: BackendKind,
+}
+
+fn default_masquerade_bit() -> u8 {
+    14
+}
+
+impl EngineConfig {
+    pub fn from_json(s: &str) -> Result<EngineConfig> {
+        let cfg: EngineConfig = serde_json::from_str(s)
+            .map_err(|e| Error::InvalidInput(format!("engine config: {e}")))?;
+        if cfg.masquerade_bit > 31 {
+            return Err(Error::InvalidInput(format!(
+                "engine config: masquerade_bit {} is not in 0..=31",
+                cfg.masquerade_bit
+            )));
+        }
+        Ok(cfg)
+    }
+
+    fn render_config(&self) -> RenderConfig {
+        RenderConfig {
+            family: self.family,
+            node_name: self.node_name.clone(),
+            cluster_cidrs: self.cluster_cidrs.clone(),
+            masquerade_all: self.masquerade_all,
+            masquerade_mark: 1u32 << self.masquerade_bit,
+            nodeport_ips: self.nodeport_ips.clone(),
+            conntrack_tcp_be_liberal: self.conntrack_tcp_be_liberal,
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncReport {
+    /// Whether every chain was rewritten (and the jump rules ensured).
+    pub full: bool,
+    /// Whether anything was written to the kernel at all.
+    pub wrote: bool,
+    pub services_changed: usize,
+    pub service_ports: usize,
+    pub endpoints: usize,
+    pub nat_rules: usize,
+    pub filter_rules: usize,
+    pub stale_chains_deleted: usize,
+    pub bytes: usize,
+    pub no_local_internal: usize,
+    pub no_local_external: usize,
+    pub render_seconds: f64,
+    pub apply_seconds: f64,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    render_config: RenderConfig,
+    state: State,
+    backend: Box<dyn Backend>,
+    /// Set at start and after any failure: the kernel's content is unknown.
+    need_full: bool,
+    /// Our per-service nat chains as last written; `None` when unknown (read from the kernel).
+    written_nat_chains: Option<BTreeSet<String>>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Engine {
+        let backend: Box<dyn Backend> = match config.backend {
+            BackendKind::Kernel => Box::new(iptables::Kernel::new(config.family)),
+            BackendKind::Fake => Box::new(iptables::Fake::new()),
+        };
+        Engine::with_backend(config, backend)
+    }
+
+    pub fn with_backend(config: EngineConfig, backend: Box<dyn Backend>) -> Engine {
+        Engine {
+            render_config: config.render_config(),
+            state: State::new(config.family),
+            config,
+            backend,
+            need_full: true,
+            written_nat_chains: None,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn needs_full_sync(&self) -> bool {
+        self.need_full
+    }
+
+    /// Apply `changes` and bring the kernel in line with the resulting state.
+    ///
+    /// `full` asks for everything to be rewritten and the jump rules re-ensured (periodic
+    /// resyncs). A sync with nothing changed and no full request writes nothing. On failure the
+    /// kernel keeps what it had (iptables-restore is all-or-nothing) and the next sync is full.
+    pub fn sync(&mut self, changes: ChangeSet, full: bool) -> Result<SyncReport> {
+        let applied = self.state.apply(changes);
+        let full = full || self.need_full || applied.topology;
+        let mut report = SyncReport {
+            full,
+            services_changed: applied.services.len(),
+            ..SyncReport::default()
+        };
+        if !full && applied.services.is_empty() {
+            return Ok(report);
+        }
+        let result = self.write(full, &mut report);
+        if let Err(e) = &result {
+            if e.needs_full_sync() {
+                self.need_full = true;
+                self.written_nat_chains = None;
+            }
+        }
+        result.map(|()| report)
+    }
+
+    fn write(&mut self, full: bool, report: &mut SyncReport) -> Result<()> {
+        let t0 = Instant::now();
+        let rs = iptables::render(&self.state, &self.render_config);
+        let existing = match &self.written_nat_chains {
+            Some(c) if !full => c.clone(),
+            _ => self.backend.chains("nat")?,
+        };
+        let stale: BTreeSet<String> = existing
+            .into_iter()
+            .filter(|c| chains::is_service_chain(c) && !rs.nat.chains.contains(c))
+            .collect();
+        let text = rs.restore_text(&stale);
+        report.render_seconds = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        self.backend.restore(&text)?;
+        if full {
+            self.backend.ensure_jumps(chains::JUMPS)?;
+        }
+        report.apply_seconds = t1.elapsed().as_secs_f64();
+
+        self.written_nat_chains = Some(
+            rs.nat
+                .chains
+                .iter()
+                .filter(|c| chains::is_service_chain(c))
+                .cloned()
+                .collect(),
+        );
+        self.need_full = false;
+        report.wrote = true;
+        report.service_ports = rs.service_ports;
+        report.endpoints = rs.endpoints;
+        report.nat_rules = rs.nat.rule_count;
+        report.filter_rules = rs.filter.rule_count;
+        report.stale_chains_deleted = stale.len();
+        report.bytes = text.len();
+        report.no_local_internal = rs.no_local_internal;
+        report.no_local_external = rs.no_local_external;
+        Ok(())
+    }
+
+    /// The complete `iptables-restore` input for the current state (nothing is applied).
+    pub fn render(&self) -> String {
+        iptables::render(&self.state, &self.render_config).restore_text(&BTreeSet::new())
+    }
+
+    /// What the backend holds now, as `iptables-save` prints it.
+    pub fn dump(&mut self) -> Result<String> {
+        self.backend.dump()
+    }
+}
+
+/// Remove everything the iptables mode creates in one family: the jump rules from the
+/// built-in chains, then every chain of ours. Safe to run twice and on a clean node.
+pub fn cleanup(backend: &mut dyn Backend) -> Result<usize> {
+    backend.remove_jumps(chains::JUMPS)?;
+    let mut removed = 0;
+    let mut text = String::new();
+    for table in ["filter", "nat"] {
+        let fixed: &[&str] = if table == "nat" {
+            chains::NAT_CHAINS
+        } else {
+            chains::FILTER_CHAINS
+        };
+        let ours: Vec<String> = backend
+            .chains(table)?
+            .into_iter()
+            .filter(|c| fixed.contains(&c.as_str()) || chains::is_service_chain(c))
+            .collect();
+        if ours.is_empty() {
+            continue;
+        }
+        text.push_str(&format!("*{table}\n"));
+        for c in &ours {
+            text.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        for c in &ours {
+            text.push_str(&format!("-X {c}\n"));
+        }
+        text.push_str("COMMIT\n");
+        removed += ours.len();
+    }
+    if !text.is_empty() {
+        backend.restore(&text)?;
+    }
+    Ok(removed)
+}

@@ -1,0 +1,172 @@
+//! Fixed chain names and the jump rules from the built-in chains, as upstream has them.
+
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+
+/// Chains of the filter table that every ruleset declares (and so flushes and rewrites).
+pub const FILTER_CHAINS: &[&str] = &[
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_FORWARD,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
+];
+
+/// Fixed chains of the nat table.
+pub const NAT_CHAINS: &[&str] = &[
+    KUBE_MARK_MASQ,
+    KUBE_NODEPORTS,
+    KUBE_POSTROUTING,
+    KUBE_SERVICES,
+];
+
+/// Prefixes of per-service and per-endpoint nat chains (what a stale-chain sweep may delete).
+pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-SEP-",
+];
+
+pub fn is_service_chain(name: &str) -> bool {
+    SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// A rule in a built-in chain that sends traffic into one of ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Jump {
+    pub table: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    /// Match arguments before `-j`, including the comment (fixed text, never user input).
+    pub args: &'static [&'static str],
+}
+
+const NEW: &[&str] = &["-m", "conntrack", "--ctstate", "NEW"];
+
+macro_rules! jump {
+    ($table:expr, $from:expr, $to:expr, $comment:expr, new) => {
+        Jump {
+            table: $table,
+            from: $from,
+            to: $to,
+            args: &[
+                "-m",
+                "comment",
+                "--comment",
+                $comment,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+            ],
+        }
+    };
+    ($table:expr, $from:expr, $to:expr, $comment:expr) => {
+        Jump {
+            table: $table,
+            from: $from,
+            to: $to,
+            args: &["-m", "comment", "--comment", $comment],
+        }
+    };
+}
+
+/// Upstream's `iptablesJumpChains`, in the order it ensures them.
+pub const JUMPS: &[Jump] = &[
+    jump!(
+        "filter",
+        "INPUT",
+        KUBE_EXTERNAL_SERVICES,
+        "kubernetes externally-visible service portals",
+        new
+    ),
+    jump!(
+        "filter",
+        "FORWARD",
+        KUBE_EXTERNAL_SERVICES,
+        "kubernetes externally-visible service portals",
+        new
+    ),
+    jump!(
+        "filter",
+        "INPUT",
+        KUBE_NODEPORTS,
+        "kubernetes health check service ports"
+    ),
+    jump!(
+        "filter",
+        "FORWARD",
+        KUBE_SERVICES,
+        "kubernetes service portals",
+        new
+    ),
+    jump!(
+        "filter",
+        "OUTPUT",
+        KUBE_SERVICES,
+        "kubernetes service portals",
+        new
+    ),
+    jump!(
+        "filter",
+        "FORWARD",
+        KUBE_FORWARD,
+        "kubernetes forwarding rules"
+    ),
+    jump!(
+        "filter",
+        "INPUT",
+        KUBE_PROXY_FIREWALL,
+        "kubernetes load balancer firewall",
+        new
+    ),
+    jump!(
+        "filter",
+        "OUTPUT",
+        KUBE_PROXY_FIREWALL,
+        "kubernetes load balancer firewall",
+        new
+    ),
+    jump!(
+        "filter",
+        "FORWARD",
+        KUBE_PROXY_FIREWALL,
+        "kubernetes load balancer firewall",
+        new
+    ),
+    jump!("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
+    jump!(
+        "nat",
+        "PREROUTING",
+        KUBE_SERVICES,
+        "kubernetes service portals"
+    ),
+    jump!(
+        "nat",
+        "POSTROUTING",
+        KUBE_POSTROUTING,
+        "kubernetes postrouting rules"
+    ),
+];
+
+impl Jump {
+    /// The rule as iptables arguments after the chain name: `<args> -j <to>`.
+    pub fn rule_args(&self) -> Vec<&'static str> {
+        let mut v = self.args.to_vec();
+        v.push("-j");
+        v.push(self.to);
+        v
+    }
+
+    /// Whether the rule matches on conntrack state NEW (for the tracer and tests).
+    pub fn new_only(&self) -> bool {
+        self.args.windows(NEW.len()).any(|w| w == NEW)
+    }
+}

@@ -1,0 +1,546 @@
+//! Merged state -> `iptables-restore` input, in upstream kube-proxy's layout.
+//!
+//! nat: `KUBE-SERVICES` matches each service address and jumps to the policy chain
+//! (`KUBE-SVC-*` cluster, `KUBE-SVL-*` local) or, for external destinations, to `KUBE-EXT-*`
+//! (masquerade and the Local-policy short-circuits); policy chains spread over `KUBE-SEP-*`
+//! endpoint chains with `statistic` rules; `KUBE-SEP-*` masquerades hairpin traffic and DNATs.
+//! filter: REJECT for services without endpoints, DROP for Local policies without local
+//! endpoints, and `KUBE-FORWARD` accepting what we marked.
+//!
+//! Output is deterministic: services in (namespace, name, port) order, endpoints by address.
+
+use super::chains::*;
+use crate::model::{Cidr, IpFamily, Protocol};
+use crate::naming::{endpoint_chain, join_host_port, ServiceChains};
+use crate::state::{ServicePortView, State};
+use crate::topology::{categorize, NodeView, Policies};
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::net::IpAddr;
+
+/// Everything about the node and the configuration that shapes the rules.
+#[derive(Clone, Debug)]
+pub struct RenderConfig {
+    pub family: IpFamily,
+    pub node_name: String,
+    /// Pod CIDRs of this family: traffic from elsewhere is masqueraded (`detectLocalMode:
+    /// ClusterCIDR`). Empty disables local detection, as upstream.
+    pub cluster_cidrs: Vec<Cidr>,
+    pub masquerade_all: bool,
+    /// `1 << masqueradeBit`.
+    pub masquerade_mark: u32,
+    /// `None`: NodePorts on every local address; `Some(ips)`: only on these node addresses.
+    pub nodeport_ips: Option<Vec<IpAddr>>,
+    /// Skip the conntrack INVALID drop because `nf_conntrack_tcp_be_liberal` is set.
+    pub conntrack_tcp_be_liberal: bool,
+}
+
+impl RenderConfig {
+    fn mark(&self) -> String {
+        format!("{:#x}", self.masquerade_mark)
+    }
+
+    fn local_cidr(&self) -> Option<&Cidr> {
+        self.cluster_cidrs
+            .iter()
+            .find(|c| self.family.contains(&c.addr()))
+    }
+
+    fn loopback(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1/128",
+        }
+    }
+}
+
+/// One table's part of a ruleset.
+#[derive(Debug, Default, Clone)]
+pub struct Table {
+    /// Declared chains: `iptables-restore --noflush` flushes and rewrites exactly these.
+    pub chains: BTreeSet<String>,
+    /// `-A ...` lines, in order.
+    pub rules: String,
+    pub rule_count: usize,
+}
+
+impl Table {
+    fn chain(&mut self, name: &str) {
+        self.chains.insert(name.to_owned());
+    }
+
+    fn rule(&mut self, chain: &str, args: std::fmt::Arguments<'_>) {
+        let _ = writeln!(self.rules, "-A {chain} {args}");
+        self.rule_count += 1;
+    }
+}
+
+/// A rendered ruleset plus what the sync reports about it.
+#[derive(Debug, Default, Clone)]
+pub struct Ruleset {
+    pub filter: Table,
+    pub nat: Table,
+    pub service_ports: usize,
+    pub endpoints: usize,
+    pub no_local_internal: usize,
+    pub no_local_external: usize,
+}
+
+impl Ruleset {
+    /// The `iptables-restore --noflush` input. Chains in `stale_nat` (per-service chains that
+    /// exist in the kernel but are no longer wanted) are flushed and deleted in the same
+    /// transaction, after the rules that referenced them are gone.
+    pub fn restore_text(&self, stale_nat: &BTreeSet<String>) -> String {
+        let mut out = String::with_capacity(self.filter.rules.len() + self.nat.rules.len() + 4096);
+        write_table(&mut out, "filter", &self.filter, &BTreeSet::new());
+        write_table(&mut out, "nat", &self.nat, stale_nat);
+        out
+    }
+}
+
+fn write_table(out: &mut String, name: &str, table: &Table, stale: &BTreeSet<String>) {
+    let _ = writeln!(out, "*{name}");
+    for chain in table.chains.iter().chain(stale.iter()) {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    out.push_str(&table.rules);
+    for chain in stale {
+        let _ = writeln!(out, "-X {chain}");
+    }
+    out.push_str("COMMIT\n");
+}
+
+/// `-m <proto> -p <proto>`, the match prefix upstream uses for every port match.
+fn proto(p: Protocol) -> String {
+    let p = p.lower();
+    format!("-m {p} -p {p}")
+}
+
+/// `computeProbability`: `1/n` printed with ten decimals.
+fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0 / n as f64)
+}
+
+pub fn render(state: &State, cfg: &RenderConfig) -> Ruleset {
+    let mut rs = Ruleset::default();
+    for c in FILTER_CHAINS {
+        rs.filter.chain(c);
+    }
+    for c in NAT_CHAINS {
+        rs.nat.chain(c);
+    }
+    let mark = cfg.mark();
+
+    // The masquerade machinery: mark in KUBE-MARK-MASQ, SNAT marked packets on the way out.
+    rs.nat.rule(
+        KUBE_POSTROUTING,
+        format_args!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+    );
+    // Clear the mark so a packet re-traversing the stack (e.g. after encapsulation) is not
+    // masqueraded twice.
+    rs.nat
+        .rule(KUBE_POSTROUTING, format_args!("-j MARK --xor-mark {mark}"));
+    rs.nat.rule(
+        KUBE_POSTROUTING,
+        format_args!(
+            "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+        ),
+    );
+    rs.nat
+        .rule(KUBE_MARK_MASQ, format_args!("-j MARK --or-mark {mark}"));
+
+    let node = NodeView {
+        name: &cfg.node_name,
+        zone: state.node().zone.as_deref(),
+    };
+    for sp in state.service_ports() {
+        render_service_port(&mut rs, state, cfg, node, &sp);
+    }
+
+    // Tail call to the NodePorts chain: must stay the last rule of KUBE-SERVICES.
+    let np_comment =
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    match &cfg.nodeport_ips {
+        None => rs.nat.rule(
+            KUBE_SERVICES,
+            format_args!(
+                "{np_comment} -m addrtype --dst-type LOCAL ! -d {} -j {KUBE_NODEPORTS}",
+                cfg.loopback()
+            ),
+        ),
+        Some(ips) => {
+            for ip in ips
+                .iter()
+                .filter(|ip| cfg.family.contains(ip) && !ip.is_loopback())
+            {
+                rs.nat.rule(
+                    KUBE_SERVICES,
+                    format_args!("{np_comment} -d {ip} -j {KUBE_NODEPORTS}"),
+                );
+            }
+        }
+    }
+
+    // Forwarding: drop INVALID packets (they would otherwise reach pods un-NATed and cause
+    // spurious resets), accept what we marked and what belongs to accepted connections.
+    if !cfg.conntrack_tcp_be_liberal {
+        rs.filter.rule(
+            KUBE_FORWARD,
+            format_args!("-m conntrack --ctstate INVALID -j DROP"),
+        );
+    }
+    rs.filter.rule(
+        KUBE_FORWARD,
+        format_args!("-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"),
+    );
+    rs.filter.rule(
+        KUBE_FORWARD,
+        format_args!(
+            "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+        ),
+    );
+    rs
+}
+
+fn render_service_port(
+    rs: &mut Ruleset,
+    state: &State,
+    cfg: &RenderConfig,
+    node: NodeView<'_>,
+    sp: &ServicePortView<'_>,
+) {
+    let Some(cluster_ip) = sp.cluster_ip else {
+        return;
+    };
+    rs.service_ports += 1;
+    let name = sp.name.to_string();
+    let chains = ServiceChains::new(&sp.name);
+    let p = proto(sp.name.protocol);
+    let port = sp.port.port;
+    let svc = sp.service;
+
+    let endpoints = state.endpoints(&sp.name);
+    let policies = Policies {
+        internal_local: svc.internal_policy_local(),
+        external_local: svc.external_policy_local(),
+        externally_accessible: sp.externally_accessible(),
+    };
+    let cat = categorize(&endpoints, policies, node);
+    rs.endpoints += cat.all_reachable.len();
+
+    let uses_cluster_chain = !cat.cluster.is_empty() && policies.uses_cluster();
+    let uses_local_chain = !cat.local.is_empty() && policies.uses_local();
+
+    let has_endpoints = cat.has_any;
+    let (internal_chain, has_internal) = if policies.internal_local {
+        (&chains.local, !cat.local.is_empty())
+    } else {
+        (&chains.cluster, has_endpoints)
+    };
+    let (external_policy_chain, has_external) = if policies.external_local {
+        (&chains.local, !cat.local.is_empty())
+    } else {
+        (&chains.cluster, has_endpoints)
+    };
+    let uses_external_chain = has_endpoints && policies.externally_accessible;
+    let uses_fw_chain =
+        has_endpoints && !sp.load_balancer_ips.is_empty() && !sp.source_ranges.is_empty();
+    let lb_chain = if uses_fw_chain {
+        &chains.firewall
+    } else {
+        &chains.external
+    };
+
+    // What the filter table does with traffic that finds no usable endpoint.
+    let (int_target, int_comment, ext_target, ext_comment) = if !has_endpoints {
+        let c = format!("{name} has no endpoints");
+        ("REJECT", c.clone(), "REJECT", c)
+    } else {
+        let c = format!("{name} has no local endpoints");
+        if !has_internal {
+            rs.no_local_internal += 1;
+        }
+        if !has_external {
+            rs.no_local_external += 1;
+        }
+        ("DROP", c.clone(), "DROP", c)
+    };
+
+    // The cluster IP.
+    if has_internal {
+        rs.nat.rule(
+            KUBE_SERVICES,
+            format_args!(
+                "-m comment --comment \"{name} cluster IP\" {p} -d {cluster_ip} --dport {port} -j {internal_chain}"
+            ),
+        );
+    } else {
+        rs.filter.rule(
+            KUBE_SERVICES,
+            format_args!(
+                "-m comment --comment \"{int_comment}\" {p} -d {cluster_ip} --dport {port} -j {int_target}"
+            ),
+        );
+    }
+
+    // External IPs.
+    for ip in &sp.external_ips {
+        if has_endpoints {
+            rs.nat.rule(
+                KUBE_SERVICES,
+                format_args!(
+                    "-m comment --comment \"{name} external IP\" {p} -d {ip} --dport {port} -j {}",
+                    chains.external
+                ),
+            );
+        }
+        if !has_external {
+            rs.filter.rule(
+                KUBE_EXTERNAL_SERVICES,
+                format_args!(
+                    "-m comment --comment \"{ext_comment}\" {p} -d {ip} --dport {port} -j {ext_target}"
+                ),
+            );
+        }
+    }
+
+    // Load-balancer ingress IPs.
+    for ip in &sp.load_balancer_ips {
+        if has_endpoints {
+            rs.nat.rule(
+                KUBE_SERVICES,
+                format_args!(
+                    "-m comment --comment \"{name} loadbalancer IP\" {p} -d {ip} --dport {port} -j {lb_chain}"
+                ),
+            );
+        }
+        if uses_fw_chain {
+            rs.filter.rule(
+                KUBE_PROXY_FIREWALL,
+                format_args!(
+                    "-m comment --comment \"{name} traffic not accepted by {}\" {p} -d {ip} --dport {port} -j DROP",
+                    chains.firewall
+                ),
+            );
+        }
+    }
+    if !has_external {
+        for ip in &sp.load_balancer_ips {
+            rs.filter.rule(
+                KUBE_EXTERNAL_SERVICES,
+                format_args!(
+                    "-m comment --comment \"{ext_comment}\" {p} -d {ip} --dport {port} -j {ext_target}"
+                ),
+            );
+        }
+    }
+
+    // NodePort. (NodePorts are not subject to loadBalancerSourceRanges, as upstream.)
+    let node_port = sp.port.node_port;
+    if node_port != 0 {
+        if has_endpoints {
+            rs.nat.rule(
+                KUBE_NODEPORTS,
+                format_args!(
+                    "-m comment --comment {name} {p} --dport {node_port} -j {}",
+                    chains.external
+                ),
+            );
+        }
+        if !has_external {
+            rs.filter.rule(
+                KUBE_EXTERNAL_SERVICES,
+                format_args!(
+                    "-m comment --comment \"{ext_comment}\" -m addrtype --dst-type LOCAL {p} --dport {node_port} -j {ext_target}"
+                ),
+            );
+        }
+    }
+
+    // Health-check NodePort: accepted whether or not there are local endpoints, for hosts with
+    // restrictive firewalls.
+    if svc.health_check_node_port != 0 {
+        rs.filter.rule(
+            KUBE_NODEPORTS,
+            format_args!(
+                "-m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {} -j ACCEPT",
+                svc.health_check_node_port
+            ),
+        );
+    }
+
+    // Masquerade traffic to the cluster IP that does not come from a pod: it may have been
+    // routed to this node from elsewhere, and the reply must come back through us.
+    if has_internal {
+        let masq_args = format!(
+            "-m comment --comment \"{name} cluster IP\" {p} -d {cluster_ip} --dport {port}"
+        );
+        if cfg.masquerade_all {
+            rs.nat.rule(
+                internal_chain,
+                format_args!("{masq_args} -j {KUBE_MARK_MASQ}"),
+            );
+        } else if let Some(cidr) = cfg.local_cidr() {
+            rs.nat.rule(
+                internal_chain,
+                format_args!("{masq_args} ! -s {cidr} -j {KUBE_MARK_MASQ}"),
+            );
+        }
+    }
+
+    // External destinations.
+    if uses_external_chain {
+        rs.nat.chain(&chains.external);
+        let ext = &chains.external;
+        if !policies.external_local {
+            // Cluster policy may cross nodes: masquerade so replies come back through us.
+            rs.nat.rule(
+                ext,
+                format_args!(
+                    "-m comment --comment \"masquerade traffic for {name} external destinations\" -j {KUBE_MARK_MASQ}"
+                ),
+            );
+        } else {
+            // Local policy keeps the client's address, except for two special cases that
+            // behave as if they went out to a load balancer and came back: pods (not subject to
+            // the policy at all) and the node itself (its source would be the external address).
+            if let Some(cidr) = cfg.local_cidr() {
+                rs.nat.rule(
+                    ext,
+                    format_args!(
+                        "-m comment --comment \"pod traffic for {name} external destinations\" -s {cidr} -j {}",
+                        chains.cluster
+                    ),
+                );
+            }
+            rs.nat.rule(
+                ext,
+                format_args!(
+                    "-m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
+                ),
+            );
+            rs.nat.rule(
+                ext,
+                format_args!(
+                    "-m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}",
+                    chains.cluster
+                ),
+            );
+        }
+        if has_external {
+            rs.nat.rule(ext, format_args!("-j {external_policy_chain}"));
+        }
+    }
+
+    // loadBalancerSourceRanges: allowed sources continue to the external chain; the rest fall
+    // through un-DNATed and are dropped by KUBE-PROXY-FIREWALL.
+    if uses_fw_chain {
+        let fw = &chains.firewall;
+        rs.nat.chain(fw);
+        for cidr in &sp.source_ranges {
+            rs.nat.rule(
+                fw,
+                format_args!(
+                    "-m comment --comment \"{name} loadbalancer IP\" -s {cidr} -j {}",
+                    chains.external
+                ),
+            );
+        }
+        rs.nat.rule(
+            fw,
+            format_args!(
+                "-m comment --comment \"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL\""
+            ),
+        );
+    }
+
+    if uses_cluster_chain {
+        write_policy_chain(
+            rs,
+            &name,
+            &chains.cluster,
+            &sp.name,
+            &cat.cluster,
+            svc.session_affinity_timeout,
+        );
+    }
+    if uses_local_chain {
+        write_policy_chain(
+            rs,
+            &name,
+            &chains.local,
+            &sp.name,
+            &cat.local,
+            svc.session_affinity_timeout,
+        );
+    }
+
+    // Endpoint chains.
+    for ep in &cat.all_reachable {
+        let chain = endpoint_chain(&sp.name, ep);
+        rs.nat.chain(&chain);
+        // Hairpin: an endpoint reaching itself through the service must be masqueraded, or it
+        // would answer itself directly and the client side would never see the reply.
+        rs.nat.rule(
+            &chain,
+            format_args!(
+                "-m comment --comment {name} -s {} -j {KUBE_MARK_MASQ}",
+                ep.ip
+            ),
+        );
+        let affinity = if svc.session_affinity_timeout.is_some() {
+            format!(" -m recent --name {chain} --set")
+        } else {
+            String::new()
+        };
+        rs.nat.rule(
+            &chain,
+            format_args!(
+                "-m comment --comment {name}{affinity} {p} -j DNAT --to-destination {}",
+                join_host_port(&ep.ip, ep.port.get())
+            ),
+        );
+    }
+}
+
+fn write_policy_chain(
+    rs: &mut Ruleset,
+    name: &str,
+    chain: &str,
+    spn: &crate::model::ServicePortName,
+    endpoints: &[&crate::model::Endpoint],
+    affinity_timeout: Option<u32>,
+) {
+    rs.nat.chain(chain);
+    if let Some(timeout) = affinity_timeout {
+        for ep in endpoints {
+            let ep_chain = endpoint_chain(spn, ep);
+            rs.nat.rule(
+                chain,
+                format_args!(
+                    "-m comment --comment \"{name} -> {}\" -m recent --name {ep_chain} --rcheck --seconds {timeout} --reap -j {ep_chain}",
+                    join_host_port(&ep.ip, ep.port.get())
+                ),
+            );
+        }
+    }
+    let n = endpoints.len();
+    for (i, ep) in endpoints.iter().enumerate() {
+        let ep_chain = endpoint_chain(spn, ep);
+        let dest = join_host_port(&ep.ip, ep.port.get());
+        if i + 1 < n {
+            rs.nat.rule(
+                chain,
+                format_args!(
+                    "-m comment --comment \"{name} -> {dest}\" -m statistic --mode random --probability {} -j {ep_chain}",
+                    probability(n - i)
+                ),
+            );
+        } else {
+            rs.nat.rule(
+                chain,
+                format_args!("-m comment --comment \"{name} -> {dest}\" -j {ep_chain}"),
+            );
+        }
+    }
+}

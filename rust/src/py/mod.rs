@@ -1,0 +1,171 @@
+//! The Python binding: the only module that uses pyo3.
+//!
+//! Each heavy call releases the interpreter (`py.detach`) so Python's watchers, health and
+//! metrics keep running while a sync renders and applies.
+
+mod errors;
+
+use crate::engine::{self, EngineConfig, SyncReport as CoreReport};
+use crate::iptables;
+use crate::model::{ChangeSet, IpFamily};
+use errors::to_py;
+use pyo3::prelude::*;
+use std::sync::{Mutex, MutexGuard};
+
+/// What one `Engine.sync` did.
+#[pyclass(frozen, module = "kproxy._core", name = "SyncReport")]
+pub struct SyncReport(CoreReport);
+
+#[pymethods]
+impl SyncReport {
+    #[getter]
+    fn full(&self) -> bool {
+        self.0.full
+    }
+    #[getter]
+    fn wrote(&self) -> bool {
+        self.0.wrote
+    }
+    #[getter]
+    fn services_changed(&self) -> usize {
+        self.0.services_changed
+    }
+    #[getter]
+    fn service_ports(&self) -> usize {
+        self.0.service_ports
+    }
+    #[getter]
+    fn endpoints(&self) -> usize {
+        self.0.endpoints
+    }
+    #[getter]
+    fn nat_rules(&self) -> usize {
+        self.0.nat_rules
+    }
+    #[getter]
+    fn filter_rules(&self) -> usize {
+        self.0.filter_rules
+    }
+    #[getter]
+    fn stale_chains_deleted(&self) -> usize {
+        self.0.stale_chains_deleted
+    }
+    #[getter]
+    fn bytes(&self) -> usize {
+        self.0.bytes
+    }
+    #[getter]
+    fn no_local_internal(&self) -> usize {
+        self.0.no_local_internal
+    }
+    #[getter]
+    fn no_local_external(&self) -> usize {
+        self.0.no_local_external
+    }
+    #[getter]
+    fn render_seconds(&self) -> f64 {
+        self.0.render_seconds
+    }
+    #[getter]
+    fn apply_seconds(&self) -> f64 {
+        self.0.apply_seconds
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}
+
+/// One IP family's proxy engine (see the crate docs). Thread-safe: calls are serialized.
+#[pyclass(frozen, module = "kproxy._core", name = "Engine")]
+pub struct Engine {
+    inner: Mutex<engine::Engine>,
+    family: IpFamily,
+}
+
+impl Engine {
+    fn lock(&self) -> MutexGuard<'_, engine::Engine> {
+        // A panic while holding the lock cannot leave the engine half-updated in a way that
+        // matters: the next sync is full anyway after an error. Recover the guard.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    fn new(config_json: &str) -> PyResult<Engine> {
+        let cfg = EngineConfig::from_json(config_json).map_err(to_py)?;
+        Ok(Engine {
+            family: cfg.family,
+            inner: Mutex::new(engine::Engine::new(cfg)),
+        })
+    }
+
+    /// "IPv4" or "IPv6".
+    #[getter]
+    fn family(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    #[getter]
+    fn needs_full_sync(&self) -> bool {
+        self.lock().needs_full_sync()
+    }
+
+    /// Apply a JSON change set and program the kernel. Raises `kproxy.errors.ApplyError` when
+    /// the kernel refused (previous rules stay), `CoreInputError` for a malformed change set.
+    #[pyo3(signature = (changes, full = false))]
+    fn sync(&self, py: Python<'_>, changes: &[u8], full: bool) -> PyResult<SyncReport> {
+        let result = py.detach(|| {
+            let cs = ChangeSet::from_json(changes)?;
+            self.lock().sync(cs, full)
+        });
+        result.map(SyncReport).map_err(to_py)
+    }
+
+    /// The complete iptables-restore input for the current state; nothing is applied.
+    fn render(&self, py: Python<'_>) -> String {
+        py.detach(|| self.lock().render())
+    }
+
+    /// What the engine's backend holds now, in iptables-save format.
+    fn dump(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.lock().dump()).map_err(to_py)
+    }
+}
+
+/// Remove every iptables chain and jump rule kproxy creates in one family. Returns the number
+/// of chains removed.
+#[pyfunction]
+fn cleanup_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
+    let fam = match family {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        other => {
+            return Err(to_py(crate::error::Error::InvalidInput(format!(
+                "family {other:?} is not IPv4 or IPv6"
+            ))))
+        }
+    };
+    py.detach(|| engine::cleanup(&mut iptables::Kernel::new(fam)))
+        .map_err(to_py)
+}
+
+/// The core's version (the crate version).
+#[pyfunction]
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_class::<SyncReport>()?;
+    m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
+    m.add_function(wrap_pyfunction!(version, m)?)?;
+    Ok(())
+}
