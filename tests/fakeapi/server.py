@@ -905,13 +905,11 @@ class _BaseHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _read_json(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length > 0 else b""
-        if not raw:
-            return None
         try:
-            return json.loads(raw)
-        except ValueError:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length > 0 else b""
+            return json.loads(raw) if raw else None
+        except ValueError:  # also covers a malformed Content-Length
             raise ApiError(400, "BadRequest", "request body is not valid JSON") from None
 
     def _dispatch(self, method: str) -> None:

@@ -1,0 +1,162 @@
+"""The controller: objects in, a change set per sync out.
+
+Sources (the API informers or the manifest directory) call ``replace`` with complete sets and
+``event`` with single changes. The controller normalizes each object, applies kube-proxy's
+skip rules and feeds the trackers. A complete set is diffed against what the controller holds,
+so an object that vanished while nobody was watching is deleted.
+
+An object that fails validation is skipped with one log line naming it and the field; the last
+valid version of it (if any) stays programmed, so a bad update never takes a working Service
+down. Deletions always apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kproxy.errors import InvalidObjectError
+from kproxy.model import NodeInfo, ServiceKey
+from kproxy.normalize import normalize_endpoint_slice, normalize_node, normalize_service
+from kproxy.tracker import ChangeSet, EndpointsTracker, ServiceTracker
+
+log = logging.getLogger(__name__)
+
+SKIP_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
+RESOURCES = ("services", "endpointslices", "nodes")
+
+
+def _ident(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    ns = meta.get("namespace") or "default"
+    name = meta.get("name")
+    return (str(ns), str(name) if name is not None else "")
+
+
+def _skipped_by_label(obj: Mapping[str, Any]) -> bool:
+    meta = obj.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    return isinstance(labels, Mapping) and any(k in labels for k in SKIP_LABELS)
+
+
+class Controller:
+    def __init__(
+        self,
+        node_name: str,
+        on_change: Callable[[], None],
+        *,
+        wait_for_node: bool = True,
+    ) -> None:
+        self.node_name = node_name
+        self._on_change = on_change
+        self.services = ServiceTracker()
+        self.endpoints = EndpointsTracker()
+        self.node: NodeInfo | None = None
+        self._node_dirty = False
+        self._synced = {r: False for r in RESOURCES}
+        if not wait_for_node:
+            self._synced["nodes"] = True
+        # Last error logged per object, so a relist does not repeat the same line.
+        self._errors: dict[tuple[str, str, str], str] = {}
+        self.invalid_objects = 0
+        self.warnings = 0
+
+    # -- what sources call -----------------------------------------------------------------
+
+    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
+        present = {_ident(o) for o in objects}
+        for ident in self._known(resource) - present:
+            self._delete(resource, ident)
+        for o in objects:
+            self._upsert(resource, o)
+        self._synced[resource] = True
+        self._on_change()
+
+    def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            self._delete(resource, _ident(obj))
+        else:
+            self._upsert(resource, obj)
+        self._on_change()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the first complete lists have arrived (nothing is programmed before)."""
+        return all(self._synced.values())
+
+    @property
+    def pending(self) -> int:
+        return self.services.pending + self.endpoints.pending + int(self._node_dirty)
+
+    def drain(self) -> ChangeSet:
+        node = self.node if self._node_dirty else None
+        self._node_dirty = False
+        return ChangeSet(self.services.drain(), self.endpoints.drain(), node)
+
+    def resend_all(self) -> None:
+        """After the core lost track (it rejected a change set): send everything again."""
+        self.services.resend_all()
+        self.endpoints.resend_all()
+        self._node_dirty = self.node is not None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _known(self, resource: str) -> set[tuple[str, str]]:
+        if resource == "services":
+            return {(k.namespace, k.name) for k in self.services.keys()}
+        if resource == "endpointslices":
+            return set(self.endpoints.slice_ids())
+        return {("default", self.node.name)} if self.node is not None else set()
+
+    def _delete(self, resource: str, ident: tuple[str, str]) -> None:
+        self._errors.pop((resource, *ident), None)
+        if resource == "services":
+            self.services.update(ServiceKey(*ident), None)
+        elif resource == "endpointslices":
+            self.endpoints.update(ident[0], ident[1], None)
+        elif resource == "nodes" and self.node is not None and ident[1] == self.node.name:
+            self.node = None
+
+    def _upsert(self, resource: str, obj: dict[str, Any]) -> None:
+        ident = _ident(obj)
+        if resource in ("services", "endpointslices") and _skipped_by_label(obj):
+            self._delete(resource, ident)
+            return
+        try:
+            if resource == "services":
+                svc = normalize_service(obj)
+                self._report(resource, ident, svc.warnings)
+                self.services.update(ServiceKey(*ident), svc.value)
+            elif resource == "endpointslices":
+                sl = normalize_endpoint_slice(obj)
+                self._report(resource, ident, sl.warnings)
+                self.endpoints.update(ident[0], ident[1], sl.value)
+            elif resource == "nodes":
+                node = normalize_node(obj)
+                if node.name != self.node_name:
+                    return
+                if self.node is None or node.zone != self.node.zone:
+                    self._node_dirty = True
+                self.node = node
+        except InvalidObjectError as e:
+            self.invalid_objects += 1
+            key = (resource, *ident)
+            if self._errors.get(key) != str(e):
+                self._errors[key] = str(e)
+                log.error("skipping invalid object: %s", e)
+
+    def _report(self, resource: str, ident: tuple[str, str], warnings: tuple[str, ...]) -> None:
+        key = (resource, *ident)
+        text = "; ".join(warnings)
+        if not warnings:
+            self._errors.pop(key, None)
+            return
+        self.warnings += len(warnings)
+        if self._errors.get(key) != text:
+            self._errors[key] = text
+            kind = "Service" if resource == "services" else "EndpointSlice"
+            log.warning("%s %s/%s: %s", kind, ident[0], ident[1], text)

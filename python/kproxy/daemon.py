@@ -1,0 +1,167 @@
+"""The daemon: sources -> controller -> runner -> proxier, on one asyncio loop.
+
+Informer threads and the manifest poller feed the controller on the loop's thread; the runner
+coalesces their change notifications into syncs; each sync drains one change set and hands it
+to the proxier in a worker thread (the Rust core releases the interpreter), so health checks
+and watches keep going while rules are written.
+
+Nothing is programmed before the first complete lists have arrived. A failed sync leaves the
+kernel as it was and is retried with backoff as a full sync. SIGTERM and SIGINT stop the
+daemon and leave the rules in place (as upstream): traffic keeps flowing while it restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from kproxy.backends.iptables import IptablesProxier
+from kproxy.config import ProxyConfig
+from kproxy.control import Controller
+from kproxy.errors import ApplyError, CoreInputError
+from kproxy.health import HealthServer, ProxyHealth
+from kproxy.k8s import informer
+from kproxy.k8s.client import ClientFactory
+from kproxy.model import Family
+from kproxy.netinfo import iptables_families
+from kproxy.runner import Due, Runner
+from kproxy.sources.manifests import ManifestSource
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, cfg: ProxyConfig, *, families: list[Family] | None = None) -> None:
+        self.cfg = cfg
+        self.families = families
+        self.health = ProxyHealth(2 * cfg.sync_period)
+        self.proxier: IptablesProxier | None = None
+        self.syncs = 0
+        self.failures = 0
+        self._waiting_logged = False
+        self.controller = Controller(
+            cfg.node_name, self._changed, wait_for_node=cfg.manifests is None
+        )
+        self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
+        self.stop = asyncio.Event()
+
+    def _changed(self) -> None:
+        self.health.queued()
+        self.runner.request()
+
+    def _node_eligible(self) -> bool:
+        node = self.controller.node
+        if self.cfg.manifests is not None and node is None:
+            return True  # no API server: there is no Node object to consult
+        return node is not None and not node.terminating
+
+    async def _sync(self, due: Due) -> bool:
+        c = self.controller
+        if not c.initialized:
+            if not self._waiting_logged:
+                log.info("not syncing until Services, EndpointSlices and the Node have been listed")
+                self._waiting_logged = True
+            return True
+        if self.proxier is None:
+            families = self.families if self.families is not None else iptables_families()
+            if not families:
+                log.error("neither iptables nor ip6tables works here; cannot program rules")
+                return False
+            self.proxier = IptablesProxier(self.cfg, families, c.node)
+            log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
+        changes = c.drain()
+        started = time.monotonic()
+        try:
+            reports = await asyncio.to_thread(self.proxier.sync, changes, due.periodic)
+        except ApplyError as e:
+            self.failures += 1
+            log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
+            return False
+        except CoreInputError as e:
+            self.failures += 1
+            log.error("core rejected the change set (sending everything again): %s", e)
+            c.resend_all()
+            return False
+        self.syncs += 1
+        self.health.updated()
+        for fam, r in reports.items():
+            if r.wrote:
+                log.info(
+                    "synced %s %s: %d service ports, %d endpoints, %d nat rules, %d filter rules "
+                    "(render %.1fms, apply %.1fms, total %.1fms)",
+                    fam, "full" if r.full else "partial", r.service_ports, r.endpoints,
+                    r.nat_rules, r.filter_rules, r.render_seconds * 1e3, r.apply_seconds * 1e3,
+                    (time.monotonic() - started) * 1e3,
+                )  # fmt: skip
+        return True
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        # The initial sync is owed from the start: if the lists never arrive (API server
+        # unreachable), /healthz turns unhealthy after its timeout.
+        self.health.queued()
+        health_server: HealthServer | None = None
+        if self.cfg.healthz_bind_address:
+            try:
+                health_server = HealthServer(
+                    self.cfg.healthz_bind_address, self.health, self._node_eligible
+                )
+                health_server.start()
+            except OSError as e:
+                log.error("cannot serve health checks on %s: %s", self.cfg.healthz_bind_address, e)
+
+        thread_stop = threading.Event()
+        tasks: list[asyncio.Task[Any]] = []
+        informers: list[informer.Informer] = []
+        if self.cfg.manifests is not None:
+            source = ManifestSource(self.cfg.manifests, self.controller.replace)
+            tasks.append(asyncio.create_task(source.run(self.stop)))
+        else:
+            sink = _LoopSink(loop, self.controller)
+            factory = ClientFactory(self.cfg.kubeconfig, self.cfg.master)
+            for res in (informer.services(), informer.endpoint_slices(), informer.node(self.cfg.node_name)):
+                inf = informer.Informer(res, factory, sink, thread_stop)
+                informers.append(inf)
+                inf.start()
+        log.info("kproxy started: mode %s, node %s", self.cfg.mode, self.cfg.node_name)
+        try:
+            await self.runner.run(self.stop)
+        finally:
+            thread_stop.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if health_server is not None:
+                health_server.close()
+        log.info("kproxy stopped; rules left in place")
+        return 0
+
+
+class _LoopSink:
+    """Hands informer-thread callbacks to the controller on the event loop's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, controller: Controller) -> None:
+        self._loop = loop
+        self._controller = controller
+
+    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
+        self._call(self._controller.replace, resource, objects)
+
+    def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
+        self._call(self._controller.event, resource, kind, obj)
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closing: the daemon is stopping
+
+
+def run(cfg: ProxyConfig) -> int:
+    return asyncio.run(Daemon(cfg).run())

@@ -1,0 +1,72 @@
+"""API clients, rebuilt often enough that rotated credentials are picked up.
+
+The ``kubernetes`` package reads a kubeconfig's ``tokenFile`` once; bound service-account
+tokens rotate, so a long-running proxy must re-read it. The factory here builds a fresh
+``ApiClient`` when its cached one is older than ``max_age`` or after an authentication failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+log = logging.getLogger(__name__)
+
+IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
+
+
+class ClientFactory:
+    def __init__(
+        self,
+        kubeconfig: str | None,
+        master: str | None,
+        *,
+        max_age: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.master = master
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._client: k8s_client.ApiClient | None = None
+        self._built_at = 0.0
+        if kubeconfig is None and master is None:
+            if os.environ.get(IN_CLUSTER_ENV):
+                # The in-cluster address is a ClusterIP this very proxy programs: a node
+                # coming up cold cannot reach it. Upstream's manifests pass a kubeconfig.
+                log.warning(
+                    "no --kubeconfig or --master; using in-cluster config, which depends on "
+                    "Service rules this proxy has not programmed yet"
+                )
+
+    def _build(self) -> k8s_client.ApiClient:
+        cfg = k8s_client.Configuration()
+        if self.kubeconfig is not None:
+            k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+        elif self.master is None:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        if self.master is not None:
+            cfg.host = self.master.rstrip("/")
+        # One connection per concurrent watch plus room for lists and event writes.
+        cfg.connection_pool_maxsize = 8
+        return k8s_client.ApiClient(cfg)
+
+    def get(self) -> k8s_client.ApiClient:
+        with self._lock:
+            now = self._clock()
+            if self._client is None or now - self._built_at >= self.max_age:
+                self._client = self._build()
+                self._built_at = now
+            return self._client
+
+    def invalidate(self) -> None:
+        """Force the next ``get`` to re-read credentials (after a 401)."""
+        with self._lock:
+            self._client = None

@@ -1,0 +1,267 @@
+"""List, watch and relist one resource: the informer the Python client does not have.
+
+Per resource, in its own thread:
+
+1. list (paginated), parsing the JSON ourselves (the client's model classes are far too slow
+   at 30,000 objects), and hand the complete set to ``sink.replace`` - the receiver diffs it
+   against what it holds, so objects deleted while we were not watching are seen as deleted;
+2. watch from the list's resourceVersion with bookmarks, a server-side timeout and a client
+   read timeout (a dead connection is noticed instead of blocking forever), handing each event
+   to ``sink.event``;
+3. when a watch ends, resume from the newest resourceVersion seen; on 410 Gone (as an HTTP
+   status or an ERROR event) relist; on any other failure back off with jitter and resume.
+
+Credentials are re-read through :class:`ClientFactory` on every reconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kproxy.k8s.client import ClientFactory
+
+log = logging.getLogger(__name__)
+
+# Objects labelled with either of these belong to another proxy or are headless (upstream).
+PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    name: str  # "services", "endpointslices", "nodes"
+    path: str
+    label_selector: str | None = None
+    field_selector: str | None = None
+
+
+def services() -> Resource:
+    return Resource("services", "/api/v1/services", PROXY_LABEL_SELECTOR)
+
+
+def endpoint_slices() -> Resource:
+    return Resource(
+        "endpointslices", "/apis/discovery.k8s.io/v1/endpointslices", PROXY_LABEL_SELECTOR
+    )
+
+
+def node(name: str) -> Resource:
+    return Resource("nodes", "/api/v1/nodes", field_selector=f"metadata.name={name}")
+
+
+class Sink(Protocol):
+    """Receives what an informer sees; called from the informer's thread."""
+
+    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None: ...
+
+    def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None: ...
+
+
+class ApiStatusError(Exception):
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Gone(Exception):
+    """The resourceVersion we hold is too old: relist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    connect_timeout: float = 10.0
+    # Server-side watch length is drawn from [min, 2*min) so many nodes do not reconnect at once.
+    watch_timeout_min: float = 300.0
+    # No byte for this long on a watch (events and bookmarks included): the connection is dead.
+    watch_read_timeout: float = 120.0
+    list_read_timeout: float = 120.0
+    page_size: int = 500
+    backoff_initial: float = 0.8
+    backoff_max: float = 30.0
+
+
+class Informer:
+    def __init__(
+        self,
+        resource: Resource,
+        factory: ClientFactory,
+        sink: Sink,
+        stop: threading.Event,
+        timing: Timing = Timing(),
+    ) -> None:
+        self.resource = resource
+        self._factory = factory
+        self._sink = sink
+        self._stop = stop
+        self._timing = timing
+        self._thread = threading.Thread(target=self._run, name=f"informer-{resource.name}", daemon=True)
+        self.lists = 0
+        self.watches = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._timing.backoff_initial
+        rv: str | None = None
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    rv = self._list()
+                    backoff = self._timing.backoff_initial
+                rv = self._watch(rv)
+                backoff = self._timing.backoff_initial
+            except Gone:
+                log.info("%s: resourceVersion expired; relisting", self.resource.name)
+                rv = None
+            except Exception as e:
+                self.errors += 1
+                delay = backoff * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not crypto)
+                if isinstance(e, ApiStatusError):
+                    if e.status in (401, 403):
+                        self._factory.invalidate()
+                    if e.retry_after is not None:
+                        delay = max(delay, e.retry_after)
+                log.warning(
+                    "%s: %s; retrying in %.1fs", self.resource.name, _describe(e), delay
+                )
+                backoff = min(backoff * 2, self._timing.backoff_max)
+                self._stop.wait(delay)
+
+    def _request(self, query: list[tuple[str, str]], read_timeout: float) -> Any:
+        api = self._factory.get()
+        method, url, headers, _body, _post = api.param_serialize(
+            method="GET",
+            resource_path=self.resource.path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        resp = api.call_api(
+            method, url, header_params=headers,
+            _request_timeout=(self._timing.connect_timeout, read_timeout),
+        )  # fmt: skip
+        raw = resp.response
+        if not 200 <= resp.status < 300:
+            body = raw.read()
+            raw.release_conn()
+            retry = raw.headers.get("Retry-After")
+            msg = _status_message(body)
+            if resp.status == 410:
+                raise Gone(msg)
+            raise ApiStatusError(resp.status, msg, float(retry) if retry and retry.isdigit() else None)
+        return raw
+
+    def _selectors(self) -> list[tuple[str, str]]:
+        q: list[tuple[str, str]] = []
+        if self.resource.label_selector:
+            q.append(("labelSelector", self.resource.label_selector))
+        if self.resource.field_selector:
+            q.append(("fieldSelector", self.resource.field_selector))
+        return q
+
+    def _list(self) -> str:
+        items: list[dict[str, Any]] = []
+        cont: str | None = None
+        rv = ""
+        for _page in range(1_000_000):  # bounded: a page always advances or the loop ends
+            q = [*self._selectors(), ("limit", str(self._timing.page_size))]
+            if cont:
+                q.append(("continue", cont))
+            raw = self._request(q, self._timing.list_read_timeout)
+            try:
+                doc = json.loads(raw.read())
+            finally:
+                raw.release_conn()
+            if not isinstance(doc, dict) or not isinstance(doc.get("items", []), list):
+                raise ApiStatusError(500, "list response is not a list object")
+            items.extend(i for i in doc.get("items") or [] if isinstance(i, dict))
+            meta = doc.get("metadata") or {}
+            rv = str(meta.get("resourceVersion") or rv)
+            cont = meta.get("continue") or None
+            if not cont:
+                break
+        if self._stop.is_set():
+            return rv
+        self.lists += 1
+        self._sink.replace(self.resource.name, items)
+        log.info("%s: listed %d at resourceVersion %s", self.resource.name, len(items), rv)
+        return rv
+
+    def _watch(self, rv: str) -> str:
+        timeout = int(self._timing.watch_timeout_min * random.uniform(1.0, 2.0))  # noqa: S311
+        q = [
+            *self._selectors(),
+            ("watch", "true"),
+            ("resourceVersion", rv),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout)),
+        ]
+        raw = self._request(q, self._timing.watch_read_timeout)
+        self.watches += 1
+        try:
+            for line in _lines(raw, self._stop):
+                ev = json.loads(line)
+                kind = ev.get("type")
+                obj = ev.get("object")
+                if not isinstance(obj, dict):
+                    continue
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Gone(str(obj.get("message", "")))
+                    raise ApiStatusError(int(obj.get("code") or 500), str(obj.get("message", "")))
+                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._sink.event(self.resource.name, kind, obj)
+                if new_rv:
+                    rv = str(new_rv)
+        finally:
+            raw.release_conn()
+            raw.close()
+        return rv
+
+
+def _lines(raw: Any, stop: threading.Event) -> Iterator[bytes]:
+    """Newline-delimited JSON from a streaming response, however the chunks are cut."""
+    buf = b""
+    for chunk in raw.stream(65536, decode_content=True):
+        if stop.is_set():
+            return
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl].strip(), buf[nl + 1 :]
+            if line:
+                yield line
+    if buf.strip():
+        yield buf.strip()
+
+
+def _status_message(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    if isinstance(doc, Mapping):
+        return str(doc.get("message") or doc.get("reason") or "")
+    return ""
+
+
+def _describe(e: Exception) -> str:
+    name = type(e).__name__
+    text = str(e)
+    return f"{name}: {text}" if text else name
