@@ -1,0 +1,147 @@
+"""A node lab with the fake API server and the real kproxy daemon inside it.
+
+The fake API server listens inside the node namespace (through a :class:`NetnsExecutor`
+thread) and the daemon runs there as a subprocess, as it would on a node; the test drives the
+API server with method calls and watches the kernel with ``iptables-save``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests import k8sobjects as k
+from tests.fakeapi import FakeApiServer
+from tests.netlab import NodeLab
+from tests.netlab.inside import NetnsExecutor
+
+T = TypeVar("T")
+
+NODE = "node-a"
+CLUSTER_CIDR = "10.244.0.0/16"
+ECHO_IP = "10.96.0.10"
+EMPTY_IP = "10.96.0.20"
+TCP_PORT, UDP_PORT = 8080, 8081
+NODE_PORT_TCP, NODE_PORT_UDP = 30080, 30081
+_DNAT = re.compile(r"--to-destination (\S+)")
+
+
+def echo_service(**spec: Any) -> k.Obj:
+    return k.service(
+        "echo",
+        ECHO_IP,
+        [
+            k.port("tcp", 80, "TCP", node_port=NODE_PORT_TCP, target=TCP_PORT),
+            k.port("udp", 80, "UDP", node_port=NODE_PORT_UDP, target=UDP_PORT),
+        ],
+        type="NodePort",
+        **spec,
+    )
+
+
+def echo_slice(ips: Sequence[str], name: str = "echo-1") -> k.Obj:
+    return k.endpoint_slice(
+        name,
+        "echo",
+        [k.endpoint(ip, node=NODE if ip.startswith("10.244.1.") else "node-b") for ip in ips],
+        [k.slice_port("tcp", TCP_PORT, "TCP"), k.slice_port("udp", UDP_PORT, "UDP")],
+    )
+
+
+def empty_service() -> k.Obj:
+    return k.service("empty", EMPTY_IP, [k.port("http", 80, "TCP"), k.port("dns", 53, "UDP")])
+
+
+@dataclass
+class ProxyLab:
+    lab: NodeLab
+    api: FakeApiServer
+    ex: NetnsExecutor
+    log_path: Path
+    daemon: subprocess.Popen[str] | None = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return self.ex.call(fn)
+
+    def put(self, obj: k.Obj) -> None:
+        self.call(lambda: self.api.put(obj))
+
+    def delete(self, kind: str, name: str, namespace: str = "default") -> None:
+        self.call(lambda: self.api.delete(kind, namespace, name))
+
+    def start_daemon(self, *extra: str) -> subprocess.Popen[str]:
+        args = [
+            sys.executable, "-m", "kproxy", "daemon",
+            "--master", self.api.api_url,
+            "--hostname-override", NODE,
+            "--cluster-cidr", CLUSTER_CIDR,
+            "--min-sync-period", "0",
+            "--healthz-bind-address", "127.0.0.1:10256",
+            "-v", "4",
+            *extra,
+        ]  # fmt: skip
+        log = self.log_path.open("a")
+        self.daemon = self.lab.node.popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self.daemon
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def nat(self) -> str:
+        return self.lab.node.exec(["iptables-save", "-t", "nat"], timeout=10, check=True).stdout
+
+    def filter(self) -> str:
+        return self.lab.node.exec(["iptables-save", "-t", "filter"], timeout=10, check=True).stdout
+
+    def dnat_targets(self) -> set[str]:
+        return set(_DNAT.findall(self.nat()))
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+        """Poll until ``predicate`` holds; returns the seconds it took. Fails with the log."""
+        start = time.monotonic()
+        deadline = start + timeout
+        while True:
+            if predicate():
+                return time.monotonic() - start
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log()[-4000:]}")
+            if self.daemon is not None and self.daemon.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.daemon.returncode})\n{self.log()[-4000:]}")
+            time.sleep(interval)
+
+
+@contextmanager
+def proxy_lab(tmp_path: Path, objects: Sequence[k.Obj] = ()) -> Iterator[ProxyLab]:
+    with NodeLab() as lab:
+        for name in ("pod1", "pod2", "pod3"):
+            pod = lab.add_pod(name)
+            pod.start_tcp_server(TCP_PORT)
+            pod.start_udp_server(UDP_PORT)
+        lab.add_pod("client")
+        lab.add_client("ext")
+        with NetnsExecutor(lab.node.ns) as ex:
+            api = ex.call(lambda: FakeApiServer(bookmark_interval=0.5))
+            ex.call(api.start)
+            try:
+                pl = ProxyLab(lab, api, ex, tmp_path / "kproxy.log")
+                pl.put(k.node(NODE, addresses=[lab.node_ip]))
+                for o in objects:
+                    pl.put(o)
+                yield pl
+            finally:
+                if pl.daemon is not None and pl.daemon.poll() is None:
+                    pl.daemon.terminate()
+                    try:
+                        pl.daemon.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pl.daemon.kill()
+                        pl.daemon.wait(timeout=5)
+                ex.call(api.close)
