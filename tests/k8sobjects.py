@@ -33,7 +33,14 @@ def service(
     }
 
 
-def port(name: str, port: int, protocol: str = "TCP", *, node_port: int | None = None, target: int | None = None) -> Obj:
+def port(
+    name: str,
+    port: int,
+    protocol: str = "TCP",
+    *,
+    node_port: int | None = None,
+    target: int | None = None,
+) -> Obj:
     p: Obj = {"name": name, "port": port, "protocol": protocol, "targetPort": target or port}
     if node_port is not None:
         p["nodePort"] = node_port

@@ -2,6 +2,8 @@
 
 from typing import final
 
+__all__ = ["Engine", "SyncReport", "cleanup_iptables", "version"]
+
 @final
 class SyncReport:
     @property

@@ -8,9 +8,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kproxy import __version__
+from kproxy import __version__, _core
 from kproxy.config import MODES, ProxyConfig, build, load_file, parse_duration
+from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
+from kproxy.lifecycle import cleanup
 
 log = logging.getLogger("kproxy")
 
@@ -60,15 +62,11 @@ def make_parser() -> argparse.ArgumentParser:
         d.add_argument(flag, dest="min_sync_period", type=_duration_flag(flag), default=S)
     for flag in ("--sync-period", "--iptables-sync-period"):
         d.add_argument(flag, dest="sync_period", type=_duration_flag(flag), default=S)
-    d.add_argument(
-        "--config-sync-period", type=_duration_flag("--config-sync-period"), default=S
-    )
+    d.add_argument("--config-sync-period", type=_duration_flag("--config-sync-period"), default=S)
     d.add_argument("--healthz-bind-address", default=S)
     d.add_argument("--metrics-bind-address", default=S)
     d.add_argument("--nodeport-addresses", type=_comma_list, default=S)
-    d.add_argument(
-        "--masquerade-all", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
-    )
+    d.add_argument("--masquerade-all", type=_bool, nargs="?", const=True, default=S, metavar="BOOL")
     d.add_argument("--iptables-masquerade-bit", dest="masquerade_bit", type=int, default=S)
     d.add_argument(
         "--conntrack-tcp-be-liberal", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
@@ -114,23 +112,17 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.command == "version":
-        from kproxy import _core
-
         print(f"kproxy {__version__} (core {_core.version()})")
         return 0
     try:
         if args.command == "cleanup":
             setup_logging(args.verbosity)
-            from kproxy.lifecycle import cleanup
-
             return cleanup()
         cfg = load_config(args)
     except ConfigError as e:
         sys.stderr.write(f"kproxy: error: {e}\n")
         return 2
     setup_logging(cfg.verbosity)
-    from kproxy.daemon import run
-
     try:
         return run(cfg)
     except KproxyError as e:

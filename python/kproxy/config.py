@@ -109,9 +109,9 @@ def _bind_address(field: str, value: str) -> str:
 
 def _node_port_addresses(field: str, values: tuple[str, ...]) -> tuple[str, ...]:
     out: list[str] = []
-    for v in values:
-        v = v.strip()
-        if v in ("primary",):
+    for raw in values:
+        v = raw.strip()
+        if v == "primary":
             out.append(v)
         elif v:
             out.append(_cidr(field, v))
@@ -126,7 +126,8 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         raise ConfigError("--proxy-mode", f"mode {cfg.mode!r} is not available in this version yet")
     if cfg.detect_local_mode not in DETECT_LOCAL_MODES:
         raise ConfigError(
-            "detectLocalMode", f"{cfg.detect_local_mode!r} is not supported (one of ClusterCIDR, \"\")"
+            "detectLocalMode",
+            f'{cfg.detect_local_mode!r} is not supported (one of ClusterCIDR, "")',
         )
     cidrs = tuple(_cidr("--cluster-cidr", c) for c in cfg.cluster_cidrs if c.strip())
     families = [ipaddress.ip_network(c).version for c in cidrs]
@@ -166,7 +167,7 @@ def _get(m: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> Any:
         if not isinstance(cur, Mapping):
             return None
         cur = cur.get(part)
-    if cur is not None and (not isinstance(cur, kind) or isinstance(cur, bool) and kind is int):
+    if cur is not None and (not isinstance(cur, kind) or (isinstance(cur, bool) and kind is int)):
         raise ConfigError(path, f"expected {getattr(kind, '__name__', kind)}, got {cur!r}")
     return cur
 
@@ -177,8 +178,8 @@ _KNOWN_TOP_LEVEL = {
     "configSyncPeriod", "conntrack", "detectLocal", "detectLocalMode", "enableProfiling",
     "featureGates", "healthzBindAddress", "hostnameOverride", "iptables", "ipvs", "logging",
     "metricsBindAddress", "mode", "nftables", "nodePortAddresses", "oomScoreAdj", "portRange",
-    "showHiddenMetricsForVersion", "syncPeriod", "minSyncPeriod", "winkernel", "windowsRunAsService",
-    "udpIdleTimeout", "linux",
+    "showHiddenMetricsForVersion", "syncPeriod", "minSyncPeriod", "winkernel",
+    "windowsRunAsService", "udpIdleTimeout", "linux",
 }  # fmt: skip
 
 

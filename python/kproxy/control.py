@@ -107,7 +107,7 @@ class Controller:
 
     def _known(self, resource: str) -> set[tuple[str, str]]:
         if resource == "services":
-            return {(k.namespace, k.name) for k in self.services.keys()}
+            return {(k.namespace, k.name) for k in self.services.keys()}  # noqa: SIM118
         if resource == "endpointslices":
             return set(self.endpoints.slice_ids())
         return {("default", self.node.name)} if self.node is not None else set()

@@ -13,6 +13,7 @@ daemon and leave the rules in place (as upstream): traffic keeps flowing while i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -125,7 +126,11 @@ class Daemon:
         else:
             sink = _LoopSink(loop, self.controller)
             factory = ClientFactory(self.cfg.kubeconfig, self.cfg.master)
-            for res in (informer.services(), informer.endpoint_slices(), informer.node(self.cfg.node_name)):
+            for res in (
+                informer.services(),
+                informer.endpoint_slices(),
+                informer.node(self.cfg.node_name),
+            ):
                 inf = informer.Informer(res, factory, sink, thread_stop)
                 informers.append(inf)
                 inf.start()
@@ -157,10 +162,9 @@ class _LoopSink:
         self._call(self._controller.event, resource, kind, obj)
 
     def _call(self, fn: Any, *args: Any) -> None:
-        try:
+        # RuntimeError: the loop is closing because the daemon is stopping.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the loop is closing: the daemon is stopping
 
 
 def run(cfg: ProxyConfig) -> int:

@@ -104,7 +104,9 @@ class HealthServer:
         self._httpd = cls((host, int(port)), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="healthz", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="healthz", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

@@ -97,10 +97,12 @@ class _Obj:
         self.kind = kind
         meta = obj.get("metadata")
         self.meta: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
-        self.namespace = self.meta.get("namespace") or "default"
-        self.name = self.meta.get("name")
-        if not isinstance(self.namespace, str) or not isinstance(self.name, str):
-            raise InvalidObjectError(kind, str(self.namespace), str(self.name), "metadata", "no name")
+        namespace = self.meta.get("namespace") or "default"
+        name = self.meta.get("name")
+        if not isinstance(namespace, str) or not isinstance(name, str):
+            raise InvalidObjectError(kind, str(namespace), str(name), "metadata", "no name")
+        self.namespace: str = namespace
+        self.name: str = name
         self.warnings: list[str] = []
 
     def fail(self, path: str, message: str) -> InvalidObjectError:
@@ -254,7 +256,9 @@ def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
 
     hcnp = 0
     if svc_type == "LoadBalancer" and etp == "Local":
-        hcnp = o.port(spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True)
+        hcnp = o.port(
+            spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True
+        )
 
     svc = Service(
         key=ServiceKey(o.namespace, o.name),
@@ -305,7 +309,11 @@ def normalize_endpoint_slice(obj: Mapping[str, Any]) -> Normalized[EndpointSlice
         name = o.string(raw, "name", f"{path}.name")
         if name and not is_dns_label(name):
             raise o.fail(f"{path}.name", f"{name!r} is not a DNS label")
-        ports.append(SlicePort(name, o.protocol(raw, f"{path}.protocol"), o.port(raw["port"], f"{path}.port")))
+        ports.append(
+            SlicePort(
+                name, o.protocol(raw, f"{path}.protocol"), o.port(raw["port"], f"{path}.port")
+            )
+        )
 
     endpoints: list[Endpoint] = []
     for i, raw in enumerate(o.seq(obj, "endpoints", "endpoints")):
@@ -369,7 +377,9 @@ def normalize_node(obj: Mapping[str, Any]) -> NodeInfo:
     labels = o.mapping(o.meta, "labels", "metadata.labels")
     spec = o.mapping(obj, "spec", "spec")
     status = o.mapping(obj, "status", "status")
-    pod_cidrs = [c for c in (canonical_cidr(x) for x in o.seq(spec, "podCIDRs", "spec.podCIDRs")) if c]
+    pod_cidrs = [
+        c for c in (canonical_cidr(x) for x in o.seq(spec, "podCIDRs", "spec.podCIDRs")) if c
+    ]
     if not pod_cidrs and (c := canonical_cidr(spec.get("podCIDR"))):
         pod_cidrs = [c]
     addresses: list[str] = []

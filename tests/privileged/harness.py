@@ -104,7 +104,9 @@ class ProxyLab:
     def dnat_targets(self) -> set[str]:
         return set(_DNAT.findall(self.nat()))
 
-    def wait(self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+    def wait(
+        self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+    ) -> float:
         """Poll until ``predicate`` holds; returns the seconds it took. Fails with the log."""
         start = time.monotonic()
         deadline = start + timeout
@@ -112,9 +114,13 @@ class ProxyLab:
             if predicate():
                 return time.monotonic() - start
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log()[-4000:]}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}\n{self.log()[-4000:]}"
+                )
             if self.daemon is not None and self.daemon.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.daemon.returncode})\n{self.log()[-4000:]}")
+                raise AssertionError(
+                    f"daemon exited ({self.daemon.returncode})\n{self.log()[-4000:]}"
+                )
             time.sleep(interval)
 
 

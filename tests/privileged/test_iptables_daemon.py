@@ -130,7 +130,9 @@ def test_api_restart_with_compaction_while_services_change(pl: ProxyLab) -> None
     pl.call(pl.api.stop_api)
     pl.put(echo_slice(["10.244.3.2"]))
     pl.put(k.service("late", "10.96.0.30", [k.port("http", 80)]))
-    pl.put(k.endpoint_slice("late-1", "late", [k.endpoint("10.244.1.2")], [k.slice_port("http", 8080)]))
+    pl.put(
+        k.endpoint_slice("late-1", "late", [k.endpoint("10.244.1.2")], [k.slice_port("http", 8080)])
+    )
     pl.delete("Service", "empty")
     pl.call(pl.api.compact)
     time.sleep(1.0)
@@ -157,7 +159,9 @@ def test_invalid_objects_are_skipped_and_the_rest_keeps_working(pl: ProxyLab) ->
         pl.put(o)
     # A good Service created after them is programmed: the bad ones did not stop the syncs.
     pl.put(k.service("good", "10.96.0.43", [k.port("http", 80)]))
-    pl.put(k.endpoint_slice("good-1", "good", [k.endpoint("10.244.2.2")], [k.slice_port("http", 8080)]))
+    pl.put(
+        k.endpoint_slice("good-1", "good", [k.endpoint("10.244.2.2")], [k.slice_port("http", 8080)])
+    )
     pl.wait(lambda: "10.96.0.43" in pl.nat(), 5, "the good Service")
     log = pl.log()
     for name, field in (("bad-proto", "protocol"), ("bad-name", "name"), ("bad-port", "port")):

@@ -32,7 +32,9 @@ def engine_config(
         nodeport_ips = addresses_in(cidrs, addrs) if cidrs else []
         if "primary" in cfg.nodeport_addresses and node is not None:
             nodeport_ips += [a for a in node.addresses if a not in nodeport_ips]
-    liberal = cfg.conntrack_tcp_be_liberal or sysctl("net.netfilter.nf_conntrack_tcp_be_liberal") == "1"
+    liberal = (
+        cfg.conntrack_tcp_be_liberal or sysctl("net.netfilter.nf_conntrack_tcp_be_liberal") == "1"
+    )
     return {
         "family": family,
         "node_name": cfg.node_name,

@@ -37,21 +37,22 @@ class ClientFactory:
         self._lock = threading.Lock()
         self._client: k8s_client.ApiClient | None = None
         self._built_at = 0.0
-        if kubeconfig is None and master is None:
-            if os.environ.get(IN_CLUSTER_ENV):
-                # The in-cluster address is a ClusterIP this very proxy programs: a node
-                # coming up cold cannot reach it. Upstream's manifests pass a kubeconfig.
-                log.warning(
-                    "no --kubeconfig or --master; using in-cluster config, which depends on "
-                    "Service rules this proxy has not programmed yet"
-                )
+        if kubeconfig is None and master is None and os.environ.get(IN_CLUSTER_ENV):
+            # The in-cluster address is a ClusterIP this very proxy programs: a node coming up
+            # cold cannot reach it. Upstream's manifests pass a kubeconfig instead.
+            log.warning(
+                "no --kubeconfig or --master; using in-cluster config, which depends on "
+                "Service rules this proxy has not programmed yet"
+            )
 
     def _build(self) -> k8s_client.ApiClient:
         cfg = k8s_client.Configuration()
         if self.kubeconfig is not None:
-            k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=self.kubeconfig, client_configuration=cfg
+            )
         elif self.master is None:
-            k8s_config.load_incluster_config(client_configuration=cfg)
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         if self.master is not None:
             cfg.host = self.master.rstrip("/")
         # One connection per concurrent watch plus room for lists and event writes.

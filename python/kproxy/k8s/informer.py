@@ -100,7 +100,9 @@ class Informer:
         self._sink = sink
         self._stop = stop
         self._timing = timing
-        self._thread = threading.Thread(target=self._run, name=f"informer-{resource.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"informer-{resource.name}", daemon=True
+        )
         self.lists = 0
         self.watches = 0
         self.errors = 0
@@ -134,9 +136,7 @@ class Informer:
                         self._factory.invalidate()
                     if e.retry_after is not None:
                         delay = max(delay, e.retry_after)
-                log.warning(
-                    "%s: %s; retrying in %.1fs", self.resource.name, _describe(e), delay
-                )
+                log.warning("%s: %s; retrying in %.1fs", self.resource.name, _describe(e), delay)
                 backoff = min(backoff * 2, self._timing.backoff_max)
                 self._stop.wait(delay)
 
@@ -161,7 +161,9 @@ class Informer:
             msg = _status_message(body)
             if resp.status == 410:
                 raise Gone(msg)
-            raise ApiStatusError(resp.status, msg, float(retry) if retry and retry.isdigit() else None)
+            raise ApiStatusError(
+                resp.status, msg, float(retry) if retry and retry.isdigit() else None
+            )
         return raw
 
     def _selectors(self) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ never removes Services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -96,7 +97,5 @@ class ManifestSource:
                 await asyncio.to_thread(self.load)
             except OSError as e:
                 log.error("%s: %s", self.directory, e)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the system packages kproxy needs (Debian/Ubuntu), only those that are missing.
+#   scripts/deps.sh run    what running the daemon and the demo needs
+#   scripts/deps.sh test   that, plus what the test suite needs
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have ip || need+=(iproute2)
+have iptables-restore || need+=(iptables)
+if [ "${1:-run}" = test ]; then
+  have nft || need+=(nftables)
+  have ipset || need+=(ipset)
+  have conntrack || need+=(conntrack)
+fi
+have cargo || need+=(cargo rustc)
+have cc || need+=(gcc)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${need[*]} (run as root, or install them)" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
