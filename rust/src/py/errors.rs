@@ -38,4 +38,3 @@ fn build(py: Python<'_>, err: &Error) -> Result<PyErr, PyErr> {
     let exc = cls.call((err.to_string(),), Some(&kwargs))?;
     Ok(PyErr::from_value(exc))
 }
-
