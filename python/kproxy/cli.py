@@ -40,10 +40,11 @@ def _comma_list(value: str) -> tuple[str, ...]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kproxy", description="A drop-in kube-proxy replacement.")
+    # No abbreviations: kube-proxy refuses flags it does not know, and so do we.
+    p = _Parser(prog="kproxy", description="A drop-in kube-proxy replacement.", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("daemon", help="run the proxy")
+    d = sub.add_parser("daemon", help="run the proxy", allow_abbrev=False)
     # Every default is None: only flags the user typed override the config file.
     S = argparse.SUPPRESS
     d.add_argument("--config", default=None, help="a KubeProxyConfiguration YAML file")

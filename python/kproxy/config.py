@@ -54,34 +54,51 @@ class ProxyConfig:
         return (self.hostname_override or socket.gethostname()).strip().lower()
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_UNIT_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "\u00b5s": 1_000,  # micro sign
+    "\u03bcs": 1_000,  # Greek small letter mu; Go accepts both
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
 
 
 def parse_duration(field: str, value: object) -> float:
-    """A Go duration (``1s``, ``500ms``, ``1m30s``, ``0``) in seconds."""
+    """A Go duration (``1s``, ``500ms``, ``1m30s``, ``0``) in seconds.
+
+    Parsed as whole nanoseconds, as Go does, so ``30s`` and ``30000000000`` compare equal.
+    """
     if isinstance(value, bool):
         raise ConfigError(field, f"invalid duration {value!r}")
     if isinstance(value, int | float):
-        # A bare number in a config file means nanoseconds in Go's JSON encoding of Duration.
-        seconds = float(value) * 1e-9
+        # A bare number in a config file is nanoseconds (Go's JSON encoding of a Duration).
+        nanos = round(value)
     elif isinstance(value, str):
         s = value.strip()
-        if s in ("0", ""):
+        sign = 1
+        if s[:1] in ("+", "-"):
+            sign = -1 if s[0] == "-" else 1
+            s = s[1:]
+        if s == "0":
             return 0.0
-        pos, seconds = 0, 0.0
+        pos, nanos = 0, 0
         for m in _DURATION_PART.finditer(s):
             if m.start() != pos:
                 break
-            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            nanos += round(float(m.group(1)) * _UNIT_NS[m.group(2)])
             pos = m.end()
         if pos != len(s) or pos == 0:
             raise ConfigError(field, f"invalid duration {value!r} (examples: 1s, 500ms, 1m30s)")
+        nanos *= sign
     else:
         raise ConfigError(field, f"invalid duration {value!r}")
-    if seconds < 0:
+    if nanos < 0:
         raise ConfigError(field, "must not be negative")
-    return seconds
+    return nanos / 1e9
 
 
 def _cidr(field: str, value: str) -> str:
@@ -163,10 +180,14 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
 def _get(m: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> Any:
     """The value at a dotted ``path`` (None if absent), type-checked."""
     cur: Any = m
+    walked: list[str] = []
     for part in path.split("."):
         if not isinstance(cur, Mapping):
-            return None
+            raise ConfigError(".".join(walked), f"expected a mapping, got {cur!r}")
         cur = cur.get(part)
+        walked.append(part)
+        if cur is None:
+            return None
     if cur is not None and (not isinstance(cur, kind) or (isinstance(cur, bool) and kind is int)):
         raise ConfigError(path, f"expected {getattr(kind, '__name__', kind)}, got {cur!r}")
     return cur
@@ -190,7 +211,8 @@ def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("--config", f"{path} is not valid YAML: {first}") from None
     if not isinstance(doc, Mapping):
         raise ConfigError("--config", f"{path} does not hold a {KIND}")
     if doc.get("kind") != KIND or doc.get("apiVersion") != API_VERSION:

@@ -144,7 +144,7 @@ class _Obj:
 
     def protocol(self, parent: Mapping[str, Any], path: str) -> Protocol:
         p = parent.get("protocol") or "TCP"
-        if p not in _PROTOCOLS:
+        if not isinstance(p, str) or p not in _PROTOCOLS:
             raise self.fail(path, f"unknown protocol {p!r}")
         return cast(Protocol, p)
 

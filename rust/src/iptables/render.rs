@@ -544,3 +544,251 @@ fn write_policy_chain(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ChangeSet;
+
+    fn cfg() -> RenderConfig {
+        RenderConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            masquerade_all: false,
+            masquerade_mark: 0x4000,
+            nodeport_ips: None,
+            conntrack_tcp_be_liberal: false,
+        }
+    }
+
+    /// A state with one service `ns/svc` (port `p`, TCP 80, NodePort 30080) and endpoints
+    /// given as (ip, node, ready).
+    fn state(svc_extra: &str, eps: &[(&str, &str, bool)]) -> State {
+        let endpoints: Vec<String> = eps
+            .iter()
+            .map(|(ip, node, ready)| {
+                format!(
+                    r#"{{"ip":"{ip}","port":8080,"ready":{ready},"serving":{ready},"terminating":false,"node_name":"{node}"}}"#
+                )
+            })
+            .collect();
+        let json = format!(
+            r#"{{"services":[{{"namespace":"ns","name":"svc","service":{{"cluster_ips":["172.30.0.1"],
+                 "externally_accessible":true,{svc_extra}
+                 "ports":[{{"name":"p","protocol":"TCP","port":80,"node_port":30080}}]}}}}],
+               "endpoints":[{{"namespace":"ns","name":"svc","ports":[{{"name":"p","protocol":"TCP",
+                 "endpoints":[{}]}}]}}]}}"#,
+            endpoints.join(",")
+        );
+        let mut st = State::new(IpFamily::V4);
+        st.apply(ChangeSet::from_json(json.as_bytes()).unwrap());
+        st
+    }
+
+    fn rules_of<'a>(t: &'a Table, chain: &str) -> Vec<&'a str> {
+        let prefix = format!("-A {chain} ");
+        t.rules
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect()
+    }
+
+    fn chain_with(t: &Table, prefix: &str) -> String {
+        t.chains
+            .iter()
+            .find(|c| c.starts_with(prefix))
+            .cloned()
+            .unwrap_or_else(|| panic!("no chain {prefix}*"))
+    }
+
+    #[test]
+    fn spreads_over_endpoints_with_decreasing_probabilities() {
+        let st = state(
+            "",
+            &[
+                ("10.1.0.1", "n", true),
+                ("10.1.0.2", "n", true),
+                ("10.1.0.3", "n", true),
+                ("10.1.0.4", "n", true),
+            ],
+        );
+        let rs = render(&st, &cfg());
+        let svc = chain_with(&rs.nat, "KUBE-SVC-");
+        let rules = rules_of(&rs.nat, &svc);
+        let probs: Vec<&str> = rules
+            .iter()
+            .filter_map(|r| r.split("--probability ").nth(1))
+            .map(|r| r.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(probs, ["0.2500000000", "0.3333333333", "0.5000000000"]);
+        // The last endpoint is an unconditional jump.
+        assert!(rules.last().unwrap().ends_with("-j KUBE-SEP-") == false);
+        assert!(!rules.last().unwrap().contains("statistic"));
+        assert_eq!(rs.endpoints, 4);
+    }
+
+    #[test]
+    fn masquerades_off_cluster_traffic_and_hairpin() {
+        let st = state("", &[("10.1.0.1", "n", true)]);
+        let rs = render(&st, &cfg());
+        let svc = chain_with(&rs.nat, "KUBE-SVC-");
+        assert!(rules_of(&rs.nat, &svc)[0].ends_with("! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"));
+        let sep = chain_with(&rs.nat, "KUBE-SEP-");
+        let sep_rules = rules_of(&rs.nat, &sep);
+        assert!(sep_rules[0].ends_with("-s 10.1.0.1 -j KUBE-MARK-MASQ"));
+        assert!(sep_rules[1].ends_with("-m tcp -p tcp -j DNAT --to-destination 10.1.0.1:8080"));
+
+        let mut all = cfg();
+        all.masquerade_all = true;
+        let rs = render(&st, &all);
+        assert!(rules_of(&rs.nat, &svc)[0].ends_with("--dport 80 -j KUBE-MARK-MASQ"));
+
+        let mut none = cfg();
+        none.cluster_cidrs.clear();
+        let rs = render(&st, &none);
+        assert!(rules_of(&rs.nat, &svc)
+            .iter()
+            .all(|r| !r.contains("KUBE-MARK-MASQ")));
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_writes_no_nat_rules() {
+        let st = state("", &[]);
+        let rs = render(&st, &cfg());
+        let filter_services = rules_of(&rs.filter, KUBE_SERVICES);
+        assert_eq!(filter_services.len(), 1);
+        assert!(filter_services[0].contains("\"ns/svc:p has no endpoints\""));
+        assert!(filter_services[0].ends_with("-d 172.30.0.1 --dport 80 -j REJECT"));
+        let ext = rules_of(&rs.filter, KUBE_EXTERNAL_SERVICES);
+        assert!(ext[0].ends_with("--dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT"));
+        assert!(!rs.nat.chains.iter().any(|c| is_service_chain(c)));
+        // Not-ready endpoints are no endpoints.
+        let rs = render(&state("", &[("10.1.0.1", "n", false)]), &cfg());
+        assert_eq!(rules_of(&rs.filter, KUBE_SERVICES).len(), 1);
+    }
+
+    #[test]
+    fn node_port_goes_through_the_external_chain_with_masquerade() {
+        let st = state("", &[("10.1.0.1", "n", true)]);
+        let rs = render(&st, &cfg());
+        let ext = chain_with(&rs.nat, "KUBE-EXT-");
+        let np = rules_of(&rs.nat, KUBE_NODEPORTS);
+        assert_eq!(np.len(), 1);
+        assert!(np[0].ends_with(&format!("--dport 30080 -j {ext}")));
+        let ext_rules = rules_of(&rs.nat, &ext);
+        assert!(ext_rules[0].ends_with("-j KUBE-MARK-MASQ"));
+        assert!(ext_rules[1].starts_with("-j KUBE-SVC-"));
+        // The NodePort dispatch stays the last rule of KUBE-SERVICES.
+        let services = rules_of(&rs.nat, KUBE_SERVICES);
+        assert!(services
+            .last()
+            .unwrap()
+            .ends_with("! -d 127.0.0.0/8 -j KUBE-NODEPORTS"));
+    }
+
+    #[test]
+    fn nodeport_addresses_restrict_the_dispatch() {
+        let st = state("", &[("10.1.0.1", "n", true)]);
+        let mut c = cfg();
+        c.nodeport_ips = Some(vec![
+            "192.168.0.2".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            "fd00::1".parse().unwrap(),
+        ]);
+        let rs = render(&st, &c);
+        let tail: Vec<&str> = rules_of(&rs.nat, KUBE_SERVICES)
+            .into_iter()
+            .filter(|r| r.contains("KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(tail.len(), 1);
+        assert!(tail[0].ends_with("-d 192.168.0.2 -j KUBE-NODEPORTS"));
+    }
+
+    #[test]
+    fn external_local_short_circuits_pods_and_the_node_and_drops_without_local_endpoints() {
+        let st = state(
+            r#""external_traffic_policy":"Local","#,
+            &[("10.1.0.1", "node-a", true), ("10.1.0.2", "node-b", true)],
+        );
+        let rs = render(&st, &cfg());
+        let ext = chain_with(&rs.nat, "KUBE-EXT-");
+        let svl = chain_with(&rs.nat, "KUBE-SVL-");
+        let svc = chain_with(&rs.nat, "KUBE-SVC-");
+        let r = rules_of(&rs.nat, &ext);
+        assert!(r[0].ends_with(&format!("-s 10.0.0.0/8 -j {svc}")));
+        assert!(r[1].ends_with("--src-type LOCAL -j KUBE-MARK-MASQ"));
+        assert!(r[2].ends_with(&format!("--src-type LOCAL -j {svc}")));
+        assert_eq!(r[3], format!("-j {svl}"));
+        // Only the local endpoint behind the local chain.
+        let local = rules_of(&rs.nat, &svl);
+        assert_eq!(local.len(), 1);
+        assert!(local[0].contains("10.1.0.1:8080"));
+
+        let st = state(
+            r#""external_traffic_policy":"Local","#,
+            &[("10.1.0.2", "node-b", true)],
+        );
+        let rs = render(&st, &cfg());
+        assert_eq!(rs.no_local_external, 1);
+        let drop = rules_of(&rs.filter, KUBE_EXTERNAL_SERVICES);
+        assert!(drop[0].contains("has no local endpoints") && drop[0].ends_with("-j DROP"));
+        // The external chain still exists for the short-circuits, without a policy jump.
+        let ext = chain_with(&rs.nat, "KUBE-EXT-");
+        assert_eq!(rules_of(&rs.nat, &ext).len(), 3);
+    }
+
+    #[test]
+    fn internal_local_without_local_endpoints_drops_cluster_ip_traffic() {
+        let st = state(
+            r#""internal_traffic_policy":"Local","#,
+            &[("10.1.0.2", "node-b", true)],
+        );
+        let rs = render(&st, &cfg());
+        let f = rules_of(&rs.filter, KUBE_SERVICES);
+        assert!(f[0].contains("has no local endpoints") && f[0].ends_with("-j DROP"));
+        assert_eq!(rs.no_local_internal, 1);
+    }
+
+    #[test]
+    fn session_affinity_checks_and_sets_recent_lists() {
+        let st = state(
+            r#""session_affinity_timeout":300,"#,
+            &[("10.1.0.1", "n", true), ("10.1.0.2", "n", true)],
+        );
+        let rs = render(&st, &cfg());
+        let svc = chain_with(&rs.nat, "KUBE-SVC-");
+        let rules = rules_of(&rs.nat, &svc);
+        let checks: Vec<&&str> = rules
+            .iter()
+            .filter(|r| r.contains("--rcheck --seconds 300 --reap"))
+            .collect();
+        assert_eq!(checks.len(), 2);
+        let sep = chain_with(&rs.nat, "KUBE-SEP-");
+        assert!(rules_of(&rs.nat, &sep)[1].contains(&format!("-m recent --name {sep} --set")));
+    }
+
+    #[test]
+    fn invalid_drop_is_skipped_when_tcp_be_liberal() {
+        let st = state("", &[]);
+        let mut c = cfg();
+        assert!(rules_of(&render(&st, &c).filter, KUBE_FORWARD)[0].contains("INVALID -j DROP"));
+        c.conntrack_tcp_be_liberal = true;
+        assert!(rules_of(&render(&st, &c).filter, KUBE_FORWARD)
+            .iter()
+            .all(|r| !r.contains("INVALID")));
+    }
+
+    #[test]
+    fn stale_chains_are_flushed_then_deleted_after_the_rules() {
+        let st = state("", &[]);
+        let rs = render(&st, &cfg());
+        let stale: BTreeSet<String> = ["KUBE-SVC-OLD".to_string()].into();
+        let text = rs.restore_text(&stale);
+        let decl = text.find(":KUBE-SVC-OLD - [0:0]").unwrap();
+        let del = text.find("-X KUBE-SVC-OLD").unwrap();
+        let commit = text.rfind("COMMIT").unwrap();
+        assert!(decl < del && del < commit);
+        assert!(text.find("*nat").unwrap() < decl);
+    }
+}

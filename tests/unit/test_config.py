@@ -1,0 +1,384 @@
+"""Tests for kproxy.config: Go durations, the KubeProxyConfiguration file, precedence, validation.
+
+Upstream (kube-proxy-features.md §1.14-1.16): the file is ``kubeproxy.config.k8s.io/v1alpha1``
+YAML, durations are Go durations (a bare number in the file is nanoseconds), and the Node name is
+``--hostname-override`` lower-cased. kproxy's own precedence is defaults < file < flags.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.config import ProxyConfig, build, load_file, parse_duration, validate
+from kproxy.errors import ConfigError
+
+HEADER = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def load(tmp_path: Path, body: str) -> tuple[dict[str, Any], list[str]]:
+    """``load_file`` of a file holding the standard header and ``body``."""
+    warnings: list[str] = []
+    return load_file(write(tmp_path, HEADER + body), warnings), warnings
+
+
+def config_error(cfg: ProxyConfig) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    return info.value
+
+
+# --------------------------------------------------------------------------------------------
+# parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("500ms", 0.5),
+        ("1m30s", 90.0),
+        ("1h", 3600.0),
+        ("0", 0.0),
+        ("0s", 0.0),
+        ("1.5s", 1.5),
+        (".5s", 0.5),
+        ("1h2m3s", 3723.0),
+        ("250us", 250e-6),
+        ("250\u00b5s", 250e-6),  # MICRO SIGN
+        ("100ns", 100e-9),
+        ("2m0.5s", 120.5),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration("--sync-period", text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5", "abc", "-1s", "1x", "s", "1 s", "1s2", "1.2.3s", "ms"])
+def test_parse_duration_invalid(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration("--min-sync-period", text)
+    assert info.value.field == "--min-sync-period"
+
+
+@pytest.mark.parametrize(
+    ("number", "seconds"), [(1_000_000_000, 1.0), (1_500_000_000, 1.5), (0, 0.0), (2.5e9, 2.5)]
+)
+def test_numbers_are_nanoseconds(number: float, seconds: float) -> None:
+    assert parse_duration("syncPeriod", number) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", [-1, True, False, None, ["1s"]])
+def test_parse_duration_invalid_values(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration("syncPeriod", value)
+    assert info.value.field == "syncPeriod"
+
+
+def test_parse_duration_empty_string_is_invalid() -> None:
+    with pytest.raises(ConfigError):
+        parse_duration("--min-sync-period", "")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("+1s", 1.0), ("3\u03bcs", 3e-6)])
+def test_parse_duration_go_forms_not_accepted(text: str, seconds: float) -> None:
+    assert parse_duration("--sync-period", text) == pytest.approx(seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# load_file
+
+
+FULL_CONFIG = """\
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clientConnection:
+  kubeconfig: {kubeconfig}
+  qps: 5
+  burst: 10
+hostnameOverride: Worker-1
+bindAddress: 0.0.0.0
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+detectLocalMode: ClusterCIDR
+healthzBindAddress: 0.0.0.0:10256
+metricsBindAddress: 127.0.0.1:10249
+configSyncPeriod: 15m
+iptables:
+  masqueradeAll: true
+  masqueradeBit: 15
+  localhostNodePorts: true
+  syncPeriod: 45s
+  minSyncPeriod: 500ms
+nodePortAddresses:
+  - primary
+  - 192.168.0.0/16
+conntrack:
+  maxPerCore: 32768
+  tcpBeLiberal: true
+logging:
+  verbosity: 4
+oomScoreAdj: -999
+"""
+
+
+def test_load_full_file(tmp_path: Path) -> None:
+    kubeconfig = write(tmp_path, "apiVersion: v1\nkind: Config\n", "kubeconfig")
+    warnings: list[str] = []
+    values = load_file(write(tmp_path, FULL_CONFIG.format(kubeconfig=kubeconfig)), warnings)
+    assert warnings == []
+    assert values == {
+        "mode": "iptables",
+        "kubeconfig": kubeconfig,
+        "hostname_override": "Worker-1",
+        "bind_address": "0.0.0.0",
+        "cluster_cidrs": ("10.244.0.0/16", "fd00:10:244::/56"),
+        "detect_local_mode": "ClusterCIDR",
+        "healthz_bind_address": "0.0.0.0:10256",
+        "metrics_bind_address": "127.0.0.1:10249",
+        "config_sync_period": 900.0,
+        "masquerade_all": True,
+        "masquerade_bit": 15,
+        "sync_period": 45.0,
+        "min_sync_period": 0.5,
+        "nodeport_addresses": ("primary", "192.168.0.0/16"),
+        "conntrack_tcp_be_liberal": True,
+        "verbosity": 4,
+    }
+    cfg = build(values, {})
+    assert cfg.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/56")
+    assert cfg.node_name == "worker-1"
+    assert cfg.masquerade_bit == 15
+    assert cfg.sync_period == 45.0
+
+
+def test_load_minimal_file(tmp_path: Path) -> None:
+    assert load(tmp_path, "") == ({}, [])
+
+
+def test_durations_in_file_as_nanoseconds(tmp_path: Path) -> None:
+    values, _ = load(
+        tmp_path, "iptables:\n  syncPeriod: 30000000000\n  minSyncPeriod: 1500000000\n"
+    )
+    assert values == {"sync_period": pytest.approx(30.0), "min_sync_period": pytest.approx(1.5)}
+
+
+def test_equal_periods_in_nanoseconds_and_units_are_accepted(tmp_path: Path) -> None:
+    values, _ = load(tmp_path, "iptables:\n  syncPeriod: 30s\n  minSyncPeriod: 30000000000\n")
+    cfg = build(values, {})
+    assert cfg.min_sync_period == cfg.sync_period == 30.0
+
+
+def test_top_level_sync_periods_and_linux_section(tmp_path: Path) -> None:
+    values, _ = load(
+        tmp_path,
+        "iptables: {syncPeriod: 10s}\nsyncPeriod: 20s\nminSyncPeriod: 2s\n"
+        "linux: {masqueradeAll: true}\n",
+    )
+    assert values == {"sync_period": 20.0, "min_sync_period": 2.0, "masquerade_all": True}
+
+
+def test_unknown_top_level_field_is_a_warning(tmp_path: Path) -> None:
+    values, warnings = load(tmp_path, "mode: iptables\nnoSuchField: 1\n")
+    assert values == {"mode": "iptables"}
+    assert len(warnings) == 1
+    assert "noSuchField" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeletConfiguration\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1beta1\nkind: KubeProxyConfiguration\n",
+        "kind: KubeProxyConfiguration\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n",
+        "",
+        "- a list\n",
+        "just a string\n",
+    ],
+    ids=["kind", "apiVersion", "no-apiVersion", "no-kind", "empty", "list", "scalar"],
+)
+def test_not_a_kube_proxy_configuration(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path, text), [])
+    assert info.value.field == "--config"
+
+
+@pytest.mark.parametrize("text", ["mode: [iptables\n", "mode: iptables\n\tbad: tab\n", "a: b: c\n"])
+def test_invalid_yaml(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path, HEADER + text), [])
+    assert info.value.field == "--config"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(str(tmp_path / "absent.yaml"), [])
+    assert info.value.field == "--config"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('iptables:\n  masqueradeAll: "yes"\n', "iptables.masqueradeAll"),
+        ("iptables:\n  masqueradeBit: true\n", "iptables.masqueradeBit"),
+        ('iptables:\n  masqueradeBit: "14"\n', "iptables.masqueradeBit"),
+        ("iptables:\n  syncPeriod: true\n", "iptables.syncPeriod"),
+        ("iptables:\n  minSyncPeriod: fast\n", "iptables.minSyncPeriod"),
+        ("configSyncPeriod: -1\n", "configSyncPeriod"),
+        ("mode: 1\n", "mode"),
+        ("clusterCIDR: [10.0.0.0/8]\n", "clusterCIDR"),
+        ("hostnameOverride: 7\n", "hostnameOverride"),
+        ("nodePortAddresses: 10.0.0.0/8\n", "nodePortAddresses"),
+        ("nodePortAddresses: [1, 2]\n", "nodePortAddresses"),
+        ("conntrack:\n  tcpBeLiberal: 1\n", "conntrack.tcpBeLiberal"),
+        ("logging:\n  verbosity: high\n", "logging.verbosity"),
+        ("clientConnection:\n  kubeconfig: 3\n", "clientConnection.kubeconfig"),
+    ],
+)
+def test_wrong_type_names_the_field(tmp_path: Path, body: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, body)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_section_of_wrong_type_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "iptables: fast\n")
+    assert info.value.field.startswith("iptables")
+
+
+# --------------------------------------------------------------------------------------------
+# build: defaults < file < flags
+
+
+def test_build_defaults() -> None:
+    cfg = build({}, {})
+    assert cfg == ProxyConfig()
+    assert (cfg.mode, cfg.min_sync_period, cfg.sync_period) == ("iptables", 1.0, 30.0)
+    assert (cfg.masquerade_bit, cfg.healthz_bind_address) == (14, "0.0.0.0:10256")
+
+
+def test_build_file_overrides_defaults_and_flags_override_file() -> None:
+    file_values = {"masquerade_bit": 12, "sync_period": 10.0, "hostname_override": "from-file"}
+    flag_values = {"masquerade_bit": 13, "min_sync_period": 5.0}
+    cfg = build(file_values, flag_values)
+    assert cfg.masquerade_bit == 13  # flag
+    assert cfg.min_sync_period == 5.0  # flag
+    assert cfg.sync_period == 10.0  # file
+    assert cfg.hostname_override == "from-file"  # file
+    assert cfg.verbosity == 0  # default
+
+
+def test_build_validates_the_merged_result() -> None:
+    with pytest.raises(ConfigError) as info:
+        build({"sync_period": 10.0}, {"min_sync_period": 20.0})
+    assert info.value.field == "--min-sync-period"
+
+
+def test_build_unknown_setting() -> None:
+    with pytest.raises(ConfigError) as info:
+        build({}, {"no_such_setting": 1})
+    assert info.value.field == "no_such_setting"
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag"),
+    [
+        ({"mode": "bogus"}, "--proxy-mode"),
+        ({"mode": "kernelspace"}, "--proxy-mode"),
+        ({"mode": "nftables"}, "--proxy-mode"),
+        ({"mode": "ipvs"}, "--proxy-mode"),
+        ({"cluster_cidrs": ("10.0.0.0/8", "192.168.0.0/16")}, "--cluster-cidr"),
+        ({"cluster_cidrs": ("fd00::/48", "fd01::/48")}, "--cluster-cidr"),
+        ({"cluster_cidrs": ("10.0.0.0/8", "fd00::/48", "10.1.0.0/16")}, "--cluster-cidr"),
+        ({"cluster_cidrs": ("10.0.0.0/33",)}, "--cluster-cidr"),
+        ({"cluster_cidrs": ("bogus",)}, "--cluster-cidr"),
+        ({"masquerade_bit": 32}, "--iptables-masquerade-bit"),
+        ({"masquerade_bit": -1}, "--iptables-masquerade-bit"),
+        ({"min_sync_period": 31.0}, "--min-sync-period"),
+        ({"sync_period": 0.0}, "--sync-period"),
+        ({"verbosity": 11}, "-v"),
+        ({"verbosity": -1}, "-v"),
+        ({"healthz_bind_address": "localhost:10256"}, "--healthz-bind-address"),
+        ({"healthz_bind_address": "0.0.0.0"}, "--healthz-bind-address"),
+        ({"healthz_bind_address": "0.0.0.0:99999"}, "--healthz-bind-address"),
+        ({"healthz_bind_address": "0.0.0.0:http"}, "--healthz-bind-address"),
+        ({"healthz_bind_address": "10.0.0.256:10256"}, "--healthz-bind-address"),
+        ({"metrics_bind_address": "nowhere:10249"}, "--metrics-bind-address"),
+        ({"nodeport_addresses": ("10.0.0.0/33",)}, "--nodeport-addresses"),
+        ({"nodeport_addresses": ("primary", "bogus")}, "--nodeport-addresses"),
+        ({"nodeport_addresses": ("Primary",)}, "--nodeport-addresses"),
+        ({"bind_address": "0.0.0.0:80"}, "--bind-address"),
+        ({"hostname_override": "  "}, "--hostname-override"),
+        ({"detect_local_mode": "NodeCIDR"}, "detectLocalMode"),
+        ({"manifests": "/nonexistent/kproxy-manifests"}, "--manifests"),
+        ({"kubeconfig": "/nonexistent/kubeconfig"}, "--kubeconfig"),
+    ],
+)
+def test_validate_names_the_flag(changes: dict[str, Any], flag: str) -> None:
+    err = config_error(replace(ProxyConfig(), **changes))
+    assert err.field == flag
+    assert str(err).startswith(f"{flag}: ")
+
+
+def test_nftables_is_refused_as_not_available_yet() -> None:
+    assert "not available" in config_error(ProxyConfig(mode="nftables")).message
+
+
+def test_validate_canonicalizes() -> None:
+    cfg = validate(
+        ProxyConfig(
+            cluster_cidrs=(" 10.244.1.5/16", "FD00:10:244::/56", ""),
+            nodeport_addresses=("primary", " 192.168.1.9/24 ", ""),
+            healthz_bind_address="[::1]:10256",
+            metrics_bind_address="",
+        )
+    )
+    assert cfg.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/56")
+    assert cfg.nodeport_addresses == ("primary", "192.168.1.0/24")
+    assert cfg.healthz_bind_address == "[::1]:10256"
+    assert cfg.metrics_bind_address == ""  # disabled
+
+
+def test_validate_accepts_equal_sync_periods_and_dual_stack(tmp_path: Path) -> None:
+    cfg = ProxyConfig(
+        min_sync_period=30.0,
+        cluster_cidrs=("10.0.0.0/8", "fd00::/48"),
+        masquerade_bit=31,
+        manifests=str(tmp_path),
+        verbosity=10,
+    )
+    assert validate(cfg) == cfg
+
+
+# --------------------------------------------------------------------------------------------
+# node_name
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("Node-A", "node-a"), (" worker-1.EXAMPLE.com ", "worker-1.example.com")],
+)
+def test_node_name_is_the_lower_cased_hostname_override(override: str, expected: str) -> None:
+    assert ProxyConfig(hostname_override=override).node_name == expected
+
+
+def test_node_name_defaults_to_the_lower_cased_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "My-Host")
+    assert ProxyConfig().node_name == "my-host"
