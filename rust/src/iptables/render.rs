@@ -623,7 +623,7 @@ mod tests {
             .collect();
         assert_eq!(probs, ["0.2500000000", "0.3333333333", "0.5000000000"]);
         // The last endpoint is an unconditional jump.
-        assert!(rules.last().unwrap().ends_with("-j KUBE-SEP-") == false);
+        assert!(rules.last().unwrap().contains("-j KUBE-SEP-"));
         assert!(!rules.last().unwrap().contains("statistic"));
         assert_eq!(rs.endpoints, 4);
     }
