@@ -7,6 +7,7 @@ API server with method calls and watches the kernel with ``iptables-save``.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 from tests import k8sobjects as k
 from tests.fakeapi import FakeApiServer
-from tests.netlab import NodeLab
+from tests.netlab import NetNs, NodeLab
 from tests.netlab.inside import NetnsExecutor
 
 T = TypeVar("T")
@@ -151,3 +152,22 @@ def proxy_lab(tmp_path: Path, objects: Sequence[k.Obj] = ()) -> Iterator[ProxyLa
                         pl.daemon.kill()
                         pl.daemon.wait(timeout=5)
                 ex.call(api.close)
+
+
+_HTTP_GET = """
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(json.dumps([r.status, r.read().decode()]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, e.read().decode()]))
+except OSError as e:
+    print(json.dumps([0, str(e)]))
+"""
+
+
+def http_get(ns: NetNs, url: str) -> tuple[int, str]:
+    """GET ``url`` from inside namespace ``ns``: (status, body); status 0 if unreachable."""
+    out = ns.exec([sys.executable, "-c", _HTTP_GET, url], timeout=15, check=True).stdout
+    status, body = json.loads(out)
+    return int(status), str(body)
