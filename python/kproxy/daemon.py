@@ -34,6 +34,9 @@ from kproxy.sources.manifests import ManifestSource
 
 log = logging.getLogger(__name__)
 
+# Upstream's FullSyncPeriod: even with nothing changed, rewrite everything this often.
+FULL_SYNC_PERIOD = 3600.0
+
 
 class Daemon:
     def __init__(self, cfg: ProxyConfig, *, families: list[Family] | None = None) -> None:
@@ -43,6 +46,7 @@ class Daemon:
         self.proxier: IptablesProxier | None = None
         self.syncs = 0
         self.failures = 0
+        self._last_full: float | None = None
         self._waiting_logged = False
         self.controller = Controller(
             cfg.node_name, self._changed, wait_for_node=cfg.manifests is None
@@ -74,10 +78,14 @@ class Daemon:
                 return False
             self.proxier = IptablesProxier(self.cfg, families, c.node)
             log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
-        changes = c.drain()
         started = time.monotonic()
+        full = self._last_full is None or started - self._last_full >= FULL_SYNC_PERIOD
+        if due.periodic and not full and not await asyncio.to_thread(self.proxier.canary_intact):
+            log.warning("our chains were removed by someone else; rewriting everything")
+            full = True
+        changes = c.drain()
         try:
-            reports = await asyncio.to_thread(self.proxier.sync, changes, due.periodic)
+            reports = await asyncio.to_thread(self.proxier.sync, changes, full)
         except ApplyError as e:
             self.failures += 1
             log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
@@ -88,15 +96,17 @@ class Daemon:
             c.resend_all()
             return False
         self.syncs += 1
+        if any(r.full for r in reports.values()):
+            self._last_full = started
         self.health.updated()
         for fam, r in reports.items():
             if r.wrote:
                 log.info(
-                    "synced %s %s: %d service ports, %d endpoints, %d nat rules, %d filter rules "
-                    "(render %.1fms, apply %.1fms, total %.1fms)",
+                    "synced %s %s: %d service ports, %d endpoints; wrote %d chains, %d nat and "
+                    "%d filter rules (render %.1fms, apply %.1fms, total %.1fms)",
                     fam, "full" if r.full else "partial", r.service_ports, r.endpoints,
-                    r.nat_rules, r.filter_rules, r.render_seconds * 1e3, r.apply_seconds * 1e3,
-                    (time.monotonic() - started) * 1e3,
+                    r.chains_written, r.nat_rules, r.filter_rules, r.render_seconds * 1e3,
+                    r.apply_seconds * 1e3, (time.monotonic() - started) * 1e3,
                 )  # fmt: skip
         return True
 

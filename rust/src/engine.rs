@@ -4,8 +4,8 @@
 //! kernel, and return a small [`SyncReport`]. Rule text crosses back only on request.
 
 use crate::error::{Error, Result};
-use crate::iptables::{self, chains, Backend, RenderConfig};
-use crate::model::{ChangeSet, Cidr, IpFamily};
+use crate::iptables::{self, chains, writer::Writer, Backend, RenderConfig};
+use crate::model::{ChangeSet, Cidr, IpFamily, ServiceKey};
 use crate::state::State;
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -84,8 +84,10 @@ pub struct SyncReport {
     pub services_changed: usize,
     pub service_ports: usize,
     pub endpoints: usize,
+    /// Rules written by this sync (a partial sync writes only what changed).
     pub nat_rules: usize,
     pub filter_rules: usize,
+    pub chains_written: usize,
     pub stale_chains_deleted: usize,
     pub bytes: usize,
     pub no_local_internal: usize,
@@ -101,8 +103,8 @@ pub struct Engine {
     backend: Box<dyn Backend>,
     /// Set at start and after any failure: the kernel's content is unknown.
     need_full: bool,
-    /// Our per-service nat chains as last written; `None` when unknown (read from the kernel).
-    written_nat_chains: Option<BTreeSet<String>>,
+    /// What previous syncs wrote (reset by every full sync).
+    writer: Writer,
 }
 
 impl Engine {
@@ -121,7 +123,7 @@ impl Engine {
             config,
             backend,
             need_full: true,
-            written_nat_chains: None,
+            writer: Writer::default(),
         }
     }
 
@@ -149,56 +151,67 @@ impl Engine {
         if !full && applied.services.is_empty() {
             return Ok(report);
         }
-        let result = self.write(full, &mut report);
+        let result = self.write(full, &applied.services, &mut report);
         if let Err(e) = &result {
             if e.needs_full_sync() {
                 self.need_full = true;
-                self.written_nat_chains = None;
             }
         }
         result.map(|()| report)
     }
 
-    fn write(&mut self, full: bool, report: &mut SyncReport) -> Result<()> {
+    fn write(
+        &mut self,
+        full: bool,
+        changed: &BTreeSet<ServiceKey>,
+        report: &mut SyncReport,
+    ) -> Result<()> {
         let t0 = Instant::now();
-        let rs = iptables::render(&self.state, &self.render_config);
-        let existing = match &self.written_nat_chains {
-            Some(c) if !full => c.clone(),
-            _ => self.backend.chains("nat")?,
+        let plan = if full {
+            let filter = self.backend.chains("filter")?;
+            let nat = self.backend.chains("nat")?;
+            self.writer
+                .full(&self.state, &self.render_config, &filter, &nat)
+        } else {
+            self.writer
+                .partial(&self.state, &self.render_config, changed)
         };
-        let stale: BTreeSet<String> = existing
-            .into_iter()
-            .filter(|c| chains::is_service_chain(c) && !rs.nat.chains.contains(c))
-            .collect();
-        let text = rs.restore_text(&stale);
+        let text = plan.text();
         report.render_seconds = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        self.backend.restore(&text)?;
+        if !plan.is_empty() {
+            self.backend.restore(&text)?;
+        }
         if full {
             self.backend.ensure_jumps(chains::JUMPS)?;
         }
         report.apply_seconds = t1.elapsed().as_secs_f64();
 
-        self.written_nat_chains = Some(
-            rs.nat
-                .chains
-                .iter()
-                .filter(|c| chains::is_service_chain(c))
-                .cloned()
-                .collect(),
-        );
         self.need_full = false;
-        report.wrote = true;
-        report.service_ports = rs.service_ports;
-        report.endpoints = rs.endpoints;
-        report.nat_rules = rs.nat.rule_count;
-        report.filter_rules = rs.filter.rule_count;
-        report.stale_chains_deleted = stale.len();
-        report.bytes = text.len();
-        report.no_local_internal = rs.no_local_internal;
-        report.no_local_external = rs.no_local_external;
+        let totals = self.writer.totals();
+        report.wrote = !plan.is_empty() || full;
+        report.service_ports = totals.service_ports;
+        report.endpoints = totals.endpoints;
+        report.no_local_internal = totals.no_local_internal;
+        report.no_local_external = totals.no_local_external;
+        report.nat_rules = plan.nat.rule_count;
+        report.filter_rules = plan.filter.rule_count;
+        report.chains_written = plan.nat.chains.len() + plan.filter.chains.len();
+        report.stale_chains_deleted = plan.deleted();
+        report.bytes = if plan.is_empty() { 0 } else { text.len() };
         Ok(())
+    }
+
+    /// Whether the canary chains are all still there. When one is gone, someone flushed our
+    /// tables: the caller should run a full sync.
+    pub fn canary_intact(&mut self) -> Result<bool> {
+        for table in chains::CANARY_TABLES {
+            if !self.backend.chain_exists(table, chains::CANARY)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The complete `iptables-restore` input for the current state (nothing is applied).
@@ -218,16 +231,18 @@ pub fn cleanup(backend: &mut dyn Backend) -> Result<usize> {
     backend.remove_jumps(chains::JUMPS)?;
     let mut removed = 0;
     let mut text = String::new();
-    for table in ["filter", "nat"] {
-        let fixed: &[&str] = if table == "nat" {
-            chains::NAT_CHAINS
-        } else {
-            chains::FILTER_CHAINS
+    for table in ["mangle", "filter", "nat"] {
+        let fixed: &[&str] = match table {
+            "nat" => chains::NAT_CHAINS,
+            "filter" => chains::FILTER_CHAINS,
+            _ => &[],
         };
         let ours: Vec<String> = backend
             .chains(table)?
             .into_iter()
-            .filter(|c| fixed.contains(&c.as_str()) || chains::is_service_chain(c))
+            .filter(|c| {
+                fixed.contains(&c.as_str()) || c == chains::CANARY || chains::is_dynamic_chain(c)
+            })
             .collect();
         if ours.is_empty() {
             continue;

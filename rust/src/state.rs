@@ -108,49 +108,62 @@ impl State {
         applied
     }
 
+    /// Every Service key, in order.
+    pub fn service_keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
     /// Every port of every Service that has a cluster IP of this engine's family, in
     /// deterministic (namespace, name, port) order.
     pub fn service_ports(&self) -> Vec<ServicePortView<'_>> {
+        self.services
+            .keys()
+            .flat_map(|k| self.service_ports_of(k))
+            .collect()
+    }
+
+    /// The ports of one Service on this engine's family (none if it has no cluster IP of the
+    /// family, or does not exist).
+    pub fn service_ports_of(&self, key: &ServiceKey) -> Vec<ServicePortView<'_>> {
         let fam = self.family();
         let mut out = Vec::new();
-        for (key, svc) in &self.services {
-            let cluster_ip = svc.cluster_ips.iter().copied().find(|ip| fam.contains(ip));
-            // Upstream only proxies a family the Service has a ClusterIP in.
-            let Some(cluster_ip) = cluster_ip else {
-                continue;
-            };
-            let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-                let mut v: Vec<IpAddr> =
-                    ips.iter().copied().filter(|ip| fam.contains(ip)).collect();
-                v.sort();
-                v.dedup();
-                v
-            };
-            let mut source_ranges: Vec<Cidr> = svc
-                .load_balancer_source_ranges
-                .iter()
-                .copied()
-                .filter(|c| fam.contains(&c.addr()))
-                .collect();
-            source_ranges.sort();
-            source_ranges.dedup();
-            let mut ports: Vec<&PortSpec> = svc.ports.iter().collect();
-            ports.sort_by(|a, b| (&a.name, a.protocol).cmp(&(&b.name, b.protocol)));
-            for port in ports {
-                out.push(ServicePortView {
-                    name: ServicePortName {
-                        service: key.clone(),
-                        port: port.name.clone(),
-                        protocol: port.protocol,
-                    },
-                    service: svc,
-                    port,
-                    cluster_ip: Some(cluster_ip),
-                    external_ips: of_family(&svc.external_ips),
-                    load_balancer_ips: of_family(&svc.load_balancer_ips),
-                    source_ranges: source_ranges.clone(),
-                });
-            }
+        let Some((key, svc)) = self.services.get_key_value(key) else {
+            return out;
+        };
+        // Upstream only proxies a family the Service has a ClusterIP in.
+        let Some(cluster_ip) = svc.cluster_ips.iter().copied().find(|ip| fam.contains(ip)) else {
+            return out;
+        };
+        let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = ips.iter().copied().filter(|ip| fam.contains(ip)).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut source_ranges: Vec<Cidr> = svc
+            .load_balancer_source_ranges
+            .iter()
+            .copied()
+            .filter(|c| fam.contains(&c.addr()))
+            .collect();
+        source_ranges.sort();
+        source_ranges.dedup();
+        let mut ports: Vec<&PortSpec> = svc.ports.iter().collect();
+        ports.sort_by(|a, b| (&a.name, a.protocol).cmp(&(&b.name, b.protocol)));
+        for port in ports {
+            out.push(ServicePortView {
+                name: ServicePortName {
+                    service: key.clone(),
+                    port: port.name.clone(),
+                    protocol: port.protocol,
+                },
+                service: svc,
+                port,
+                cluster_ip: Some(cluster_ip),
+                external_ips: of_family(&svc.external_ips),
+                load_balancer_ips: of_family(&svc.load_balancer_ips),
+                source_ranges: source_ranges.clone(),
+            });
         }
         out
     }

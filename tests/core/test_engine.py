@@ -60,7 +60,7 @@ def test_first_sync_is_full_and_writes_the_service() -> None:
     assert "--to-destination 10.180.0.1:80" in dump
     assert "--to-destination 10.180.0.2:80" in dump
     # Jump rules from the built-in chains exist after a full sync.
-    assert "-A PREROUTING -m comment --comment kubernetes service portals -j KUBE-SERVICES" in dump
+    assert '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in dump
 
 
 def test_a_sync_with_nothing_changed_writes_nothing() -> None:
@@ -81,8 +81,12 @@ def test_removed_endpoints_and_services_leave_no_stale_chains() -> None:
     assert "10.180.0.1" not in dump
     r = e.sync(ChangeSet(services={KEY: None}).to_json())
     dump = e.dump()
-    assert r.stale_chains_deleted == 3  # KUBE-SVC, KUBE-EXT and the last KUBE-SEP
-    assert "KUBE-SVC-" not in dump and "KUBE-SEP-" not in dump and "ns1/svc1" not in dump
+    # KUBE-SVC, KUBE-EXT, the last KUBE-SEP, and the bucket chains only this service used:
+    # three levels for its address, two for its NodePort.
+    assert r.stale_chains_deleted == 3 + 3 + 2
+    assert "ns1/svc1" not in dump
+    for prefix in ("KUBE-SVC-", "KUBE-SEP-", "KUBE-SVCS-", "KUBE-NPS-"):
+        assert prefix not in dump
 
 
 def test_no_endpoints_rejects_in_the_filter_table() -> None:

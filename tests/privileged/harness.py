@@ -93,6 +93,10 @@ class ProxyLab:
         log.close()
         return self.daemon
 
+    def wait_synced(self, count: int = 1, timeout: float = 30) -> None:
+        """Wait until the daemon has finished ``count`` successful syncs (every family)."""
+        self.wait(lambda: self.log().count("synced IPv4") >= count, timeout, "a completed sync")
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

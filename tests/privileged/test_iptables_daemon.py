@@ -41,7 +41,8 @@ def pl(tmp_path: Path) -> Iterator[ProxyLab]:
         pytest.skip(f"netlab unavailable: {reason}")
     with proxy_lab(tmp_path, [echo_service(), echo_slice(PODS), empty_service()]) as lab:
         lab.start_daemon()
-        lab.wait(lambda: len(lab.dnat_targets()) == 6, 30, "echo's rules")
+        lab.wait_synced()
+        assert len(lab.dnat_targets()) == 6
         yield lab
 
 

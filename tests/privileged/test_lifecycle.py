@@ -98,3 +98,16 @@ def test_sctp_service_rules_load_into_the_kernel(lab: ProxyLab) -> None:
     lab.wait(lambda: "10.244.2.2:3868" in lab.dnat_targets(), 30, "SCTP rules")
     nat = lab.nat()
     assert "-d 10.96.0.50/32 -p sctp" in nat and "--dport 30868" in nat
+
+
+def test_rules_flushed_by_someone_else_are_restored_within_the_sync_period(lab: ProxyLab) -> None:
+    lab.start_daemon("--sync-period", "1s")
+    lab.wait_synced()
+    # A firewall reload (a restore without --noflush): every rule and chain of nat goes.
+    lab.lab.node.exec(["iptables-restore", "-w"], input="*nat\nCOMMIT\n", check=True)
+    assert not lab.dnat_targets()
+    lab.wait(lambda: len(lab.dnat_targets()) == 2, 10, "rules to be restored")
+    assert lab.lab.pod("client").tcp_probe(ECHO_IP, 80).server == "pod1"
+    assert "rewriting everything" in lab.log(), "\n".join(
+        ln for ln in lab.log().splitlines() if "kproxy" in ln
+    )

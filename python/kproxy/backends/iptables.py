@@ -79,5 +79,13 @@ class IptablesProxier:
             raise failures[0]
         return reports
 
+    def canary_intact(self) -> bool:
+        """Whether every family's canary chains still exist (blocking)."""
+        try:
+            return all(e.canary_intact() for e in self.engines.values())
+        except ApplyError as e:
+            log.warning("cannot check the canary chains: %s", e)
+            return False
+
     def render(self) -> dict[Family, str]:
         return {fam: e.render() for fam, e in self.engines.items()}

@@ -17,6 +17,8 @@ pub trait Backend: Send {
     fn remove_jumps(&mut self, jumps: &[Jump]) -> Result<()>;
     /// Names of the chains that exist in `table`.
     fn chains(&mut self, table: &str) -> Result<BTreeSet<String>>;
+    /// Whether one chain exists (cheap: does not list the table).
+    fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool>;
     /// The tables as `iptables-save` prints them (for tests, tracing and `--dry-run`).
     fn dump(&mut self) -> Result<String>;
 }
@@ -27,9 +29,9 @@ pub struct Kernel {
     family: IpFamily,
 }
 
-/// How long to wait for the xtables lock, and how often to poll it (upstream's values).
+/// How long to wait for the xtables lock (upstream's value). The nft backend ignores `-W`
+/// (the polling interval) with a warning, so it is not passed.
 const WAIT_SECONDS: &str = "5";
-const WAIT_INTERVAL_USEC: &str = "100000";
 
 impl Kernel {
     pub fn new(family: IpFamily) -> Kernel {
@@ -95,19 +97,10 @@ impl Kernel {
     }
 
     fn jump_cmd(&self, verb: &str, j: &Jump) -> Vec<String> {
-        let mut v: Vec<String> = [
-            "-w",
-            WAIT_SECONDS,
-            "-W",
-            WAIT_INTERVAL_USEC,
-            "-t",
-            j.table,
-            verb,
-            j.from,
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+        let mut v: Vec<String> = ["-w", WAIT_SECONDS, "-t", j.table, verb, j.from]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
         v.extend(j.rule_args().iter().map(|s| (*s).to_owned()));
         v
     }
@@ -119,7 +112,7 @@ impl Backend for Kernel {
         let out = self.run(
             "iptables-restore",
             &prog,
-            &["-w", WAIT_SECONDS, "-W", WAIT_INTERVAL_USEC, "--noflush"],
+            &["-w", WAIT_SECONDS, "--noflush"],
             Some(text),
         )?;
         Kernel::check("iptables-restore", out).map(|_| ())
@@ -129,14 +122,37 @@ impl Backend for Kernel {
         let prog = self.tool("tables");
         for j in jumps {
             let check = self.jump_cmd("-C", j);
-            let args: Vec<&str> = check.iter().map(String::as_str).collect();
-            let out = self.run("iptables -C", &prog, &args, None)?;
-            if out.status.success() {
-                continue;
-            }
+            let check: Vec<&str> = check.iter().map(String::as_str).collect();
             let insert = self.jump_cmd("-I", j);
-            let args: Vec<&str> = insert.iter().map(String::as_str).collect();
-            Kernel::check("iptables -I", self.run("iptables -I", &prog, &args, None)?)?;
+            let insert: Vec<&str> = insert.iter().map(String::as_str).collect();
+            // Another program may be changing the table at the same moment (a firewall reload
+            // can even delete the chain we jump to): re-check and retry a few times, then
+            // fail the sync so that the next one is full.
+            let mut last = None;
+            for attempt in 0..4 {
+                if self
+                    .run("iptables -C", &prog, &check, None)?
+                    .status
+                    .success()
+                {
+                    last = None;
+                    break;
+                }
+                match Kernel::check(
+                    "iptables -I",
+                    self.run("iptables -I", &prog, &insert, None)?,
+                ) {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -165,6 +181,17 @@ impl Backend for Kernel {
             self.run("iptables-save", &prog, &["-t", table], None)?,
         )?;
         Ok(parse_chain_names(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool> {
+        let prog = self.tool("tables");
+        let out = self.run(
+            "iptables -S",
+            &prog,
+            &["-w", WAIT_SECONDS, "-t", table, "-S", chain, "1"],
+            None,
+        )?;
+        Ok(out.status.success())
     }
 
     fn dump(&mut self) -> Result<String> {
@@ -249,6 +276,21 @@ impl Fake {
         BUILTIN
             .iter()
             .any(|(t, cs)| *t == table && cs.contains(&chain))
+    }
+
+    /// A jump rule as iptables-save prints it (arguments with spaces quoted).
+    fn rule_text(j: &Jump) -> String {
+        j.rule_args()
+            .iter()
+            .map(|a| {
+                if a.contains(' ') {
+                    format!("\"{a}\"")
+                } else {
+                    (*a).to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The rules of one chain, as the `-A` arguments after the chain name.
@@ -357,7 +399,7 @@ impl Backend for Fake {
 
     fn ensure_jumps(&mut self, jumps: &[Jump]) -> Result<()> {
         for j in jumps {
-            let rule = j.rule_args().join(" ");
+            let rule = Fake::rule_text(j);
             let chains = self.tables.entry(j.table.to_owned()).or_default();
             if !chains.contains_key(j.to) {
                 return Err(Error::Apply {
@@ -376,7 +418,7 @@ impl Backend for Fake {
 
     fn remove_jumps(&mut self, jumps: &[Jump]) -> Result<()> {
         for j in jumps {
-            let rule = j.rule_args().join(" ");
+            let rule = Fake::rule_text(j);
             if let Some(b) = self.tables.get_mut(j.table).and_then(|c| c.get_mut(j.from)) {
                 b.retain(|r| *r != rule);
             }
@@ -390,6 +432,13 @@ impl Backend for Fake {
             .get(table)
             .map(|c| c.keys().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool> {
+        Ok(self
+            .tables
+            .get(table)
+            .is_some_and(|t| t.contains_key(chain)))
     }
 
     fn dump(&mut self) -> Result<String> {

@@ -8,6 +8,11 @@ pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 
+/// An empty chain in each table whose disappearance means someone flushed our rules (a
+/// firewall reload, an administrator): its absence forces a full sync.
+pub const CANARY: &str = "KUBE-PROXY-CANARY";
+pub const CANARY_TABLES: &[&str] = &["mangle", "nat", "filter"];
+
 /// Chains of the filter table that every ruleset declares (and so flushes and rewrites).
 pub const FILTER_CHAINS: &[&str] = &[
     KUBE_EXTERNAL_SERVICES,
@@ -36,6 +41,14 @@ pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
 
 pub fn is_service_chain(name: &str) -> bool {
     SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Chains that come and go with Services: per-service chains and dispatch buckets.
+pub fn is_dynamic_chain(name: &str) -> bool {
+    is_service_chain(name)
+        || super::dispatch::BUCKET_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
 }
 
 /// A rule in a built-in chain that sends traffic into one of ours.

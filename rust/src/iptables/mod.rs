@@ -8,6 +8,9 @@
 pub mod backend;
 pub mod chains;
 pub mod render;
+pub mod writer;
 
 pub use backend::{Backend, Fake, Kernel};
 pub use render::{render, RenderConfig, Ruleset};
+pub mod dispatch;
+pub mod trace;

@@ -10,7 +10,8 @@
 //! Output is deterministic: services in (namespace, name, port) order, endpoints by address.
 
 use super::chains::*;
-use crate::model::{Cidr, IpFamily, Protocol};
+use super::dispatch::{Key, Root};
+use crate::model::{Cidr, IpFamily, Protocol, ServiceKey};
 use crate::naming::{endpoint_chain, join_host_port, ServiceChains};
 use crate::state::{ServicePortView, State};
 use crate::topology::{categorize, NodeView, Policies};
@@ -54,7 +55,7 @@ impl RenderConfig {
     }
 }
 
-/// One table's part of a ruleset.
+/// Declared chains and their `-A` lines, in order.
 #[derive(Debug, Default, Clone)]
 pub struct Table {
     /// Declared chains: `iptables-restore --noflush` flushes and rewrites exactly these.
@@ -65,25 +66,74 @@ pub struct Table {
 }
 
 impl Table {
-    fn chain(&mut self, name: &str) {
+    pub fn chain(&mut self, name: &str) {
         self.chains.insert(name.to_owned());
     }
 
-    fn rule(&mut self, chain: &str, args: std::fmt::Arguments<'_>) {
+    pub fn rule(&mut self, chain: &str, args: std::fmt::Arguments<'_>) {
         let _ = writeln!(self.rules, "-A {chain} {args}");
         self.rule_count += 1;
     }
 }
 
-/// A rendered ruleset plus what the sync reports about it.
-#[derive(Debug, Default, Clone)]
-pub struct Ruleset {
-    pub filter: Table,
-    pub nat: Table,
+/// A rule that lives in a shared chain, placed there through the dispatch trie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub root: Root,
+    pub key: Key,
+    /// The rule's arguments (what follows `-A <chain> `).
+    pub rule: String,
+}
+
+/// Counters a sync reports.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
     pub service_ports: usize,
     pub endpoints: usize,
     pub no_local_internal: usize,
     pub no_local_external: usize,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.service_ports += o.service_ports;
+        self.endpoints += o.endpoints;
+        self.no_local_internal += o.no_local_internal;
+        self.no_local_external += o.no_local_external;
+    }
+
+    pub fn sub(&mut self, o: &Counts) {
+        self.service_ports -= o.service_ports;
+        self.endpoints -= o.endpoints;
+        self.no_local_internal -= o.no_local_internal;
+        self.no_local_external -= o.no_local_external;
+    }
+}
+
+/// Everything one Service owns: its own nat chains and its rules in shared chains.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceRules {
+    pub nat: Table,
+    pub entries: Vec<Entry>,
+    pub counts: Counts,
+}
+
+impl ServiceRules {
+    fn entry(&mut self, root: Root, key: Key, args: std::fmt::Arguments<'_>) {
+        self.entries.push(Entry {
+            root,
+            key,
+            rule: args.to_string(),
+        });
+    }
+}
+
+/// A complete ruleset (what `render` and full syncs produce).
+#[derive(Debug, Default, Clone)]
+pub struct Ruleset {
+    pub filter: Table,
+    pub nat: Table,
+    pub counts: Counts,
 }
 
 impl Ruleset {
@@ -98,13 +148,17 @@ impl Ruleset {
     }
 }
 
-fn write_table(out: &mut String, name: &str, table: &Table, stale: &BTreeSet<String>) {
+/// Write one table's section: declarations (which flush), rules, then deletions.
+pub fn write_table(out: &mut String, name: &str, table: &Table, delete: &BTreeSet<String>) {
+    if table.chains.is_empty() && delete.is_empty() {
+        return;
+    }
     let _ = writeln!(out, "*{name}");
-    for chain in table.chains.iter().chain(stale.iter()) {
+    for chain in table.chains.iter().chain(delete.iter()) {
         let _ = writeln!(out, ":{chain} - [0:0]");
     }
     out.push_str(&table.rules);
-    for chain in stale {
+    for chain in delete {
         let _ = writeln!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
@@ -121,89 +175,94 @@ fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
 }
 
-pub fn render(state: &State, cfg: &RenderConfig) -> Ruleset {
-    let mut rs = Ruleset::default();
-    for c in FILTER_CHAINS {
-        rs.filter.chain(c);
-    }
-    for c in NAT_CHAINS {
-        rs.nat.chain(c);
-    }
+/// The rules of the chains that do not depend on any Service: masquerading and forwarding.
+pub fn fixed_chains(cfg: &RenderConfig) -> (Table, Table) {
+    let mut filter = Table::default();
+    let mut nat = Table::default();
     let mark = cfg.mark();
+    for c in [KUBE_POSTROUTING, KUBE_MARK_MASQ] {
+        nat.chain(c);
+    }
+    filter.chain(KUBE_FORWARD);
 
     // The masquerade machinery: mark in KUBE-MARK-MASQ, SNAT marked packets on the way out.
-    rs.nat.rule(
+    nat.rule(
         KUBE_POSTROUTING,
         format_args!("-m mark ! --mark {mark}/{mark} -j RETURN"),
     );
     // Clear the mark so a packet re-traversing the stack (e.g. after encapsulation) is not
     // masqueraded twice.
-    rs.nat
-        .rule(KUBE_POSTROUTING, format_args!("-j MARK --xor-mark {mark}"));
-    rs.nat.rule(
+    nat.rule(KUBE_POSTROUTING, format_args!("-j MARK --xor-mark {mark}"));
+    nat.rule(
         KUBE_POSTROUTING,
         format_args!(
             "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
         ),
     );
-    rs.nat
-        .rule(KUBE_MARK_MASQ, format_args!("-j MARK --or-mark {mark}"));
-
-    let node = NodeView {
-        name: &cfg.node_name,
-        zone: state.node().zone.as_deref(),
-    };
-    for sp in state.service_ports() {
-        render_service_port(&mut rs, state, cfg, node, &sp);
-    }
-
-    // Tail call to the NodePorts chain: must stay the last rule of KUBE-SERVICES.
-    let np_comment =
-        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
-    match &cfg.nodeport_ips {
-        None => rs.nat.rule(
-            KUBE_SERVICES,
-            format_args!(
-                "{np_comment} -m addrtype --dst-type LOCAL ! -d {} -j {KUBE_NODEPORTS}",
-                cfg.loopback()
-            ),
-        ),
-        Some(ips) => {
-            for ip in ips
-                .iter()
-                .filter(|ip| cfg.family.contains(ip) && !ip.is_loopback())
-            {
-                rs.nat.rule(
-                    KUBE_SERVICES,
-                    format_args!("{np_comment} -d {ip} -j {KUBE_NODEPORTS}"),
-                );
-            }
-        }
-    }
+    nat.rule(KUBE_MARK_MASQ, format_args!("-j MARK --or-mark {mark}"));
 
     // Forwarding: drop INVALID packets (they would otherwise reach pods un-NATed and cause
     // spurious resets), accept what we marked and what belongs to accepted connections.
     if !cfg.conntrack_tcp_be_liberal {
-        rs.filter.rule(
+        filter.rule(
             KUBE_FORWARD,
             format_args!("-m conntrack --ctstate INVALID -j DROP"),
         );
     }
-    rs.filter.rule(
+    filter.rule(
         KUBE_FORWARD,
         format_args!("-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"),
     );
-    rs.filter.rule(
+    filter.rule(
         KUBE_FORWARD,
         format_args!(
             "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         ),
     );
-    rs
+    (filter, nat)
+}
+
+/// Rules a root chain has after its bucket jumps: nat `KUBE-SERVICES` ends with the jump to
+/// `KUBE-NODEPORTS`, which must stay its last rule.
+pub fn root_tail(root: Root, cfg: &RenderConfig) -> Vec<String> {
+    if root != Root::NatServices {
+        return Vec::new();
+    }
+    let np_comment =
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    match &cfg.nodeport_ips {
+        None => vec![format!(
+            "{np_comment} -m addrtype --dst-type LOCAL ! -d {} -j {KUBE_NODEPORTS}",
+            cfg.loopback()
+        )],
+        Some(ips) => ips
+            .iter()
+            .filter(|ip| cfg.family.contains(ip) && !ip.is_loopback())
+            .map(|ip| format!("{np_comment} -d {ip} -j {KUBE_NODEPORTS}"))
+            .collect(),
+    }
+}
+
+/// Everything one Service owns, for every port it has in this engine's family.
+pub fn render_service(state: &State, cfg: &RenderConfig, key: &ServiceKey) -> ServiceRules {
+    let mut out = ServiceRules::default();
+    let node = NodeView {
+        name: &cfg.node_name,
+        zone: state.node().zone.as_deref(),
+    };
+    for sp in state.service_ports_of(key) {
+        render_service_port(&mut out, state, cfg, node, &sp);
+    }
+    out
+}
+
+/// The complete ruleset for `state` (what a full sync writes).
+pub fn render(state: &State, cfg: &RenderConfig) -> Ruleset {
+    super::writer::Writer::default().full_ruleset(state, cfg)
 }
 
 fn render_service_port(
-    rs: &mut Ruleset,
+    out: &mut ServiceRules,
     state: &State,
     cfg: &RenderConfig,
     node: NodeView<'_>,
@@ -212,7 +271,7 @@ fn render_service_port(
     let Some(cluster_ip) = sp.cluster_ip else {
         return;
     };
-    rs.service_ports += 1;
+    out.counts.service_ports += 1;
     let name = sp.name.to_string();
     let chains = ServiceChains::new(&sp.name);
     let p = proto(sp.name.protocol);
@@ -226,7 +285,7 @@ fn render_service_port(
         externally_accessible: sp.externally_accessible(),
     };
     let cat = categorize(&endpoints, policies, node);
-    rs.endpoints += cat.all_reachable.len();
+    out.counts.endpoints += cat.all_reachable.len();
 
     let uses_cluster_chain = !cat.cluster.is_empty() && policies.uses_cluster();
     let uses_local_chain = !cat.local.is_empty() && policies.uses_local();
@@ -258,25 +317,23 @@ fn render_service_port(
     } else {
         let c = format!("{name} has no local endpoints");
         if !has_internal {
-            rs.no_local_internal += 1;
+            out.counts.no_local_internal += 1;
         }
         if !has_external {
-            rs.no_local_external += 1;
+            out.counts.no_local_external += 1;
         }
         ("DROP", c.clone(), "DROP", c)
     };
 
     // The cluster IP.
     if has_internal {
-        rs.nat.rule(
-            KUBE_SERVICES,
+        out.entry(Root::NatServices, Key::Addr(cluster_ip),
             format_args!(
                 "-m comment --comment \"{name} cluster IP\" {p} -d {cluster_ip} --dport {port} -j {internal_chain}"
             ),
         );
     } else {
-        rs.filter.rule(
-            KUBE_SERVICES,
+        out.entry(Root::FilterServices, Key::Addr(cluster_ip),
             format_args!(
                 "-m comment --comment \"{int_comment}\" {p} -d {cluster_ip} --dport {port} -j {int_target}"
             ),
@@ -286,8 +343,9 @@ fn render_service_port(
     // External IPs.
     for ip in &sp.external_ips {
         if has_endpoints {
-            rs.nat.rule(
-                KUBE_SERVICES,
+            out.entry(
+                Root::NatServices,
+                Key::Addr(*ip),
                 format_args!(
                     "-m comment --comment \"{name} external IP\" {p} -d {ip} --dport {port} -j {}",
                     chains.external
@@ -295,8 +353,7 @@ fn render_service_port(
             );
         }
         if !has_external {
-            rs.filter.rule(
-                KUBE_EXTERNAL_SERVICES,
+            out.entry(Root::FilterExternal, Key::Addr(*ip),
                 format_args!(
                     "-m comment --comment \"{ext_comment}\" {p} -d {ip} --dport {port} -j {ext_target}"
                 ),
@@ -307,16 +364,14 @@ fn render_service_port(
     // Load-balancer ingress IPs.
     for ip in &sp.load_balancer_ips {
         if has_endpoints {
-            rs.nat.rule(
-                KUBE_SERVICES,
+            out.entry(Root::NatServices, Key::Addr(*ip),
                 format_args!(
                     "-m comment --comment \"{name} loadbalancer IP\" {p} -d {ip} --dport {port} -j {lb_chain}"
                 ),
             );
         }
         if uses_fw_chain {
-            rs.filter.rule(
-                KUBE_PROXY_FIREWALL,
+            out.entry(Root::FilterFirewall, Key::Addr(*ip),
                 format_args!(
                     "-m comment --comment \"{name} traffic not accepted by {}\" {p} -d {ip} --dport {port} -j DROP",
                     chains.firewall
@@ -326,8 +381,7 @@ fn render_service_port(
     }
     if !has_external {
         for ip in &sp.load_balancer_ips {
-            rs.filter.rule(
-                KUBE_EXTERNAL_SERVICES,
+            out.entry(Root::FilterExternal, Key::Addr(*ip),
                 format_args!(
                     "-m comment --comment \"{ext_comment}\" {p} -d {ip} --dport {port} -j {ext_target}"
                 ),
@@ -339,8 +393,9 @@ fn render_service_port(
     let node_port = sp.port.node_port;
     if node_port != 0 {
         if has_endpoints {
-            rs.nat.rule(
-                KUBE_NODEPORTS,
+            out.entry(
+                Root::NatNodePorts,
+                Key::Port(sp.name.protocol, node_port),
                 format_args!(
                     "-m comment --comment {name} {p} --dport {node_port} -j {}",
                     chains.external
@@ -348,8 +403,7 @@ fn render_service_port(
             );
         }
         if !has_external {
-            rs.filter.rule(
-                KUBE_EXTERNAL_SERVICES,
+            out.entry(Root::FilterExternal, Key::Port(sp.name.protocol, node_port),
                 format_args!(
                     "-m comment --comment \"{ext_comment}\" -m addrtype --dst-type LOCAL {p} --dport {node_port} -j {ext_target}"
                 ),
@@ -360,8 +414,7 @@ fn render_service_port(
     // Health-check NodePort: accepted whether or not there are local endpoints, for hosts with
     // restrictive firewalls.
     if svc.health_check_node_port != 0 {
-        rs.filter.rule(
-            KUBE_NODEPORTS,
+        out.entry(Root::FilterNodePorts, Key::Port(Protocol::Tcp, svc.health_check_node_port),
             format_args!(
                 "-m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {} -j ACCEPT",
                 svc.health_check_node_port
@@ -376,12 +429,12 @@ fn render_service_port(
             "-m comment --comment \"{name} cluster IP\" {p} -d {cluster_ip} --dport {port}"
         );
         if cfg.masquerade_all {
-            rs.nat.rule(
+            out.nat.rule(
                 internal_chain,
                 format_args!("{masq_args} -j {KUBE_MARK_MASQ}"),
             );
         } else if let Some(cidr) = cfg.local_cidr() {
-            rs.nat.rule(
+            out.nat.rule(
                 internal_chain,
                 format_args!("{masq_args} ! -s {cidr} -j {KUBE_MARK_MASQ}"),
             );
@@ -390,11 +443,11 @@ fn render_service_port(
 
     // External destinations.
     if uses_external_chain {
-        rs.nat.chain(&chains.external);
+        out.nat.chain(&chains.external);
         let ext = &chains.external;
         if !policies.external_local {
             // Cluster policy may cross nodes: masquerade so replies come back through us.
-            rs.nat.rule(
+            out.nat.rule(
                 ext,
                 format_args!(
                     "-m comment --comment \"masquerade traffic for {name} external destinations\" -j {KUBE_MARK_MASQ}"
@@ -405,7 +458,7 @@ fn render_service_port(
             // behave as if they went out to a load balancer and came back: pods (not subject to
             // the policy at all) and the node itself (its source would be the external address).
             if let Some(cidr) = cfg.local_cidr() {
-                rs.nat.rule(
+                out.nat.rule(
                     ext,
                     format_args!(
                         "-m comment --comment \"pod traffic for {name} external destinations\" -s {cidr} -j {}",
@@ -413,13 +466,13 @@ fn render_service_port(
                     ),
                 );
             }
-            rs.nat.rule(
+            out.nat.rule(
                 ext,
                 format_args!(
                     "-m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
                 ),
             );
-            rs.nat.rule(
+            out.nat.rule(
                 ext,
                 format_args!(
                     "-m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}",
@@ -428,7 +481,8 @@ fn render_service_port(
             );
         }
         if has_external {
-            rs.nat.rule(ext, format_args!("-j {external_policy_chain}"));
+            out.nat
+                .rule(ext, format_args!("-j {external_policy_chain}"));
         }
     }
 
@@ -436,9 +490,9 @@ fn render_service_port(
     // through un-DNATed and are dropped by KUBE-PROXY-FIREWALL.
     if uses_fw_chain {
         let fw = &chains.firewall;
-        rs.nat.chain(fw);
+        out.nat.chain(fw);
         for cidr in &sp.source_ranges {
-            rs.nat.rule(
+            out.nat.rule(
                 fw,
                 format_args!(
                     "-m comment --comment \"{name} loadbalancer IP\" -s {cidr} -j {}",
@@ -446,7 +500,7 @@ fn render_service_port(
                 ),
             );
         }
-        rs.nat.rule(
+        out.nat.rule(
             fw,
             format_args!(
                 "-m comment --comment \"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL\""
@@ -456,7 +510,7 @@ fn render_service_port(
 
     if uses_cluster_chain {
         write_policy_chain(
-            rs,
+            out,
             &name,
             &chains.cluster,
             &sp.name,
@@ -466,7 +520,7 @@ fn render_service_port(
     }
     if uses_local_chain {
         write_policy_chain(
-            rs,
+            out,
             &name,
             &chains.local,
             &sp.name,
@@ -478,10 +532,10 @@ fn render_service_port(
     // Endpoint chains.
     for ep in &cat.all_reachable {
         let chain = endpoint_chain(&sp.name, ep);
-        rs.nat.chain(&chain);
+        out.nat.chain(&chain);
         // Hairpin: an endpoint reaching itself through the service must be masqueraded, or it
         // would answer itself directly and the client side would never see the reply.
-        rs.nat.rule(
+        out.nat.rule(
             &chain,
             format_args!(
                 "-m comment --comment {name} -s {} -j {KUBE_MARK_MASQ}",
@@ -493,7 +547,7 @@ fn render_service_port(
         } else {
             String::new()
         };
-        rs.nat.rule(
+        out.nat.rule(
             &chain,
             format_args!(
                 "-m comment --comment {name}{affinity} {p} -j DNAT --to-destination {}",
@@ -504,18 +558,18 @@ fn render_service_port(
 }
 
 fn write_policy_chain(
-    rs: &mut Ruleset,
+    out: &mut ServiceRules,
     name: &str,
     chain: &str,
     spn: &crate::model::ServicePortName,
     endpoints: &[&crate::model::Endpoint],
     affinity_timeout: Option<u32>,
 ) {
-    rs.nat.chain(chain);
+    out.nat.chain(chain);
     if let Some(timeout) = affinity_timeout {
         for ep in endpoints {
             let ep_chain = endpoint_chain(spn, ep);
-            rs.nat.rule(
+            out.nat.rule(
                 chain,
                 format_args!(
                     "-m comment --comment \"{name} -> {}\" -m recent --name {ep_chain} --rcheck --seconds {timeout} --reap -j {ep_chain}",
@@ -529,7 +583,7 @@ fn write_policy_chain(
         let ep_chain = endpoint_chain(spn, ep);
         let dest = join_host_port(&ep.ip, ep.port.get());
         if i + 1 < n {
-            rs.nat.rule(
+            out.nat.rule(
                 chain,
                 format_args!(
                     "-m comment --comment \"{name} -> {dest}\" -m statistic --mode random --probability {} -j {ep_chain}",
@@ -537,7 +591,7 @@ fn write_policy_chain(
                 ),
             );
         } else {
-            rs.nat.rule(
+            out.nat.rule(
                 chain,
                 format_args!("-m comment --comment \"{name} -> {dest}\" -j {ep_chain}"),
             );
@@ -594,6 +648,24 @@ mod tests {
             .collect()
     }
 
+    /// The rules reachable from a shared chain through its bucket chains, leaves inlined.
+    fn dispatched<'a>(t: &'a Table, chain: &str) -> Vec<&'a str> {
+        let mut out = Vec::new();
+        for r in rules_of(t, chain) {
+            match r.split("-j ").nth(1) {
+                Some(target)
+                    if super::super::dispatch::BUCKET_PREFIXES
+                        .iter()
+                        .any(|p| target.starts_with(p)) =>
+                {
+                    out.extend(dispatched(t, target))
+                }
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
     fn chain_with(t: &Table, prefix: &str) -> String {
         t.chains
             .iter()
@@ -625,7 +697,7 @@ mod tests {
         // The last endpoint is an unconditional jump.
         assert!(rules.last().unwrap().contains("-j KUBE-SEP-"));
         assert!(!rules.last().unwrap().contains("statistic"));
-        assert_eq!(rs.endpoints, 4);
+        assert_eq!(rs.counts.endpoints, 4);
     }
 
     #[test]
@@ -656,16 +728,16 @@ mod tests {
     fn no_endpoints_rejects_and_writes_no_nat_rules() {
         let st = state("", &[]);
         let rs = render(&st, &cfg());
-        let filter_services = rules_of(&rs.filter, KUBE_SERVICES);
+        let filter_services = dispatched(&rs.filter, KUBE_SERVICES);
         assert_eq!(filter_services.len(), 1);
         assert!(filter_services[0].contains("\"ns/svc:p has no endpoints\""));
         assert!(filter_services[0].ends_with("-d 172.30.0.1 --dport 80 -j REJECT"));
-        let ext = rules_of(&rs.filter, KUBE_EXTERNAL_SERVICES);
+        let ext = dispatched(&rs.filter, KUBE_EXTERNAL_SERVICES);
         assert!(ext[0].ends_with("--dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT"));
         assert!(!rs.nat.chains.iter().any(|c| is_service_chain(c)));
         // Not-ready endpoints are no endpoints.
         let rs = render(&state("", &[("10.1.0.1", "n", false)]), &cfg());
-        assert_eq!(rules_of(&rs.filter, KUBE_SERVICES).len(), 1);
+        assert_eq!(dispatched(&rs.filter, KUBE_SERVICES).len(), 1);
     }
 
     #[test]
@@ -673,14 +745,14 @@ mod tests {
         let st = state("", &[("10.1.0.1", "n", true)]);
         let rs = render(&st, &cfg());
         let ext = chain_with(&rs.nat, "KUBE-EXT-");
-        let np = rules_of(&rs.nat, KUBE_NODEPORTS);
+        let np = dispatched(&rs.nat, KUBE_NODEPORTS);
         assert_eq!(np.len(), 1);
         assert!(np[0].ends_with(&format!("--dport 30080 -j {ext}")));
         let ext_rules = rules_of(&rs.nat, &ext);
         assert!(ext_rules[0].ends_with("-j KUBE-MARK-MASQ"));
         assert!(ext_rules[1].starts_with("-j KUBE-SVC-"));
         // The NodePort dispatch stays the last rule of KUBE-SERVICES.
-        let services = rules_of(&rs.nat, KUBE_SERVICES);
+        let services = dispatched(&rs.nat, KUBE_SERVICES);
         assert!(services
             .last()
             .unwrap()
@@ -697,7 +769,7 @@ mod tests {
             "fd00::1".parse().unwrap(),
         ]);
         let rs = render(&st, &c);
-        let tail: Vec<&str> = rules_of(&rs.nat, KUBE_SERVICES)
+        let tail: Vec<&str> = dispatched(&rs.nat, KUBE_SERVICES)
             .into_iter()
             .filter(|r| r.contains("KUBE-NODEPORTS"))
             .collect();
@@ -730,8 +802,8 @@ mod tests {
             &[("10.1.0.2", "node-b", true)],
         );
         let rs = render(&st, &cfg());
-        assert_eq!(rs.no_local_external, 1);
-        let drop = rules_of(&rs.filter, KUBE_EXTERNAL_SERVICES);
+        assert_eq!(rs.counts.no_local_external, 1);
+        let drop = dispatched(&rs.filter, KUBE_EXTERNAL_SERVICES);
         assert!(drop[0].contains("has no local endpoints") && drop[0].ends_with("-j DROP"));
         // The external chain still exists for the short-circuits, without a policy jump.
         let ext = chain_with(&rs.nat, "KUBE-EXT-");
@@ -745,9 +817,9 @@ mod tests {
             &[("10.1.0.2", "node-b", true)],
         );
         let rs = render(&st, &cfg());
-        let f = rules_of(&rs.filter, KUBE_SERVICES);
+        let f = dispatched(&rs.filter, KUBE_SERVICES);
         assert!(f[0].contains("has no local endpoints") && f[0].ends_with("-j DROP"));
-        assert_eq!(rs.no_local_internal, 1);
+        assert_eq!(rs.counts.no_local_internal, 1);
     }
 
     #[test]

@@ -47,6 +47,10 @@ impl SyncReport {
         self.0.filter_rules
     }
     #[getter]
+    fn chains_written(&self) -> usize {
+        self.0.chains_written
+    }
+    #[getter]
     fn stale_chains_deleted(&self) -> usize {
         self.0.stale_chains_deleted
     }
@@ -125,6 +129,12 @@ impl Engine {
             self.lock().sync(cs, full)
         });
         result.map(SyncReport).map_err(to_py)
+    }
+
+    /// Whether our canary chains are all present (False: someone flushed our tables, so the
+    /// next sync should be full).
+    fn canary_intact(&self, py: Python<'_>) -> PyResult<bool> {
+        py.detach(|| self.lock().canary_intact()).map_err(to_py)
     }
 
     /// The complete iptables-restore input for the current state; nothing is applied.
