@@ -2,7 +2,7 @@
 
 from typing import final
 
-__all__ = ["Engine", "SyncReport", "cleanup_iptables", "version"]
+__all__ = ["Engine", "SyncReport", "Trace", "cleanup_iptables", "trace_iptables", "version"]
 
 @final
 class SyncReport:
@@ -47,5 +47,25 @@ class Engine:
     def render(self) -> str: ...
     def dump(self) -> str: ...
 
+@final
+class Trace:
+    @property
+    def dnat(self) -> list[str]: ...
+    @property
+    def verdict(self) -> str | None: ...
+    @property
+    def masquerade(self) -> bool: ...
+    @property
+    def matched(self) -> list[str]: ...
+
+def trace_iptables(
+    rules: str,
+    src: str,
+    dst: str,
+    protocol: str,
+    port: int,
+    origin: str = "external",
+    local_ips: list[str] = ...,
+) -> Trace: ...
 def cleanup_iptables(family: str) -> int: ...
 def version() -> str: ...

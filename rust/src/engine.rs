@@ -40,6 +40,10 @@ pub struct EngineConfig {
     pub nodeport_ips: Option<Vec<IpAddr>>,
     #[serde(default)]
     pub conntrack_tcp_be_liberal: bool,
+    /// The node's own addresses (loadBalancerSourceRanges that contain one also admit traffic
+    /// from the LB IP itself, as upstream).
+    #[serde(default)]
+    pub node_ips: Vec<IpAddr>,
     #[serde(default)]
     pub backend: BackendKind,
 }
@@ -70,6 +74,12 @@ impl EngineConfig {
             masquerade_mark: 1u32 << self.masquerade_bit,
             nodeport_ips: self.nodeport_ips.clone(),
             conntrack_tcp_be_liberal: self.conntrack_tcp_be_liberal,
+            node_ips: self
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| self.family.contains(ip))
+                .collect(),
         }
     }
 }

@@ -60,7 +60,9 @@ def test_first_sync_is_full_and_writes_the_service() -> None:
     assert "--to-destination 10.180.0.1:80" in dump
     assert "--to-destination 10.180.0.2:80" in dump
     # Jump rules from the built-in chains exist after a full sync.
-    assert '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in dump
+    assert (
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in dump
+    )
 
 
 def test_a_sync_with_nothing_changed_writes_nothing() -> None:

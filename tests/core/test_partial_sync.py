@@ -17,7 +17,12 @@ NAMES = [ServiceKey("ns", f"s{i}") for i in range(6)]
 
 
 def engine() -> _core.Engine:
-    cfg = {"family": "IPv4", "node_name": "node-a", "cluster_cidrs": ["10.0.0.0/8"], "backend": "fake"}
+    cfg = {
+        "family": "IPv4",
+        "node_name": "node-a",
+        "cluster_cidrs": ["10.0.0.0/8"],
+        "backend": "fake",
+    }
     return _core.Engine(json.dumps(cfg))
 
 

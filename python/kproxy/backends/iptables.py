@@ -43,6 +43,7 @@ def engine_config(
         "masquerade_bit": cfg.masquerade_bit,
         "nodeport_ips": nodeport_ips,
         "conntrack_tcp_be_liberal": liberal,
+        "node_ips": list(node.addresses) if node is not None else [],
         "backend": backend,
     }
 

@@ -34,6 +34,8 @@ pub struct RenderConfig {
     pub nodeport_ips: Option<Vec<IpAddr>>,
     /// Skip the conntrack INVALID drop because `nf_conntrack_tcp_be_liberal` is set.
     pub conntrack_tcp_be_liberal: bool,
+    /// The node's addresses of this family.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl RenderConfig {
@@ -500,6 +502,23 @@ fn render_service_port(
                 ),
             );
         }
+        // A node reaching its own LB IP may see that IP as the source (the VIP is often a
+        // local address): allow it when a range admits the node.
+        if sp
+            .source_ranges
+            .iter()
+            .any(|r| cfg.node_ips.iter().any(|ip| r.contains(ip)))
+        {
+            for ip in &sp.load_balancer_ips {
+                out.nat.rule(
+                    fw,
+                    format_args!(
+                        "-m comment --comment \"{name} loadbalancer IP\" -s {ip} -j {}",
+                        chains.external
+                    ),
+                );
+            }
+        }
         out.nat.rule(
             fw,
             format_args!(
@@ -613,6 +632,7 @@ mod tests {
             masquerade_mark: 0x4000,
             nodeport_ips: None,
             conntrack_tcp_be_liberal: false,
+            node_ips: vec!["192.168.0.2".parse().unwrap()],
         }
     }
 

@@ -1115,6 +1115,7 @@ mod tests {
             masquerade_mark: 0x4000,
             nodeport_ips: None,
             conntrack_tcp_be_liberal: false,
+            node_ips: Vec::new(),
         }
     }
 

@@ -6,7 +6,7 @@
 mod errors;
 
 use crate::engine::{self, EngineConfig, SyncReport as CoreReport};
-use crate::iptables;
+use crate::iptables::{self, trace};
 use crate::model::{ChangeSet, IpFamily};
 use errors::to_py;
 use pyo3::prelude::*;
@@ -148,6 +148,108 @@ impl Engine {
     }
 }
 
+/// Where the first packet of a connection goes through a set of iptables rules.
+#[pyclass(frozen, module = "kproxy._core", name = "Trace")]
+pub struct Trace(trace::Trace);
+
+#[pymethods]
+impl Trace {
+    /// Every DNAT target some path reaches (`ip:port`), in rule order.
+    #[getter]
+    fn dnat(&self) -> Vec<String> {
+        self.0.dnat.clone()
+    }
+    /// "ACCEPT", "DROP", "REJECT", or None when no filter rule decided.
+    #[getter]
+    fn verdict(&self) -> Option<&'static str> {
+        self.0.verdict.map(|v| match v {
+            trace::Verdict::Accept => "ACCEPT",
+            trace::Verdict::Drop => "DROP",
+            trace::Verdict::Reject => "REJECT",
+        })
+    }
+    #[getter]
+    fn masquerade(&self) -> bool {
+        self.0.masquerade
+    }
+    /// The rules that matched, as `table/CHAIN: rule`, in walk order.
+    #[getter]
+    fn matched(&self) -> Vec<String> {
+        self.0.matched.clone()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Trace(dnat={:?}, verdict={:?}, masquerade={})",
+            self.0.dnat,
+            self.verdict(),
+            self.0.masquerade
+        )
+    }
+}
+
+fn parse_ip(what: &str, s: &str) -> Result<std::net::IpAddr, crate::error::Error> {
+    s.parse().map_err(|_| {
+        crate::error::Error::InvalidInput(format!("{what}: {s:?} is not an IP address"))
+    })
+}
+
+/// Trace the first packet of a connection through iptables rules (`iptables-save` output or
+/// kproxy's restore text). `origin` is "external" (arrives from the network or a pod) or
+/// "local" (sent by the node itself); `local_ips` are the node's addresses.
+#[pyfunction]
+#[pyo3(signature = (rules, src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
+#[allow(clippy::too_many_arguments)]
+fn trace_iptables(
+    py: Python<'_>,
+    rules: &str,
+    src: &str,
+    dst: &str,
+    protocol: &str,
+    port: u16,
+    origin: &str,
+    local_ips: Vec<String>,
+) -> PyResult<Trace> {
+    use crate::error::Error;
+    use crate::model::Protocol;
+    let build = || -> Result<(trace::Packet, trace::NodeFacts), Error> {
+        let protocol = match protocol.to_ascii_uppercase().as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "protocol {other:?} is not TCP, UDP or SCTP"
+                )))
+            }
+        };
+        let origin = match origin {
+            "external" => trace::Origin::External,
+            "local" => trace::Origin::Local,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "origin {other:?} is not external or local"
+                )))
+            }
+        };
+        let packet = trace::Packet {
+            src: parse_ip("src", src)?,
+            dst: parse_ip("dst", dst)?,
+            protocol,
+            dport: port,
+            origin,
+        };
+        let local_ips = local_ips
+            .iter()
+            .map(|s| parse_ip("local_ips", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((packet, trace::NodeFacts { local_ips }))
+    };
+    let (packet, node) = build().map_err(to_py)?;
+    let result =
+        py.detach(|| trace::Ruleset::parse(rules).map(|rs| trace::trace(&rs, &packet, &node)));
+    result.map(Trace).map_err(to_py)
+}
+
 /// Remove every iptables chain and jump rule kproxy creates in one family. Returns the number
 /// of chains removed.
 #[pyfunction]
@@ -175,6 +277,8 @@ fn version() -> &'static str {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<SyncReport>()?;
+    m.add_class::<Trace>()?;
+    m.add_function(wrap_pyfunction!(trace_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())
