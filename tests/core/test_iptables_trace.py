@@ -55,7 +55,7 @@ def endpoints(
     eps = []
     for spec in specs:
         ip, node = spec[0], spec[1]
-        cond: dict[str, bool] = spec[2] if len(spec) > 2 else {}  # type: ignore[misc]
+        cond: dict[str, bool] = spec[2] if len(spec) > 2 else {}
         eps.append(
             k.endpoint(
                 ip,
