@@ -18,6 +18,7 @@ Ratios are the headline; absolute times belong to this machine.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -50,16 +51,27 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+CLONE_NEWNET = 0x40000000
+# The namespace the benchmark started in, to come back to after each measurement.
+HOST_NS = os.open("/proc/self/ns/net", os.O_RDONLY)
+
+
+def _setns(fd: int) -> None:
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
 def enter(ns: str) -> None:
     """Move this thread (the only one doing kernel work here) into ``ns``."""
-    import ctypes
-
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
+        _setns(fd)
     finally:
         os.close(fd)
+
+
+def enter_host() -> None:
+    _setns(HOST_NS)
 
 
 def cluster(n: int, eps: int) -> ChangeSet:
@@ -69,8 +81,16 @@ def cluster(n: int, eps: int) -> ChangeSet:
         key = ServiceKey(f"ns{i % 50}", f"svc{i}")
         ip = f"172.{16 + i // 65536}.{(i // 256) % 256}.{i % 256}"
         services[key] = Service(key, (PortSpec("http", "TCP", 80),), cluster_ips=(ip,))
-        e = tuple(Endpoint(f"10.{(i * eps + j) // 65536 % 256}.{(i * eps + j) // 256 % 256}.{(i * eps + j) % 256}", node_name="n") for j in range(eps))
-        sl = EndpointSlice(key.namespace, f"svc{i}-x", key, "IPv4", (SlicePort("http", "TCP", 8080),), e)
+        e = tuple(
+            Endpoint(
+                f"10.{(i * eps + j) // 65536 % 256}.{(i * eps + j) // 256 % 256}.{(i * eps + j) % 256}",
+                node_name="n",
+            )
+            for j in range(eps)
+        )
+        sl = EndpointSlice(
+            key.namespace, f"svc{i}-x", key, "IPv4", (SlicePort("http", "TCP", 8080),), e
+        )
         endpoints[key] = merge_slices([sl])
     return ChangeSet(services, endpoints)
 
@@ -143,10 +163,20 @@ def bench(n: int, eps: int) -> dict[str, Any]:
         data = cs.to_json()
         t = time.perf_counter()
         full = engine.sync(data, full=True)
-        res["kproxy_full"] = {"render": full.render_seconds, "apply": full.apply_seconds, "end_to_end": time.perf_counter() - t, "bytes": full.bytes}
+        res["kproxy_full"] = {
+            "render": full.render_seconds,
+            "apply": full.apply_seconds,
+            "end_to_end": time.perf_counter() - t,
+            "bytes": full.bytes,
+        }
         t = time.perf_counter()
         part = engine.sync(change.to_json())
-        res["kproxy_one_service"] = {"render": part.render_seconds, "apply": part.apply_seconds, "end_to_end": time.perf_counter() - t, "bytes": part.bytes}
+        res["kproxy_one_service"] = {
+            "render": part.render_seconds,
+            "apply": part.apply_seconds,
+            "end_to_end": time.perf_counter() - t,
+            "bytes": part.bytes,
+        }
         rendered = engine.render()
         enter_host()
     tables_before = parse(rendered)
@@ -156,53 +186,76 @@ def bench(n: int, eps: int) -> dict[str, Any]:
         res["upstream_full"] = {"apply": restore(text), "bytes": len(text)}
         # What upstream writes when that service's endpoints move: the shared chains whole
         # plus the service's own chains (old endpoint chains deleted).
-        e2 = _core.Engine(json.dumps({"family": "IPv4", "node_name": "n", "cluster_cidrs": ["10.0.0.0/8"], "backend": "fake"}))
+        e2 = _core.Engine(
+            json.dumps(
+                {
+                    "family": "IPv4",
+                    "node_name": "n",
+                    "cluster_cidrs": ["10.0.0.0/8"],
+                    "backend": "fake",
+                }
+            )
+        )
         e2.sync(cs.to_json(), full=True)
         e2.sync(change.to_json())
         after = parse(e2.render())
         changed_key = next(iter(change.endpoints))
-        own = {c for t in after.values() for c, rules in t.items() if any(f'"{changed_key.namespace}/{changed_key.name}' in r or f" {changed_key.namespace}/{changed_key.name}" in r for r in rules)}
-        stale = {c for t in tables_before.values() for c in t if c.startswith("KUBE-SEP-") and c not in after["nat"]}
+        own = {
+            c
+            for t in after.values()
+            for c, rules in t.items()
+            if any(
+                f'"{changed_key.namespace}/{changed_key.name}' in r
+                or f" {changed_key.namespace}/{changed_key.name}" in r
+                for r in rules
+            )
+        }
+        stale = {
+            c
+            for t in tables_before.values()
+            for c in t
+            if c.startswith("KUBE-SEP-") and c not in after["nat"]
+        }
         ptext = upstream_text(after, own)
         ptext = ptext.replace("COMMIT\n", "", 1)  # filter section first; append deletions to nat
-        ptext = ptext.replace("*nat\n", "COMMIT\n*nat\n" + "".join(f":{c} - [0:0]\n" for c in stale), 1)
-        ptext = ptext.rstrip("COMMIT\n") + "\n" + "".join(f"-X {c}\n" for c in stale) + "COMMIT\n"
+        ptext = ptext.replace(
+            "*nat\n", "COMMIT\n*nat\n" + "".join(f":{c} - [0:0]\n" for c in stale), 1
+        )
+        ptext = ptext.removesuffix("COMMIT\n") + "".join(f"-X {c}\n" for c in stale) + "COMMIT\n"
         res["upstream_one_service"] = {"apply": restore(ptext), "bytes": len(ptext)}
         enter_host()
     return res
 
 
-_HOST_NS: int | None = None
-
-
-def enter_host() -> None:
-    import ctypes
-
-    assert _HOST_NS is not None
-    if ctypes.CDLL(None, use_errno=True).setns(_HOST_NS, 0x40000000) != 0:
-        raise OSError(ctypes.get_errno(), "setns back")
-
-
 def main() -> int:
-    global _HOST_NS
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1000x10,10000x10,30000x4")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    _HOST_NS = os.open("/proc/self/ns/net", os.O_RDONLY)
     results = []
     for shape in args.shapes.split(","):
         n, e = (int(x) for x in shape.split("x"))
         r = bench(n, e)
         results.append(r)
-        kf, ko, uf, uo = r["kproxy_full"], r["kproxy_one_service"], r["upstream_full"], r["upstream_one_service"]
+        kf, ko, uf, uo = (
+            r["kproxy_full"],
+            r["kproxy_one_service"],
+            r["upstream_full"],
+            r["upstream_one_service"],
+        )
         print(f"\n{n} services x {e} endpoints")
-        print(f"  full sync      kproxy: render {kf['render']:.3f}s + restore {kf['apply']:.3f}s (end to end {kf['end_to_end']:.3f}s, {kf['bytes'] / 1e6:.1f} MB); "
-              f"upstream shape restore {uf['apply']:.3f}s ({uf['bytes'] / 1e6:.1f} MB)")
+        print(
+            f"  full sync      kproxy: render {kf['render']:.3f}s + restore {kf['apply']:.3f}s (end to end {kf['end_to_end']:.3f}s, {kf['bytes'] / 1e6:.1f} MB); "
+            f"upstream shape restore {uf['apply']:.3f}s ({uf['bytes'] / 1e6:.1f} MB)"
+        )
         print(f"                 generation / restore = {kf['render'] / kf['apply']:.1%}")
-        print(f"  one service    kproxy: render {ko['render'] * 1e3:.1f}ms + restore {ko['apply'] * 1e3:.1f}ms = end to end {ko['end_to_end'] * 1e3:.1f}ms ({ko['bytes']} B); "
-              f"upstream shape restore {uo['apply'] * 1e3:.1f}ms ({uo['bytes'] / 1e6:.2f} MB)  -> {uo['apply'] / ko['end_to_end']:.0f}x faster")
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}, {subprocess.run(['iptables', '--version'], capture_output=True, text=True).stdout.strip()}")
+        print(
+            f"  one service    kproxy: render {ko['render'] * 1e3:.1f}ms + restore {ko['apply'] * 1e3:.1f}ms = end to end {ko['end_to_end'] * 1e3:.1f}ms ({ko['bytes']} B); "
+            f"upstream shape restore {uo['apply'] * 1e3:.1f}ms ({uo['bytes'] / 1e6:.2f} MB)  -> {uo['apply'] / ko['end_to_end']:.0f}x faster"
+        )
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}, {subprocess.run(['iptables', '--version'], capture_output=True, text=True, check=False).stdout.strip()}"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
