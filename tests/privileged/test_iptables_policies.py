@@ -1,0 +1,138 @@
+"""Traffic types and policies with real packets (iptables mode): source-IP preservation under
+externalTrafficPolicy Local, internalTrafficPolicy Local, session affinity, REJECT vs DROP,
+loadBalancerSourceRanges, externalIPs and dual-stack.
+
+pod1 (10.244.1.2) runs on this node (node-a); pod2 and pod3 on node-b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import k8sobjects as k
+from tests.netlab import netlab_unavailable_reason
+from tests.privileged.harness import (
+    ECHO_IP,
+    NODE_PORT_TCP,
+    ProxyLab,
+    echo_service,
+    echo_slice,
+    proxy_lab,
+)
+
+pytestmark = pytest.mark.privileged
+
+PODS = ("10.244.1.2", "10.244.2.2", "10.244.3.2")
+LB_IP = "10.96.200.1"
+EXTERNAL_IP = "10.96.150.1"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[ProxyLab]:
+    reason = netlab_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"netlab unavailable: {reason}")
+    with proxy_lab(tmp_path) as pl:
+        yield pl
+
+
+def run(lab: ProxyLab, svc: dict[str, Any], ips: tuple[str, ...] = PODS, *extra: str) -> None:
+    lab.put(svc)
+    lab.put(echo_slice(list(ips)))
+    lab.start_daemon(*extra)
+    lab.wait_synced()
+
+
+def servers(src: Any, ip: str, port: int, count: int = 20) -> list[Any]:
+    results = src.tcp_probe_many(ip, port, count, timeout=1.0)
+    return list(results)
+
+
+def test_external_local_preserves_the_client_address_and_uses_local_endpoints(
+    lab: ProxyLab,
+) -> None:
+    run(lab, echo_service(externalTrafficPolicy="Local", externalIPs=[EXTERNAL_IP]))
+    ext = lab.lab.client("ext")
+    for dst, port in ((lab.lab.node_ip, NODE_PORT_TCP), (EXTERNAL_IP, 80)):
+        results = servers(ext, dst, port)
+        assert all(r.ok for r in results), results[:2]
+        assert {r.server for r in results} == {"pod1"}
+        assert {r.peer for r in results} == {ext.ip}, "the client's address must be preserved"
+    # Pods are not subject to the external policy: every endpoint, no masquerade.
+    client = lab.lab.pod("client")
+    results = servers(client, lab.lab.node_ip, NODE_PORT_TCP, 30)
+    assert {r.server for r in results} == {"pod1", "pod2", "pod3"}
+    # The cluster IP ignores the external policy.
+    assert {r.server for r in servers(client, ECHO_IP, 80, 30)} == {"pod1", "pod2", "pod3"}
+
+
+def test_external_local_without_local_endpoints_drops_outside_traffic(lab: ProxyLab) -> None:
+    run(lab, echo_service(externalTrafficPolicy="Local"), ("10.244.2.2", "10.244.3.2"))
+    r = lab.lab.client("ext").tcp_probe(lab.lab.node_ip, NODE_PORT_TCP, timeout=1.0)
+    assert r.error == "timeout", r  # DROP, not REJECT
+    from_pod = servers(lab.lab.pod("client"), lab.lab.node_ip, NODE_PORT_TCP, 10)
+    assert all(r.ok for r in from_pod) and {r.server for r in from_pod} <= {"pod2", "pod3"}
+
+
+def test_internal_local(lab: ProxyLab) -> None:
+    run(lab, echo_service(internalTrafficPolicy="Local"))
+    client = lab.lab.pod("client")
+    assert {r.server for r in servers(client, ECHO_IP, 80)} == {"pod1"}
+    lab.put(echo_slice(["10.244.2.2"]))
+    lab.wait(lambda: lab.dnat_targets() <= {"10.244.2.2:8080", "10.244.2.2:8081"}, 10, "update")
+    r = client.tcp_probe(ECHO_IP, 80, timeout=1.0)
+    assert r.error == "timeout", r  # no local endpoint: DROP
+
+
+def test_session_affinity_sticks_to_one_backend(lab: ProxyLab) -> None:
+    run(lab, echo_service(sessionAffinity="ClientIP"))
+    for src in (lab.lab.pod("client"), lab.lab.client("ext")):
+        results = servers(src, ECHO_IP, 80, 25)
+        assert all(r.ok for r in results)
+        assert len({r.server for r in results}) == 1, {r.server for r in results}
+    # Without affinity the same client is spread (the control for the assertion above).
+    lab.put(echo_service())
+    lab.wait(lambda: "recent" not in lab.nat(), 10, "affinity rules gone")
+    assert len({r.server for r in servers(lab.lab.pod("client"), ECHO_IP, 80, 30)}) > 1
+
+
+def test_load_balancer_source_ranges(lab: ProxyLab) -> None:
+    blocked = lab.lab.add_client("ext2")
+    svc = echo_service(loadBalancerSourceRanges=["192.168.101.0/24"])
+    svc["spec"]["type"] = "LoadBalancer"
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+    run(lab, svc)
+    allowed = lab.lab.client("ext")
+    assert all(r.ok for r in servers(allowed, LB_IP, 80, 5))
+    r = blocked.tcp_probe(LB_IP, 80, timeout=1.0)
+    assert r.error == "timeout", r
+    # NodePorts are not subject to the ranges.
+    assert blocked.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
+
+
+def test_dual_stack(lab: ProxyLab) -> None:
+    svc = echo_service(ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+    svc["spec"]["clusterIPs"] = [ECHO_IP, "fd00:10:96::10"]
+    lab.put(svc)
+    lab.put(echo_slice(list(PODS)))
+    v6 = echo_slice([], name="echo-v6")
+    v6["addressType"] = "IPv6"
+    v6["endpoints"] = [
+        k.endpoint(f"fd00:10:244:{i}::2", node="node-a" if i == 1 else "node-b") for i in (1, 2, 3)
+    ]
+    lab.put(v6)
+    lab.start_daemon("--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48")
+    lab.wait_synced()
+    client = lab.lab.pod("client")
+    for ip in (ECHO_IP, "fd00:10:96::10"):
+        results = servers(client, ip, 80, 30)
+        assert all(r.ok for r in results), (ip, results[:2])
+        assert {r.server for r in results} == {"pod1", "pod2", "pod3"}, ip
+    assert {r.peer for r in servers(client, "fd00:10:96::10", 80, 3)} == {client.ip6}
+    # NodePort over IPv6 from outside.
+    ext = lab.lab.client("ext")
+    assert all(r.ok for r in servers(ext, lab.lab.node_ip6, NODE_PORT_TCP, 5))
