@@ -59,6 +59,12 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--bind-address", default=S)
     d.add_argument("--cluster-cidr", dest="cluster_cidrs", type=_comma_list, default=S)
     d.add_argument("--detect-local-mode", default=S)
+    d.add_argument("--pod-bridge-interface", default=S)
+    d.add_argument("--pod-interface-name-prefix", default=S)
+    d.add_argument(
+        "--iptables-localhost-nodeports", dest="localhost_nodeports", type=_bool, nargs="?",
+        const=True, default=S, metavar="BOOL",
+    )  # fmt: skip
     for flag in ("--min-sync-period", "--iptables-min-sync-period"):
         d.add_argument(flag, dest="min_sync_period", type=_duration_flag(flag), default=S)
     for flag in ("--sync-period", "--iptables-sync-period"):

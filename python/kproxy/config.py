@@ -24,7 +24,8 @@ KIND = "KubeProxyConfiguration"
 MODES = ("iptables", "nftables", "ipvs", "userspace")
 # The modes this build can run; the others are refused with a clear error.
 AVAILABLE_MODES = ("iptables",)
-DETECT_LOCAL_MODES = ("", "ClusterCIDR")
+DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
+_INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class ProxyConfig:
     bind_address: str = "0.0.0.0"
     cluster_cidrs: tuple[str, ...] = ()
     detect_local_mode: str = "ClusterCIDR"
+    pod_bridge_interface: str = ""
+    pod_interface_name_prefix: str = ""
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     config_sync_period: float = 900.0
@@ -45,6 +48,7 @@ class ProxyConfig:
     nodeport_addresses: tuple[str, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14
+    localhost_nodeports: bool = True
     conntrack_tcp_be_liberal: bool = False
     verbosity: int = 0
 
@@ -142,10 +146,18 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
     if cfg.mode not in AVAILABLE_MODES:
         raise ConfigError("--proxy-mode", f"mode {cfg.mode!r} is not available in this version yet")
     if cfg.detect_local_mode not in DETECT_LOCAL_MODES:
+        choices = ", ".join(m or '""' for m in DETECT_LOCAL_MODES)
         raise ConfigError(
-            "detectLocalMode",
-            f'{cfg.detect_local_mode!r} is not supported (one of ClusterCIDR, "")',
+            "--detect-local-mode", f"{cfg.detect_local_mode!r} is not one of {choices}"
         )
+    for flag, value, mode in (
+        ("--pod-bridge-interface", cfg.pod_bridge_interface, "BridgeInterface"),
+        ("--pod-interface-name-prefix", cfg.pod_interface_name_prefix, "InterfaceNamePrefix"),
+    ):
+        if value and not _INTERFACE.fullmatch(value):
+            raise ConfigError(flag, f"{value!r} is not an interface name")
+        if cfg.detect_local_mode == mode and not value:
+            raise ConfigError(flag, f"required with --detect-local-mode {mode}")
     cidrs = tuple(_cidr("--cluster-cidr", c) for c in cfg.cluster_cidrs if c.strip())
     families = [ipaddress.ip_network(c).version for c in cidrs]
     if len(cidrs) > 2 or len(set(families)) != len(families):
@@ -235,6 +247,12 @@ def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
         out["cluster_cidrs"] = tuple(c for c in v.split(",") if c.strip())
     if (v := _get(doc, "detectLocalMode", str)) is not None:
         out["detect_local_mode"] = v
+    if (v := _get(doc, "detectLocal.bridgeInterface", str)) is not None:
+        out["pod_bridge_interface"] = v
+    if (v := _get(doc, "detectLocal.interfaceNamePrefix", str)) is not None:
+        out["pod_interface_name_prefix"] = v
+    if (v := _get(doc, "iptables.localhostNodePorts", bool)) is not None:
+        out["localhost_nodeports"] = v
     for key, fname in (("healthzBindAddress", "healthz_bind_address"),
                        ("metricsBindAddress", "metrics_bind_address")):  # fmt: skip
         if (v := _get(doc, key, str)) is not None:

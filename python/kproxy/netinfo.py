@@ -56,3 +56,13 @@ def sysctl(name: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def set_sysctl(name: str, value: str) -> bool:
+    """Set a sysctl of this network namespace; False (and nothing raised) if it cannot be."""
+    try:
+        with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+            f.write(value)
+    except OSError:
+        return False
+    return True

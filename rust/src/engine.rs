@@ -4,6 +4,7 @@
 //! kernel, and return a small [`SyncReport`]. Rule text crosses back only on request.
 
 use crate::error::{Error, Result};
+use crate::iptables::render::LocalDetector;
 use crate::iptables::{self, chains, writer::Writer, Backend, RenderConfig};
 use crate::model::{ChangeSet, Cidr, IpFamily, ServiceKey};
 use crate::state::State;
@@ -29,8 +30,16 @@ pub enum BackendKind {
 pub struct EngineConfig {
     pub family: IpFamily,
     pub node_name: String,
+    /// Pod CIDRs (ClusterCIDR or NodeCIDR detection); the one of this engine's family is used.
     #[serde(default)]
     pub cluster_cidrs: Vec<Cidr>,
+    /// Pod traffic arrives on this interface (BridgeInterface), or on interfaces with this
+    /// prefix when it ends in `+` (InterfaceNamePrefix). Takes precedence over the CIDRs.
+    #[serde(default)]
+    pub local_interface: Option<String>,
+    /// NodePorts on 127.0.0.0/8 (IPv4 only; the caller sets route_localnet).
+    #[serde(default)]
+    pub localhost_nodeports: bool,
     #[serde(default)]
     pub masquerade_all: bool,
     #[serde(default = "default_masquerade_bit")]
@@ -56,6 +65,19 @@ impl EngineConfig {
     pub fn from_json(s: &str) -> Result<EngineConfig> {
         let cfg: EngineConfig = serde_json::from_str(s)
             .map_err(|e| Error::InvalidInput(format!("engine config: {e}")))?;
+        if let Some(i) = &cfg.local_interface {
+            let name = i.strip_suffix('+').unwrap_or(i);
+            let ok = !name.is_empty()
+                && name.len() <= 15
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !ok {
+                return Err(Error::InvalidInput(format!(
+                    "engine config: local_interface {i:?} is not an interface name"
+                )));
+            }
+        }
         if cfg.masquerade_bit > 31 {
             return Err(Error::InvalidInput(format!(
                 "engine config: masquerade_bit {} is not in 0..=31",
@@ -69,7 +91,17 @@ impl EngineConfig {
         RenderConfig {
             family: self.family,
             node_name: self.node_name.clone(),
-            cluster_cidrs: self.cluster_cidrs.clone(),
+            local: match (
+                &self.local_interface,
+                self.cluster_cidrs
+                    .iter()
+                    .find(|c| self.family.contains(&c.addr())),
+            ) {
+                (Some(i), _) => LocalDetector::Interface(i.clone()),
+                (None, Some(c)) => LocalDetector::Cidr(*c),
+                (None, None) => LocalDetector::None,
+            },
+            localhost_nodeports: self.localhost_nodeports,
             masquerade_all: self.masquerade_all,
             masquerade_mark: 1u32 << self.masquerade_bit,
             nodeport_ips: self.nodeport_ips.clone(),
@@ -195,6 +227,9 @@ impl Engine {
         }
         if full {
             self.backend.ensure_jumps(chains::JUMPS)?;
+            if self.render_config.localhost_nodeports && self.config.family == IpFamily::V4 {
+                self.backend.ensure_jumps(chains::FIREWALL_JUMPS)?;
+            }
         }
         report.apply_seconds = t1.elapsed().as_secs_f64();
 
@@ -239,6 +274,7 @@ impl Engine {
 /// built-in chains, then every chain of ours. Safe to run twice and on a clean node.
 pub fn cleanup(backend: &mut dyn Backend) -> Result<usize> {
     backend.remove_jumps(chains::JUMPS)?;
+    backend.remove_jumps(chains::FIREWALL_JUMPS)?;
     let mut removed = 0;
     let mut text = String::new();
     for table in ["mangle", "filter", "nat"] {
@@ -269,6 +305,17 @@ pub fn cleanup(backend: &mut dyn Backend) -> Result<usize> {
     }
     if !text.is_empty() {
         backend.restore(&text)?;
+    }
+    // KUBE-FIREWALL is shared with kubelet: delete it only when nothing references it any
+    // more. If something still does, this restore fails as a whole and changes nothing.
+    if backend.chain_exists("filter", chains::KUBE_FIREWALL)? {
+        let fw = chains::KUBE_FIREWALL;
+        if backend
+            .restore(&format!("*filter\n:{fw} - [0:0]\n-X {fw}\nCOMMIT\n"))
+            .is_ok()
+        {
+            removed += 1;
+        }
     }
     Ok(removed)
 }

@@ -132,6 +132,25 @@ oomScoreAdj: -999
 """
 
 
+def test_detect_local_modes(tmp_path: Path) -> None:
+    doc = (
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: veth\n"
+    )
+    cfg = build(load_file(write(tmp_path, doc), []), {})
+    assert cfg.detect_local_mode == "InterfaceNamePrefix"
+    assert cfg.pod_interface_name_prefix == "veth"
+    for flags, field in (
+        ({"detect_local_mode": "BridgeInterface"}, "--pod-bridge-interface"),
+        ({"detect_local_mode": "Bogus"}, "--detect-local-mode"),
+        ({"pod_interface_name_prefix": "a b"}, "--pod-interface-name-prefix"),
+        ({"pod_bridge_interface": "x" * 16}, "--pod-bridge-interface"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            build({}, flags)
+        assert info.value.field == field
+
+
 def test_load_full_file(tmp_path: Path) -> None:
     kubeconfig = write(tmp_path, "apiVersion: v1\nkind: Config\n", "kubeconfig")
     warnings: list[str] = []
@@ -149,6 +168,7 @@ def test_load_full_file(tmp_path: Path) -> None:
         "config_sync_period": 900.0,
         "masquerade_all": True,
         "masquerade_bit": 15,
+        "localhost_nodeports": True,
         "sync_period": 45.0,
         "min_sync_period": 0.5,
         "nodeport_addresses": ("primary", "192.168.0.0/16"),
@@ -326,7 +346,7 @@ def test_build_unknown_setting() -> None:
         ({"nodeport_addresses": ("Primary",)}, "--nodeport-addresses"),
         ({"bind_address": "0.0.0.0:80"}, "--bind-address"),
         ({"hostname_override": "  "}, "--hostname-override"),
-        ({"detect_local_mode": "NodeCIDR"}, "detectLocalMode"),
+        ({"detect_local_mode": "NodeCIDRs"}, "--detect-local-mode"),
         ({"manifests": "/nonexistent/kproxy-manifests"}, "--manifests"),
         ({"kubeconfig": "/nonexistent/kubeconfig"}, "--kubeconfig"),
     ],

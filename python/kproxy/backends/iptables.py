@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from kproxy import _core
 from kproxy.config import ProxyConfig
 from kproxy.errors import ApplyError
 from kproxy.model import Family, NodeInfo
-from kproxy.netinfo import addresses_in, local_addresses, sysctl
+from kproxy.netinfo import addresses_in, local_addresses, set_sysctl, sysctl
 from kproxy.tracker import ChangeSet
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,25 @@ def engine_config(
     liberal = (
         cfg.conntrack_tcp_be_liberal or sysctl("net.netfilter.nf_conntrack_tcp_be_liberal") == "1"
     )
+    local_cidrs: list[str] = []
+    interface: str | None = None
+    mode = cfg.detect_local_mode
+    if mode == "ClusterCIDR":
+        local_cidrs = list(cfg.cluster_cidrs)
+    elif mode == "NodeCIDR":
+        local_cidrs = list(node.pod_cidrs) if node is not None else []
+        if not local_cidrs:
+            log.warning("detect-local-mode NodeCIDR: the Node has no podCIDRs; detection is off")
+    elif mode == "BridgeInterface":
+        interface = cfg.pod_bridge_interface
+    elif mode == "InterfaceNamePrefix":
+        interface = cfg.pod_interface_name_prefix + "+"
     return {
         "family": family,
         "node_name": cfg.node_name,
-        "cluster_cidrs": list(cfg.cluster_cidrs),
+        "cluster_cidrs": local_cidrs,
+        "local_interface": interface,
+        "localhost_nodeports": cfg.localhost_nodeports and localhost_allowed(cfg),
         "masquerade_all": cfg.masquerade_all,
         "masquerade_bit": cfg.masquerade_bit,
         "nodeport_ips": nodeport_ips,
@@ -46,6 +62,16 @@ def engine_config(
         "node_ips": list(node.addresses) if node is not None else [],
         "backend": backend,
     }
+
+
+def localhost_allowed(cfg: ProxyConfig) -> bool:
+    """Whether nodePortAddresses admit loopback (unset means every address)."""
+    if not cfg.nodeport_addresses:
+        return True
+    return any(
+        a != "primary" and ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(a)
+        for a in cfg.nodeport_addresses
+    )
 
 
 class IptablesProxier:
@@ -59,10 +85,21 @@ class IptablesProxier:
         *,
         backend: str = "kernel",
     ) -> None:
+        configs = {fam: engine_config(cfg, fam, node, backend=backend) for fam in families}
         self.engines: dict[Family, _core.Engine] = {
-            fam: _core.Engine(json.dumps(engine_config(cfg, fam, node, backend=backend)))
-            for fam in families
+            fam: _core.Engine(json.dumps(c)) for fam, c in configs.items()
         }
+        v4 = configs.get("IPv4")
+        if backend == "kernel" and v4 is not None and v4["localhost_nodeports"]:
+            # Without route_localnet the kernel drops 127.0.0.0/8 traffic that is routed
+            # elsewhere after DNAT; KUBE-FIREWALL drops the martians this would let in.
+            localnet = "net.ipv4.conf.all.route_localnet"
+            if sysctl(localnet) == "1":
+                pass
+            elif set_sysctl(localnet, "1"):
+                log.info("set %s=1 for localhost NodePorts", localnet)
+            else:
+                log.warning("cannot set %s: localhost NodePorts will not work", localnet)
 
     def sync(self, changes: ChangeSet, full: bool) -> dict[Family, _core.SyncReport]:
         """Program every family. Blocking (run it in a thread). Raises the first ApplyError

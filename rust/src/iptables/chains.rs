@@ -7,6 +7,8 @@ pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
 pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+/// Anti-martian drop for localhost NodePorts (a copy of kubelet's chain, as upstream).
+pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
 
 /// An empty chain in each table whose disappearance means someone flushed our rules (a
 /// firewall reload, an administrator): its absence forces a full sync.
@@ -166,6 +168,22 @@ pub const JUMPS: &[Jump] = &[
         "POSTROUTING",
         KUBE_POSTROUTING,
         "kubernetes postrouting rules"
+    ),
+];
+
+/// Jumps to the anti-martian chain, present only with localhost NodePorts (IPv4).
+pub const FIREWALL_JUMPS: &[Jump] = &[
+    jump!(
+        "filter",
+        "INPUT",
+        KUBE_FIREWALL,
+        "kubernetes firewall for dropping marked packets"
+    ),
+    jump!(
+        "filter",
+        "OUTPUT",
+        KUBE_FIREWALL,
+        "kubernetes firewall for dropping marked packets"
     ),
 ];
 

@@ -24,9 +24,8 @@ use std::net::IpAddr;
 pub struct RenderConfig {
     pub family: IpFamily,
     pub node_name: String,
-    /// Pod CIDRs of this family: traffic from elsewhere is masqueraded (`detectLocalMode:
-    /// ClusterCIDR`). Empty disables local detection, as upstream.
-    pub cluster_cidrs: Vec<Cidr>,
+    /// How traffic from this node's pods is recognized (upstream's `detectLocalMode`).
+    pub local: LocalDetector,
     pub masquerade_all: bool,
     /// `1 << masqueradeBit`.
     pub masquerade_mark: u32,
@@ -36,17 +35,45 @@ pub struct RenderConfig {
     pub conntrack_tcp_be_liberal: bool,
     /// The node's addresses of this family.
     pub node_ips: Vec<IpAddr>,
+    /// NodePorts answer on 127.0.0.0/8 too (IPv4 only; needs `route_localnet`).
+    pub localhost_nodeports: bool,
+}
+
+/// Recognizes traffic that comes from pods (upstream's local traffic detectors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalDetector {
+    /// Detection off: nothing is treated as pod traffic.
+    None,
+    /// Sources in this CIDR (`ClusterCIDR` and `NodeCIDR` modes).
+    Cidr(Cidr),
+    /// Arriving on an interface: an exact name (`BridgeInterface`) or a prefix written with a
+    /// trailing `+` (`InterfaceNamePrefix`), as iptables spells it. Validated by the caller.
+    Interface(String),
+}
+
+impl LocalDetector {
+    /// Match arguments for "comes from a pod", if detection is on.
+    fn if_local(&self) -> Option<String> {
+        match self {
+            LocalDetector::None => None,
+            LocalDetector::Cidr(c) => Some(format!("-s {c}")),
+            LocalDetector::Interface(i) => Some(format!("-i {i}")),
+        }
+    }
+
+    /// Match arguments for "does not come from a pod", if detection is on.
+    fn if_not_local(&self) -> Option<String> {
+        match self {
+            LocalDetector::None => None,
+            LocalDetector::Cidr(c) => Some(format!("! -s {c}")),
+            LocalDetector::Interface(i) => Some(format!("! -i {i}")),
+        }
+    }
 }
 
 impl RenderConfig {
     fn mark(&self) -> String {
         format!("{:#x}", self.masquerade_mark)
-    }
-
-    fn local_cidr(&self) -> Option<&Cidr> {
-        self.cluster_cidrs
-            .iter()
-            .find(|c| self.family.contains(&c.addr()))
     }
 
     fn loopback(&self) -> &'static str {
@@ -203,6 +230,18 @@ pub fn fixed_chains(cfg: &RenderConfig) -> (Table, Table) {
     );
     nat.rule(KUBE_MARK_MASQ, format_args!("-j MARK --or-mark {mark}"));
 
+    // Localhost NodePorts need route_localnet, which would also let the outside reach
+    // 127.0.0.0/8 through us: drop such martians unless they are our own DNATed traffic.
+    if cfg.localhost_nodeports && cfg.family == IpFamily::V4 {
+        filter.chain(KUBE_FIREWALL);
+        filter.rule(
+            KUBE_FIREWALL,
+            format_args!(
+                "-m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+            ),
+        );
+    }
+
     // Forwarding: drop INVALID packets (they would otherwise reach pods un-NATed and cause
     // spurious resets), accept what we marked and what belongs to accepted connections.
     if !cfg.conntrack_tcp_be_liberal {
@@ -232,14 +271,20 @@ pub fn root_tail(root: Root, cfg: &RenderConfig) -> Vec<String> {
     }
     let np_comment =
         "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    // Localhost NodePorts only work for IPv4 (with route_localnet); otherwise keep loopback
+    // destinations out, as upstream.
+    let localhost = cfg.localhost_nodeports && cfg.family == IpFamily::V4;
     match &cfg.nodeport_ips {
+        None if localhost => vec![format!(
+            "{np_comment} -m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}"
+        )],
         None => vec![format!(
             "{np_comment} -m addrtype --dst-type LOCAL ! -d {} -j {KUBE_NODEPORTS}",
             cfg.loopback()
         )],
         Some(ips) => ips
             .iter()
-            .filter(|ip| cfg.family.contains(ip) && !ip.is_loopback())
+            .filter(|ip| cfg.family.contains(ip) && (localhost || !ip.is_loopback()))
             .map(|ip| format!("{np_comment} -d {ip} -j {KUBE_NODEPORTS}"))
             .collect(),
     }
@@ -435,10 +480,10 @@ fn render_service_port(
                 internal_chain,
                 format_args!("{masq_args} -j {KUBE_MARK_MASQ}"),
             );
-        } else if let Some(cidr) = cfg.local_cidr() {
+        } else if let Some(not_local) = cfg.local.if_not_local() {
             out.nat.rule(
                 internal_chain,
-                format_args!("{masq_args} ! -s {cidr} -j {KUBE_MARK_MASQ}"),
+                format_args!("{masq_args} {not_local} -j {KUBE_MARK_MASQ}"),
             );
         }
     }
@@ -459,11 +504,11 @@ fn render_service_port(
             // Local policy keeps the client's address, except for two special cases that
             // behave as if they went out to a load balancer and came back: pods (not subject to
             // the policy at all) and the node itself (its source would be the external address).
-            if let Some(cidr) = cfg.local_cidr() {
+            if let Some(local) = cfg.local.if_local() {
                 out.nat.rule(
                     ext,
                     format_args!(
-                        "-m comment --comment \"pod traffic for {name} external destinations\" -s {cidr} -j {}",
+                        "-m comment --comment \"pod traffic for {name} external destinations\" {local} -j {}",
                         chains.cluster
                     ),
                 );
@@ -627,12 +672,13 @@ mod tests {
         RenderConfig {
             family: IpFamily::V4,
             node_name: "node-a".into(),
-            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            local: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
             masquerade_all: false,
             masquerade_mark: 0x4000,
             nodeport_ips: None,
             conntrack_tcp_be_liberal: false,
             node_ips: vec!["192.168.0.2".parse().unwrap()],
+            localhost_nodeports: false,
         }
     }
 
@@ -737,7 +783,7 @@ mod tests {
         assert!(rules_of(&rs.nat, &svc)[0].ends_with("--dport 80 -j KUBE-MARK-MASQ"));
 
         let mut none = cfg();
-        none.cluster_cidrs.clear();
+        none.local = LocalDetector::None;
         let rs = render(&st, &none);
         assert!(rules_of(&rs.nat, &svc)
             .iter()

@@ -1110,12 +1110,13 @@ mod tests {
         RenderConfig {
             family,
             node_name: "node-a".into(),
-            cluster_cidrs: vec![cidr.parse().unwrap()],
+            local: crate::iptables::render::LocalDetector::Cidr(cidr.parse().unwrap()),
             masquerade_all: false,
             masquerade_mark: 0x4000,
             nodeport_ips: None,
             conntrack_tcp_be_liberal: false,
             node_ips: Vec::new(),
+            localhost_nodeports: false,
         }
     }
 
