@@ -136,3 +136,33 @@ def test_dual_stack(lab: ProxyLab) -> None:
     # NodePort over IPv6 from outside.
     ext = lab.lab.client("ext")
     assert all(r.ok for r in servers(ext, lab.lab.node_ip6, NODE_PORT_TCP, 5))
+
+
+def test_localhost_node_ports(lab: ProxyLab) -> None:
+    run(lab, echo_service())
+    results = servers(lab.lab.node, "127.0.0.1", NODE_PORT_TCP, 10)
+    assert all(r.ok for r in results), results[:2]
+    assert (
+        lab.lab.node.exec(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip()
+        == "1"
+    )
+    assert "KUBE-FIREWALL" in lab.filter()
+
+
+def test_localhost_node_ports_can_be_turned_off(lab: ProxyLab) -> None:
+    run(lab, echo_service(), PODS, "--iptables-localhost-nodeports=false")
+    r = lab.lab.node.tcp_probe("127.0.0.1", NODE_PORT_TCP, timeout=1.0)
+    assert r.error == "refused", r  # not DNATed: nothing listens on the node itself
+    assert lab.lab.node.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
+
+
+def test_interface_name_prefix_detects_pod_traffic(lab: ProxyLab) -> None:
+    # The lab names the node side of every pod's link vp<N>.
+    run(
+        lab, echo_service(), PODS,
+        "--detect-local-mode", "InterfaceNamePrefix", "--pod-interface-name-prefix", "vp",
+    )  # fmt: skip
+    client = lab.lab.pod("client")
+    assert {r.peer for r in servers(client, ECHO_IP, 80, 10)} == {client.ip}
+    ext = lab.lab.client("ext")
+    assert ext.ip not in {r.peer for r in servers(ext, ECHO_IP, 80, 10)}  # masqueraded
