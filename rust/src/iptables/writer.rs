@@ -25,12 +25,24 @@ struct Owned {
 }
 
 /// What one sync sends: chains to (re)write per table and chains to delete.
+///
+/// Per-service chains (`own`, one nat table per Service) are kept apart from the shared
+/// chains (roots, buckets, fixed chains): a large plan can then be applied in several
+/// transactions, per-service chains first (nothing references a new one yet, and a rewritten
+/// one keeps working), shared chains and deletions last.
 #[derive(Debug, Default, Clone)]
 pub struct Plan {
     /// Only ever holds the canary chain (declared by full syncs).
     pub mangle: Table,
+    /// Chains that depend on no Service (masquerading, forwarding, canaries): written by full
+    /// syncs, first, since per-service chains jump to `KUBE-MARK-MASQ`.
+    pub fixed_filter: Table,
+    pub fixed_nat: Table,
     pub filter: Table,
+    /// Shared nat chains.
     pub nat: Table,
+    /// Each changed Service's own nat chains.
+    pub own: Vec<Table>,
     pub delete_filter: BTreeSet<String>,
     pub delete_nat: BTreeSet<String>,
 }
@@ -38,18 +50,107 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.mangle.chains.is_empty()
+            && self.fixed_filter.chains.is_empty()
+            && self.fixed_nat.chains.is_empty()
             && self.filter.chains.is_empty()
             && self.nat.chains.is_empty()
+            && self.own.iter().all(|t| t.chains.is_empty())
             && self.delete_filter.is_empty()
             && self.delete_nat.is_empty()
     }
 
-    /// The `iptables-restore --noflush` input.
+    pub fn rule_count(&self) -> usize {
+        self.filter_rule_count() + self.nat_rule_count()
+    }
+
+    pub fn filter_rule_count(&self) -> usize {
+        self.fixed_filter.rule_count + self.filter.rule_count
+    }
+
+    pub fn nat_rule_count(&self) -> usize {
+        self.fixed_nat.rule_count
+            + self.nat.rule_count
+            + self.own.iter().map(|t| t.rule_count).sum::<usize>()
+    }
+
+    pub fn chains_written(&self) -> usize {
+        self.mangle.chains.len()
+            + self.fixed_filter.chains.len()
+            + self.fixed_nat.chains.len()
+            + self.filter.chains.len()
+            + self.nat.chains.len()
+            + self.own.iter().map(|t| t.chains.len()).sum::<usize>()
+    }
+
+    fn merged<'a>(parts: impl Iterator<Item = &'a Table>) -> Table {
+        let mut out = Table::default();
+        for t in parts {
+            out.chains.extend(t.chains.iter().cloned());
+            out.rules.push_str(&t.rules);
+            out.rule_count += t.rule_count;
+        }
+        out
+    }
+
+    fn filter_all(&self) -> Table {
+        Plan::merged([&self.fixed_filter, &self.filter].into_iter())
+    }
+
+    fn nat_all(&self) -> Table {
+        Plan::merged(
+            std::iter::once(&self.fixed_nat)
+                .chain(self.own.iter())
+                .chain(std::iter::once(&self.nat)),
+        )
+    }
+
+    /// The whole plan as one `iptables-restore --noflush` transaction.
     pub fn text(&self) -> String {
-        let mut out = String::with_capacity(self.filter.rules.len() + self.nat.rules.len() + 1024);
+        let mut out = String::new();
         write_table(&mut out, "mangle", &self.mangle, &BTreeSet::new());
-        write_table(&mut out, "filter", &self.filter, &self.delete_filter);
-        write_table(&mut out, "nat", &self.nat, &self.delete_nat);
+        write_table(&mut out, "filter", &self.filter_all(), &self.delete_filter);
+        write_table(&mut out, "nat", &self.nat_all(), &self.delete_nat);
+        out
+    }
+
+    /// The plan as a sequence of transactions of at most about `max_rules` rules each:
+    /// per-service chains in batches, then everything shared (and every deletion) last.
+    /// iptables-nft applies `--noflush` input in time that grows faster than linearly with its
+    /// size, so batches cost far less than one huge transaction; the order keeps every state
+    /// in between valid (a new chain stays unreferenced until the last step).
+    pub fn batches(&self, max_rules: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut first = String::new();
+        write_table(&mut first, "mangle", &self.mangle, &BTreeSet::new());
+        write_table(&mut first, "filter", &self.fixed_filter, &BTreeSet::new());
+        write_table(&mut first, "nat", &self.fixed_nat, &BTreeSet::new());
+        if !first.is_empty() {
+            out.push(first);
+        }
+        let mut batch = Table::default();
+        let flush = |batch: &mut Table, out: &mut Vec<String>| {
+            if !batch.chains.is_empty() {
+                let mut text = String::new();
+                write_table(&mut text, "nat", batch, &BTreeSet::new());
+                out.push(text);
+                *batch = Table::default();
+            }
+        };
+        for t in &self.own {
+            if batch.rule_count > 0 && batch.rule_count + t.rule_count > max_rules {
+                flush(&mut batch, &mut out);
+            }
+            batch.chains.extend(t.chains.iter().cloned());
+            batch.rules.push_str(&t.rules);
+            batch.rule_count += t.rule_count;
+        }
+        flush(&mut batch, &mut out);
+        let mut last = String::new();
+        write_table(&mut last, "filter", &self.filter, &self.delete_filter);
+        write_table(&mut last, "nat", &self.nat, &self.delete_nat);
+        if !last.is_empty() {
+            out.push(last);
+        }
         out
     }
 
@@ -100,9 +201,9 @@ impl Writer {
             for stale in old.chains.difference(&new.nat.chains) {
                 plan.delete_nat.insert(stale.clone());
             }
-            plan.nat.chains.extend(new.nat.chains.iter().cloned());
-            plan.nat.rules.push_str(&new.nat.rules);
-            plan.nat.rule_count += new.nat.rule_count;
+            if !new.nat.chains.is_empty() {
+                plan.own.push(new.nat.clone());
+            }
 
             let mut owned = Owned {
                 chains: new.nat.chains,
@@ -189,28 +290,46 @@ impl Writer {
             self.refresh(root, None, cfg, &mut plan);
         }
         let (filter, nat) = fixed_chains(cfg);
-        for (t, fixed) in [(&mut plan.filter, filter), (&mut plan.nat, nat)] {
-            t.chains.extend(fixed.chains);
-            t.rules.push_str(&fixed.rules);
-            t.rule_count += fixed.rule_count;
-        }
-        for c in FILTER_CHAINS.iter().chain([&CANARY]) {
-            plan.filter.chain(c);
-        }
-        for c in NAT_CHAINS.iter().chain([&CANARY]) {
-            plan.nat.chain(c);
-        }
+        plan.fixed_filter = filter;
+        plan.fixed_nat = nat;
+        plan.fixed_filter.chain(CANARY);
+        plan.fixed_nat.chain(CANARY);
         plan.mangle.chain(CANARY);
-        for c in existing_filter {
-            if is_dynamic_chain(c) && !plan.filter.chains.contains(c) {
-                plan.delete_filter.insert(c.clone());
+        for c in FILTER_CHAINS {
+            if !plan.fixed_filter.chains.contains(*c) {
+                plan.filter.chain(c);
             }
         }
-        for c in existing_nat {
-            if is_dynamic_chain(c) && !plan.nat.chains.contains(c) {
-                plan.delete_nat.insert(c.clone());
+        for c in NAT_CHAINS {
+            if !plan.fixed_nat.chains.contains(*c) {
+                plan.nat.chain(c);
             }
         }
+        let written_filter: BTreeSet<&String> = plan
+            .fixed_filter
+            .chains
+            .iter()
+            .chain(plan.filter.chains.iter())
+            .collect();
+        let stale_filter: Vec<String> = existing_filter
+            .iter()
+            .filter(|c| is_dynamic_chain(c) && !written_filter.contains(c))
+            .cloned()
+            .collect();
+        plan.delete_filter.extend(stale_filter);
+        let written: BTreeSet<&String> = plan
+            .own
+            .iter()
+            .chain(std::iter::once(&plan.fixed_nat))
+            .flat_map(|t| t.chains.iter())
+            .chain(plan.nat.chains.iter())
+            .collect();
+        let stale: Vec<String> = existing_nat
+            .iter()
+            .filter(|c| is_dynamic_chain(c) && !written.contains(c))
+            .cloned()
+            .collect();
+        plan.delete_nat.extend(stale);
         plan
     }
 
@@ -218,8 +337,8 @@ impl Writer {
     pub fn full_ruleset(mut self, state: &State, cfg: &RenderConfig) -> Ruleset {
         let plan = self.full(state, cfg, &BTreeSet::new(), &BTreeSet::new());
         Ruleset {
-            filter: plan.filter,
-            nat: plan.nat,
+            nat: plan.nat_all(),
+            filter: plan.filter_all(),
             counts: self.totals,
         }
     }

@@ -47,6 +47,10 @@ impl SyncReport {
         self.0.filter_rules
     }
     #[getter]
+    fn transactions(&self) -> usize {
+        self.0.transactions
+    }
+    #[getter]
     fn chains_written(&self) -> usize {
         self.0.chains_written
     }
