@@ -306,14 +306,17 @@ def normalize_endpoint_slice(obj: Mapping[str, Any]) -> Normalized[EndpointSlice
             raise o.fail(path, "must be an object")
         if raw.get("port") is None:
             continue  # upstream ignores ports without a number
-        name = o.string(raw, "name", f"{path}.name")
-        if name and not is_dns_label(name):
-            raise o.fail(f"{path}.name", f"{name!r} is not a DNS label")
-        ports.append(
-            SlicePort(
-                name, o.protocol(raw, f"{path}.protocol"), o.port(raw["port"], f"{path}.port")
-            )
-        )
+        # A bad port drops only that port: the slice's other ports keep serving.
+        try:
+            name = o.string(raw, "name", f"{path}.name")
+            if name and not is_dns_label(name):
+                raise o.fail(f"{path}.name", f"{name!r} is not a DNS label")
+            protocol = o.protocol(raw, f"{path}.protocol")
+            number = o.port(raw["port"], f"{path}.port")
+        except InvalidObjectError as e:
+            o.warn(e.field, f"{e.message}; port ignored")
+            continue
+        ports.append(SlicePort(name, protocol, number))
 
     endpoints: list[Endpoint] = []
     for i, raw in enumerate(o.seq(obj, "endpoints", "endpoints")):

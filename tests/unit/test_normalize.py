@@ -549,12 +549,15 @@ def test_slice_names_are_dns_labels_or_rejected(port_name: str, service_name: st
     try:
         n = normalize_endpoint_slice(obj)
     except InvalidObjectError as e:
-        assert e.field in ("ports[0].name", "metadata.labels[kubernetes.io/service-name]")
+        assert e.field == "metadata.labels[kubernetes.io/service-name]"
         return
     if n.value is None:  # no service-name label: not managed for a Service
         assert service_name == ""
         return
     assert_dns_label(n.value.service.name)
+    if not n.value.ports:  # a bad port name drops that port, with a warning naming it
+        assert n.warnings and n.warnings[0].startswith("ports[0].name: ")
+        return
     (port,) = n.value.ports
     if port_name:
         assert_dns_label(port.name)
@@ -704,11 +707,6 @@ INVALID_SLICES = [
         "metadata.labels[kubernetes.io/service-name]",
         id="service-label",
     ),
-    pytest.param({"ports": [{"name": "http", "port": 0}]}, "ports[0].port", id="port-0"),
-    pytest.param({"ports": [{"name": "http", "port": 65536}]}, "ports[0].port", id="port-big"),
-    pytest.param({"ports": [{"name": "http", "port": "80"}]}, "ports[0].port", id="port-str"),
-    pytest.param({"ports": [{"name": "HTTP", "port": 80}]}, "ports[0].name", id="port-name"),
-    pytest.param({"ports": [{"port": 80, "protocol": "ICMP"}]}, "ports[0].protocol", id="protocol"),
     pytest.param({"ports": [80]}, "ports[0]", id="port-not-object"),
     pytest.param({"ports": "80"}, "ports", id="ports-not-list"),
     pytest.param({"endpoints": {"addresses": ["10.0.0.1"]}}, "endpoints", id="endpoints-object"),
@@ -728,6 +726,26 @@ def test_invalid_endpoint_slice(change: Obj, field: str) -> None:
     assert info.value.kind == "EndpointSlice"
     assert info.value.field == field
     assert info.value.name == obj["metadata"]["name"]
+
+
+BAD_SLICE_PORTS = [
+    pytest.param({"name": "http", "port": 0}, "ports[0].port", id="port-0"),
+    pytest.param({"name": "http", "port": 65536}, "ports[0].port", id="port-big"),
+    pytest.param({"name": "http", "port": "80"}, "ports[0].port", id="port-str"),
+    pytest.param({"name": "HTTP", "port": 80}, "ports[0].name", id="port-name"),
+    pytest.param({"port": 80, "protocol": "ICMP"}, "ports[0].protocol", id="protocol"),
+    pytest.param({"port": 80, "protocol": ["TCP"]}, "ports[0].protocol", id="protocol-list"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field"), BAD_SLICE_PORTS)
+def test_a_bad_slice_port_is_dropped_and_the_others_kept(bad: Obj, field: str) -> None:
+    obj = web_slice(k.endpoint("10.0.0.1"))
+    obj["ports"] = [bad, {"name": "ok", "port": 8080, "protocol": "TCP"}]
+    n = normalize_endpoint_slice(obj)
+    assert n.value is not None
+    assert [(p.name, p.port) for p in n.value.ports] == [("ok", 8080)]
+    assert len(n.warnings) == 1 and n.warnings[0].startswith(f"{field}: ")
 
 
 # --------------------------------------------------------------------------------------------
