@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benches.iptables_sync import cluster, parse, upstream_text
+from benches.iptables_sync import cluster, flatten, parse
 from kproxy import _core
 from tests.netlab import NodeLab
 from tests.netlab.inside import NetnsExecutor
@@ -97,9 +97,11 @@ def main() -> int:
                 engine = ex.call(functools.partial(_core.Engine, cfg))
                 ex.call(functools.partial(engine.sync, cs.to_json(), True), timeout=1800)
                 kp = measure(lab, targets, per_target)
-                # Rewrite KUBE-SERVICES flat (the jump rules from the built-in chains stay; the
-                # bucket chains are left unreferenced).
-                flat = upstream_text(parse(engine.render()), None).encode()
+                # Upstream's shape: KUBE-SERVICES rewritten flat, one rule per service (the
+                # service chains are the same; the bucket chains are left unreferenced).
+                nat = parse(engine.render())["nat"]
+                rules = "".join(f"-A KUBE-SERVICES {r}\n" for r in flatten(nat, "KUBE-SERVICES"))
+                flat = f"*nat\n:KUBE-SERVICES - [0:0]\n{rules}COMMIT\n".encode()
                 restore = ["iptables-restore", "-w", "5", "--noflush"]
                 ex.call(
                     functools.partial(subprocess.run, restore, input=flat, check=True), timeout=1800

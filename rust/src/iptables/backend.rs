@@ -225,18 +225,6 @@ const BUILTIN: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Targets that are not chains.
-const TARGETS: &[&str] = &[
-    "ACCEPT",
-    "DROP",
-    "REJECT",
-    "RETURN",
-    "DNAT",
-    "SNAT",
-    "MASQUERADE",
-    "MARK",
-];
-
 type Tables = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 
 /// An in-memory kernel with iptables-restore's semantics: `--noflush`, a declared chain is
@@ -335,7 +323,9 @@ impl Fake {
         for (chain, rules) in chains.iter() {
             for rule in rules {
                 if let Some(target) = jump_target(rule) {
-                    if !TARGETS.contains(&target) && !chains.contains_key(target) {
+                    if !super::chains::BUILTIN_TARGETS.contains(&target)
+                        && !chains.contains_key(target)
+                    {
                         return Err(fail(0, format!("{chain}: jump to missing chain {target}")));
                     }
                 }

@@ -32,6 +32,18 @@ pub const NAT_CHAINS: &[&str] = &[
     KUBE_SERVICES,
 ];
 
+/// Targets that are not chains (the ones kproxy's rules use).
+pub const BUILTIN_TARGETS: &[&str] = &[
+    "ACCEPT",
+    "DROP",
+    "REJECT",
+    "RETURN",
+    "DNAT",
+    "SNAT",
+    "MASQUERADE",
+    "MARK",
+];
+
 /// Prefixes of per-service and per-endpoint nat chains (what a stale-chain sweep may delete).
 pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
     "KUBE-SVC-",

@@ -53,7 +53,7 @@
 //! an unquoted comment with spaces (as `Fake::dump` prints the jump rules) is
 //! accepted too.
 
-use super::chains::{Jump, KUBE_MARK_MASQ};
+use super::chains::{Jump, BUILTIN_TARGETS, KUBE_MARK_MASQ};
 use crate::error::Error;
 use crate::model::Protocol;
 use crate::naming::join_host_port;
@@ -664,19 +664,8 @@ const MODULES: &[&str] = &[
     "statistic",
 ];
 
-/// Targets with options (or none) that the tracer understands.
-const TARGETS: &[&str] = &[
-    "ACCEPT",
-    "DROP",
-    "REJECT",
-    "RETURN",
-    "DNAT",
-    "SNAT",
-    "MASQUERADE",
-    "MARK",
-    "LOG",
-    "NFLOG",
-];
+/// Targets with options (or none) that the tracer understands beyond kproxy's own.
+const EXTRA_TARGETS: &[&str] = &["LOG", "NFLOG"];
 
 impl Rule {
     /// Parse the arguments of a rule (everything after the chain name).
@@ -788,7 +777,10 @@ impl Rule {
                     // most recently loaded module that knows the option.
                     let owner = target
                         .iter()
-                        .filter(|t| TARGETS.contains(&t.as_str()))
+                        .filter(|t| {
+                            BUILTIN_TARGETS.contains(&t.as_str())
+                                || EXTRA_TARGETS.contains(&t.as_str())
+                        })
                         .chain(modules.iter().rev())
                         .find(|o| known_option(o, opt).is_some())
                         .cloned();

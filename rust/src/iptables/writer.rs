@@ -167,6 +167,16 @@ impl Plan {
     }
 }
 
+/// Chains of ours in `existing` that none of `written` declares.
+fn stale<'a>(existing: &BTreeSet<String>, written: impl Iterator<Item = &'a Table>) -> Vec<String> {
+    let written: BTreeSet<&String> = written.flat_map(|t| t.chains.iter()).collect();
+    existing
+        .iter()
+        .filter(|c| is_dynamic_chain(c) && !written.contains(c))
+        .cloned()
+        .collect()
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Writer {
     services: BTreeMap<ServiceKey, Owned>,
@@ -305,31 +315,12 @@ impl Writer {
                 plan.nat.chain(c);
             }
         }
-        let written_filter: BTreeSet<&String> = plan
-            .fixed_filter
-            .chains
-            .iter()
-            .chain(plan.filter.chains.iter())
-            .collect();
-        let stale_filter: Vec<String> = existing_filter
-            .iter()
-            .filter(|c| is_dynamic_chain(c) && !written_filter.contains(c))
-            .cloned()
-            .collect();
+        let filter_written = [&plan.fixed_filter, &plan.filter];
+        let stale_filter = stale(existing_filter, filter_written.into_iter());
+        let nat_written = plan.own.iter().chain([&plan.fixed_nat, &plan.nat]);
+        let stale_nat = stale(existing_nat, nat_written);
         plan.delete_filter.extend(stale_filter);
-        let written: BTreeSet<&String> = plan
-            .own
-            .iter()
-            .chain(std::iter::once(&plan.fixed_nat))
-            .flat_map(|t| t.chains.iter())
-            .chain(plan.nat.chains.iter())
-            .collect();
-        let stale: Vec<String> = existing_nat
-            .iter()
-            .filter(|c| is_dynamic_chain(c) && !written.contains(c))
-            .cloned()
-            .collect();
-        plan.delete_nat.extend(stale);
+        plan.delete_nat.extend(stale_nat);
         plan
     }
 
