@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kproxy import __version__, _core
+from kproxy import __version__, _core, tools
 from kproxy.config import MODES, ProxyConfig, build, load_file, parse_duration
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
@@ -45,7 +45,43 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = sub.add_parser("daemon", help="run the proxy", allow_abbrev=False)
-    # Every default is None: only flags the user typed override the config file.
+    add_proxy_flags(d)
+
+    r = sub.add_parser(
+        "render", allow_abbrev=False,
+        help="print the rules kproxy would program (no privileges, the kernel is not touched)",
+    )  # fmt: skip
+    add_proxy_flags(r)
+
+    t = sub.add_parser(
+        "trace", allow_abbrev=False,
+        help="where a packet goes: as kproxy would program it, or (--live) in the kernel",
+    )  # fmt: skip
+    t.add_argument("src", help="source address")
+    t.add_argument("dst", help="destination: IP:PORT[/PROTO], IPv6 as [IP]:PORT[/PROTO]")
+    t.add_argument(
+        "--from-node", action="store_true",
+        help="the packet is sent by the node itself (default: it arrives from the network)",
+    )  # fmt: skip
+    t.add_argument(
+        "--live", action="store_true", help="trace through the rules in this node's kernel"
+    )
+    t.add_argument(
+        "--node-ip", action="append", default=[], metavar="IP",
+        help="an address of the node (repeatable; default: the Node's, or this host's)",
+    )  # fmt: skip
+    add_proxy_flags(t)
+
+    c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
+    c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def add_proxy_flags(d: argparse.ArgumentParser) -> None:
+    """kube-proxy's flags. Every default is suppressed: only flags the user typed override the
+    config file."""
     S = argparse.SUPPRESS
     d.add_argument("--config", default=None, help="a KubeProxyConfiguration YAML file")
     d.add_argument("--kubeconfig", default=S, help="kubeconfig with the API server and credentials")
@@ -80,12 +116,6 @@ def make_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
 
-    c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
-    c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
-
-    sub.add_parser("version", help="print the version")
-    return p
-
 
 def _bool(value: str) -> bool:
     v = value.lower()
@@ -109,7 +139,8 @@ def setup_logging(verbosity: int) -> None:
 def load_config(args: argparse.Namespace) -> ProxyConfig:
     warnings: list[str] = []
     file_values = load_file(args.config, warnings) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    tool_args = ("command", "config", "src", "dst", "from_node", "live", "node_ip")
+    flags = {k: v for k, v in vars(args).items() if k not in tool_args}
     cfg = build(file_values, flags)
     for w in warnings:
         log.warning("%s", w)
@@ -131,7 +162,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(cfg.verbosity)
     try:
+        if args.command == "render":
+            return tools.render_command(cfg)
+        if args.command == "trace":
+            return tools.trace_command(
+                cfg,
+                args.src,
+                args.dst,
+                from_node=args.from_node,
+                live=args.live,
+                node_ips=args.node_ip,
+            )
         return run(cfg)
+    except ConfigError as e:
+        sys.stderr.write(f"kproxy: error: {e}\n")
+        return 2
     except KproxyError as e:
         log.error("%s", e)
         return 1

@@ -1,0 +1,48 @@
+"""``kproxy render`` and ``kproxy trace`` on the bundled example, without privileges."""
+
+from __future__ import annotations
+
+import pytest
+
+from kproxy.cli import main
+
+EXAMPLE = ["--manifests", "examples/manifests", "--hostname-override", "kproxy-demo"]
+EXAMPLE += ["--cluster-cidr", "10.244.0.0/16"]
+
+
+def test_render_prints_both_families(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", *EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "# iptables rules for IPv4" in out and "# iptables rules for IPv6" in out
+    assert "--to-destination 10.244.2.2:8080" in out
+    assert '"demo/empty:http has no endpoints"' in out
+
+
+def test_trace_a_node_port_from_outside(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["trace", "192.168.101.2", "192.168.101.1:30080", "--node-ip", "192.168.101.1"]
+    assert main([*args, *EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "DNAT to:     10.244.1.2:8080, 10.244.2.2:8080, 10.244.3.2:8080" in out
+    assert "masquerade:  yes" in out
+
+
+def test_trace_explains_a_rejection(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "10.244.4.2", "10.96.0.20:80/tcp", *EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "REJECT (demo/empty:http has no endpoints)" in out
+
+
+def test_trace_udp_and_unknown_ports(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "10.244.4.2", "10.96.0.10:80/UDP", *EXAMPLE]) == 0
+    assert "10.244.3.2:8081" in capsys.readouterr().out
+    assert main(["trace", "10.244.4.2", "10.96.0.10:81", *EXAMPLE]) == 0
+    assert "DNAT to:     nothing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "dst", ["10.96.0.10", "10.96.0.10:0", "10.96.0.10:80/ICMP", "nowhere:80", "[fd00::1]:80"]
+)
+def test_trace_refuses_bad_destinations(dst: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "10.244.4.2", dst, *EXAMPLE]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kproxy: error:") and len(err.strip().splitlines()) == 1
