@@ -6,7 +6,9 @@
 //! ```text
 //! ChangeSet --state::State::apply--> merged services and endpoints (per engine, one IP family)
 //!           --topology::categorize--> which endpoints serve cluster, local and external traffic
-//!           --iptables::render--------> iptables-restore input (deterministic, BTreeMap order)
+//!           --iptables::render--------> each changed Service's rules (deterministic order)
+//!           --iptables::dispatch------> shared-chain entries placed in bounded bucket chains
+//!           --iptables::writer--------> only what changed (partial) or everything (full)
 //!           --iptables::Backend-------> the kernel (iptables-restore --noflush) or a Fake
 //! ```
 //!
