@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from benches.iptables_sync import cluster, flatten, parse
 from kproxy import _core
+from kproxy.netns import NetnsExecutor
 from tests.netlab import NodeLab
-from tests.netlab.inside import NetnsExecutor
 
 CLIENT = r"""
 import json, socket, sys, time

@@ -72,6 +72,14 @@ def make_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_proxy_flags(t)
 
+    df = sub.add_parser(
+        "diff", allow_abbrev=False,
+        help="what differs between the kernel's rules and what kproxy wants (needs root)",
+    )  # fmt: skip
+    df.add_argument("--live", action="store_true", required=True, help="compare with the kernel")
+    df.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
+    add_proxy_flags(df)
+
     c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
     c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
 
@@ -139,7 +147,7 @@ def setup_logging(verbosity: int) -> None:
 def load_config(args: argparse.Namespace) -> ProxyConfig:
     warnings: list[str] = []
     file_values = load_file(args.config, warnings) if args.config else {}
-    tool_args = ("command", "config", "src", "dst", "from_node", "live", "node_ip")
+    tool_args = ("command", "config", "src", "dst", "from_node", "live", "node_ip", "as_json")
     flags = {k: v for k, v in vars(args).items() if k not in tool_args}
     cfg = build(file_values, flags)
     for w in warnings:
@@ -164,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "render":
             return tools.render_command(cfg)
+        if args.command == "diff":
+            return tools.diff_command(cfg, as_json=args.as_json)
         if args.command == "trace":
             return tools.trace_command(
                 cfg,

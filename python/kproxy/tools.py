@@ -7,14 +7,16 @@ engines on their in-memory kernel, so what they show is exactly what the daemon 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
+import json
 import subprocess
-import sys
 import threading
 from typing import Any
 
-from kproxy import _core
-from kproxy.backends.iptables import IptablesProxier
+from kproxy import _core, netns
+from kproxy.backends.iptables import IptablesProxier, engine_config
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
 from kproxy.errors import ConfigError, KproxyError
@@ -139,5 +141,110 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: kproxy render | kproxy trace")
+# -- kproxy diff --live ---------------------------------------------------------------------
+
+Tables = dict[str, dict[str, list[str]]]
+# kubelet's own chain in the same tables: never ours to judge.
+NOT_OURS = frozenset({"KUBE-KUBELET-CANARY"})
+
+
+def parse_save(text: str) -> Tables:
+    """iptables-save output -> table -> chain -> rules (kproxy's chains, and the jump rules
+    in built-in chains that lead to them)."""
+    tables: Tables = {}
+    cur: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:].strip(), {})
+        elif line.startswith(":"):
+            name = line[1:].split()[0]
+            if name.startswith("KUBE-") and name not in NOT_OURS:
+                cur.setdefault(name, [])
+        elif line.startswith("-A "):
+            chain, _, rule = line[3:].partition(" ")
+            target = rule.rsplit("-j ", 1)[-1].split()[0] if "-j " in rule else ""
+            if chain.startswith("KUBE-") and chain not in NOT_OURS:
+                cur.setdefault(chain, []).append(rule)
+            elif target.startswith("KUBE-") and target not in NOT_OURS:
+                cur.setdefault(chain, []).append(rule)  # a jump from a built-in chain
+    return tables
+
+
+def save(family: Family, ns: str | None = None) -> Tables:
+    tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
+    argv = [tool] if ns is None else ["ip", "netns", "exec", ns, tool]
+    out: Tables = {}
+    for table in ("filter", "nat"):
+        try:
+            text = subprocess.run(
+                [*argv, "-t", table], capture_output=True, text=True, check=True, timeout=300
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise KproxyError(f"cannot read the kernel's rules with {tool}: {e}") from None
+        out.update(parse_save(text))
+    return out
+
+
+def desired(cfg: ProxyConfig, family: Family) -> Tables:
+    """What kproxy would program, as the kernel prints it: programmed into a scratch network
+    namespace (connected to nothing) by the real engine, then read back."""
+    c = snapshot(cfg)
+    changes = c.drain()
+    engine_cfg = json.dumps(engine_config(cfg, family, c.node, backend="kernel"))
+    with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
+        engine = ex.call(functools.partial(_core.Engine, engine_cfg))
+        ex.call(functools.partial(engine.sync, changes.to_json(), True), timeout=3600)
+        return save(family, ns)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Difference:
+    table: str
+    chain: str
+    change: str  # missing-chain, unexpected-chain, missing-rule, unexpected-rule, rule-order
+    rule: str = ""
+
+    def __str__(self) -> str:
+        what = self.change.replace("-", " ")
+        return f"{self.table} {self.chain}: {what}" + (f": {self.rule}" if self.rule else "")
+
+
+def differences(want: Tables, have: Tables) -> list[Difference]:
+    out: list[Difference] = []
+    for table in sorted(set(want) | set(have)):
+        w, h = dict(want.get(table, {})), dict(have.get(table, {}))
+        for chain in sorted(set(w) | set(h)):
+            builtin = not chain.startswith("KUBE-")  # always exists; only our jumps count
+            if builtin:
+                w.setdefault(chain, [])
+                h.setdefault(chain, [])
+            if chain not in h:
+                out.append(Difference(table, chain, "missing-chain"))
+                continue
+            if chain not in w:
+                out.append(Difference(table, chain, "unexpected-chain"))
+                continue
+            missing = [r for r in w[chain] if r not in h[chain]]
+            extra = [r for r in h[chain] if r not in w[chain]]
+            out += [Difference(table, chain, "missing-rule", r) for r in missing]
+            out += [Difference(table, chain, "unexpected-rule", r) for r in extra]
+            # Order matters in our chains (probabilities, the NodePorts tail); jump rules in
+            # built-in chains share their chain with other programs, so only presence counts.
+            if not missing and not extra and w[chain] != h[chain] and chain.startswith("KUBE-"):
+                out.append(Difference(table, chain, "rule-order"))
+    return out
+
+
+def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:
+    """Exit status 0 when the kernel holds exactly what kproxy wants, 1 otherwise."""
+    report: dict[str, list[Difference]] = {}
+    for family in FAMILIES:
+        report[family] = differences(desired(cfg, family), save(family))
+    if as_json:
+        print(json.dumps({f: [dataclasses.asdict(d) for d in ds] for f, ds in report.items()}))
+    else:
+        for fam, ds in report.items():
+            print(f"{fam}: {'no differences' if not ds else f'{len(ds)} differences'}")
+            for d in ds:
+                print(f"  {d}")
+    return 1 if any(report.values()) else 0

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kproxy.netns import NetnsExecutor
 from tests import k8sobjects as k
 from tests.fakeapi import FakeApiServer
 from tests.netlab import NetNs, NodeLab
-from tests.netlab.inside import NetnsExecutor
 
 T = TypeVar("T")
 

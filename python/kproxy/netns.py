@@ -1,18 +1,21 @@
-"""Run Python code of the test process inside a lab namespace.
+"""Network namespaces: a scratch one, and running Python code inside one.
 
 A network namespace is a per-thread attribute on Linux: a thread that calls ``setns`` moves
-itself (and the threads it starts later) into the namespace, and sockets it creates live
-there for good. ``NetnsExecutor`` keeps one such thread, so an in-process server (the fake
-API server) can listen inside the node namespace while the test drives it with plain method
-calls from the main thread.
+itself (and the threads it starts later) into the namespace, and sockets it creates or rules
+it writes live there for good. ``NetnsExecutor`` keeps one such thread, so work can run in
+another namespace with plain function calls (``kproxy diff --live`` programs its desired rules
+into a scratch namespace this way; tests run the fake API server inside a lab's node).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -51,3 +54,14 @@ class NetnsExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def scratch() -> Iterator[str]:
+    """A new, empty network namespace (connected to nothing), removed afterwards."""
+    name = f"kproxy-scratch-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
