@@ -140,7 +140,7 @@ def main() -> int:
             times["fetch only"].append(timed(lambda: fetch_only(api)))
             times["kproxy"].append(timed(lambda: listed.update(kproxy_list(api))))
             times["client models"].append(timed(lambda: client_models(api)))
-        ctl = Controller("node-0", lambda: None, wait_for_node=False)
+        ctl = Controller("node-0", wait_for_node=False)
 
         def normalize() -> None:
             ctl.replace("services", listed["services"])

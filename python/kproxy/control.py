@@ -45,12 +45,14 @@ class Controller:
     def __init__(
         self,
         node_name: str,
-        on_change: Callable[[], None],
+        on_change: Callable[[str], None] = lambda resource: None,
         *,
         wait_for_node: bool = True,
+        on_invalid: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.node_name = node_name
         self._on_change = on_change
+        self._on_invalid = on_invalid
         self.services = ServiceTracker()
         self.endpoints = EndpointsTracker()
         self.node: NodeInfo | None = None
@@ -72,14 +74,14 @@ class Controller:
         for o in objects:
             self._upsert(resource, o)
         self._synced[resource] = True
-        self._on_change()
+        self._on_change(resource)
 
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
         if kind == "DELETED":
             self._delete(resource, _ident(obj))
         else:
             self._upsert(resource, obj)
-        self._on_change()
+        self._on_change(resource)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Controller:
                 self.node = node
         except InvalidObjectError as e:
             self.invalid_objects += 1
+            self._on_invalid(e.kind)
             key = (resource, *ident)
             if self._errors.get(key) != str(e):
                 self._errors[key] = str(e)

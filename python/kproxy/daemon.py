@@ -25,8 +25,10 @@ from kproxy.config import ProxyConfig
 from kproxy.control import Controller
 from kproxy.errors import ApplyError, CoreInputError
 from kproxy.health import HealthServer, ProxyHealth
+from kproxy.http import Server
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
+from kproxy.metrics import Metrics
 from kproxy.model import Family
 from kproxy.netinfo import iptables_families
 from kproxy.runner import Due, Runner
@@ -48,15 +50,31 @@ class Daemon:
         self.failures = 0
         self._last_full: float | None = None
         self._waiting_logged = False
+        self.metrics = Metrics(cfg.mode)
         self.controller = Controller(
-            cfg.node_name, self._changed, wait_for_node=cfg.manifests is None
+            cfg.node_name,
+            self._changed,
+            wait_for_node=cfg.manifests is None,
+            on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind=kind).inc(),
         )
         self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
         self.stop = asyncio.Event()
 
-    def _changed(self) -> None:
+    def _changed(self, resource: str) -> None:
         self.health.queued()
+        m = self.metrics
+        if resource == "services":
+            m.service_changes.inc()
+        elif resource == "endpointslices":
+            m.endpoint_changes.inc()
+        for fam in self.families or ("IPv4", "IPv6"):
+            m.last_queued.labels(ip_family=fam).set_to_current_time()
+        self._pending_metrics()
         self.runner.request()
+
+    def _pending_metrics(self) -> None:
+        self.metrics.service_changes_pending.set(self.controller.services.pending)
+        self.metrics.endpoint_changes_pending.set(self.controller.endpoints.pending)
 
     def _node_eligible(self) -> bool:
         node = self.controller.node
@@ -84,10 +102,15 @@ class Daemon:
             log.warning("our chains were removed by someone else; rewriting everything")
             full = True
         changes = c.drain()
+        self._pending_metrics()
         try:
             reports = await asyncio.to_thread(self.proxier.sync, changes, full)
         except ApplyError as e:
             self.failures += 1
+            fam = e.family or "IPv4"
+            self.metrics.restore_failures.labels(ip_family=fam).inc()
+            if not full:
+                self.metrics.partial_restore_failures.labels(ip_family=fam).inc()
             log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
             return False
         except CoreInputError as e:
@@ -99,7 +122,22 @@ class Daemon:
         if any(r.full for r in reports.values()):
             self._last_full = started
         self.health.updated()
+        elapsed = time.monotonic() - started
+        m = self.metrics
         for fam, r in reports.items():
+            m.sync_duration.labels(ip_family=fam).observe(elapsed)
+            (m.sync_full_duration if r.full else m.sync_partial_duration).labels(
+                ip_family=fam
+            ).observe(elapsed)
+            m.last_sync.labels(ip_family=fam).set_to_current_time()
+            m.no_local_endpoints.labels(ip_family=fam, traffic_policy="internal").set(
+                r.no_local_internal
+            )
+            m.no_local_endpoints.labels(ip_family=fam, traffic_policy="external").set(
+                r.no_local_external
+            )
+            m.rules_last.labels(ip_family=fam, table="nat").set(r.nat_rules)
+            m.rules_last.labels(ip_family=fam, table="filter").set(r.filter_rules)
             if r.wrote:
                 log.info(
                     "synced %s %s: %d service ports, %d endpoints; wrote %d chains, %d nat and "
@@ -121,11 +159,21 @@ class Daemon:
         if self.cfg.healthz_bind_address:
             try:
                 health_server = HealthServer(
-                    self.cfg.healthz_bind_address, self.health, self._node_eligible
+                    self.cfg.healthz_bind_address,
+                    self.health,
+                    self._node_eligible,
+                    self.metrics.health_answered,
                 )
                 health_server.start()
             except OSError as e:
                 log.error("cannot serve health checks on %s: %s", self.cfg.healthz_bind_address, e)
+        metrics_server: Server | None = None
+        if self.cfg.metrics_bind_address:
+            try:
+                metrics_server = self.metrics.server(self.cfg.metrics_bind_address)
+                metrics_server.start()
+            except OSError as e:
+                log.error("cannot serve metrics on %s: %s", self.cfg.metrics_bind_address, e)
 
         thread_stop = threading.Event()
         tasks: list[asyncio.Task[Any]] = []
@@ -152,8 +200,9 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if health_server is not None:
-                health_server.close()
+            for server in (health_server, metrics_server):
+                if server is not None:
+                    server.close()
         log.info("kproxy stopped; rules left in place")
         return 0
 

@@ -61,3 +61,5 @@ class ApplyError(KproxyError):
         self.program = program
         self.errno = errno
         self.needs_full_sync = needs_full_sync
+        # The IP family whose engine failed, set by the proxier.
+        self.family: str | None = None

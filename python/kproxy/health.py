@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from kproxy.http import Response, Route, Server
 
 log = logging.getLogger(__name__)
 
@@ -57,60 +57,35 @@ class ProxyHealth:
             return healthy, last, now
 
 
-class _Server6(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+def health_routes(
+    health: ProxyHealth,
+    node_eligible: Callable[[], bool],
+    on_answer: Callable[[str, int], None] = lambda path, code: None,
+) -> dict[str, Route]:
+    """/healthz and /livez with upstream's JSON."""
+
+    def answer(path: str) -> Response:
+        healthy, last, now = health.status()
+        body: dict[str, Any] = {"lastUpdated": go_time(last), "currentTime": go_time(now)}
+        if path == "/healthz":
+            eligible = node_eligible()
+            body["nodeEligible"] = eligible
+            healthy = healthy and eligible
+        code = 200 if healthy else 503
+        on_answer(path, code)
+        return code, "application/json", json.dumps(body).encode()
+
+    return {"/healthz": lambda: answer("/healthz"), "/livez": lambda: answer("/livez")}
 
 
-class HealthServer:
+class HealthServer(Server):
+    """kube-proxy's health server (--healthz-bind-address)."""
+
     def __init__(
         self,
         address: str,
         health: ProxyHealth,
         node_eligible: Callable[[], bool],
+        on_answer: Callable[[str, int], None] = lambda path, code: None,
     ) -> None:
-        host, _, port = address.rpartition(":")
-        self.health = health
-        self.node_eligible = node_eligible
-        self.requests: dict[str, int] = {}
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path not in ("/healthz", "/livez"):
-                    self.send_error(404)
-                    return
-                healthy, last, now = server.health.status()
-                body: dict[str, Any] = {"lastUpdated": go_time(last), "currentTime": go_time(now)}
-                if path == "/healthz":
-                    eligible = server.node_eligible()
-                    body["nodeEligible"] = eligible
-                    healthy = healthy and eligible
-                code = 200 if healthy else 503
-                server.requests[f"{path} {code}"] = server.requests.get(f"{path} {code}", 0) + 1
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("X-Content-Type-Options", "nosniff")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("health: " + format, *args)
-
-        host = host.strip("[]")
-        cls = _Server6 if ":" in host else ThreadingHTTPServer
-        self._httpd = cls((host, int(port)), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="healthz", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        super().__init__(address, health_routes(health, node_eligible, on_answer), name="healthz")

@@ -111,3 +111,20 @@ def test_rules_flushed_by_someone_else_are_restored_within_the_sync_period(lab: 
     assert "rewriting everything" in lab.log(), "\n".join(
         ln for ln in lab.log().splitlines() if "kproxy" in ln
     )
+
+
+def test_metrics_and_proxy_mode_are_served(lab: ProxyLab) -> None:
+    lab.start_daemon("--metrics-bind-address", "127.0.0.1:10249")
+    lab.wait_synced()
+    status, body = http_get(lab.lab.node, "http://127.0.0.1:10249/metrics")
+    assert status == 200
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}'] > 0
+    assert values["kubeproxy_sync_proxy_rules_service_changes_total"] >= 1
+    assert values['kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"}'] >= 1
+    assert values['kubeproxy_sync_proxy_rules_iptables_last{ip_family="IPv4",table="nat"}'] > 0
+    assert http_get(lab.lab.node, "http://127.0.0.1:10249/proxyMode") == (200, "iptables")

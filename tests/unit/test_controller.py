@@ -20,7 +20,7 @@ def svc(name: str, ip: str = "10.96.0.1", **kw: Any) -> dict[str, Any]:
 
 def controller(wait_for_node: bool = True) -> tuple[Controller, list[int]]:
     calls: list[int] = []
-    return Controller(NODE, lambda: calls.append(1), wait_for_node=wait_for_node), calls
+    return Controller(NODE, lambda resource: calls.append(1), wait_for_node=wait_for_node), calls
 
 
 def test_nothing_is_initialized_until_every_list_arrived() -> None:

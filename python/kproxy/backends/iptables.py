@@ -112,6 +112,7 @@ class IptablesProxier:
                 reports[fam] = engine.sync(data, full)
             except ApplyError as e:
                 log.error("%s %s sync failed: %s", self.mode, fam, e)
+                e.family = fam
                 failures.append(e)
         if failures:
             raise failures[0]

@@ -1,0 +1,110 @@
+"""kube-proxy's metrics, with upstream's names, types and labels (``kubeproxy_*``), served on
+--metrics-bind-address with ``/metrics``, ``/proxyMode`` and ``/healthz``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kproxy.http import Response, Route, Server
+
+NS = "kubeproxy"
+# Upstream: ExponentialBuckets(0.001, 2, 15).
+SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
+# Upstream's network programming buckets: 0.25s steps, then 1s, 5s and 30s steps up to 5m.
+NPL_BUCKETS = (
+    0.25,
+    0.5,
+    *(float(i) for i in range(1, 60)),
+    *(float(60 + 5 * i) for i in range(12)),
+    *(float(120 + 30 * i) for i in range(7)),
+)
+FAM = ("ip_family",)
+
+
+class Metrics:
+    def __init__(self, mode: str, registry: CollectorRegistry | None = None) -> None:
+        self.mode = mode
+        r = self.registry = registry or CollectorRegistry()
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...] = SYNC_BUCKETS) -> Histogram:
+            return Histogram(name, doc, FAM, namespace=NS, buckets=buckets, registry=r)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = FAM) -> Gauge:
+            return Gauge(name, doc, labels, namespace=NS, registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = FAM) -> Counter:
+            return Counter(name, doc, labels, namespace=NS, registry=r)
+
+        self.sync_duration = hist(
+            "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds"
+        )
+        self.sync_full_duration = hist(
+            "sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency of full syncs"
+        )
+        self.sync_partial_duration = hist(
+            "sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency of partial syncs"
+        )
+        self.last_sync = gauge(
+            "sync_proxy_rules_last_timestamp_seconds", "The last time rules were synced"
+        )
+        self.last_queued = gauge(
+            "sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync was queued"
+        )
+        self.network_programming = hist(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            NPL_BUCKETS,
+        )
+        self.endpoint_changes_pending = gauge(
+            "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes", ()
+        )
+        self.endpoint_changes = counter(
+            "sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", ()
+        )
+        self.service_changes_pending = gauge(
+            "sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", ()
+        )
+        self.service_changes = counter(
+            "sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", ()
+        )
+        self.no_local_endpoints = gauge(
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Services with a Local traffic policy and no local endpoints",
+            ("ip_family", "traffic_policy"),
+        )
+        self.restore_failures = counter(
+            "sync_proxy_rules_iptables_restore_failures", "Cumulative iptables restore failures"
+        )
+        self.partial_restore_failures = counter(
+            "sync_proxy_rules_iptables_partial_restore_failures",
+            "Cumulative iptables partial restore failures",
+        )
+        self.rules_last = gauge(
+            "sync_proxy_rules_iptables_last",
+            "Number of iptables rules written in the last sync",
+            ("ip_family", "table"),
+        )
+        self.healthz = counter("proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",))
+        self.livez = counter("proxy_livez", "Cumulative proxy livez HTTP status", ("code",))
+        self.invalid_objects = counter(
+            "invalid_objects", "Objects skipped because a field is invalid (kproxy)", ("kind",)
+        )
+
+    def health_answered(self, path: str, code: int) -> None:
+        (self.healthz if path == "/healthz" else self.livez).labels(code=str(code)).inc()
+
+    def routes(self) -> dict[str, Route]:
+        def metrics() -> Response:
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+        def proxy_mode() -> Response:
+            return 200, "text/plain; charset=utf-8", self.mode.encode()
+
+        def ok() -> Response:
+            return 200, "text/plain; charset=utf-8", b"ok"
+
+        return {"/metrics": metrics, "/proxyMode": proxy_mode, "/healthz": ok}
+
+    def server(self, address: str) -> Server:
+        return Server(address, self.routes(), name="metrics")

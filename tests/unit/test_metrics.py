@@ -1,0 +1,41 @@
+"""Metric names, types and the metrics server's endpoints."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from kproxy.metrics import Metrics
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return r.status, r.headers["Content-Type"], r.read().decode()
+
+
+def test_upstream_names_and_endpoints() -> None:
+    m = Metrics("iptables")
+    m.sync_duration.labels(ip_family="IPv4").observe(0.02)
+    m.service_changes.inc()
+    m.no_local_endpoints.labels(ip_family="IPv4", traffic_policy="external").set(2)
+    m.health_answered("/healthz", 503)
+    server = m.server("127.0.0.1:0")
+    server.start()
+    try:
+        code, ctype, body = get(server.port, "/metrics")
+        assert code == 200 and ctype.startswith("text/plain")
+        for line in (
+            "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
+            'kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="0.032"} 1.0',
+            "kubeproxy_sync_proxy_rules_service_changes_total 1.0",
+            "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+            "# TYPE kubeproxy_network_programming_duration_seconds histogram",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+            '{ip_family="IPv4",traffic_policy="external"} 2.0',
+            'kubeproxy_proxy_healthz_total{code="503"} 1.0',
+            "# TYPE kubeproxy_sync_proxy_rules_iptables_restore_failures_total counter",
+        ):
+            assert line in body, line
+        assert get(server.port, "/proxyMode")[2] == "iptables"
+        assert get(server.port, "/healthz")[2] == "ok"
+    finally:
+        server.close()
