@@ -29,9 +29,10 @@ from kproxy.http import Server
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
 from kproxy.metrics import Metrics
-from kproxy.model import Family
+from kproxy.model import Family, ServiceKey
 from kproxy.netinfo import iptables_families
 from kproxy.runner import Due, Runner
+from kproxy.service_health import ServiceHealthServers, Wanted
 from kproxy.sources.manifests import ManifestSource
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Daemon:
             on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind=kind).inc(),
         )
         self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
+        self.service_health = ServiceHealthServers(lambda: self.health.status()[0])
         self.stop = asyncio.Event()
 
     def _changed(self, resource: str) -> None:
@@ -75,6 +77,23 @@ class Daemon:
     def _pending_metrics(self) -> None:
         self.metrics.service_changes_pending.set(self.controller.services.pending)
         self.metrics.endpoint_changes_pending.set(self.controller.endpoints.pending)
+
+    def _health_checks(self) -> dict[ServiceKey, Wanted]:
+        """healthCheckNodePort per Service, with this node's ready endpoints counted."""
+        c = self.controller
+        out: dict[ServiceKey, Wanted] = {}
+        for key in list(c.services.keys()):
+            svc = c.services.get(key)
+            if svc is None or not svc.health_check_node_port:
+                continue
+            local = {
+                ep.ip
+                for port in c.endpoints.merged(key)
+                for ep, _ in port.endpoints
+                if ep.ready and ep.node_name == self.cfg.node_name
+            }
+            out[key] = Wanted(svc.health_check_node_port, len(local))
+        return out
 
     def _node_eligible(self) -> bool:
         node = self.controller.node
@@ -119,6 +138,7 @@ class Daemon:
             c.resend_all()
             return False
         self.syncs += 1
+        self.service_health.sync(self._health_checks())
         if any(r.full for r in reports.values()):
             self._last_full = started
         self.health.updated()
@@ -203,6 +223,7 @@ class Daemon:
             for server in (health_server, metrics_server):
                 if server is not None:
                     server.close()
+            self.service_health.close()
         log.info("kproxy stopped; rules left in place")
         return 0
 

@@ -1,8 +1,9 @@
 """A small HTTP server for kproxy's read-only endpoints (health, metrics, proxyMode).
 
-Each route is a function returning (status, content type, body); nothing a client sends can
-change anything (only GET is answered). Served from its own threads: a long sync never delays
-an answer, and a slow or malformed client never stalls a sync.
+Each route is a function returning (status, content type, body); the route "*" answers any
+path. Nothing a client sends can change anything (only GET is answered). Served from its own
+threads: a long sync never delays an answer, and a slow or malformed client never stalls a
+sync.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Server:
             timeout = 10
 
             def do_GET(self) -> None:
-                route = routes.get(self.path.split("?", 1)[0])
+                route = routes.get(self.path.split("?", 1)[0]) or routes.get("*")
                 if route is None:
                     self.send_error(404)
                     return

@@ -7,6 +7,7 @@ pod1 (10.244.1.2) runs on this node (node-a); pod2 and pod3 on node-b.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.privileged.harness import (
     ProxyLab,
     echo_service,
     echo_slice,
+    http_get,
     proxy_lab,
 )
 
@@ -166,3 +168,25 @@ def test_interface_name_prefix_detects_pod_traffic(lab: ProxyLab) -> None:
     assert {r.peer for r in servers(client, ECHO_IP, 80, 10)} == {client.ip}
     ext = lab.lab.client("ext")
     assert ext.ip not in {r.peer for r in servers(ext, ECHO_IP, 80, 10)}  # masqueraded
+
+
+def test_health_check_node_port_follows_local_endpoints(lab: ProxyLab) -> None:
+    svc = echo_service(externalTrafficPolicy="Local", healthCheckNodePort=32100)
+    svc["spec"]["type"] = "LoadBalancer"
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+    run(lab, svc)
+    ext = lab.lab.client("ext")
+    url = f"http://{lab.lab.node_ip}:32100/"
+    status, body = http_get(ext, url)
+    assert status == 200, body
+    assert json.loads(body) == {
+        "service": {"namespace": "default", "name": "echo"},
+        "localEndpoints": 1,
+        "serviceProxyHealthy": True,
+    }
+    # Only remote endpoints left: 503, and the load balancer stops sending to this node.
+    lab.put(echo_slice(["10.244.2.2", "10.244.3.2"]))
+    lab.wait(lambda: http_get(ext, url)[0] == 503, 10, "the health check to fail")
+    # The Service goes: so does its health check.
+    lab.delete("Service", "echo")
+    lab.wait(lambda: http_get(ext, url)[0] == 0, 10, "the health check port to close")
