@@ -20,8 +20,10 @@ import threading
 import time
 from typing import Any
 
+from kproxy import conntrack
 from kproxy.backends.iptables import IptablesProxier
 from kproxy.config import ProxyConfig
+from kproxy.conntrack import Reconciler
 from kproxy.control import Controller
 from kproxy.errors import ApplyError, CoreInputError
 from kproxy.health import HealthServer, ProxyHealth
@@ -29,7 +31,7 @@ from kproxy.http import Server
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
 from kproxy.metrics import Metrics
-from kproxy.model import Family, ServiceKey
+from kproxy.model import Family, Service, ServiceKey
 from kproxy.netinfo import iptables_families
 from kproxy.runner import Due, Runner
 from kproxy.service_health import ServiceHealthServers, Wanted
@@ -60,6 +62,9 @@ class Daemon:
         )
         self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
         self.service_health = ServiceHealthServers(lambda: self.health.status()[0])
+        self.conntrack = Reconciler()
+        # Services as of the last successful sync, to find the deleted ones' addresses.
+        self._synced_services: dict[ServiceKey, Service] = {}
         self.stop = asyncio.Event()
 
     def _changed(self, resource: str) -> None:
@@ -94,6 +99,22 @@ class Daemon:
             }
             out[key] = Wanted(svc.health_check_node_port, len(local))
         return out
+
+    async def _reconcile_conntrack(self) -> None:
+        """After the rules are in place (never before): drop UDP flows to stale endpoints."""
+        c = self.controller
+        current = {k: s for k in list(c.services.keys()) if (s := c.services.get(k)) is not None}
+        deleted = [s for k, s in self._synced_services.items() if k not in current]
+        self._synced_services = current
+        t = conntrack.targets(current.items(), {k: c.endpoints.merged(k) for k in current}, deleted)
+        started = time.monotonic()
+        try:
+            n = await asyncio.to_thread(self.conntrack.reconcile, t)
+        except Exception as e:  # conntrack missing or refused: rules are fine, log and go on
+            log.warning("conntrack reconciliation failed: %s", e)
+            return
+        self.metrics.conntrack_duration.observe(time.monotonic() - started)
+        self.metrics.conntrack_deleted.inc(n)
 
     def _node_eligible(self) -> bool:
         node = self.controller.node
@@ -139,6 +160,7 @@ class Daemon:
             return False
         self.syncs += 1
         self.service_health.sync(self._health_checks())
+        await self._reconcile_conntrack()
         if any(r.full for r in reports.values()):
             self._last_full = started
         self.health.updated()

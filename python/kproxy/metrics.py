@@ -85,6 +85,16 @@ class Metrics:
             "Number of iptables rules written in the last sync",
             ("ip_family", "table"),
         )
+        self.conntrack_duration = Histogram(
+            "conntrack_reconciler_sync_duration_seconds",
+            "Time to reconcile stale conntrack entries",
+            namespace=NS,
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.conntrack_deleted = counter(
+            "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted", ()
+        )
         self.healthz = counter("proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",))
         self.livez = counter("proxy_livez", "Cumulative proxy livez HTTP status", ("code",))
         self.invalid_objects = counter(

@@ -1,0 +1,104 @@
+"""The conntrack reconciler: delete UDP flows whose destination no longer serves.
+
+A UDP client that keeps sending on one socket keeps its conntrack entry alive, so after its
+endpoint goes away (or before any existed: the entry then points at the service address
+itself) its packets keep going where the entry says. After every successful sync the
+reconciler lists UDP entries once and deletes exactly those whose original destination is a
+service address and port (cluster IP, external IP, LB IP) or a NodePort, and whose reply
+source is not one of that port's serving endpoints - services with no endpoints left and
+deleted services included, as upstream's reconciler does. It never flushes wholesale, so a
+restart deletes nothing that still serves, and it never touches TCP.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pyroute2 import Conntrack
+
+from kproxy.model import PortEndpoints, Service, ServiceKey
+
+log = logging.getLogger(__name__)
+
+UDP = socket.IPPROTO_UDP
+
+
+class Flow(Protocol):
+    tuple_orig: Any
+    tuple_reply: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """Where UDP flows may legitimately go: service address:port -> serving endpoint IPs, and
+    NodePort -> serving endpoint IPs."""
+
+    addresses: dict[tuple[str, int], frozenset[str]] = field(default_factory=dict)
+    node_ports: dict[int, frozenset[str]] = field(default_factory=dict)
+
+
+def targets(
+    services: Iterable[tuple[ServiceKey, Service]],
+    endpoints: Mapping[ServiceKey, tuple[PortEndpoints, ...]],
+    deleted: Iterable[Service] = (),
+) -> Targets:
+    t = Targets()
+    for key, svc in services:
+        ports = {(p.name, p.protocol): p for p in endpoints.get(key, ())}
+        for spec in svc.ports:
+            if spec.protocol != "UDP":
+                continue
+            pe = ports.get((spec.name, "UDP"))
+            serving = (
+                frozenset(ep.ip for ep, _ in pe.endpoints if ep.serving) if pe else frozenset()
+            )
+            for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips):
+                t.addresses[(ip, spec.port)] = serving
+            if spec.node_port:
+                t.node_ports[spec.node_port] = serving
+    for svc in deleted:  # their flows go nowhere valid any more
+        for spec in svc.ports:
+            if spec.protocol == "UDP":
+                for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips):
+                    t.addresses.setdefault((ip, spec.port), frozenset())
+                if spec.node_port:
+                    t.node_ports.setdefault(spec.node_port, frozenset())
+    return t
+
+
+def stale(flows: Iterable[Flow], t: Targets) -> list[Flow]:
+    out = []
+    for f in flows:
+        o, r = f.tuple_orig, f.tuple_reply
+        if o.proto != UDP:
+            continue
+        serving = t.addresses.get((str(o.daddr), int(o.dport)))
+        if serving is None:
+            serving = t.node_ports.get(int(o.dport))
+        if serving is not None and str(r.saddr) not in serving:
+            out.append(f)
+    return out
+
+
+class Reconciler:
+    """Lists and deletes through netlink (pyroute2), in the calling thread's namespace."""
+
+    def __init__(self) -> None:
+        self.deleted = 0
+
+    def reconcile(self, t: Targets) -> int:
+        with Conntrack() as ct:
+            doomed = stale(ct.dump_entries(), t)
+            for f in doomed:
+                try:
+                    ct.delete(f)
+                except OSError as e:  # gone meanwhile (ENOENT) or refused: not fatal
+                    log.debug("conntrack delete %s: %s", f, e)
+        self.deleted += len(doomed)
+        if doomed:
+            log.info("deleted %d stale UDP conntrack entries", len(doomed))
+        return len(doomed)

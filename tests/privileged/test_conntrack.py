@@ -1,0 +1,87 @@
+"""Stale UDP conntrack entries, with real flows: a client socket that keeps sending to a
+ClusterIP follows its backend's replacement within one sync; TCP flows are untouched; a
+restart deletes nothing that still serves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netlab import netlab_unavailable_reason
+from tests.privileged.harness import (
+    ECHO_IP,
+    TCP_PORT,
+    ProxyLab,
+    echo_service,
+    echo_slice,
+    proxy_lab,
+)
+
+pytestmark = pytest.mark.privileged
+SRC_PORT = 40053  # one fixed source port: the same conntrack entry for every datagram
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[ProxyLab]:
+    reason = netlab_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"netlab unavailable: {reason}")
+    with proxy_lab(tmp_path, [echo_service(), echo_slice(["10.244.1.2"])]) as pl:
+        pl.lab.pod("pod1").start_tcp_server(TCP_PORT + 10, echo=True)
+        pl.start_daemon()
+        pl.wait_synced()
+        yield pl
+
+
+def udp_server(lab: ProxyLab) -> str | None:
+    r = lab.lab.pod("client").udp_probe(ECHO_IP, 80, timeout=1.0, src_port=SRC_PORT)
+    return r.server
+
+
+def conntrack_udp(lab: ProxyLab) -> list[str]:
+    out = lab.lab.node.exec(["conntrack", "-L", "-p", "udp"], timeout=10).stdout
+    return [ln for ln in out.splitlines() if f"sport={SRC_PORT}" in ln]
+
+
+def test_udp_flow_follows_the_replaced_backend(lab: ProxyLab) -> None:
+    assert udp_server(lab) == "pod1"
+    assert udp_server(lab) == "pod1"  # the flow is established: one conntrack entry
+    (entry,) = conntrack_udp(lab)
+    assert "src=10.244.1.2" in entry
+    # pod1 is replaced by pod2 (pod1 still runs: without the reconciler the flow stays on it).
+    lab.put(echo_slice(["10.244.2.2"]))
+    lab.wait(lambda: lab.dnat_targets() == {"10.244.2.2:8080", "10.244.2.2:8081"}, 5, "rules")
+    lab.wait(lambda: udp_server(lab) == "pod2", 5, "the flow to reach pod2", interval=0.2)
+    assert "deleted 1 stale UDP conntrack entries" in lab.log()
+
+
+def test_tcp_flows_are_untouched_and_a_restart_deletes_nothing_that_serves(lab: ProxyLab) -> None:
+    # A long-lived TCP connection through the ClusterIP to pod1's echo port.
+    svc = echo_service()
+    svc["spec"]["ports"].append({"name": "long", "port": 90, "protocol": "TCP", "targetPort": 8090})
+    lab.put(svc)
+    sl = echo_slice(["10.244.1.2"])
+    sl["ports"].append({"name": "long", "port": TCP_PORT + 10, "protocol": "TCP"})
+    lab.put(sl)
+    lab.wait(lambda: f"10.244.1.2:{TCP_PORT + 10}" in lab.dnat_targets(), 5, "the long port")
+    session = lab.lab.pod("client").tcp_session(ECHO_IP, 90)
+    try:
+        assert session.send("one").ok
+        assert udp_server(lab) == "pod1"
+        before = conntrack_udp(lab)
+        # Restart kproxy: the flow still serves, so its entry must survive.
+        assert lab.daemon is not None
+        lab.daemon.terminate()
+        lab.daemon.wait(timeout=10)
+        lab.start_daemon()
+        lab.wait_synced(count=2)
+        assert conntrack_udp(lab) and conntrack_udp(lab)[0].split()[2:6] == before[0].split()[2:6]
+        assert udp_server(lab) == "pod1"
+        # Endpoint changes elsewhere do not break the TCP connection either.
+        lab.put(echo_slice(["10.244.1.2", "10.244.3.2"]))
+        lab.wait(lambda: "10.244.3.2:8081" in lab.dnat_targets(), 5, "rules")
+        assert session.send("two").ok
+    finally:
+        session.close()
