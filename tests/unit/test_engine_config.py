@@ -1,0 +1,47 @@
+"""The per-family engine configuration the daemon derives from its own configuration."""
+
+from __future__ import annotations
+
+from kproxy.backends.iptables import engine_config, localhost_allowed
+from kproxy.config import build
+from kproxy.model import NodeInfo
+
+NODE = NodeInfo("node-a", addresses=("192.168.0.2", "fd00::2"), pod_cidrs=("10.244.1.0/24",))
+LOCAL = ["192.168.0.2", "192.168.1.2", "10.9.0.1", "127.0.0.1", "fd00::2"]
+
+
+def test_node_port_addresses_primary_and_cidrs() -> None:
+    cfg = build({}, {"hostname_override": "node-a", "nodeport_addresses": ("primary",)})
+    assert engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["nodeport_ips"] == [
+        "192.168.0.2",
+        "fd00::2",
+    ]
+    cfg = build({}, {"hostname_override": "node-a", "nodeport_addresses": ("192.168.0.0/16",)})
+    assert engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["nodeport_ips"] == [
+        "192.168.0.2",
+        "192.168.1.2",
+    ]
+    cfg = build({}, {"hostname_override": "node-a"})
+    assert engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["nodeport_ips"] is None  # all
+
+
+def test_local_detection_modes() -> None:
+    def local(**flags: object) -> tuple[object, object]:
+        cfg = build({}, {"hostname_override": "node-a", **flags})
+        c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)
+        return c["cluster_cidrs"], c["local_interface"]
+
+    assert local(cluster_cidrs=("10.244.0.0/16",)) == (["10.244.0.0/16"], None)
+    assert local(detect_local_mode="NodeCIDR") == (["10.244.1.0/24"], None)
+    assert local(detect_local_mode="BridgeInterface", pod_bridge_interface="cni0") == ([], "cni0")
+    assert local(detect_local_mode="InterfaceNamePrefix", pod_interface_name_prefix="veth") == (
+        [],
+        "veth+",
+    )
+    assert local(detect_local_mode="") == ([], None)
+
+
+def test_localhost_node_ports_need_loopback_in_node_port_addresses() -> None:
+    assert localhost_allowed(build({}, {}))
+    assert localhost_allowed(build({}, {"nodeport_addresses": ("127.0.0.0/8",)}))
+    assert not localhost_allowed(build({}, {"nodeport_addresses": ("192.168.0.0/16", "primary")}))
