@@ -142,6 +142,7 @@ class Daemon:
             log.warning("our chains were removed by someone else; rewriting everything")
             full = True
         changes = c.drain()
+        triggers = c.endpoints.take_triggers()
         self._pending_metrics()
         try:
             reports = await asyncio.to_thread(self.proxier.sync, changes, full)
@@ -172,6 +173,9 @@ class Daemon:
                 ip_family=fam
             ).observe(elapsed)
             m.last_sync.labels(ip_family=fam).set_to_current_time()
+            now = time.time()
+            for t in triggers.values():
+                m.network_programming.labels(ip_family=fam).observe(max(0.0, now - t))
             m.no_local_endpoints.labels(ip_family=fam, traffic_policy="internal").set(
                 r.no_local_internal
             )

@@ -107,6 +107,9 @@ class EndpointSlice:
     family: Family
     ports: tuple[SlicePort, ...]
     endpoints: tuple[Endpoint, ...]
+    # endpoints.kubernetes.io/last-change-trigger-time (seconds since the epoch): when the
+    # change that produced this slice happened, for the network programming latency metric.
+    trigger_time: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
 
 from kproxy.errors import InvalidObjectError
@@ -37,6 +38,7 @@ T = TypeVar("T")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 DEFAULT_AFFINITY_TIMEOUT = 10800
@@ -353,6 +355,7 @@ def normalize_endpoint_slice(obj: Mapping[str, Any]) -> Normalized[EndpointSlice
                 node_hints=_hint_names(hints.get("forNodes")),
             )
         )
+    annotations = o.mapping(o.meta, "annotations", "metadata.annotations")
     value = EndpointSlice(
         namespace=o.namespace,
         name=o.name,
@@ -360,8 +363,20 @@ def normalize_endpoint_slice(obj: Mapping[str, Any]) -> Normalized[EndpointSlice
         family=family,
         ports=tuple(ports),
         endpoints=tuple(endpoints),
+        trigger_time=_timestamp(annotations.get(TRIGGER_TIME_ANNOTATION)),
     )
     return Normalized(value, tuple(o.warnings))
+
+
+def _timestamp(v: object) -> float | None:
+    """An RFC 3339 timestamp in seconds since the epoch (None if absent or unparsable)."""
+    if not isinstance(v, str):
+        return None
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t.timestamp() if t.tzinfo is not None else None
 
 
 def _flag(v: object, default: bool) -> bool:

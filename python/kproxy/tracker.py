@@ -129,6 +129,12 @@ class EndpointsTracker:
         self._owner: dict[tuple[str, str], ServiceKey] = {}
         self._handed: dict[ServiceKey, Merged] = {}
         self._dirty: set[ServiceKey] = set()
+        self._triggers: dict[ServiceKey, float] = {}
+
+    def take_triggers(self) -> dict[ServiceKey, float]:
+        """The oldest change trigger time per Service since the last call."""
+        out, self._triggers = self._triggers, {}
+        return out
 
     def update(self, namespace: str, name: str, sl: EndpointSlice | None) -> bool:
         """Record a slice's new value (None: gone or no longer proxied)."""
@@ -143,6 +149,9 @@ class EndpointsTracker:
                 self._slices.pop(old_owner, None)
             self._dirty.add(old_owner)
         if sl is not None:
+            if sl.trigger_time is not None:
+                prev = self._triggers.get(sl.service)
+                self._triggers[sl.service] = min(prev or sl.trigger_time, sl.trigger_time)
             self._owner[slice_id] = sl.service
             self._slices.setdefault(sl.service, {})[name] = sl
             self._dirty.add(sl.service)

@@ -819,3 +819,15 @@ def test_node_with_other_taints_is_not_terminating() -> None:
     obj = k.node("node-a")
     obj["spec"]["taints"] = [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]
     assert not normalize_node(obj).terminating
+
+
+def test_endpoint_slice_trigger_time() -> None:
+    obj = web_slice(k.endpoint("10.0.0.1"))
+    obj["metadata"]["annotations"] = {
+        "endpoints.kubernetes.io/last-change-trigger-time": "2026-11-26T10:00:00Z"
+    }
+    n = normalize_endpoint_slice(obj)
+    assert n.value is not None and n.value.trigger_time == 1795687200.0
+    obj["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": "later"}
+    n = normalize_endpoint_slice(obj)
+    assert n.value is not None and n.value.trigger_time is None

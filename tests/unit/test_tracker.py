@@ -119,3 +119,11 @@ def test_change_set_wire_format_matches_the_core() -> None:
         "node_hints": [],
     }
     assert bool(cs) and not bool(ChangeSet())
+
+
+def test_trigger_times_are_taken_once_oldest_first() -> None:
+    t = EndpointsTracker()
+    t.update("ns", "a", EndpointSlice("ns", "a", KEY, "IPv4", (), (), trigger_time=200.0))
+    t.update("ns", "b", EndpointSlice("ns", "b", KEY, "IPv4", (), (), trigger_time=100.0))
+    assert t.take_triggers() == {KEY: 100.0}
+    assert t.take_triggers() == {}
