@@ -30,6 +30,7 @@ from kproxy.health import HealthServer, ProxyHealth
 from kproxy.http import Server
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
+from kproxy.k8s.events import Recorder
 from kproxy.metrics import Metrics
 from kproxy.model import Family, Service, ServiceKey
 from kproxy.netinfo import iptables_families
@@ -61,7 +62,14 @@ class Daemon:
             on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind=kind).inc(),
         )
         self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
-        self.service_health = ServiceHealthServers(lambda: self.health.status()[0])
+        self.factory: ClientFactory | None = None
+        self.events: Recorder | None = None
+        if cfg.manifests is None:
+            self.factory = ClientFactory(cfg.kubeconfig, cfg.master)
+            self.events = Recorder(self.factory, cfg.node_name)
+        self.service_health = ServiceHealthServers(
+            lambda: self.health.status()[0], on_bind_error=self._health_check_failed
+        )
         self.conntrack = Reconciler()
         # Services as of the last successful sync, to find the deleted ones' addresses.
         self._synced_services: dict[ServiceKey, Service] = {}
@@ -82,6 +90,10 @@ class Daemon:
     def _pending_metrics(self) -> None:
         self.metrics.service_changes_pending.set(self.controller.services.pending)
         self.metrics.endpoint_changes_pending.set(self.controller.endpoints.pending)
+
+    def _health_check_failed(self, key: ServiceKey, port: int, error: OSError) -> None:
+        if self.events is not None:
+            self.events.health_check_failed(key.namespace, key.name, port, str(error))
 
     def _health_checks(self) -> dict[ServiceKey, Wanted]:
         """healthCheckNodePort per Service, with this node's ready endpoints counted."""
@@ -229,7 +241,7 @@ class Daemon:
             tasks.append(asyncio.create_task(source.run(self.stop)))
         else:
             sink = _LoopSink(loop, self.controller)
-            factory = ClientFactory(self.cfg.kubeconfig, self.cfg.master)
+            factory = self.factory or ClientFactory(self.cfg.kubeconfig, self.cfg.master)
             for res in (
                 informer.services(),
                 informer.endpoint_slices(),
@@ -239,6 +251,8 @@ class Daemon:
                 informers.append(inf)
                 inf.start()
         log.info("kproxy started: mode %s, node %s", self.cfg.mode, self.cfg.node_name)
+        if self.events is not None:
+            self.events.starting()
         try:
             await self.runner.run(self.stop)
         finally:

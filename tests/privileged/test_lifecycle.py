@@ -128,3 +128,12 @@ def test_metrics_and_proxy_mode_are_served(lab: ProxyLab) -> None:
     assert values['kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"}'] >= 1
     assert values['kubeproxy_sync_proxy_rules_iptables_last{ip_family="IPv4",table="nat"}'] > 0
     assert http_get(lab.lab.node, "http://127.0.0.1:10249/proxyMode") == (200, "iptables")
+    # And the Starting event reached the API server.
+    lab.wait(
+        lambda: any(
+            e["reason"] == "Starting"
+            for e in lab.call(lambda: lab.api.list_objects("Event.events.k8s.io"))
+        ),
+        10,
+        "the Starting event",
+    )
