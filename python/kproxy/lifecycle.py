@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
 
 from kproxy import _core
 from kproxy.errors import KproxyError
 
 log = logging.getLogger(__name__)
+
+# What kube-proxy's other modes leave on a node: the nftables mode's tables, the ipvs mode's
+# dummy interface and ipsets. Cleaning them lets kproxy replace a kube-proxy in any mode.
+NFT_TABLES = (("ip", "kube-proxy"), ("ip6", "kube-proxy"))
+IPVS_INTERFACE = "kube-ipvs0"
+IPSET_PREFIXES = ("KUBE-",)
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
 
 def cleanup() -> int:
@@ -23,4 +37,28 @@ def cleanup() -> int:
         except KproxyError as e:
             log.error("%s cleanup failed: %s", tool, e)
             status = 1
+    for fam, table in NFT_TABLES:
+        listed = _run(["nft", "list", "table", fam, table])
+        if listed is not None and listed.returncode == 0:
+            r = _run(["nft", "delete", "table", fam, table])
+            if r is not None and r.returncode != 0:
+                log.error("nft delete table %s %s: %s", fam, table, r.stderr.strip())
+                status = 1
+            else:
+                log.info("nftables: removed table %s %s", fam, table)
+    if os.path.exists(f"/sys/class/net/{IPVS_INTERFACE}"):
+        # Flush IPVS first (if the module is loaded), then the dummy interface holding the VIPs.
+        if os.path.exists("/proc/net/ip_vs"):
+            _run(["ipvsadm", "--clear"])
+        r = _run(["ip", "link", "del", IPVS_INTERFACE])
+        if r is not None and r.returncode != 0:
+            log.error("ip link del %s: %s", IPVS_INTERFACE, r.stderr.strip())
+            status = 1
+    names = _run(["ipset", "list", "-n"])
+    if names is not None and names.returncode == 0:
+        for name in names.stdout.split():
+            if name.startswith(IPSET_PREFIXES):
+                r = _run(["ipset", "destroy", name])
+                if r is not None and r.returncode != 0:  # still referenced by someone's rule
+                    log.warning("ipset %s kept: %s", name, r.stderr.strip())
     return status

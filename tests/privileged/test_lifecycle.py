@@ -66,6 +66,21 @@ def test_a_node_being_deleted_fails_healthz_but_not_livez(lab: ProxyLab) -> None
     assert http_get(lab.lab.node, LIVEZ)[0] == 200
 
 
+def test_cleanup_also_removes_what_kube_proxys_other_modes_leave(lab: ProxyLab) -> None:
+    node = lab.lab.node
+    node.exec(["nft", "add", "table", "ip", "kube-proxy"], check=True)
+    node.exec(["nft", "add", "table", "ip", "someone-else"], check=True)
+    node.exec(["ipset", "create", "KUBE-CLUSTER-IP", "hash:ip,port"], check=True)
+    node.exec(["ipset", "create", "OTHER-SET", "hash:ip"], check=True)
+    r = node.exec([sys.executable, "-m", "kproxy", "cleanup"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    tables = node.exec(["nft", "list", "tables"], check=True).stdout
+    assert "kube-proxy" not in tables and "someone-else" in tables
+    sets = node.exec(["ipset", "list", "-n"], check=True).stdout.split()
+    assert sets == ["OTHER-SET"]
+    node.exec(["ipset", "destroy", "OTHER-SET"], check=True)
+
+
 def test_cleanup_removes_everything_and_is_safe_to_repeat(lab: ProxyLab) -> None:
     cleanup = [sys.executable, "-m", "kproxy", "cleanup"]
     # On a node kproxy never ran on.
