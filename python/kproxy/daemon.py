@@ -196,6 +196,8 @@ class Daemon:
             )
             m.rules_last.labels(ip_family=fam, table="nat").set(r.nat_rules)
             m.rules_last.labels(ip_family=fam, table="filter").set(r.filter_rules)
+            m.rules_total.labels(ip_family=fam, table="nat").set(r.nat_rules_total)
+            m.rules_total.labels(ip_family=fam, table="filter").set(r.filter_rules_total)
             if r.wrote:
                 log.info(
                     "synced %s %s: %d service ports, %d endpoints; wrote %d chains, %d nat and "

@@ -95,6 +95,11 @@ class Metrics:
         self.conntrack_deleted = counter(
             "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted", ()
         )
+        self.rules_total = gauge(
+            "sync_proxy_rules_iptables_total",
+            "Number of iptables rules owned by kube-proxy",
+            ("ip_family", "table"),
+        )
         self.healthz = counter("proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",))
         self.livez = counter("proxy_livez", "Cumulative proxy livez HTTP status", ("code",))
         self.invalid_objects = counter(

@@ -135,6 +135,9 @@ pub struct SyncReport {
     pub nat_rules: usize,
     pub filter_rules: usize,
     pub chains_written: usize,
+    /// Rules kproxy owns in the kernel after this sync.
+    pub nat_rules_total: usize,
+    pub filter_rules_total: usize,
     /// iptables-restore runs (a large sync is applied in batches).
     pub transactions: usize,
     pub stale_chains_deleted: usize,
@@ -253,6 +256,7 @@ impl Engine {
         report.endpoints = totals.endpoints;
         report.no_local_internal = totals.no_local_internal;
         report.no_local_external = totals.no_local_external;
+        (report.filter_rules_total, report.nat_rules_total) = self.writer.rule_totals();
         report.nat_rules = plan.nat_rule_count();
         report.filter_rules = plan.filter_rule_count();
         report.chains_written = plan.chains_written();
@@ -376,6 +380,34 @@ mod tests {
             endpoints.join(",")
         );
         ChangeSet::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn rule_totals_count_what_the_kernel_holds() {
+        let mut engine = Engine::with_backend(config(), Box::new(Fake::new()));
+        let r = engine.sync(cluster(20, 3), true).unwrap();
+        let dump = engine.dump().unwrap();
+        let count = |table: &str| {
+            dump.split("COMMIT")
+                .find(|t| t.contains(&format!("*{table}")))
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("-A KUBE-"))
+                .count()
+        };
+        assert_eq!(r.nat_rules_total, count("nat"));
+        assert_eq!(r.filter_rules_total, count("filter"));
+        let r = engine.sync(cluster(1, 1), false).unwrap();
+        assert!(!r.full);
+        let dump = engine.dump().unwrap();
+        let nat: usize = dump
+            .split("COMMIT")
+            .find(|t| t.contains("*nat"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-"))
+            .count();
+        assert_eq!(r.nat_rules_total, nat);
     }
 
     #[test]

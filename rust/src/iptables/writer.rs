@@ -20,6 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Debug, Default, Clone)]
 struct Owned {
     chains: BTreeSet<String>,
+    /// Rules in the Service's own chains.
+    rules: usize,
     entries: Vec<((Root, Path), EntryId)>,
     counts: Counts,
 }
@@ -184,11 +186,27 @@ pub struct Writer {
     /// Dispatch chains (roots included) as last written: (table, chain) -> rules.
     written: BTreeMap<(&'static str, String), Vec<String>>,
     totals: Counts,
+    /// Rules in the fixed chains as of the last full sync: (filter, nat).
+    fixed_rules: (usize, usize),
 }
 
 impl Writer {
     pub fn totals(&self) -> Counts {
         self.totals
+    }
+
+    /// Rules kproxy owns in the kernel after the last sync: (filter, nat).
+    pub fn rule_totals(&self) -> (usize, usize) {
+        let (mut filter, mut nat) = self.fixed_rules;
+        for ((table, _), rules) in &self.written {
+            if *table == "nat" {
+                nat += rules.len();
+            } else {
+                filter += rules.len();
+            }
+        }
+        nat += self.services.values().map(|o| o.rules).sum::<usize>();
+        (filter, nat)
     }
 
     /// Plan a partial sync of the `changed` Services.
@@ -216,6 +234,7 @@ impl Writer {
             }
 
             let mut owned = Owned {
+                rules: new.nat.rule_count,
                 chains: new.nat.chains,
                 entries: Vec::with_capacity(new.entries.len()),
                 counts: new.counts,
@@ -300,6 +319,7 @@ impl Writer {
             self.refresh(root, None, cfg, &mut plan);
         }
         let (filter, nat) = fixed_chains(cfg);
+        self.fixed_rules = (filter.rule_count, nat.rule_count);
         plan.fixed_filter = filter;
         plan.fixed_nat = nat;
         plan.fixed_filter.chain(CANARY);

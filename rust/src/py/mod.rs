@@ -47,6 +47,14 @@ impl SyncReport {
         self.0.filter_rules
     }
     #[getter]
+    fn nat_rules_total(&self) -> usize {
+        self.0.nat_rules_total
+    }
+    #[getter]
+    fn filter_rules_total(&self) -> usize {
+        self.0.filter_rules_total
+    }
+    #[getter]
     fn transactions(&self) -> usize {
         self.0.transactions
     }
