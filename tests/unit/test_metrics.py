@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 import urllib.request
 
 from kproxy.metrics import Metrics
@@ -37,5 +39,29 @@ def test_upstream_names_and_endpoints() -> None:
             assert line in body, line
         assert get(server.port, "/proxyMode")[2] == "iptables"
         assert get(server.port, "/healthz")[2] == "ok"
+    finally:
+        server.close()
+
+
+def test_malformed_requests_change_nothing_and_do_not_block() -> None:
+    m = Metrics("iptables")
+    server = m.server("127.0.0.1:0")
+    server.start()
+    try:
+        before = get(server.port, "/metrics")[2]
+        # A client that connects and says nothing, one that sends garbage, a POST.
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        with socket.create_connection(("127.0.0.1", server.port)) as junk:
+            junk.sendall(b"\x00\xff garbage\r\n\r\n")
+            junk.recv(1024)
+        with socket.create_connection(("127.0.0.1", server.port)) as post:
+            post.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            status_line = post.recv(1024).split(b"\r\n")[0]
+            assert status_line.split()[1] == b"501"
+        t = time.perf_counter()
+        code, _, after = get(server.port, "/metrics")
+        assert code == 200 and time.perf_counter() - t < 2  # the idle client holds nothing up
+        assert after == before
+        idle.close()
     finally:
         server.close()
