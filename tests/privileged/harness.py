@@ -8,6 +8,7 @@ API server with method calls and watches the kernel with ``iptables-save``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -77,7 +78,9 @@ class ProxyLab:
     def delete(self, kind: str, name: str, namespace: str = "default") -> None:
         self.call(lambda: self.api.delete(kind, namespace, name))
 
-    def start_daemon(self, *extra: str) -> subprocess.Popen[str]:
+    def start_daemon(self, *extra: str, path: str | None = None) -> subprocess.Popen[str]:
+        """Start kproxy in the node namespace; ``path`` is put first on its PATH (fault
+        injection: stand-in tools)."""
         args = [
             sys.executable, "-m", "kproxy", "daemon",
             "--master", self.api.api_url,
@@ -88,8 +91,11 @@ class ProxyLab:
             "-v", "4",
             *extra,
         ]  # fmt: skip
+        env = dict(os.environ)
+        if path is not None:
+            env["PATH"] = f"{path}:{env.get('PATH', '')}"
         log = self.log_path.open("a")
-        self.daemon = self.lab.node.popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.daemon = self.lab.node.popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self.daemon
 
