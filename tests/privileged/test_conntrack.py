@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import netlab_unavailable_reason
 from tests.privileged.harness import (
     ECHO_IP,
     TCP_PORT,
@@ -25,9 +24,6 @@ SRC_PORT = 40053  # one fixed source port: the same conntrack entry for every da
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    reason = netlab_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"netlab unavailable: {reason}")
     with proxy_lab(tmp_path, [echo_service(), echo_slice(["10.244.1.2"])]) as pl:
         pl.lab.pod("pod1").start_tcp_server(TCP_PORT + 10, echo=True)
         pl.start_daemon()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import netlab_unavailable_reason
 from tests.privileged.harness import (
     ECHO_IP,
     ProxyLab,
@@ -36,9 +35,6 @@ exec {real} "$@"
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    reason = netlab_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"netlab unavailable: {reason}")
     with proxy_lab(tmp_path, [echo_service(), echo_slice(["10.244.1.2"])]) as pl:
         yield pl
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import k8sobjects as k
-from tests.netlab import NetNs, netlab_unavailable_reason
+from tests.netlab import NetNs
 from tests.privileged.harness import (
     ECHO_IP,
     EMPTY_IP,
@@ -36,9 +36,6 @@ BACKENDS = {"pod1", "pod2", "pod3"}
 
 @pytest.fixture
 def pl(tmp_path: Path) -> Iterator[ProxyLab]:
-    reason = netlab_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"netlab unavailable: {reason}")
     with proxy_lab(tmp_path, [echo_service(), echo_slice(PODS), empty_service()]) as lab:
         lab.start_daemon()
         lab.wait_synced()

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from tests import k8sobjects as k
-from tests.netlab import netlab_unavailable_reason
 from tests.privileged.harness import (
     ECHO_IP,
     NODE_PORT_TCP,
@@ -35,9 +34,6 @@ EXTERNAL_IP = "10.96.150.1"
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    reason = netlab_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"netlab unavailable: {reason}")
     with proxy_lab(tmp_path) as pl:
         yield pl
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests import k8sobjects as k
-from tests.netlab import netlab_unavailable_reason
 from tests.privileged.harness import (
     ECHO_IP,
     ProxyLab,
@@ -28,9 +27,6 @@ LIVEZ = "http://127.0.0.1:10256/livez"
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    reason = netlab_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"netlab unavailable: {reason}")
     with proxy_lab(tmp_path, [echo_service(), echo_slice(["10.244.1.2"])]) as pl:
         yield pl
 

@@ -14,7 +14,6 @@ import pytest
 from kproxy import _core
 from kproxy.config import ProxyConfig
 from kproxy.tools import rendered
-from tests.netlab import netlab_unavailable_reason
 from tests.privileged.harness import (
     CLUSTER_CIDR,
     ECHO_IP,
@@ -34,9 +33,6 @@ pytestmark = pytest.mark.privileged
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    reason = netlab_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"netlab unavailable: {reason}")
     local = echo_service(externalTrafficPolicy="Local", sessionAffinity="ClientIP")
     local["metadata"]["name"] = "local"
     local["spec"]["clusterIP"] = local["spec"]["clusterIPs"][0] = "10.96.0.30"
