@@ -72,3 +72,31 @@ def test_a_failed_restore_keeps_the_previous_rules_and_is_retried(
     ]  # fmt: skip
     assert sum(float(ln.split()[-1]) for ln in failures) >= 2
     assert "synced IPv4 full" in lab.log().rsplit("sync failed", 1)[1]
+
+
+def test_sigkill_and_restart_keep_established_connections_and_rules(lab: ProxyLab) -> None:
+    lab.start_daemon()
+    lab.wait_synced()
+    lab.lab.pod("pod1").start_tcp_server(8090, echo=True)
+    svc = echo_service()
+    svc["spec"]["ports"].append({"name": "long", "port": 90, "protocol": "TCP", "targetPort": 8090})
+    sl = echo_slice(["10.244.1.2"])
+    sl["ports"].append({"name": "long", "port": 8090, "protocol": "TCP"})
+    lab.put(svc)
+    lab.put(sl)
+    lab.wait(lambda: "10.244.1.2:8090" in lab.dnat_targets(), 5, "the long-lived port")
+    session = lab.lab.pod("client").tcp_session(ECHO_IP, 90)
+    try:
+        assert session.send("before").ok
+        rules_before = lab.nat()
+        assert lab.daemon is not None
+        lab.daemon.kill()  # SIGKILL: no chance to clean up anything
+        lab.daemon.wait(timeout=10)
+        assert lab.nat() == rules_before  # nothing flushed
+        assert session.send("while down").ok
+        lab.start_daemon()
+        lab.wait_synced(count=2)  # a full sync on start
+        assert session.send("after").ok
+        assert lab.lab.pod("client").tcp_probe(ECHO_IP, 80).server == "pod1"
+    finally:
+        session.close()
