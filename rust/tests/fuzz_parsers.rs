@@ -1,0 +1,42 @@
+//! Property tests: the parsers that read outside input never panic, whatever they are fed,
+//! and only valid names ever come out of a change set.
+
+use _core::iptables::trace::Ruleset;
+use _core::model::ChangeSet;
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn iptables_save_parser_never_panics(text in "(\\PC|\\n){0,400}") {
+        let _ = Ruleset::parse(&text);
+    }
+
+    #[test]
+    fn iptables_parser_survives_rule_shaped_noise(
+        chain in "[A-Z-]{1,12}",
+        args in prop::collection::vec("(-[a-z!]{1,3}|--[a-z-]{1,12}|\"[^\"]{0,8}\"|[0-9./:!]{1,10}|[A-Za-z]{1,8})", 0..16),
+    ) {
+        let text = format!("*nat\n:{chain} - [0:0]\n-A {chain} {}\nCOMMIT\n", args.join(" "));
+        let _ = Ruleset::parse(&text);
+    }
+
+    #[test]
+    fn change_set_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let _ = ChangeSet::from_json(&bytes);
+    }
+
+    #[test]
+    fn decoded_names_are_always_dns_labels(name in "\\PC{0,70}") {
+        let json = format!(
+            r#"{{"services":[{{"namespace":"ns","name":{},"service":{{"ports":[]}}}}]}}"#,
+            serde_json::to_string(&name).unwrap()
+        );
+        if let Ok(cs) = ChangeSet::from_json(json.as_bytes()) {
+            let n = cs.services[0].key.name.as_str();
+            prop_assert!(n.len() <= 63);
+            prop_assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        }
+    }
+}
