@@ -88,10 +88,7 @@ class Cluster:
         return c
 
     def proxier(self, families: Sequence[Family] = ("IPv4", "IPv6")) -> IptablesProxier:
-        c = self.controller()
-        p = IptablesProxier(self.config, families, c.node, backend="fake")
-        p.sync(c.drain(), True)
-        return p
+        return tools.programmed(self.config, self.controller(), families)
 
     def render(self) -> dict[Family, str]:
         """The rules per IP family, as ``iptables-restore --noflush`` input."""
@@ -109,9 +106,9 @@ class Cluster:
     ) -> Trace:
         """Where the first packet of a connection from ``src`` to ``dst:port`` goes."""
         family: Family = "IPv6" if ":" in dst else "IPv4"
-        p = self.proxier((family,))
-        node = self.controller().node
-        ips = list(node_ips) or (list(node.addresses) if node else [])
+        c = self.controller()
+        p = tools.programmed(self.config, c, (family,))
+        ips = list(node_ips) or (list(c.node.addresses) if c.node else [])
         return _core.trace_iptables(
             p.engines[family].dump(), src, dst, protocol, port,
             "local" if from_node else "external", ips,

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pyroute2 import Conntrack
 
-from kproxy.model import PortEndpoints, Service, ServiceKey
+from kproxy.model import PortEndpoints, PortSpec, Service, ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ class Targets:
     node_ports: dict[int, frozenset[str]] = field(default_factory=dict)
 
 
+def _udp_ports(svc: Service) -> Iterator[tuple[PortSpec, tuple[str, ...]]]:
+    """Each UDP port of a Service with every address it is reachable on."""
+    addresses = (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips)
+    for spec in svc.ports:
+        if spec.protocol == "UDP":
+            yield spec, addresses
+
+
 def targets(
     services: Iterable[tuple[ServiceKey, Service]],
     endpoints: Mapping[ServiceKey, tuple[PortEndpoints, ...]],
@@ -49,24 +57,21 @@ def targets(
     t = Targets()
     for key, svc in services:
         ports = {(p.name, p.protocol): p for p in endpoints.get(key, ())}
-        for spec in svc.ports:
-            if spec.protocol != "UDP":
-                continue
+        for spec, addresses in _udp_ports(svc):
             pe = ports.get((spec.name, "UDP"))
             serving = (
                 frozenset(ep.ip for ep, _ in pe.endpoints if ep.serving) if pe else frozenset()
             )
-            for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips):
+            for ip in addresses:
                 t.addresses[(ip, spec.port)] = serving
             if spec.node_port:
                 t.node_ports[spec.node_port] = serving
     for svc in deleted:  # their flows go nowhere valid any more
-        for spec in svc.ports:
-            if spec.protocol == "UDP":
-                for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips):
-                    t.addresses.setdefault((ip, spec.port), frozenset())
-                if spec.node_port:
-                    t.node_ports.setdefault(spec.node_port, frozenset())
+        for spec, addresses in _udp_ports(svc):
+            for ip in addresses:
+                t.addresses.setdefault((ip, spec.port), frozenset())
+            if spec.node_port:
+                t.node_ports.setdefault(spec.node_port, frozenset())
     return t
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import subprocess
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from kproxy import _core, netns
@@ -54,11 +55,17 @@ def snapshot(cfg: ProxyConfig) -> Controller:
     return c
 
 
-def rendered(cfg: ProxyConfig) -> IptablesProxier:
-    c = snapshot(cfg)
-    proxier = IptablesProxier(cfg, FAMILIES, c.node, backend="fake")
+def programmed(
+    cfg: ProxyConfig, c: Controller, families: Sequence[Family] = FAMILIES
+) -> IptablesProxier:
+    """Engines on their in-memory kernel, programmed with everything ``c`` holds."""
+    proxier = IptablesProxier(cfg, families, c.node, backend="fake")
     proxier.sync(c.drain(), True)
     return proxier
+
+
+def rendered(cfg: ProxyConfig) -> IptablesProxier:
+    return programmed(cfg, snapshot(cfg))
 
 
 def render_command(cfg: ProxyConfig) -> int:
@@ -107,9 +114,7 @@ def trace_command(
         locals_ = node_ips or local_addresses()
     else:
         c = snapshot(cfg)
-        proxier = IptablesProxier(cfg, (family,), c.node, backend="fake")
-        proxier.sync(c.drain(), True)
-        rules = proxier.engines[family].dump()
+        rules = programmed(cfg, c, (family,)).engines[family].dump()
         locals_ = node_ips or (list(c.node.addresses) if c.node else local_addresses())
     origin = "local" if from_node else "external"
     t = _core.trace_iptables(rules, src_ip, ip, proto, port, origin, locals_)

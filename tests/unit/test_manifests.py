@@ -22,8 +22,8 @@ class Sets:
         self.sets[resource] = sorted(o["metadata"]["name"] for o in objects)
 
 
-def write(path: Path, *objs: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump_all(objs))
+def write(path: Path, *objs: dict[str, Any], text: str | None = None) -> None:
+    path.write_text(yaml.safe_dump_all(objs) if text is None else text)
     # Make the change visible even within one mtime tick.
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
@@ -71,8 +71,6 @@ def test_a_broken_file_keeps_its_previous_objects(tmp_path: Path) -> None:
     got = Sets()
     src = ManifestSource(str(tmp_path), got.replace)
     src.load()
-    f.write_text("kind: Service\nmetadata: [unclosed\n")
-    st = f.stat()
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000))
+    write(f, text="kind: Service\nmetadata: [unclosed\n")
     src.load()
     assert got.sets["services"] == ["a"]  # a half-written file never removes Services
