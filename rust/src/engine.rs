@@ -5,8 +5,10 @@
 
 use crate::error::{Error, Result};
 use crate::iptables::render::LocalDetector;
+use crate::iptables::trace::{NodeFacts, Packet, Trace};
 use crate::iptables::{self, chains, writer::Writer, Backend, RenderConfig};
 use crate::model::{ChangeSet, Cidr, IpFamily, ServiceKey};
+use crate::nftables::{self, program::Program};
 use crate::state::State;
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -27,6 +29,15 @@ pub enum BackendKind {
     Kernel,
     /// An in-memory kernel (tests, `render`, dry runs).
     Fake,
+}
+
+/// How the kernel is programmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Iptables,
+    Nftables,
 }
 
 /// Static configuration of one engine (JSON from Python).
@@ -60,6 +71,8 @@ pub struct EngineConfig {
     pub node_ips: Vec<IpAddr>,
     #[serde(default)]
     pub backend: BackendKind,
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 fn default_masquerade_bit() -> u8 {
@@ -144,38 +157,76 @@ pub struct SyncReport {
     pub bytes: usize,
     pub no_local_internal: usize,
     pub no_local_external: usize,
+    /// nftables: set and map elements added and deleted by this sync, and held after it.
+    pub elements_added: usize,
+    pub elements_deleted: usize,
+    pub elements_total: usize,
     pub render_seconds: f64,
     pub apply_seconds: f64,
+}
+
+/// The mode-specific half of an engine: what was written and the kernel handle.
+enum Programmer {
+    Iptables {
+        backend: Box<dyn Backend>,
+        /// What previous syncs wrote (reset by every full sync).
+        writer: Writer,
+    },
+    Nftables(Program),
 }
 
 pub struct Engine {
     config: EngineConfig,
     render_config: RenderConfig,
     state: State,
-    backend: Box<dyn Backend>,
+    programmer: Programmer,
     /// Set at start and after any failure: the kernel's content is unknown.
     need_full: bool,
-    /// What previous syncs wrote (reset by every full sync).
-    writer: Writer,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Engine {
-        let backend: Box<dyn Backend> = match config.backend {
-            BackendKind::Kernel => Box::new(iptables::Kernel::new(config.family)),
-            BackendKind::Fake => Box::new(iptables::Fake::new()),
-        };
-        Engine::with_backend(config, backend)
+        let fam = config.family;
+        match (config.mode, config.backend) {
+            (Mode::Iptables, BackendKind::Kernel) => {
+                Engine::with_backend(config, Box::new(iptables::Kernel::new(fam)))
+            }
+            (Mode::Iptables, BackendKind::Fake) => {
+                Engine::with_backend(config, Box::new(iptables::Fake::new()))
+            }
+            (Mode::Nftables, BackendKind::Kernel) => {
+                Engine::with_nft_backend(config, Box::new(nftables::Kernel::new(fam)))
+            }
+            (Mode::Nftables, BackendKind::Fake) => {
+                Engine::with_nft_backend(config, Box::new(nftables::Fake::new(fam)))
+            }
+        }
     }
 
+    /// An iptables-mode engine on `backend`.
     pub fn with_backend(config: EngineConfig, backend: Box<dyn Backend>) -> Engine {
+        Engine::with(
+            config,
+            Programmer::Iptables {
+                backend,
+                writer: Writer::default(),
+            },
+        )
+    }
+
+    /// An nftables-mode engine on `backend`.
+    pub fn with_nft_backend(config: EngineConfig, backend: Box<dyn nftables::Backend>) -> Engine {
+        let fam = config.family;
+        Engine::with(config, Programmer::Nftables(Program::new(fam, backend)))
+    }
+
+    fn with(config: EngineConfig, programmer: Programmer) -> Engine {
         Engine {
             render_config: config.render_config(),
             state: State::new(config.family),
             config,
-            backend,
+            programmer,
             need_full: true,
-            writer: Writer::default(),
         }
     }
 
@@ -218,15 +269,37 @@ impl Engine {
         changed: &BTreeSet<ServiceKey>,
         report: &mut SyncReport,
     ) -> Result<()> {
+        let (backend, writer) = match &mut self.programmer {
+            Programmer::Iptables { backend, writer } => (backend, writer),
+            Programmer::Nftables(prog) => {
+                let w = prog.sync(&self.state, &self.render_config, changed, full)?;
+                self.need_full = false;
+                let totals = prog.writer().totals();
+                report.wrote = w.transactions > 0;
+                report.service_ports = totals.service_ports;
+                report.endpoints = totals.endpoints;
+                report.no_local_internal = totals.no_local_internal;
+                report.no_local_external = totals.no_local_external;
+                report.nat_rules = w.rules_written;
+                report.chains_written = w.chains_written;
+                report.stale_chains_deleted = w.stale_chains_deleted;
+                report.transactions = w.transactions;
+                report.bytes = w.bytes;
+                report.elements_added = w.elements_added;
+                report.elements_deleted = w.elements_deleted;
+                report.elements_total = prog.writer().element_total();
+                report.render_seconds = w.render_seconds;
+                report.apply_seconds = w.apply_seconds;
+                return Ok(());
+            }
+        };
         let t0 = Instant::now();
         let plan = if full {
-            let filter = self.backend.chains("filter")?;
-            let nat = self.backend.chains("nat")?;
-            self.writer
-                .full(&self.state, &self.render_config, &filter, &nat)
+            let filter = backend.chains("filter")?;
+            let nat = backend.chains("nat")?;
+            writer.full(&self.state, &self.render_config, &filter, &nat)
         } else {
-            self.writer
-                .partial(&self.state, &self.render_config, changed)
+            writer.partial(&self.state, &self.render_config, changed)
         };
         let batches = if plan.rule_count() > BATCH_RULES {
             plan.batches(BATCH_RULES)
@@ -239,24 +312,24 @@ impl Engine {
 
         let t1 = Instant::now();
         for text in &batches {
-            self.backend.restore(text)?;
+            backend.restore(text)?;
         }
         if full {
-            self.backend.ensure_jumps(chains::JUMPS)?;
+            backend.ensure_jumps(chains::JUMPS)?;
             if self.render_config.localhost_nodeports && self.config.family == IpFamily::V4 {
-                self.backend.ensure_jumps(chains::FIREWALL_JUMPS)?;
+                backend.ensure_jumps(chains::FIREWALL_JUMPS)?;
             }
         }
         report.apply_seconds = t1.elapsed().as_secs_f64();
 
         self.need_full = false;
-        let totals = self.writer.totals();
+        let totals = writer.totals();
         report.wrote = !plan.is_empty() || full;
         report.service_ports = totals.service_ports;
         report.endpoints = totals.endpoints;
         report.no_local_internal = totals.no_local_internal;
         report.no_local_external = totals.no_local_external;
-        (report.filter_rules_total, report.nat_rules_total) = self.writer.rule_totals();
+        (report.filter_rules_total, report.nat_rules_total) = writer.rule_totals();
         report.nat_rules = plan.nat_rule_count();
         report.filter_rules = plan.filter_rule_count();
         report.chains_written = plan.chains_written();
@@ -269,22 +342,68 @@ impl Engine {
     /// Whether the canary chains are all still there. When one is gone, someone flushed our
     /// tables: the caller should run a full sync.
     pub fn canary_intact(&mut self) -> Result<bool> {
-        for table in chains::CANARY_TABLES {
-            if !self.backend.chain_exists(table, chains::CANARY)? {
-                return Ok(false);
+        match &mut self.programmer {
+            Programmer::Iptables { backend, .. } => {
+                for table in chains::CANARY_TABLES {
+                    if !backend.chain_exists(table, chains::CANARY)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            Programmer::Nftables(prog) => prog.intact(),
+        }
+    }
+
+    /// The complete input for the current state: `iptables-restore` text, or the `nft -f`
+    /// transaction of a full sync. Nothing is applied.
+    pub fn render(&self) -> String {
+        match &self.programmer {
+            Programmer::Iptables { .. } => {
+                iptables::render(&self.state, &self.render_config).restore_text(&BTreeSet::new())
+            }
+            Programmer::Nftables(prog) => prog.render(&self.state, &self.render_config),
+        }
+    }
+
+    /// What the backend holds now (`iptables-save` format, or `nft list table`).
+    pub fn dump(&mut self) -> Result<String> {
+        match &mut self.programmer {
+            Programmer::Iptables { backend, .. } => backend.dump(),
+            Programmer::Nftables(prog) => prog.dump(),
+        }
+    }
+
+    /// Trace the first packet of a connection through the rules this engine programs (the
+    /// backend's rules for the in-memory backends; the rendered rules otherwise).
+    pub fn trace(&mut self, packet: &Packet, node: &NodeFacts) -> Result<Trace> {
+        match &mut self.programmer {
+            Programmer::Iptables { backend, .. } => {
+                let text = match self.config.backend {
+                    BackendKind::Fake => backend.dump()?,
+                    BackendKind::Kernel => iptables::render(&self.state, &self.render_config)
+                        .restore_text(&BTreeSet::new()),
+                };
+                let mut rules = iptables::trace::Ruleset::parse(&text)?;
+                if self.config.backend == BackendKind::Kernel {
+                    rules.add_jumps(chains::JUMPS)?;
+                }
+                Ok(iptables::trace::trace(&rules, packet, node))
+            }
+            Programmer::Nftables(prog) => {
+                let model = prog.model(&self.state, &self.render_config)?;
+                Ok(nftables::trace::trace(
+                    &model,
+                    self.config.family,
+                    packet,
+                    node,
+                ))
             }
         }
-        Ok(true)
     }
 
-    /// The complete `iptables-restore` input for the current state (nothing is applied).
-    pub fn render(&self) -> String {
-        iptables::render(&self.state, &self.render_config).restore_text(&BTreeSet::new())
-    }
-
-    /// What the backend holds now, as `iptables-save` prints it.
-    pub fn dump(&mut self) -> Result<String> {
-        self.backend.dump()
+    pub fn mode(&self) -> Mode {
+        self.config.mode
     }
 }
 

@@ -21,9 +21,11 @@
 
 pub mod engine;
 pub mod error;
+pub mod exec;
 pub mod iptables;
 pub mod model;
 pub mod naming;
+pub mod nftables;
 pub mod state;
 pub mod topology;
 

@@ -83,6 +83,57 @@ impl ServiceChains {
     }
 }
 
+/// `hashAndTruncate`: upstream nftables mode's chain-name base, `HASH8-<name>`, at most 112
+/// characters (chain names are limited to 128 and the longest prefix is 16).
+pub fn hash_and_truncate(name: &str) -> String {
+    let mut out = base32_prefix(&Sha256::digest(name.as_bytes()), 8);
+    out.push('-');
+    out.push_str(name);
+    if out.len() > 112 {
+        out.truncate(109);
+        out.push_str("...");
+    }
+    out
+}
+
+/// `ns/svc/proto/port`, hashed and truncated: the base of a service port's nftables chains.
+pub fn nft_service_base(spn: &ServicePortName) -> String {
+    hash_and_truncate(&format!(
+        "{}/{}/{}/{}",
+        spn.service.namespace,
+        spn.service.name,
+        spn.protocol.lower(),
+        spn.port
+    ))
+}
+
+/// `<service base>__<ip>/<port>`: the base of an endpoint's nftables chain. IPv6 colons, not
+/// allowed in chain names, become dots.
+pub fn nft_endpoint_base(spn: &ServicePortName, ep: &Endpoint) -> String {
+    hash_and_truncate(&format!(
+        "{}/{}/{}/{}__{}/{}",
+        spn.service.namespace,
+        spn.service.name,
+        spn.protocol.lower(),
+        spn.port,
+        ep.ip.to_string().replace(':', "."),
+        ep.port.get()
+    ))
+}
+
+/// A stable 32-bit identity of an endpoint of a service port (affinity keys).
+pub fn endpoint_id(spn: &ServicePortName, ep: &Endpoint) -> u32 {
+    let d = Sha256::digest(
+        format!(
+            "{spn}/{}/{}",
+            spn.protocol.lower(),
+            join_host_port(&ep.ip, ep.port.get())
+        )
+        .as_bytes(),
+    );
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,6 +61,10 @@ impl State {
         &self.node
     }
 
+    pub fn has_service(&self, key: &ServiceKey) -> bool {
+        self.services.contains_key(key)
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }

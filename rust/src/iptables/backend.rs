@@ -2,10 +2,9 @@
 
 use super::chains::Jump;
 use crate::error::{Error, Result};
+use crate::exec;
 use crate::model::IpFamily;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 /// Where rules go. One backend serves one IP family.
 pub trait Backend: Send {
@@ -45,57 +44,6 @@ impl Kernel {
         }
     }
 
-    fn run(
-        &self,
-        op: &'static str,
-        program: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<std::process::Output> {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let spawn_err = |source| Error::Spawn {
-            op,
-            program: program.to_owned(),
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        if let Some(input) = stdin {
-            // Write from a thread: a large ruleset would otherwise deadlock against a child
-            // that fills its stderr pipe before reading all of its input.
-            let mut pipe = child.stdin.take().ok_or_else(|| Error::Apply {
-                op,
-                code: None,
-                stderr: "no stdin pipe".into(),
-            })?;
-            let data = input.to_owned();
-            let writer = std::thread::spawn(move || pipe.write_all(data.as_bytes()));
-            let out = child.wait_with_output().map_err(spawn_err)?;
-            let _ = writer.join();
-            return Ok(out);
-        }
-        child.wait_with_output().map_err(spawn_err)
-    }
-
-    fn check(op: &'static str, out: std::process::Output) -> Result<std::process::Output> {
-        if out.status.success() {
-            Ok(out)
-        } else {
-            Err(Error::Apply {
-                op,
-                code: out.status.code(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            })
-        }
-    }
-
     fn jump_cmd(&self, verb: &str, j: &Jump) -> Vec<String> {
         let mut v: Vec<String> = ["-w", WAIT_SECONDS, "-t", j.table, verb, j.from]
             .iter()
@@ -109,13 +57,13 @@ impl Kernel {
 impl Backend for Kernel {
     fn restore(&mut self, text: &str) -> Result<()> {
         let prog = self.tool("tables-restore");
-        let out = self.run(
+        let out = exec::run(
             "iptables-restore",
             &prog,
             &["-w", WAIT_SECONDS, "--noflush"],
             Some(text),
         )?;
-        Kernel::check("iptables-restore", out).map(|_| ())
+        exec::check("iptables-restore", out).map(|_| ())
     }
 
     fn ensure_jumps(&mut self, jumps: &[Jump]) -> Result<()> {
@@ -130,17 +78,16 @@ impl Backend for Kernel {
             // fail the sync so that the next one is full.
             let mut last = None;
             for attempt in 0..4 {
-                if self
-                    .run("iptables -C", &prog, &check, None)?
+                if exec::run("iptables -C", &prog, &check, None)?
                     .status
                     .success()
                 {
                     last = None;
                     break;
                 }
-                match Kernel::check(
+                match exec::check(
                     "iptables -I",
-                    self.run("iptables -I", &prog, &insert, None)?,
+                    exec::run("iptables -I", &prog, &insert, None)?,
                 ) {
                     Ok(_) => {
                         last = None;
@@ -165,7 +112,7 @@ impl Backend for Kernel {
             // A rule may have been inserted more than once by an earlier crash; delete every
             // copy, but never loop without bound.
             for _ in 0..16 {
-                let out = self.run("iptables -D", &prog, &args, None)?;
+                let out = exec::run("iptables -D", &prog, &args, None)?;
                 if !out.status.success() {
                     break;
                 }
@@ -176,16 +123,16 @@ impl Backend for Kernel {
 
     fn chains(&mut self, table: &str) -> Result<BTreeSet<String>> {
         let prog = self.tool("tables-save");
-        let out = Kernel::check(
+        let out = exec::check(
             "iptables-save",
-            self.run("iptables-save", &prog, &["-t", table], None)?,
+            exec::run("iptables-save", &prog, &["-t", table], None)?,
         )?;
         Ok(parse_chain_names(&String::from_utf8_lossy(&out.stdout)))
     }
 
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool> {
         let prog = self.tool("tables");
-        let out = self.run(
+        let out = exec::run(
             "iptables -S",
             &prog,
             &["-w", WAIT_SECONDS, "-t", table, "-S", chain, "1"],
@@ -198,9 +145,9 @@ impl Backend for Kernel {
         let prog = self.tool("tables-save");
         let mut text = String::new();
         for table in ["filter", "nat"] {
-            let out = Kernel::check(
+            let out = exec::check(
                 "iptables-save",
-                self.run("iptables-save", &prog, &["-t", table], None)?,
+                exec::run("iptables-save", &prog, &["-t", table], None)?,
             )?;
             text.push_str(&String::from_utf8_lossy(&out.stdout));
         }

@@ -79,6 +79,18 @@ impl SyncReport {
         self.0.no_local_external
     }
     #[getter]
+    fn elements_added(&self) -> usize {
+        self.0.elements_added
+    }
+    #[getter]
+    fn elements_deleted(&self) -> usize {
+        self.0.elements_deleted
+    }
+    #[getter]
+    fn elements_total(&self) -> usize {
+        self.0.elements_total
+    }
+    #[getter]
     fn render_seconds(&self) -> f64 {
         self.0.render_seconds
     }
@@ -149,14 +161,45 @@ impl Engine {
         py.detach(|| self.lock().canary_intact()).map_err(to_py)
     }
 
-    /// The complete iptables-restore input for the current state; nothing is applied.
+    /// "iptables" or "nftables".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        match self.lock().mode() {
+            engine::Mode::Iptables => "iptables",
+            engine::Mode::Nftables => "nftables",
+        }
+    }
+
+    /// The complete input for the current state (iptables-restore text, or the nft
+    /// transaction of a full sync); nothing is applied.
     fn render(&self, py: Python<'_>) -> String {
         py.detach(|| self.lock().render())
     }
 
-    /// What the engine's backend holds now, in iptables-save format.
+    /// What the engine's backend holds now (iptables-save format, or nft's listing).
     fn dump(&self, py: Python<'_>) -> PyResult<String> {
         py.detach(|| self.lock().dump()).map_err(to_py)
+    }
+
+    /// Trace the first packet of a connection through the rules this engine programs (see
+    /// `trace_iptables` for the arguments).
+    #[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn trace(
+        &self,
+        py: Python<'_>,
+        src: &str,
+        dst: &str,
+        protocol: &str,
+        port: u16,
+        origin: &str,
+        local_ips: Vec<String>,
+    ) -> PyResult<Trace> {
+        let (packet, node) =
+            packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
+        py.detach(|| self.lock().trace(&packet, &node))
+            .map(Trace)
+            .map_err(to_py)
     }
 }
 
@@ -205,6 +248,50 @@ fn parse_ip(what: &str, s: &str) -> Result<std::net::IpAddr, crate::error::Error
     })
 }
 
+/// A tracer packet and node from the Python arguments.
+fn packet_of(
+    src: &str,
+    dst: &str,
+    protocol: &str,
+    port: u16,
+    origin: &str,
+    local_ips: &[String],
+) -> Result<(trace::Packet, trace::NodeFacts), crate::error::Error> {
+    use crate::error::Error;
+    use crate::model::Protocol;
+    let protocol = match protocol.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "protocol {other:?} is not TCP, UDP or SCTP"
+            )))
+        }
+    };
+    let origin = match origin {
+        "external" => trace::Origin::External,
+        "local" => trace::Origin::Local,
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "origin {other:?} is not external or local"
+            )))
+        }
+    };
+    let packet = trace::Packet {
+        src: parse_ip("src", src)?,
+        dst: parse_ip("dst", dst)?,
+        protocol,
+        dport: port,
+        origin,
+    };
+    let local_ips = local_ips
+        .iter()
+        .map(|s| parse_ip("local_ips", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((packet, trace::NodeFacts { local_ips }))
+}
+
 /// Trace the first packet of a connection through iptables rules (`iptables-save` output or
 /// kproxy's restore text). `origin` is "external" (arrives from the network or a pod) or
 /// "local" (sent by the node itself); `local_ips` are the node's addresses.
@@ -221,42 +308,7 @@ fn trace_iptables(
     origin: &str,
     local_ips: Vec<String>,
 ) -> PyResult<Trace> {
-    use crate::error::Error;
-    use crate::model::Protocol;
-    let build = || -> Result<(trace::Packet, trace::NodeFacts), Error> {
-        let protocol = match protocol.to_ascii_uppercase().as_str() {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => Protocol::Sctp,
-            other => {
-                return Err(Error::InvalidInput(format!(
-                    "protocol {other:?} is not TCP, UDP or SCTP"
-                )))
-            }
-        };
-        let origin = match origin {
-            "external" => trace::Origin::External,
-            "local" => trace::Origin::Local,
-            other => {
-                return Err(Error::InvalidInput(format!(
-                    "origin {other:?} is not external or local"
-                )))
-            }
-        };
-        let packet = trace::Packet {
-            src: parse_ip("src", src)?,
-            dst: parse_ip("dst", dst)?,
-            protocol,
-            dport: port,
-            origin,
-        };
-        let local_ips = local_ips
-            .iter()
-            .map(|s| parse_ip("local_ips", s))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((packet, trace::NodeFacts { local_ips }))
-    };
-    let (packet, node) = build().map_err(to_py)?;
+    let (packet, node) = packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
     let result =
         py.detach(|| trace::Ruleset::parse(rules).map(|rs| trace::trace(&rs, &packet, &node)));
     result.map(Trace).map_err(to_py)
@@ -266,17 +318,27 @@ fn trace_iptables(
 /// of chains removed.
 #[pyfunction]
 fn cleanup_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
-    let fam = match family {
-        "IPv4" => IpFamily::V4,
-        "IPv6" => IpFamily::V6,
-        other => {
-            return Err(to_py(crate::error::Error::InvalidInput(format!(
-                "family {other:?} is not IPv4 or IPv6"
-            ))))
-        }
-    };
+    let fam = family_of(family).map_err(to_py)?;
     py.detach(|| engine::cleanup(&mut iptables::Kernel::new(fam)))
         .map_err(to_py)
+}
+
+/// Remove kproxy's nftables table in one family (nothing happens when there is none).
+#[pyfunction]
+fn cleanup_nftables(py: Python<'_>, family: &str) -> PyResult<()> {
+    let fam = family_of(family).map_err(to_py)?;
+    py.detach(|| crate::nftables::program::cleanup(&mut crate::nftables::Kernel::new(fam)))
+        .map_err(to_py)
+}
+
+fn family_of(family: &str) -> Result<IpFamily, crate::error::Error> {
+    match family {
+        "IPv4" => Ok(IpFamily::V4),
+        "IPv6" => Ok(IpFamily::V6),
+        other => Err(crate::error::Error::InvalidInput(format!(
+            "family {other:?} is not IPv4 or IPv6"
+        ))),
+    }
 }
 
 /// The core's version (the crate version).
@@ -292,6 +354,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Trace>()?;
     m.add_function(wrap_pyfunction!(trace_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
+    m.add_function(wrap_pyfunction!(cleanup_nftables, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())
 }

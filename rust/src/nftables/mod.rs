@@ -1,0 +1,18 @@
+//! nftables mode: one table (`ip kproxy` / `ip6 kproxy`) written in atomic transactions.
+//!
+//! * [`ast`]: rules, elements and operations as values, printed in `nft -f` syntax.
+//! * [`mod@render`]: a Service -> its chains and its elements in shared sets and maps (the
+//!   layout that keeps the number of sets independent of the number of Services).
+//! * [`writer`]: full syncs (the table replaced atomically) and partial ones (element diffs).
+//! * [`backend`]: the kernel (`nft -f -`) or an in-memory [`backend::Fake`].
+//! * [`trace`]: a packet tracer over the in-memory table.
+//! * [`program`]: the engine's nftables side (one sync = one transaction plus cleanup).
+
+pub mod ast;
+pub mod backend;
+pub mod program;
+pub mod render;
+pub mod trace;
+pub mod writer;
+
+pub use backend::{Backend, Fake, Kernel, Model};

@@ -1,0 +1,682 @@
+//! Merged state -> nftables objects, in a layout whose number of sets and maps does not grow
+//! with the number of Services.
+//!
+//! The kernel finds a set by walking the table's sets, and binding a map to a rule in a new
+//! chain walks the map's existing bindings: one map per Service (upstream's layout) makes every
+//! sync O(N²). Here every Service is a handful of *elements* in shared maps:
+//!
+//! * `service-ips` / `service-nodeports` (verdict maps) send a new connection to its Service:
+//!   straight to an endpoint pool, or through the Service's own `external-…`/`nodeport-…`
+//!   chain (masquerade and Local-policy short-circuits) or its affinity chain.
+//! * An *endpoint pool* is a chain and a map per endpoint count `n` (`endpoints-n`): the chain
+//!   DNATs through the map keyed by `destination . protocol . port . numgen random mod n`, so
+//!   one rule serves every Service with `n` endpoints. Local-policy and NodePort traffic use
+//!   the `local-`, `nodeport-` and `nodeport-local-` pools. The number of pools is bounded by
+//!   the distinct endpoint counts, not by the Services.
+//! * `no-endpoint-*` (verdict maps) drop or reject what has no usable endpoint, in the filter
+//!   hooks; `firewall-ips`/`firewall-allow` implement loadBalancerSourceRanges;
+//!   `hairpin-connections` masquerades a pod reaching itself; `cluster-ips` masquerades
+//!   off-cluster traffic to cluster IPs and rejects unknown ports.
+//! * ClientIP affinity uses one shared timeout set `affinity` keyed by client and endpoint id;
+//!   affinity Services keep per-endpoint chains (they must record the choice).
+
+use super::ast::{Data, Field, Hook, Key, Match, Rule, SetDef, SetSpec, Stmt, Value};
+use crate::iptables::render::{Counts, LocalDetector, RenderConfig};
+use crate::model::{Cidr, Endpoint, IpFamily, Protocol, ServiceKey, ServicePortName};
+use crate::naming::{endpoint_id, nft_endpoint_base, nft_service_base};
+use crate::state::{ServicePortView, State};
+use crate::topology::{categorize, NodeView, Policies};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub const CLUSTER_IPS: &str = "cluster-ips";
+pub const NODEPORT_IPS: &str = "nodeport-ips";
+pub const SERVICE_IPS: &str = "service-ips";
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+pub const FIREWALL_IPS: &str = "firewall-ips";
+pub const FIREWALL_ALLOW: &str = "firewall-allow";
+pub const HAIRPIN: &str = "hairpin-connections";
+pub const AFFINITY: &str = "affinity";
+pub const REJECT_CHAIN: &str = "reject-chain";
+pub const SERVICES: &str = "services";
+pub const MASQUERADING: &str = "masquerading";
+pub const FIREWALL_CHECK: &str = "firewall-check";
+pub const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+pub const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+pub const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+
+/// Most affinity entries the kernel keeps at once (per family).
+pub const AFFINITY_SIZE: u32 = 1 << 20;
+
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// How a destination reaches an endpoint pool: by service address or by NodePort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Entry {
+    Vip,
+    NodePort,
+}
+
+/// A shared endpoint pool: a chain and a map of that name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pool {
+    pub entry: Entry,
+    /// Node-local endpoints (a Local traffic policy) rather than cluster-wide ones.
+    pub local: bool,
+    pub size: u32,
+}
+
+impl Pool {
+    pub fn name(&self) -> String {
+        let e = match self.entry {
+            Entry::Vip => "",
+            Entry::NodePort => "nodeport-",
+        };
+        let l = if self.local { "local-" } else { "" };
+        format!("{e}{l}endpoints-{}", self.size)
+    }
+
+    /// Parse a name made by [`Pool::name`].
+    pub fn parse(name: &str) -> Option<Pool> {
+        let (entry, rest) = match name.strip_prefix("nodeport-") {
+            Some(r) => (Entry::NodePort, r),
+            None => (Entry::Vip, name),
+        };
+        let (local, rest) = match rest.strip_prefix("local-") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let size: u32 = rest.strip_prefix("endpoints-")?.parse().ok()?;
+        (size > 0 && Pool { entry, local, size }.name() == name).then_some(Pool {
+            entry,
+            local,
+            size,
+        })
+    }
+
+    pub fn set_def(&self) -> SetDef {
+        SetDef {
+            name: self.name(),
+            spec: match self.entry {
+                Entry::Vip => SetSpec::AddrProtoPortIndexDnat,
+                Entry::NodePort => SetSpec::ProtoPortIndexDnat,
+            },
+            interval: false,
+            dynamic_size: None,
+        }
+    }
+
+    /// The pool chain: one DNAT per protocol through the pool map.
+    pub fn rules(&self) -> Vec<Rule> {
+        let mut fields = match self.entry {
+            Entry::Vip => vec![Field::Daddr, Field::L4proto, Field::Dport],
+            Entry::NodePort => vec![Field::L4proto, Field::Dport],
+        };
+        fields.push(Field::Random(self.size));
+        PROTOCOLS
+            .iter()
+            .map(|p| {
+                Rule::always(Stmt::DnatMap {
+                    protocol: *p,
+                    fields: fields.clone(),
+                    map: self.name(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A set element: set name, key, data (maps only).
+pub type Element = (String, Key, Option<Data>);
+
+/// Everything one Service owns: its chains and its elements in the shared sets and maps.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ServiceObjects {
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    pub elements: Vec<Element>,
+    pub counts: Counts,
+}
+
+impl ServiceObjects {
+    fn element(&mut self, set: &str, key: Key, data: Option<Data>) {
+        self.elements.push((set.to_owned(), key, data));
+    }
+}
+
+/// The fixed part of the table: sets, maps and chains that exist whatever the Services.
+pub struct Fixed {
+    pub sets: Vec<SetDef>,
+    pub chains: Vec<(String, Option<Hook>, Vec<Rule>)>,
+}
+
+/// Before DNAT: the source-range firewall must see the original destination.
+pub const PRE_DNAT: i32 = -110;
+const DSTNAT: i32 = -100;
+const FILTER: i32 = 0;
+const SRCNAT: i32 = 100;
+
+fn hook(kind: &'static str, hook: &'static str, priority: i32) -> Option<Hook> {
+    Some(Hook {
+        kind,
+        hook,
+        priority,
+    })
+}
+
+fn set(name: &str, spec: SetSpec) -> SetDef {
+    SetDef {
+        name: name.to_owned(),
+        spec,
+        interval: spec == SetSpec::AddrProtoPortSaddr,
+        dynamic_size: None,
+    }
+}
+
+fn loopback(f: IpFamily) -> Cidr {
+    match f {
+        IpFamily::V4 => "127.0.0.0/8".parse().expect("valid"),
+        IpFamily::V6 => "::1/128".parse().expect("valid"),
+    }
+}
+
+fn host(ip: IpAddr) -> Cidr {
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    format!("{ip}/{bits}").parse().expect("valid")
+}
+
+fn lookup(fields: &[Field], set: &str, neg: bool) -> Match {
+    Match::Lookup {
+        fields: fields.to_vec(),
+        set: set.to_owned(),
+        neg,
+    }
+}
+
+const DST: [Field; 3] = [Field::Daddr, Field::L4proto, Field::Dport];
+const NP: [Field; 2] = [Field::L4proto, Field::Dport];
+
+/// "Addressed to a NodePort address": every local address but loopback, or the configured ones.
+fn nodeport_dest(cfg: &RenderConfig) -> Vec<Match> {
+    match &cfg.nodeport_ips {
+        None => vec![
+            Match::FibLocal { src: false },
+            Match::Daddr {
+                cidr: loopback(cfg.family),
+                neg: true,
+            },
+        ],
+        Some(_) => vec![lookup(&[Field::Daddr], NODEPORT_IPS, false)],
+    }
+}
+
+/// Matches "comes from a pod" (`neg`: does not), if detection is on.
+fn local_match(d: &LocalDetector, neg: bool) -> Option<Match> {
+    match d {
+        LocalDetector::None => None,
+        LocalDetector::Cidr(c) => Some(Match::Saddr { cidr: *c, neg }),
+        LocalDetector::Interface(i) => Some(Match::Iif {
+            name: i.clone(),
+            neg,
+        }),
+    }
+}
+
+pub fn fixed(cfg: &RenderConfig) -> Fixed {
+    let mark = cfg.masquerade_mark;
+    let mut sets = vec![
+        set(CLUSTER_IPS, SetSpec::Addr),
+        set(SERVICE_IPS, SetSpec::AddrProtoPortVerdict),
+        set(SERVICE_NODEPORTS, SetSpec::ProtoPortVerdict),
+        set(NO_ENDPOINT_SERVICES, SetSpec::AddrProtoPortVerdict),
+        set(NO_ENDPOINT_NODEPORTS, SetSpec::ProtoPortVerdict),
+        set(FIREWALL_IPS, SetSpec::AddrProtoPort),
+        set(FIREWALL_ALLOW, SetSpec::AddrProtoPortSaddr),
+        set(HAIRPIN, SetSpec::AddrAddrProtoPort),
+        SetDef {
+            name: AFFINITY.to_owned(),
+            spec: SetSpec::SaddrId,
+            interval: false,
+            dynamic_size: Some(AFFINITY_SIZE),
+        },
+    ];
+    if cfg.nodeport_ips.is_some() {
+        sets.push(set(NODEPORT_IPS, SetSpec::Addr));
+    }
+    let new = || Match::CtStateNew;
+    let mut services = Vec::new();
+    if cfg.masquerade_all {
+        services.push(Rule::new(
+            vec![lookup(&[Field::Daddr], CLUSTER_IPS, false)],
+            Stmt::MarkOr(mark),
+        ));
+    } else if let Some(not_pod) = local_match(&cfg.local, true) {
+        services.push(Rule::new(
+            vec![lookup(&[Field::Daddr], CLUSTER_IPS, false), not_pod],
+            Stmt::MarkOr(mark),
+        ));
+    }
+    services.push(Rule::always(Stmt::Vmap {
+        fields: DST.to_vec(),
+        map: SERVICE_IPS.into(),
+    }));
+    services.push(Rule::new(
+        nodeport_dest(cfg),
+        Stmt::Vmap {
+            fields: NP.to_vec(),
+            map: SERVICE_NODEPORTS.into(),
+        },
+    ));
+    let chains = vec![
+        (
+            "filter-prerouting-pre-dnat".into(),
+            hook("filter", "prerouting", PRE_DNAT),
+            vec![Rule::new(vec![new()], Stmt::Jump(FIREWALL_CHECK.into()))],
+        ),
+        (
+            "filter-output-pre-dnat".into(),
+            hook("filter", "output", PRE_DNAT),
+            vec![Rule::new(vec![new()], Stmt::Jump(FIREWALL_CHECK.into()))],
+        ),
+        (
+            "filter-input".into(),
+            hook("filter", "input", FILTER),
+            vec![
+                Rule::new(vec![new()], Stmt::Jump(NODEPORT_ENDPOINTS_CHECK.into())),
+                Rule::new(vec![new()], Stmt::Jump(SERVICE_ENDPOINTS_CHECK.into())),
+            ],
+        ),
+        (
+            "filter-forward".into(),
+            hook("filter", "forward", FILTER),
+            vec![
+                Rule::new(vec![new()], Stmt::Jump(SERVICE_ENDPOINTS_CHECK.into())),
+                Rule::new(vec![new()], Stmt::Jump(CLUSTER_IPS_CHECK.into())),
+            ],
+        ),
+        (
+            "filter-output".into(),
+            hook("filter", "output", FILTER),
+            vec![
+                Rule::new(vec![new()], Stmt::Jump(SERVICE_ENDPOINTS_CHECK.into())),
+                Rule::new(vec![new()], Stmt::Jump(CLUSTER_IPS_CHECK.into())),
+            ],
+        ),
+        (
+            "nat-prerouting".into(),
+            hook("nat", "prerouting", DSTNAT),
+            vec![Rule::always(Stmt::Jump(SERVICES.into()))],
+        ),
+        (
+            "nat-output".into(),
+            hook("nat", "output", DSTNAT),
+            vec![Rule::always(Stmt::Jump(SERVICES.into()))],
+        ),
+        (
+            "nat-postrouting".into(),
+            hook("nat", "postrouting", SRCNAT),
+            vec![Rule::always(Stmt::Jump(MASQUERADING.into()))],
+        ),
+        (SERVICES.into(), None, services),
+        (
+            MASQUERADING.into(),
+            None,
+            vec![
+                Rule::new(vec![Match::MarkAny(mark)], Stmt::ClearMarkMasquerade(mark)),
+                Rule::new(
+                    vec![
+                        Match::CtStatusDnat,
+                        lookup(
+                            &[Field::Saddr, Field::Daddr, Field::L4proto, Field::Dport],
+                            HAIRPIN,
+                            false,
+                        ),
+                    ],
+                    Stmt::Masquerade,
+                ),
+            ],
+        ),
+        (
+            FIREWALL_CHECK.into(),
+            None,
+            vec![Rule::new(
+                vec![
+                    lookup(&DST, FIREWALL_IPS, false),
+                    lookup(
+                        &[Field::Daddr, Field::L4proto, Field::Dport, Field::Saddr],
+                        FIREWALL_ALLOW,
+                        true,
+                    ),
+                ],
+                Stmt::Drop,
+            )],
+        ),
+        (
+            SERVICE_ENDPOINTS_CHECK.into(),
+            None,
+            vec![Rule::always(Stmt::Vmap {
+                fields: DST.to_vec(),
+                map: NO_ENDPOINT_SERVICES.into(),
+            })],
+        ),
+        (
+            NODEPORT_ENDPOINTS_CHECK.into(),
+            None,
+            vec![Rule::new(
+                nodeport_dest(cfg),
+                Stmt::Vmap {
+                    fields: NP.to_vec(),
+                    map: NO_ENDPOINT_NODEPORTS.into(),
+                },
+            )],
+        ),
+        (
+            CLUSTER_IPS_CHECK.into(),
+            None,
+            // A cluster IP answers only on its Services' ports: anything else is refused
+            // rather than left to time out (upstream nftables mode).
+            vec![Rule::new(
+                vec![lookup(&[Field::Daddr], CLUSTER_IPS, false)],
+                Stmt::Reject,
+            )],
+        ),
+        (REJECT_CHAIN.into(), None, vec![Rule::always(Stmt::Reject)]),
+    ];
+    Fixed { sets, chains }
+}
+
+/// Elements of the configured NodePort addresses (the `nodeport-ips` set).
+pub fn nodeport_ip_elements(cfg: &RenderConfig) -> Vec<Key> {
+    cfg.nodeport_ips
+        .iter()
+        .flatten()
+        .filter(|ip| cfg.family.contains(ip) && !ip.is_loopback())
+        .map(|ip| vec![Value::Addr(*ip)])
+        .collect()
+}
+
+/// Everything one Service owns, for every port it has in this engine's family.
+pub fn render_service(state: &State, cfg: &RenderConfig, key: &ServiceKey) -> ServiceObjects {
+    let mut out = ServiceObjects::default();
+    let node = NodeView {
+        name: &cfg.node_name,
+        zone: state.node().zone.as_deref(),
+    };
+    for sp in state.service_ports_of(key) {
+        render_port(&mut out, state, cfg, node, &sp);
+    }
+    out
+}
+
+/// Where traffic of one entry goes once policy is decided: an endpoint pool or the Service's
+/// affinity chain.
+struct Targets<'a> {
+    spn: &'a ServicePortName,
+    base: String,
+    affinity: Option<u32>,
+    cluster: &'a [&'a Endpoint],
+    local: &'a [&'a Endpoint],
+}
+
+impl Targets<'_> {
+    fn chain(&self, local: bool) -> String {
+        format!("{}{}", if local { "local-" } else { "service-" }, self.base)
+    }
+
+    /// The verdict for traffic of `entry` to the (`local` or cluster) endpoint set; adds the
+    /// pool elements keyed by `dest` (address . protocol . port, or protocol . port).
+    fn goto(&self, out: &mut ServiceObjects, entry: Entry, local: bool, dest: &[Value]) -> String {
+        let eps = if local { self.local } else { self.cluster };
+        if eps.is_empty() {
+            // Nothing to choose from (cannot happen for a set the policy uses, but an empty
+            // pool would be `mod 0`).
+            return REJECT_CHAIN.into();
+        }
+        if self.affinity.is_some() {
+            return self.chain(local);
+        }
+        let pool = Pool {
+            entry,
+            local,
+            size: eps.len() as u32,
+        };
+        let name = pool.name();
+        for (i, ep) in eps.iter().enumerate() {
+            let mut k = dest.to_vec();
+            k.push(Value::Int(i as u32));
+            out.element(&name, k, Some(Data::Dnat(ep.ip, ep.port.get())));
+        }
+        name
+    }
+
+    /// The affinity chains of one endpoint set: remembered clients first, then a uniform
+    /// choice through per-endpoint chains that remember it.
+    fn affinity_chains(&self, out: &mut ServiceObjects, local: bool, timeout: u32) {
+        let eps = if local { self.local } else { self.cluster };
+        let mut rules = Vec::new();
+        for ep in eps {
+            rules.push(Rule::new(
+                vec![lookup(
+                    &[Field::Saddr, Field::Const(endpoint_id(self.spn, ep))],
+                    AFFINITY,
+                    false,
+                )],
+                Stmt::Goto(format!("endpoint-{}", nft_endpoint_base(self.spn, ep))),
+            ));
+        }
+        let n = eps.len();
+        for (i, ep) in eps.iter().enumerate() {
+            let target = Stmt::Goto(format!("endpoint-{}", nft_endpoint_base(self.spn, ep)));
+            if i + 1 < n {
+                rules.push(Rule::new(vec![Match::OneIn((n - i) as u32)], target));
+            } else {
+                rules.push(Rule::always(target));
+            }
+        }
+        out.chains.insert(self.chain(local), rules);
+        for ep in eps {
+            let chain = format!("endpoint-{}", nft_endpoint_base(self.spn, ep));
+            out.chains.insert(
+                chain,
+                vec![
+                    Rule::always(Stmt::Update {
+                        fields: vec![Field::Saddr, Field::Const(endpoint_id(self.spn, ep))],
+                        set: AFFINITY.into(),
+                        timeout,
+                    }),
+                    Rule::always(Stmt::Dnat(self.spn.protocol, ep.ip, ep.port.get())),
+                ],
+            );
+        }
+    }
+}
+
+fn render_port(
+    out: &mut ServiceObjects,
+    state: &State,
+    cfg: &RenderConfig,
+    node: NodeView<'_>,
+    sp: &ServicePortView<'_>,
+) {
+    let Some(cluster_ip) = sp.cluster_ip else {
+        return;
+    };
+    out.counts.service_ports += 1;
+    let svc = sp.service;
+    let proto = sp.name.protocol;
+    let port = sp.port.port.get();
+    let endpoints = state.endpoints(&sp.name);
+    let policies = Policies {
+        internal_local: svc.internal_policy_local(),
+        external_local: svc.external_policy_local(),
+        externally_accessible: sp.externally_accessible(),
+    };
+    let cat = categorize(&endpoints, policies, node);
+    out.counts.endpoints += cat.all_reachable.len();
+    let has_endpoints = cat.has_any;
+    let has_internal = if policies.internal_local {
+        !cat.local.is_empty()
+    } else {
+        has_endpoints
+    };
+    let has_external = if policies.external_local {
+        !cat.local.is_empty()
+    } else {
+        has_endpoints
+    };
+    if has_endpoints {
+        out.counts.no_local_internal += usize::from(!has_internal);
+        out.counts.no_local_external += usize::from(!has_external);
+    }
+    // No usable endpoint: reject (none at all) or drop (none on this node for a Local policy).
+    let refuse = if has_endpoints {
+        Data::Drop
+    } else {
+        Data::Goto(REJECT_CHAIN.into())
+    };
+    let t = Targets {
+        spn: &sp.name,
+        base: nft_service_base(&sp.name),
+        affinity: svc.session_affinity_timeout,
+        cluster: &cat.cluster,
+        local: &cat.local,
+    };
+    let vip = |ip: IpAddr| vec![Value::Addr(ip), Value::Proto(proto), Value::Port(port)];
+
+    // The cluster IP.
+    out.element(CLUSTER_IPS, vec![Value::Addr(cluster_ip)], None);
+    if has_internal {
+        let target = t.goto(out, Entry::Vip, policies.internal_local, &vip(cluster_ip));
+        out.element(SERVICE_IPS, vip(cluster_ip), Some(Data::Goto(target)));
+    } else {
+        out.element(NO_ENDPOINT_SERVICES, vip(cluster_ip), Some(refuse.clone()));
+    }
+
+    // External IPs and load-balancer IPs go through the external chain.
+    let externals: Vec<IpAddr> = sp
+        .external_ips
+        .iter()
+        .chain(sp.load_balancer_ips.iter())
+        .copied()
+        .collect();
+    let ext_chain = format!("external-{}", t.base);
+    let np_chain = format!("nodeport-{}", t.base);
+    for ip in &externals {
+        if has_endpoints {
+            out.element(SERVICE_IPS, vip(*ip), Some(Data::Goto(ext_chain.clone())));
+        }
+        if !has_external {
+            out.element(NO_ENDPOINT_SERVICES, vip(*ip), Some(refuse.clone()));
+        }
+    }
+    let node_port = sp.port.node_port;
+    let np_key = vec![Value::Proto(proto), Value::Port(node_port)];
+    if node_port != 0 {
+        if has_endpoints {
+            out.element(
+                SERVICE_NODEPORTS,
+                np_key.clone(),
+                Some(Data::Goto(np_chain.clone())),
+            );
+        }
+        if !has_external {
+            out.element(NO_ENDPOINT_NODEPORTS, np_key.clone(), Some(refuse.clone()));
+        }
+    }
+
+    // loadBalancerSourceRanges: traffic to the LB IP from elsewhere is dropped before DNAT.
+    if has_endpoints && !sp.source_ranges.is_empty() {
+        let admits_node = sp
+            .source_ranges
+            .iter()
+            .any(|r| cfg.node_ips.iter().any(|ip| r.contains(ip)));
+        for ip in &sp.load_balancer_ips {
+            out.element(FIREWALL_IPS, vip(*ip), None);
+            for r in &sp.source_ranges {
+                let mut k = vip(*ip);
+                k.push(Value::Cidr(*r));
+                out.element(FIREWALL_ALLOW, k, None);
+            }
+            // A node reaching its own LB IP may see that IP as its source.
+            if admits_node {
+                let mut k = vip(*ip);
+                k.push(Value::Cidr(host(*ip)));
+                out.element(FIREWALL_ALLOW, k, None);
+            }
+        }
+    }
+
+    // The external chains: one per way in, since each DNATs through its own pools.
+    if has_endpoints && policies.externally_accessible {
+        let mut ways: Vec<(String, Entry, Vec<Vec<Value>>)> = Vec::new();
+        if !externals.is_empty() {
+            ways.push((
+                ext_chain.clone(),
+                Entry::Vip,
+                externals.iter().map(|ip| vip(*ip)).collect(),
+            ));
+        }
+        if node_port != 0 {
+            ways.push((np_chain.clone(), Entry::NodePort, vec![np_key.clone()]));
+        }
+        for (chain, entry, dests) in ways {
+            // Pool elements for every destination of this way in (the chain's last rule
+            // works for all of them, keyed by the packet's destination).
+            let mut to_cluster = String::new();
+            let mut to_local = String::new();
+            for d in &dests {
+                to_cluster = t.goto(out, entry, false, d);
+                if policies.external_local && has_external {
+                    to_local = t.goto(out, entry, true, d);
+                }
+            }
+            let mut rules = Vec::new();
+            if !policies.external_local {
+                // Cluster policy may cross nodes: masquerade so replies come back through us.
+                rules.push(Rule::always(Stmt::MarkOr(cfg.masquerade_mark)));
+                rules.push(Rule::always(Stmt::Goto(to_cluster)));
+            } else {
+                // Local policy keeps the client address, except for pods and the node itself,
+                // which behave as if they went out to a load balancer and came back.
+                if let Some(pod) = local_match(&cfg.local, false) {
+                    rules.push(Rule::new(vec![pod], Stmt::Goto(to_cluster.clone())));
+                }
+                let from_node = Match::FibLocal { src: true };
+                rules.push(Rule::new(
+                    vec![from_node.clone()],
+                    Stmt::MarkOr(cfg.masquerade_mark),
+                ));
+                rules.push(Rule::new(vec![from_node], Stmt::Goto(to_cluster)));
+                if has_external {
+                    rules.push(Rule::always(Stmt::Goto(to_local)));
+                }
+            }
+            out.chains.insert(chain, rules);
+        }
+    }
+
+    if let Some(timeout) = t.affinity {
+        if !cat.cluster.is_empty() && policies.uses_cluster() {
+            t.affinity_chains(out, false, timeout);
+        }
+        if !cat.local.is_empty() && policies.uses_local() {
+            t.affinity_chains(out, true, timeout);
+        }
+    }
+
+    // Hairpin: an endpoint reaching itself through the Service is masqueraded, or it would
+    // answer itself directly.
+    for ep in &cat.all_reachable {
+        out.element(
+            HAIRPIN,
+            vec![
+                Value::Addr(ep.ip),
+                Value::Addr(ep.ip),
+                Value::Proto(proto),
+                Value::Port(ep.port.get()),
+            ],
+            None,
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! What a sync writes: the whole table (full) or element and chain diffs (partial).
+//!
+//! The writer remembers what it last wrote for every Service (its chains and elements) and,
+//! for every element of the shared sets, which Services want it. Two Services can claim one key
+//! (the same external IP and port): the first by (namespace, name) wins, as the first rule
+//! would in iptables, and the other takes over when it goes away.
+//!
+//! A partial sync is one transaction: new pools, changed chains (flushed and rewritten),
+//! element deletions, then additions. Chains and pools nothing references any more are deleted
+//! by a second transaction ([`Plan::cleanup`]) once the first has removed every reference.
+
+use super::ast::{Data, Hook, Key, Op, Rule};
+use super::render::{self, Fixed, Pool, ServiceObjects, AFFINITY, NODEPORT_IPS};
+use crate::iptables::render::{Counts, RenderConfig};
+use crate::model::ServiceKey;
+use crate::state::State;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Elements per `add element` command.
+const CHUNK: usize = 4096;
+
+type SetKey = (String, Key);
+
+/// One sync's transactions.
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    /// Deletes what nothing references any more, after `ops` succeeded.
+    pub cleanup: Vec<Op>,
+    pub elements_added: usize,
+    pub elements_deleted: usize,
+    pub chains_written: usize,
+    pub rules_written: usize,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.cleanup.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Writer {
+    services: BTreeMap<ServiceKey, ServiceObjects>,
+    owners: BTreeMap<SetKey, BTreeMap<ServiceKey, Option<Data>>>,
+    /// Effective elements per pool map (pools with none are deleted).
+    pool_use: BTreeMap<Pool, usize>,
+    /// Pools that exist in the kernel.
+    pools: BTreeSet<Pool>,
+    stale_chains: BTreeSet<String>,
+    stale_pools: BTreeSet<Pool>,
+    totals: Counts,
+    /// Elements kproxy has in the kernel (affinity entries excluded).
+    element_total: usize,
+    /// Keys two Services both claim (the first wins).
+    conflicts: usize,
+}
+
+fn effective(owners: &BTreeMap<ServiceKey, Option<Data>>) -> Option<&Option<Data>> {
+    owners.values().next()
+}
+
+/// One Service's elements, first claim of a key within the Service kept.
+fn element_map(o: &ServiceObjects) -> BTreeMap<SetKey, Option<Data>> {
+    let mut m = BTreeMap::new();
+    for (set, key, data) in &o.elements {
+        m.entry((set.clone(), key.clone()))
+            .or_insert_with(|| data.clone());
+    }
+    m
+}
+
+fn chunked_adds(ops: &mut Vec<Op>, set: &str, elems: Vec<(Key, Option<Data>)>) {
+    let mut it = elems.into_iter().peekable();
+    while it.peek().is_some() {
+        ops.push(Op::AddElements(
+            set.to_owned(),
+            it.by_ref().take(CHUNK).collect(),
+        ));
+    }
+}
+
+fn chunked_deletes(ops: &mut Vec<Op>, set: &str, keys: Vec<Key>) {
+    let mut it = keys.into_iter().peekable();
+    while it.peek().is_some() {
+        ops.push(Op::DeleteElements(
+            set.to_owned(),
+            it.by_ref().take(CHUNK).collect(),
+        ));
+    }
+}
+
+fn write_chain(ops: &mut Vec<Op>, name: &str, rules: &[Rule], plan_rules: &mut usize) {
+    for r in rules {
+        ops.push(Op::AddRule(name.to_owned(), r.clone()));
+    }
+    *plan_rules += rules.len();
+}
+
+fn create_pool(ops: &mut Vec<Op>, pool: &Pool) {
+    ops.push(Op::AddSet(pool.set_def()));
+    ops.push(Op::AddChain(pool.name(), None));
+    for r in pool.rules() {
+        ops.push(Op::AddRule(pool.name(), r));
+    }
+}
+
+impl Writer {
+    pub fn totals(&self) -> Counts {
+        self.totals
+    }
+
+    pub fn element_total(&self) -> usize {
+        self.element_total
+    }
+
+    pub fn conflicts(&self) -> usize {
+        self.conflicts
+    }
+
+    pub fn chain_total(&self) -> usize {
+        self.services
+            .values()
+            .map(|o| o.chains.len())
+            .sum::<usize>()
+            + self.pools.len()
+    }
+
+    /// Set and map count (fixed ones plus pools): what the kernel walks per set lookup.
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
+    fn claim(&mut self, sk: &SetKey, owner: &ServiceKey, data: Option<Option<Data>>) {
+        let entry = self.owners.entry(sk.clone()).or_default();
+        match data {
+            Some(d) => {
+                entry.insert(owner.clone(), d);
+            }
+            None => {
+                entry.remove(owner);
+            }
+        }
+        if entry.is_empty() {
+            self.owners.remove(sk);
+        }
+    }
+
+    fn count_use(&mut self, set: &str, delta: isize) {
+        if let Some(p) = Pool::parse(set) {
+            let n = self.pool_use.entry(p).or_default();
+            *n = n.checked_add_signed(delta).unwrap_or(0);
+        }
+    }
+
+    /// Rewrite everything: one transaction that replaces the table atomically. `affinity` is
+    /// carried over (client . id, seconds left), so a resync does not forget sessions.
+    pub fn full(&mut self, state: &State, cfg: &RenderConfig, affinity: &[(Key, u32)]) -> Plan {
+        *self = Writer::default();
+        let mut objects = BTreeMap::new();
+        for key in state.service_keys() {
+            let o = render::render_service(state, cfg, key);
+            for (sk, d) in element_map(&o) {
+                self.claim(&sk, key, Some(d));
+            }
+            self.totals.add(&o.counts);
+            objects.insert(key.clone(), o);
+        }
+        self.services = objects;
+        let mut by_set: BTreeMap<String, Vec<(Key, Option<Data>)>> = BTreeMap::new();
+        let mut conflicts = 0;
+        for ((set, key), owners) in &self.owners {
+            conflicts += usize::from(owners.values().any(|d| Some(d) != effective(owners)));
+            if let Some(d) = effective(owners) {
+                by_set
+                    .entry(set.clone())
+                    .or_default()
+                    .push((key.clone(), d.clone()));
+            }
+        }
+        self.conflicts = conflicts;
+        for (set, elems) in &by_set {
+            if let Some(p) = Pool::parse(set) {
+                self.pool_use.insert(p, elems.len());
+                self.pools.insert(p);
+            }
+        }
+        if cfg.nodeport_ips.is_some() {
+            by_set.insert(
+                NODEPORT_IPS.into(),
+                render::nodeport_ip_elements(cfg)
+                    .into_iter()
+                    .map(|k| (k, None))
+                    .collect(),
+            );
+        }
+        self.element_total = by_set.values().map(Vec::len).sum();
+
+        let mut plan = Plan::default();
+        let ops = &mut plan.ops;
+        // Replace the table in one transaction: packets see the old rules or the new ones.
+        ops.extend([Op::AddTable, Op::DeleteTable, Op::AddTable]);
+        let Fixed { sets, chains } = render::fixed(cfg);
+        for s in sets {
+            ops.push(Op::AddSet(s));
+        }
+        for p in &self.pools {
+            ops.push(Op::AddSet(p.set_def()));
+        }
+        let mut all: Vec<(String, Option<Hook>, Vec<Rule>)> = chains;
+        for p in &self.pools {
+            all.push((p.name(), None, p.rules()));
+        }
+        for o in self.services.values() {
+            for (name, rules) in &o.chains {
+                all.push((name.clone(), None, rules.clone()));
+            }
+        }
+        for (name, hook, _) in &all {
+            ops.push(Op::AddChain(name.clone(), *hook));
+        }
+        plan.chains_written = all.len();
+        for (name, _, rules) in &all {
+            write_chain(ops, name, rules, &mut plan.rules_written);
+        }
+        for (set, elems) in by_set {
+            plan.elements_added += elems.len();
+            chunked_adds(ops, &set, elems);
+        }
+        if !affinity.is_empty() {
+            ops.push(Op::AddTimedElements(AFFINITY.into(), affinity.to_vec()));
+        }
+        plan
+    }
+
+    /// Rewrite only what the `changed` Services own.
+    pub fn partial(
+        &mut self,
+        state: &State,
+        cfg: &RenderConfig,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        let mut chain_ops = Vec::new();
+        let mut before: BTreeMap<SetKey, Option<Option<Data>>> = BTreeMap::new();
+        for key in changed {
+            let new = if state.has_service(key) {
+                render::render_service(state, cfg, key)
+            } else {
+                ServiceObjects::default()
+            };
+            let old = self.services.remove(key).unwrap_or_default();
+            let (old_e, new_e) = (element_map(&old), element_map(&new));
+            for (sk, d) in &old_e {
+                if new_e.get(sk) != Some(d) {
+                    before
+                        .entry(sk.clone())
+                        .or_insert_with(|| self.owners.get(sk).and_then(effective).cloned());
+                    self.claim(sk, key, None);
+                }
+            }
+            for (sk, d) in &new_e {
+                if old_e.get(sk) != Some(d) {
+                    before
+                        .entry(sk.clone())
+                        .or_insert_with(|| self.owners.get(sk).and_then(effective).cloned());
+                    self.claim(sk, key, Some(d.clone()));
+                }
+            }
+            for (name, rules) in &new.chains {
+                match old.chains.get(name) {
+                    Some(r) if r == rules => continue,
+                    Some(_) => chain_ops.push(Op::FlushChain(name.clone())),
+                    None if self.stale_chains.remove(name) => {
+                        chain_ops.push(Op::FlushChain(name.clone()))
+                    }
+                    None => chain_ops.push(Op::AddChain(name.clone(), None)),
+                }
+                plan.chains_written += 1;
+                write_chain(&mut chain_ops, name, rules, &mut plan.rules_written);
+            }
+            for name in old.chains.keys() {
+                if !new.chains.contains_key(name) {
+                    self.stale_chains.insert(name.clone());
+                }
+            }
+            self.totals.sub(&old.counts);
+            self.totals.add(&new.counts);
+            if state.has_service(key) {
+                self.services.insert(key.clone(), new);
+            }
+        }
+
+        let mut deletes: BTreeMap<String, Vec<Key>> = BTreeMap::new();
+        let mut adds: BTreeMap<String, Vec<(Key, Option<Data>)>> = BTreeMap::new();
+        for (sk, was) in before {
+            let now = self.owners.get(&sk).and_then(effective).cloned();
+            if was == now {
+                continue;
+            }
+            let (set, key) = sk;
+            if was.is_some() {
+                self.count_use(&set, -1);
+                self.element_total -= 1;
+                deletes.entry(set.clone()).or_default().push(key.clone());
+            }
+            if let Some(d) = now {
+                self.count_use(&set, 1);
+                self.element_total += 1;
+                adds.entry(set).or_default().push((key, d));
+            }
+        }
+
+        // Pools: create the ones that gain elements, retire the ones left empty.
+        for (p, n) in &self.pool_use {
+            if *n > 0 && !self.pools.contains(p) {
+                create_pool(&mut plan.ops, p);
+                self.pools.insert(*p);
+            } else if *n > 0 {
+                self.stale_pools.remove(p);
+            } else if self.pools.contains(p) {
+                self.stale_pools.insert(*p);
+            }
+        }
+        self.pool_use.retain(|_, n| *n > 0);
+        plan.ops.extend(chain_ops);
+        for (set, keys) in deletes {
+            plan.elements_deleted += keys.len();
+            chunked_deletes(&mut plan.ops, &set, keys);
+        }
+        for (set, elems) in adds {
+            plan.elements_added += elems.len();
+            chunked_adds(&mut plan.ops, &set, elems);
+        }
+        plan.cleanup = self.cleanup_ops();
+        plan
+    }
+
+    fn cleanup_ops(&self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let chains: Vec<String> = self
+            .stale_chains
+            .iter()
+            .cloned()
+            .chain(self.stale_pools.iter().map(Pool::name))
+            .collect();
+        // Flush first: stale chains may jump to each other.
+        for c in &chains {
+            ops.push(Op::FlushChain(c.clone()));
+        }
+        for c in &chains {
+            ops.push(Op::DeleteChain(c.clone()));
+        }
+        for p in &self.stale_pools {
+            ops.push(Op::DeleteSet(p.name()));
+        }
+        ops
+    }
+
+    /// The cleanup transaction went through.
+    pub fn cleaned(&mut self) {
+        self.stale_chains.clear();
+        for p in std::mem::take(&mut self.stale_pools) {
+            self.pools.remove(&p);
+        }
+    }
+}
