@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from kproxy import _core, tools
-from kproxy.backends.iptables import IptablesProxier
+from kproxy.backends.netfilter import NetfilterProxier
 from kproxy.config import ProxyConfig, build
 from kproxy.control import Controller
 from kproxy.model import Family
@@ -87,11 +87,12 @@ class Cluster:
             c.replace(resource, objs)
         return c
 
-    def proxier(self, families: Sequence[Family] = ("IPv4", "IPv6")) -> IptablesProxier:
+    def proxier(self, families: Sequence[Family] = ("IPv4", "IPv6")) -> NetfilterProxier:
         return tools.programmed(self.config, self.controller(), families)
 
     def render(self) -> dict[Family, str]:
-        """The rules per IP family, as ``iptables-restore --noflush`` input."""
+        """The rules per IP family: ``iptables-restore --noflush`` input, or the ``nft -f``
+        transaction in the nftables mode."""
         return self.proxier().render()
 
     def trace(
@@ -109,10 +110,8 @@ class Cluster:
         c = self.controller()
         p = tools.programmed(self.config, c, (family,))
         ips = list(node_ips) or (list(c.node.addresses) if c.node else [])
-        return _core.trace_iptables(
-            p.engines[family].dump(), src, dst, protocol, port,
-            "local" if from_node else "external", ips,
-        )  # fmt: skip
+        origin = "local" if from_node else "external"
+        return p.engines[family].trace(src, dst, protocol, port, origin, ips)
 
     def with_settings(self, **settings: Any) -> Cluster:
         """The same objects under another configuration."""

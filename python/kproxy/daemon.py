@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from kproxy import conntrack
-from kproxy.backends.iptables import IptablesProxier
+from kproxy.backends.netfilter import NetfilterProxier
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
 from kproxy.control import Controller
@@ -49,7 +49,7 @@ class Daemon:
         self.cfg = cfg
         self.families = families
         self.health = ProxyHealth(2 * cfg.sync_period)
-        self.proxier: IptablesProxier | None = None
+        self.proxier: NetfilterProxier | None = None
         self.syncs = 0
         self.failures = 0
         self._last_full: float | None = None
@@ -146,7 +146,7 @@ class Daemon:
             if not families:
                 log.error("neither iptables nor ip6tables works here; cannot program rules")
                 return False
-            self.proxier = IptablesProxier(self.cfg, families, c.node)
+            self.proxier = NetfilterProxier(self.cfg, families, c.node)
             log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
         started = time.monotonic()
         full = self._last_full is None or started - self._last_full >= FULL_SYNC_PERIOD

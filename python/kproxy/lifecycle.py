@@ -14,15 +14,18 @@ log = logging.getLogger(__name__)
 
 # What kube-proxy's other modes leave on a node: the nftables mode's tables, the ipvs mode's
 # dummy interface and ipsets. Cleaning them lets kproxy replace a kube-proxy in any mode.
-NFT_TABLES = (("ip", "kube-proxy"), ("ip6", "kube-proxy"))
+# kproxy's own nftables tables, and kube-proxy's.
+NFT_TABLES = (("ip", "kproxy"), ("ip6", "kproxy"), ("ip", "kube-proxy"), ("ip6", "kube-proxy"))
 IPVS_INTERFACE = "kube-ipvs0"
 IPSET_PREFIXES = ("KUBE-",)
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str] | None:
     if shutil.which(argv[0]) is None:
         return None
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        argv, input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def cleanup() -> int:
@@ -37,15 +40,15 @@ def cleanup() -> int:
         except KproxyError as e:
             log.error("%s cleanup failed: %s", tool, e)
             status = 1
-    for fam, table in NFT_TABLES:
-        listed = _run(["nft", "list", "table", fam, table])
-        if listed is not None and listed.returncode == 0:
-            r = _run(["nft", "delete", "table", fam, table])
+    if shutil.which("nft") is not None:
+        for fam, table in NFT_TABLES:
+            # add-then-delete in one transaction: idempotent, and no listing of a table that
+            # may hold a million elements.
+            script = f"add table {fam} {table}\ndelete table {fam} {table}\n"
+            r = _run(["nft", "-f", "-"], script)
             if r is not None and r.returncode != 0:
                 log.error("nft delete table %s %s: %s", fam, table, r.stderr.strip())
                 status = 1
-            else:
-                log.info("nftables: removed table %s %s", fam, table)
     if os.path.exists(f"/sys/class/net/{IPVS_INTERFACE}"):
         # Flush IPVS first (if the module is loaded), then the dummy interface holding the VIPs.
         if os.path.exists("/proc/net/ip_vs"):

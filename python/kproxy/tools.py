@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kproxy import _core, netns
-from kproxy.backends.iptables import IptablesProxier, engine_config
+from kproxy.backends.netfilter import NetfilterProxier, engine_config
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
 from kproxy.errors import ConfigError, KproxyError
@@ -57,20 +57,21 @@ def snapshot(cfg: ProxyConfig) -> Controller:
 
 def programmed(
     cfg: ProxyConfig, c: Controller, families: Sequence[Family] = FAMILIES
-) -> IptablesProxier:
+) -> NetfilterProxier:
     """Engines on their in-memory kernel, programmed with everything ``c`` holds."""
-    proxier = IptablesProxier(cfg, families, c.node, backend="fake")
+    proxier = NetfilterProxier(cfg, families, c.node, backend="fake")
     proxier.sync(c.drain(), True)
     return proxier
 
 
-def rendered(cfg: ProxyConfig) -> IptablesProxier:
+def rendered(cfg: ProxyConfig) -> NetfilterProxier:
     return programmed(cfg, snapshot(cfg))
 
 
 def render_command(cfg: ProxyConfig) -> int:
     for fam, text in rendered(cfg).render().items():
-        print(f"# {cfg.mode} rules for {fam} (iptables-restore --noflush input)")
+        form = "nft -f input" if cfg.mode == "nftables" else "iptables-restore --noflush input"
+        print(f"# {cfg.mode} rules for {fam} ({form})")
         print(text, end="")
     return 0
 
@@ -103,6 +104,11 @@ def trace_command(
     family: Family = "IPv4" if ipaddress.ip_address(ip).version == 4 else "IPv6"
     if ipaddress.ip_address(src_ip).version != ipaddress.ip_address(ip).version:
         raise ConfigError("SRC", "source and destination are of different IP families")
+    origin = "local" if from_node else "external"
+    if live and cfg.mode == "nftables":
+        raise ConfigError(
+            "--live", "the nftables mode traces the rules kproxy would program (drop --live)"
+        )
     if live:
         tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
         try:
@@ -112,12 +118,12 @@ def trace_command(
         except (OSError, subprocess.SubprocessError) as e:
             raise KproxyError(f"cannot read the kernel's rules with {tool}: {e}") from None
         locals_ = node_ips or local_addresses()
+        t = _core.trace_iptables(rules, src_ip, ip, proto, port, origin, locals_)
     else:
         c = snapshot(cfg)
-        rules = programmed(cfg, c, (family,)).engines[family].dump()
+        engine = programmed(cfg, c, (family,)).engines[family]
         locals_ = node_ips or (list(c.node.addresses) if c.node else local_addresses())
-    origin = "local" if from_node else "external"
-    t = _core.trace_iptables(rules, src_ip, ip, proto, port, origin, locals_)
+        t = engine.trace(src_ip, ip, proto, port, origin, locals_)
     print(explain(t, src_ip, dst, from_node, live))
     return 0
 
@@ -242,6 +248,8 @@ def differences(want: Tables, have: Tables) -> list[Difference]:
 
 def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:
     """Exit status 0 when the kernel holds exactly what kproxy wants, 1 otherwise."""
+    if cfg.mode != "iptables":
+        raise ConfigError("--proxy-mode", f"diff reads iptables rules; not yet {cfg.mode}")
     report: dict[str, list[Difference]] = {}
     for family in FAMILIES:
         report[family] = differences(desired(cfg, family), save(family))

@@ -1,11 +1,13 @@
 """Partial syncs are an optimization only: any sequence of them leaves the kernel exactly as
-one full sync of the final state would (checked on the in-memory kernel)."""
+one full sync of the final state would (checked on the in-memory kernel, in both netfilter
+modes)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,12 +18,13 @@ from kproxy.tracker import ChangeSet, merge_slices
 NAMES = [ServiceKey("ns", f"s{i}") for i in range(6)]
 
 
-def engine() -> _core.Engine:
+def engine(mode: str) -> _core.Engine:
     cfg = {
         "family": "IPv4",
         "node_name": "node-a",
         "cluster_cidrs": ["10.0.0.0/8"],
         "backend": "fake",
+        "mode": mode,
     }
     return _core.Engine(json.dumps(cfg))
 
@@ -84,10 +87,11 @@ def change_sets(draw: Any) -> ChangeSet:
     return ChangeSet(svcs, eps)
 
 
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(change_sets(), min_size=1, max_size=8))
-def test_partial_syncs_equal_one_full_sync(steps: list[ChangeSet]) -> None:
-    incremental = engine()
+def test_partial_syncs_equal_one_full_sync(mode: str, steps: list[ChangeSet]) -> None:
+    incremental = engine(mode)
     final_services: dict[ServiceKey, Service | None] = {}
     final_endpoints: dict[ServiceKey, Any] = {}
     for i, cs in enumerate(steps):
@@ -99,7 +103,7 @@ def test_partial_syncs_equal_one_full_sync(steps: list[ChangeSet]) -> None:
         {k: v for k, v in final_services.items() if v is not None},
         {k: v for k, v in final_endpoints.items() if v},
     )
-    fresh = engine()
+    fresh = engine(mode)
     fresh.sync(final.to_json(), full=True)
     assert incremental.dump() == fresh.dump()
     # And a full resync of the incremental engine changes nothing either.

@@ -2,7 +2,8 @@
 
 The fake API server listens inside the node namespace (through a :class:`NetnsExecutor`
 thread) and the daemon runs there as a subprocess, as it would on a node; the test drives the
-API server with method calls and watches the kernel with ``iptables-save``.
+API server with method calls and watches the kernel with ``iptables-save`` or ``nft``. Every
+lab runs one proxy mode (``iptables`` or ``nftables``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ EMPTY_IP = "10.96.0.20"
 TCP_PORT, UDP_PORT = 8080, 8081
 NODE_PORT_TCP, NODE_PORT_UDP = 30080, 30081
 _DNAT = re.compile(r"--to-destination (\S+)")
+# nftables: endpoint pool elements (`... : 10.244.1.2 . 8080`) and single DNATs.
+_NFT_DNAT = re.compile(r": ([0-9a-f.:]+) \. (\d+)\b|dnat (?:ip6? )?to ([0-9a-f.:\[\]]+:\d+)")
+MODES = ("iptables", "nftables")
 
 
 def echo_service(**spec: Any) -> k.Obj:
@@ -69,6 +73,7 @@ class ProxyLab:
     api: FakeApiServer
     ex: NetnsExecutor
     log_path: Path
+    mode: str = "iptables"
     daemon: subprocess.Popen[str] | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -91,6 +96,7 @@ class ProxyLab:
             "--min-sync-period", "0",
             "--healthz-bind-address", "127.0.0.1:10256",
             "-v", "4",
+            "--proxy-mode", self.mode,
             *extra,
         ]  # fmt: skip
         env = dict(os.environ)
@@ -114,8 +120,22 @@ class ProxyLab:
     def filter(self) -> str:
         return self.lab.node.exec(["iptables-save", "-t", "filter"], timeout=10, check=True).stdout
 
+    def nft(self, family: str = "ip") -> str:
+        """kproxy's nftables table ("" when there is none)."""
+        r = self.lab.node.exec(["nft", "list", "table", family, "kproxy"], timeout=10)
+        return r.stdout if r.returncode == 0 else ""
+
+    def rules(self) -> str:
+        """Everything this lab's mode programs for IPv4, as the kernel lists it."""
+        return self.nat() + self.filter() if self.mode == "iptables" else self.nft()
+
     def dnat_targets(self) -> set[str]:
-        return set(_DNAT.findall(self.nat()))
+        if self.mode == "iptables":
+            return set(_DNAT.findall(self.nat()))
+        out = set()
+        for ip, port, single in _NFT_DNAT.findall(self.nft()):
+            out.add(single if single else f"{ip}:{port}")
+        return out
 
     def wait(
         self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
@@ -138,7 +158,9 @@ class ProxyLab:
 
 
 @contextmanager
-def proxy_lab(tmp_path: Path, objects: Sequence[k.Obj] = ()) -> Iterator[ProxyLab]:
+def proxy_lab(
+    tmp_path: Path, objects: Sequence[k.Obj] = (), mode: str = "iptables"
+) -> Iterator[ProxyLab]:
     """A node lab with the fake API server holding ``objects`` and this node's Node; skips
     the test (does not fail it) where labs cannot be built (not root, no ``ip netns``)."""
     reason = netlab_unavailable_reason()
@@ -155,7 +177,7 @@ def proxy_lab(tmp_path: Path, objects: Sequence[k.Obj] = ()) -> Iterator[ProxyLa
             api = ex.call(lambda: FakeApiServer(bookmark_interval=0.5))
             ex.call(api.start)
             try:
-                pl = ProxyLab(lab, api, ex, tmp_path / "kproxy.log")
+                pl = ProxyLab(lab, api, ex, tmp_path / "kproxy.log", mode)
                 pl.put(k.node(NODE, addresses=[lab.node_ip]))
                 for o in objects:
                     pl.put(o)

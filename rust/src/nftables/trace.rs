@@ -136,7 +136,9 @@ impl Walk<'_> {
             .iter()
             .filter_map(|(n, c)| c.hook.map(|h| (n, h)))
             .filter(|(_, h)| {
-                h.kind == kind && h.hook == hook && (h.priority == super::render::PRE_DNAT) == pre_dnat
+                h.kind == kind
+                    && h.hook == hook
+                    && (h.priority == super::render::PRE_DNAT) == pre_dnat
             })
             .map(|(n, h)| (n, h.priority))
             .collect();

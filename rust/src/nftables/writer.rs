@@ -100,6 +100,8 @@ fn write_chain(ops: &mut Vec<Op>, name: &str, rules: &[Rule], plan_rules: &mut u
 fn create_pool(ops: &mut Vec<Op>, pool: &Pool) {
     ops.push(Op::AddSet(pool.set_def()));
     ops.push(Op::AddChain(pool.name(), None));
+    // `add chain` keeps what a chain of that name already holds: start it empty.
+    ops.push(Op::FlushChain(pool.name()));
     for r in pool.rules() {
         ops.push(Op::AddRule(pool.name(), r));
     }
@@ -241,6 +243,7 @@ impl Writer {
         changed: &BTreeSet<ServiceKey>,
     ) -> Plan {
         let mut plan = Plan::default();
+        let mut new_chains = Vec::new();
         let mut chain_ops = Vec::new();
         let mut before: BTreeMap<SetKey, Option<Option<Data>>> = BTreeMap::new();
         for key in changed {
@@ -274,7 +277,12 @@ impl Writer {
                     None if self.stale_chains.remove(name) => {
                         chain_ops.push(Op::FlushChain(name.clone()))
                     }
-                    None => chain_ops.push(Op::AddChain(name.clone(), None)),
+                    // Declared (and emptied) before any rule: the Service's chains jump to each
+                    // other.
+                    None => {
+                        new_chains.push(Op::AddChain(name.clone(), None));
+                        new_chains.push(Op::FlushChain(name.clone()));
+                    }
                 }
                 plan.chains_written += 1;
                 write_chain(&mut chain_ops, name, rules, &mut plan.rules_written);
@@ -323,6 +331,7 @@ impl Writer {
             }
         }
         self.pool_use.retain(|_, n| *n > 0);
+        plan.ops.extend(new_chains);
         plan.ops.extend(chain_ops);
         for (set, keys) in deletes {
             plan.elements_deleted += keys.len();

@@ -1,6 +1,6 @@
-"""Property: for random cluster states, every traced packet reaches exactly the endpoints its
-traffic type and policies allow (an independent model of upstream's rules decides which),
-and is rejected or dropped exactly when upstream would."""
+"""Property (both netfilter modes): for random cluster states, every traced packet reaches
+exactly the endpoints its traffic type and policies allow (an independent model of upstream's
+rules decides which), and is rejected or dropped exactly when upstream would."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -73,10 +74,19 @@ def expected(case: Case, external_dst: bool, from_pod: bool) -> tuple[set[str], 
     return set(), ("REJECT" if not any_usable else "DROP")
 
 
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 5).flatmap(lambda n: st.tuples(*[cases(i) for i in range(n)])))
-def test_traced_packets_reach_only_allowed_endpoints(all_cases: tuple[Case, ...]) -> None:
-    cfg = {"family": "IPv4", "node_name": NODE, "cluster_cidrs": ["10.0.0.0/8"], "backend": "fake"}
+def test_traced_packets_reach_only_allowed_endpoints(
+    mode: str, all_cases: tuple[Case, ...]
+) -> None:
+    cfg = {
+        "family": "IPv4",
+        "node_name": NODE,
+        "cluster_cidrs": ["10.0.0.0/8"],
+        "backend": "fake",
+        "mode": mode,
+    }
     engine = _core.Engine(json.dumps(cfg))
     services: dict[ServiceKey, Service | None] = {c.svc.key: c.svc for c in all_cases}
     endpoints = {
@@ -95,7 +105,6 @@ def test_traced_packets_reach_only_allowed_endpoints(all_cases: tuple[Case, ...]
         for c in all_cases
     }
     engine.sync(ChangeSet(services, endpoints).to_json())
-    rules = engine.dump()
     for i, case in enumerate(all_cases):
         for src, from_pod in ((POD, True), (OUTSIDE, False)):
             for dst, port, external in (
@@ -103,7 +112,7 @@ def test_traced_packets_reach_only_allowed_endpoints(all_cases: tuple[Case, ...]
                 (f"192.168.99.{i + 1}", 80, True),
                 (NODE_IP, 30000 + i, True),
             ):
-                t = _core.trace_iptables(rules, src, dst, "TCP", port, "external", [NODE_IP])
+                t = engine.trace(src, dst, "TCP", port, "external", [NODE_IP])
                 want_eps, want_verdict = expected(case, external, from_pod)
                 got = {d.rsplit(":", 1)[0] for d in t.dnat}
                 assert got == want_eps, (case, src, dst, t.matched)

@@ -1,6 +1,6 @@
 """The real daemon in a node namespace, fed by the fake API server, with real packets.
 
-Covers issue 2's end-to-end slice of the iptables mode: ClusterIP (from a pod and from the
+Every test runs in both netfilter modes (iptables, nftables): ClusterIP (from a pod and from the
 node itself) and NodePort (from an external client), TCP and UDP, spread over every backend;
 REJECT for a Service without endpoints; endpoint changes programmed quickly; recovery from an
 API server that restarts and compacts its history; bad objects skipped.
@@ -8,6 +8,7 @@ API server that restarts and compacts its history; bad objects skipped.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.netlab import NetNs
 from tests.privileged.harness import (
     ECHO_IP,
     EMPTY_IP,
+    MODES,
     NODE_PORT_TCP,
     NODE_PORT_UDP,
     ProxyLab,
@@ -34,9 +36,10 @@ PODS = ("10.244.1.2", "10.244.2.2", "10.244.3.2")
 BACKENDS = {"pod1", "pod2", "pod3"}
 
 
-@pytest.fixture
-def pl(tmp_path: Path) -> Iterator[ProxyLab]:
-    with proxy_lab(tmp_path, [echo_service(), echo_slice(PODS), empty_service()]) as lab:
+@pytest.fixture(params=MODES)
+def pl(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
+    objects = [echo_service(), echo_slice(PODS), empty_service()]
+    with proxy_lab(tmp_path, objects, mode=request.param) as lab:
         lab.start_daemon()
         lab.wait_synced()
         assert len(lab.dnat_targets()) == 6
@@ -95,8 +98,11 @@ def test_service_without_endpoints_is_refused_at_once(pl: ProxyLab) -> None:
         # pod it comes back as ICMP port-unreachable. Either way: no timeout.
         expected = "EPERM" if src is pl.lab.node else "refused"
         assert u.error == expected and u.elapsed < 0.5, u
-    assert "demo" not in pl.filter()  # nothing from the example leaks in
-    assert '"default/empty:http has no endpoints"' in pl.filter()
+    assert "demo" not in pl.rules()  # nothing from the example leaks in
+    if pl.mode == "iptables":
+        assert '"default/empty:http has no endpoints"' in pl.filter()
+    else:
+        assert f"{EMPTY_IP} . tcp . 80 : goto reject-chain" in pl.nft()
 
 
 def test_endpoint_change_is_programmed_within_a_second(pl: ProxyLab) -> None:
@@ -118,8 +124,9 @@ def test_service_deleted_and_endpoints_removed(pl: ProxyLab) -> None:
     r = pl.lab.pod("client").tcp_probe(ECHO_IP, 80, timeout=3.0)
     assert r.error == "refused", r
     pl.delete("Service", "echo")
-    pl.wait(lambda: "default/echo" not in pl.nat() + pl.filter(), 5, "echo's rules gone")
+    pl.wait(lambda: ECHO_IP not in pl.rules(), 5, "echo's rules gone")
     assert "KUBE-SVC-" not in pl.nat()
+    assert not re.search(r"chain (nodeport-)?(local-)?endpoints-\d", pl.nft()), "pool left behind"
 
 
 def test_api_restart_with_compaction_while_services_change(pl: ProxyLab) -> None:
@@ -143,7 +150,7 @@ def test_api_restart_with_compaction_while_services_change(pl: ProxyLab) -> None
         30,
         "the changes made while the API server was down",
     )
-    assert "default/empty" not in pl.filter()
+    assert EMPTY_IP not in pl.rules()
     assert tcp_servers(pl.lab.pod("client"), "10.96.0.30", 80, 5) == {"pod1"}
     assert tcp_servers(pl.lab.pod("client"), ECHO_IP, 80, 5) == {"pod3"}
     assert "relisting" in pl.log()
@@ -160,12 +167,12 @@ def test_invalid_objects_are_skipped_and_the_rest_keeps_working(pl: ProxyLab) ->
     pl.put(
         k.endpoint_slice("good-1", "good", [k.endpoint("10.244.2.2")], [k.slice_port("http", 8080)])
     )
-    pl.wait(lambda: "10.96.0.43" in pl.nat(), 5, "the good Service")
+    pl.wait(lambda: "10.96.0.43" in pl.rules(), 5, "the good Service")
     log = pl.log()
     for name, field in (("bad-proto", "protocol"), ("bad-name", "name"), ("bad-port", "port")):
         lines = [ln for ln in log.splitlines() if f"default/{name}" in ln]
         assert len(lines) == 1 and field in lines[0], lines
-    rules = pl.nat() + pl.filter()
+    rules = pl.rules()
     assert "10.96.0.4" not in rules.replace("10.96.0.43", "")
     assert "-A INPUT -j DROP" not in rules
     assert tcp_servers(pl.lab.pod("client"), ECHO_IP, 80) == BACKENDS

@@ -1,6 +1,6 @@
-"""Traffic types and policies with real packets (iptables mode): source-IP preservation under
-externalTrafficPolicy Local, internalTrafficPolicy Local, session affinity, REJECT vs DROP,
-loadBalancerSourceRanges, externalIPs and dual-stack.
+"""Traffic types and policies with real packets, in both netfilter modes: source-IP
+preservation under externalTrafficPolicy Local, internalTrafficPolicy Local, session affinity,
+REJECT vs DROP, loadBalancerSourceRanges, externalIPs and dual-stack.
 
 pod1 (10.244.1.2) runs on this node (node-a); pod2 and pod3 on node-b.
 """
@@ -17,6 +17,7 @@ import pytest
 from tests import k8sobjects as k
 from tests.privileged.harness import (
     ECHO_IP,
+    MODES,
     NODE_PORT_TCP,
     ProxyLab,
     echo_service,
@@ -32,10 +33,15 @@ LB_IP = "10.96.200.1"
 EXTERNAL_IP = "10.96.150.1"
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    with proxy_lab(tmp_path) as pl:
+@pytest.fixture(params=MODES)
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
+    with proxy_lab(tmp_path, mode=request.param) as pl:
         yield pl
+
+
+def only(lab: ProxyLab, mode: str) -> None:
+    if lab.mode != mode:
+        pytest.skip(f"{mode} mode only")
 
 
 def run(lab: ProxyLab, svc: dict[str, Any], ips: tuple[str, ...] = PODS, *extra: str) -> None:
@@ -94,7 +100,8 @@ def test_session_affinity_sticks_to_one_backend(lab: ProxyLab) -> None:
         assert len({r.server for r in results}) == 1, {r.server for r in results}
     # Without affinity the same client is spread (the control for the assertion above).
     lab.put(echo_service())
-    lab.wait(lambda: "recent" not in lab.nat(), 10, "affinity rules gone")
+    marker = "recent" if lab.mode == "iptables" else "update @affinity"
+    lab.wait(lambda: marker not in lab.rules(), 10, "affinity rules gone")
     assert len({r.server for r in servers(lab.lab.pod("client"), ECHO_IP, 80, 30)}) > 1
 
 
@@ -137,6 +144,7 @@ def test_dual_stack(lab: ProxyLab) -> None:
 
 
 def test_localhost_node_ports(lab: ProxyLab) -> None:
+    only(lab, "iptables")
     run(lab, echo_service())
     results = servers(lab.lab.node, "127.0.0.1", NODE_PORT_TCP, 10)
     assert all(r.ok for r in results), results[:2]
@@ -148,10 +156,28 @@ def test_localhost_node_ports(lab: ProxyLab) -> None:
 
 
 def test_localhost_node_ports_can_be_turned_off(lab: ProxyLab) -> None:
+    only(lab, "iptables")
     run(lab, echo_service(), PODS, "--iptables-localhost-nodeports=false")
     r = lab.lab.node.tcp_probe("127.0.0.1", NODE_PORT_TCP, timeout=1.0)
     assert r.error == "refused", r  # not DNATed: nothing listens on the node itself
     assert lab.lab.node.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
+
+
+def test_nftables_has_no_localhost_node_ports(lab: ProxyLab) -> None:
+    # As upstream's nftables mode: NodePorts answer on the node's addresses, not on loopback.
+    only(lab, "nftables")
+    run(lab, echo_service())
+    r = lab.lab.node.tcp_probe("127.0.0.1", NODE_PORT_TCP, timeout=1.0)
+    assert r.error == "refused", r
+    assert lab.lab.node.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
+
+
+def test_unknown_port_of_a_cluster_ip_is_rejected(lab: ProxyLab) -> None:
+    # nftables mode only, as upstream: a cluster IP answers on its Services' ports alone.
+    only(lab, "nftables")
+    run(lab, echo_service())
+    r = lab.lab.pod("client").tcp_probe(ECHO_IP, 81, timeout=3.0)
+    assert r.error == "refused" and r.elapsed < 0.5, r
 
 
 def test_interface_name_prefix_detects_pod_traffic(lab: ProxyLab) -> None:

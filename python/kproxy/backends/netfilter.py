@@ -1,4 +1,5 @@
-"""The iptables proxier: one Rust engine per IP family, fed the same change set."""
+"""The netfilter proxier (iptables and nftables modes): one Rust engine per IP family, fed the
+same change set."""
 
 from __future__ import annotations
 
@@ -27,11 +28,22 @@ def engine_config(
 ) -> dict[str, object]:
     """The JSON configuration of one family's engine."""
     nodeport_ips: list[str] | None = None
-    if cfg.nodeport_addresses:
-        cidrs = tuple(a for a in cfg.nodeport_addresses if a != "primary")
+    nodeport_addresses = cfg.nodeport_addresses
+    if not nodeport_addresses and cfg.mode == "nftables":
+        # Upstream's nftables mode answers NodePorts on the node's primary IPs by default.
+        version = 4 if family == "IPv4" else 6
+        known = node is not None and any(
+            ipaddress.ip_address(a).version == version for a in node.addresses
+        )
+        if known:
+            nodeport_addresses = ("primary",)
+        else:
+            log.warning("nftables: the Node has no %s address; NodePorts on every one", family)
+    if nodeport_addresses:
+        cidrs = tuple(a for a in nodeport_addresses if a != "primary")
         addrs = list(local_addrs) if local_addrs is not None else local_addresses()
         nodeport_ips = addresses_in(cidrs, addrs) if cidrs else []
-        if "primary" in cfg.nodeport_addresses and node is not None:
+        if "primary" in nodeport_addresses and node is not None:
             nodeport_ips += [a for a in node.addresses if a not in nodeport_ips]
     liberal = (
         cfg.conntrack_tcp_be_liberal or sysctl("net.netfilter.nf_conntrack_tcp_be_liberal") == "1"
@@ -54,13 +66,17 @@ def engine_config(
         "node_name": cfg.node_name,
         "cluster_cidrs": local_cidrs,
         "local_interface": interface,
-        "localhost_nodeports": cfg.localhost_nodeports and localhost_allowed(cfg),
+        # As upstream, the nftables mode has no localhost NodePorts (no route_localnet).
+        "localhost_nodeports": cfg.mode == "iptables"
+        and cfg.localhost_nodeports
+        and localhost_allowed(cfg),
         "masquerade_all": cfg.masquerade_all,
         "masquerade_bit": cfg.masquerade_bit,
         "nodeport_ips": nodeport_ips,
         "conntrack_tcp_be_liberal": liberal,
         "node_ips": list(node.addresses) if node is not None else [],
         "backend": backend,
+        "mode": cfg.mode,
     }
 
 
@@ -74,8 +90,8 @@ def localhost_allowed(cfg: ProxyConfig) -> bool:
     )
 
 
-class IptablesProxier:
-    mode = "iptables"
+class NetfilterProxier:
+    """Programs iptables or nftables rules (`cfg.mode`)."""
 
     def __init__(
         self,
@@ -85,6 +101,7 @@ class IptablesProxier:
         *,
         backend: str = "kernel",
     ) -> None:
+        self.mode = cfg.mode
         configs = {fam: engine_config(cfg, fam, node, backend=backend) for fam in families}
         self.engines: dict[Family, _core.Engine] = {
             fam: _core.Engine(json.dumps(c)) for fam, c in configs.items()
