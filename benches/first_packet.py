@@ -5,8 +5,9 @@ In an isolated namespace lab (one backend pod, one client pod), for each cluster
 programs N ClusterIP services (4 endpoints each, all on the backend pod) two ways, in turn,
 in the same node namespace:
 
-* kproxy's rules (bucketed dispatch), applied by the real engine;
+* kproxy's iptables rules (bucketed dispatch), applied by the real engine;
 * the same rules with upstream's flat ``KUBE-SERVICES`` (one rule per service, linear);
+* kproxy's nftables table (verdict-map dispatch, shared endpoint pools);
 
 and times TCP ``connect()`` from the client pod to services spread over the whole list (the
 last one in upstream's order included). Only the first packet of a connection walks the nat
@@ -80,7 +81,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    results: dict[str, dict[int, dict[str, float]]] = {"kproxy": {}, "upstream shape": {}}
+    results: dict[str, dict[int, dict[str, float]]] = {
+        "kproxy": {},
+        "upstream shape": {},
+        "kproxy nftables": {},
+    }
     with NodeLab() as lab:
         lab.add_pod("backend").start_tcp_server(8080)
         lab.add_pod("client")
@@ -108,7 +113,20 @@ def main() -> int:
                 )
                 up = measure(lab, targets, per_target)
                 ex.call(functools.partial(_core.cleanup_iptables, "IPv4"), timeout=600)
-                for name, lat in (("kproxy", kp), ("upstream shape", up)):
+                nft_cfg = json.dumps(
+                    {
+                        "family": "IPv4",
+                        "node_name": "n",
+                        "cluster_cidrs": ["10.244.0.0/16"],
+                        "mode": "nftables",
+                    }
+                )
+                nft_engine = ex.call(functools.partial(_core.Engine, nft_cfg))
+                ex.call(functools.partial(nft_engine.sync, cs.to_json(), True), timeout=1800)
+                nf = measure(lab, targets, per_target)
+                ex.call(functools.partial(_core.cleanup_nftables, "IPv4"), timeout=600)
+                runs = (("kproxy", kp), ("upstream shape", up), ("kproxy nftables", nf))
+                for name, lat in runs:
                     q = statistics.quantiles(lat, n=100)
                     results[name][n] = {
                         "p50_us": statistics.median(lat),

@@ -161,9 +161,12 @@ class Daemon:
         except ApplyError as e:
             self.failures += 1
             fam = e.family or "IPv4"
-            self.metrics.restore_failures.labels(ip_family=fam).inc()
-            if not full:
-                self.metrics.partial_restore_failures.labels(ip_family=fam).inc()
+            if self.cfg.mode == "nftables":
+                self.metrics.nft_sync_failures.labels(ip_family=fam).inc()
+            else:
+                self.metrics.restore_failures.labels(ip_family=fam).inc()
+                if not full:
+                    self.metrics.partial_restore_failures.labels(ip_family=fam).inc()
             log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
             return False
         except CoreInputError as e:
@@ -194,11 +197,22 @@ class Daemon:
             m.no_local_endpoints.labels(ip_family=fam, traffic_policy="external").set(
                 r.no_local_external
             )
+            if r.cleanup_failed:
+                m.nft_cleanup_failures.labels(ip_family=fam).inc()
             m.rules_last.labels(ip_family=fam, table="nat").set(r.nat_rules)
             m.rules_last.labels(ip_family=fam, table="filter").set(r.filter_rules)
             m.rules_total.labels(ip_family=fam, table="nat").set(r.nat_rules_total)
             m.rules_total.labels(ip_family=fam, table="filter").set(r.filter_rules_total)
-            if r.wrote:
+            if r.wrote and self.cfg.mode == "nftables":
+                log.info(
+                    "synced %s %s: %d service ports, %d endpoints; wrote %d chains, +%d -%d "
+                    "elements, %d held (render %.1fms, apply %.1fms, total %.1fms)",
+                    fam, "full" if r.full else "partial", r.service_ports, r.endpoints,
+                    r.chains_written, r.elements_added, r.elements_deleted, r.elements_total,
+                    r.render_seconds * 1e3, r.apply_seconds * 1e3,
+                    (time.monotonic() - started) * 1e3,
+                )  # fmt: skip
+            elif r.wrote:
                 log.info(
                     "synced %s %s: %d service ports, %d endpoints; wrote %d chains, %d nat and "
                     "%d filter rules (render %.1fms, apply %.1fms, total %.1fms)",

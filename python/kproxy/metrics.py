@@ -80,6 +80,12 @@ class Metrics:
             "sync_proxy_rules_iptables_partial_restore_failures",
             "Cumulative iptables partial restore failures",
         )
+        self.nft_sync_failures = counter(
+            "sync_proxy_rules_nftables_sync_failures", "Cumulative nftables sync failures"
+        )
+        self.nft_cleanup_failures = counter(
+            "sync_proxy_rules_nftables_cleanup_failures", "Cumulative nftables cleanup failures"
+        )
         self.rules_last = gauge(
             "sync_proxy_rules_iptables_last",
             "Number of iptables rules written in the last sync",

@@ -161,6 +161,8 @@ pub struct SyncReport {
     pub elements_added: usize,
     pub elements_deleted: usize,
     pub elements_total: usize,
+    /// nftables: the transaction deleting unreferenced chains was refused (it is retried).
+    pub cleanup_failed: bool,
     pub render_seconds: f64,
     pub apply_seconds: f64,
 }
@@ -288,6 +290,7 @@ impl Engine {
                 report.elements_added = w.elements_added;
                 report.elements_deleted = w.elements_deleted;
                 report.elements_total = prog.writer().element_total();
+                report.cleanup_failed = w.cleanup_failed;
                 report.render_seconds = w.render_seconds;
                 report.apply_seconds = w.apply_seconds;
                 return Ok(());

@@ -322,7 +322,7 @@ def test_build_unknown_setting() -> None:
     [
         ({"mode": "bogus"}, "--proxy-mode"),
         ({"mode": "kernelspace"}, "--proxy-mode"),
-        ({"mode": "nftables"}, "--proxy-mode"),
+        ({"mode": "ipvs"}, "--proxy-mode"),
         ({"mode": "ipvs"}, "--proxy-mode"),
         ({"cluster_cidrs": ("10.0.0.0/8", "192.168.0.0/16")}, "--cluster-cidr"),
         ({"cluster_cidrs": ("fd00::/48", "fd01::/48")}, "--cluster-cidr"),
@@ -357,8 +357,9 @@ def test_validate_names_the_flag(changes: dict[str, Any], flag: str) -> None:
     assert str(err).startswith(f"{flag}: ")
 
 
-def test_nftables_is_refused_as_not_available_yet() -> None:
-    assert "not available" in config_error(ProxyConfig(mode="nftables")).message
+def test_ipvs_is_refused_as_not_available_yet() -> None:
+    assert "not available" in config_error(ProxyConfig(mode="ipvs")).message
+    assert validate(ProxyConfig(mode="nftables")).mode == "nftables"
 
 
 def test_validate_canonicalizes() -> None:

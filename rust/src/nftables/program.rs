@@ -20,6 +20,8 @@ pub struct Written {
     pub elements_added: usize,
     pub elements_deleted: usize,
     pub stale_chains_deleted: usize,
+    /// The cleanup transaction was refused (retried by the next sync).
+    pub cleanup_failed: bool,
     pub render_seconds: f64,
     pub apply_seconds: f64,
 }
@@ -75,15 +77,18 @@ impl Program {
         }
         if !plan.cleanup.is_empty() {
             // Failing here loses nothing: the stale objects are retried next time.
-            if let Ok(bytes) = self.apply(&plan.cleanup) {
-                w.bytes += bytes;
-                w.transactions += 1;
-                w.stale_chains_deleted = plan
-                    .cleanup
-                    .iter()
-                    .filter(|o| matches!(o, Op::DeleteChain(_)))
-                    .count();
-                self.writer.cleaned();
+            match self.apply(&plan.cleanup) {
+                Ok(bytes) => {
+                    w.bytes += bytes;
+                    w.transactions += 1;
+                    w.stale_chains_deleted = plan
+                        .cleanup
+                        .iter()
+                        .filter(|o| matches!(o, Op::DeleteChain(_)))
+                        .count();
+                    self.writer.cleaned();
+                }
+                Err(_) => w.cleanup_failed = true,
             }
         }
         w.apply_seconds = t1.elapsed().as_secs_f64();
@@ -121,4 +126,123 @@ impl Program {
 /// Remove kproxy's nftables table in one family (safe when there is none).
 pub fn cleanup(backend: &mut dyn Backend) -> Result<()> {
     backend.apply(&[Op::AddTable, Op::DeleteTable]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, EngineConfig};
+    use crate::model::ChangeSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A Fake whose next transactions can be made to fail from outside the engine.
+    struct Flaky {
+        inner: Fake,
+        fail: Arc<AtomicUsize>,
+    }
+
+    impl Backend for Flaky {
+        fn apply(&mut self, ops: &[Op]) -> Result<usize> {
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                self.fail.fetch_sub(1, Ordering::SeqCst);
+                return Err(crate::error::Error::Apply {
+                    op: "nft -f",
+                    code: Some(1),
+                    stderr: "refused".into(),
+                });
+            }
+            self.inner.apply(ops)
+        }
+        fn affinity(&mut self) -> Result<Vec<(super::super::ast::Key, u32)>> {
+            self.inner.affinity()
+        }
+        fn intact(&mut self) -> Result<bool> {
+            self.inner.intact()
+        }
+        fn dump(&mut self) -> Result<String> {
+            self.inner.dump()
+        }
+        fn model(&self) -> Option<&Model> {
+            self.inner.model()
+        }
+    }
+
+    fn changes(eps_of_s1: &[&str]) -> ChangeSet {
+        let eps: Vec<String> = eps_of_s1
+            .iter()
+            .map(|ip| {
+                format!(
+                    r#"{{"ip":"{ip}","port":8080,"ready":true,"serving":true,"terminating":false}}"#
+                )
+            })
+            .collect();
+        let json = format!(
+            r#"{{"services":[{{"namespace":"ns","name":"s1","service":{{"cluster_ips":["172.30.0.1"],"ports":[{{"name":"p","protocol":"TCP","port":80}}]}}}}],
+               "endpoints":[{{"namespace":"ns","name":"s1","ports":[{{"name":"p","protocol":"TCP","endpoints":[{}]}}]}}]}}"#,
+            eps.join(",")
+        );
+        ChangeSet::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_refused_transaction_keeps_the_table_and_makes_the_next_sync_full() {
+        let cfg = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","mode":"nftables","backend":"fake"}"#,
+        )
+        .unwrap();
+        let fail = Arc::new(AtomicUsize::new(0));
+        let backend = Flaky {
+            inner: Fake::new(IpFamily::V4),
+            fail: fail.clone(),
+        };
+        let mut engine = Engine::with_nft_backend(cfg, Box::new(backend));
+        engine
+            .sync(changes(&["10.1.0.1", "10.1.0.2"]), false)
+            .unwrap();
+        let before = engine.dump().unwrap();
+        fail.store(1, Ordering::SeqCst);
+        assert!(engine.sync(changes(&["10.1.0.3"]), false).is_err());
+        assert!(engine.needs_full_sync());
+        assert_eq!(engine.dump().unwrap(), before);
+        let r = engine.sync(ChangeSet::default(), false).unwrap();
+        assert!(r.full);
+        assert!(engine.dump().unwrap().contains("10.1.0.3 . 8080"));
+        assert!(!engine.dump().unwrap().contains("10.1.0.2"));
+    }
+
+    #[test]
+    fn pool_names_round_trip() {
+        use super::super::render::{Entry, Pool};
+        for entry in [Entry::Vip, Entry::NodePort] {
+            for local in [false, true] {
+                let p = Pool {
+                    entry,
+                    local,
+                    size: 17,
+                };
+                assert_eq!(Pool::parse(&p.name()), Some(p));
+            }
+        }
+        for bad in [
+            "endpoints-0",
+            "endpoints-x",
+            "local-nodeport-endpoints-3",
+            "service-1",
+        ] {
+            assert_eq!(Pool::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_use_ip6_and_brackets() {
+        use super::super::ast::{Fmt, Rule, Stmt};
+        use crate::model::Protocol;
+        let mut s = String::new();
+        Fmt(IpFamily::V6).rule(
+            &Rule::always(Stmt::Dnat(Protocol::Udp, "fd00::1".parse().unwrap(), 53)),
+            &mut s,
+        );
+        assert_eq!(s, "meta l4proto udp dnat to [fd00::1]:53");
+    }
 }

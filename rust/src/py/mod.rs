@@ -91,6 +91,10 @@ impl SyncReport {
         self.0.elements_total
     }
     #[getter]
+    fn cleanup_failed(&self) -> bool {
+        self.0.cleanup_failed
+    }
+    #[getter]
     fn render_seconds(&self) -> f64 {
         self.0.render_seconds
     }
