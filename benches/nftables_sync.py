@@ -7,7 +7,8 @@ network namespaces of its own:
 * kproxy: a full sync through the real engine (render, then one ``nft -f`` transaction), then
   a one-service change (its endpoints move), end to end from the Python call (change set
   encoding included);
-* the floor: ``nft -f`` of the same rendered transaction alone, nothing else;
+* the floor: ``nft -f`` of the same rendered transaction alone, nothing else (floor and
+  kproxy alternate ``--repeat`` times; the best of each is reported);
 * the upstream-like layout of the same cluster: per-service chains, a per-service anonymous
   ``numgen ... vmap`` choosing per-endpoint chains (upstream nftables mode before its fixes),
   loaded with one ``nft -f``. It is O(N^2) in the kernel, so it runs only up to
@@ -33,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benches.iptables_sync import cluster, enter, enter_host, netns, one_change
 from kproxy import _core
 from kproxy.tracker import ChangeSet
+
+
+def teardown() -> None:
+    """Delete every table now: the kernel frees a deleted namespace's tables in the
+    background, which would otherwise compete with the next measurement."""
+    subprocess.run(["nft", "flush", "ruleset"], check=True)
 
 
 def nft_load(text: str) -> float:
@@ -76,47 +83,71 @@ def upstream_like(cs: ChangeSet) -> str:
     return "\n".join(out) + "\n"
 
 
-def bench(n: int, eps: int, upstream_max: int) -> dict[str, Any]:
-    cs = cluster(n, eps)
-    change = one_change(cs, n, eps)
-    res: dict[str, Any] = {"services": n, "endpoints_per_service": eps}
-    cfg = {"family": "IPv4", "node_name": "n", "cluster_cidrs": ["10.0.0.0/8"], "mode": "nftables"}
+def kproxy_run(cs: ChangeSet, change: ChangeSet, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One full sync and one one-service change in a fresh namespace."""
     with netns() as ns:
         enter(ns)
         engine = _core.Engine(json.dumps(cfg))
         data = cs.to_json()
         t = time.perf_counter()
         full = engine.sync(data, full=True)
-        res["kproxy_full"] = {
-            "render": full.render_seconds,
-            "apply": full.apply_seconds,
-            "end_to_end": time.perf_counter() - t,
-            "bytes": full.bytes,
-            "elements": full.elements_total,
-        }
+        full_e2e = time.perf_counter() - t
         t = time.perf_counter()
         part = engine.sync(change.to_json())
-        res["kproxy_one_service"] = {
+        part_e2e = time.perf_counter() - t
+        teardown()
+        enter_host()
+    return {
+        "full": {
+            "render": full.render_seconds,
+            "apply": full.apply_seconds,
+            "end_to_end": full_e2e,
+            "bytes": full.bytes,
+            "elements": full.elements_total,
+        },
+        "one": {
             "render": part.render_seconds,
             "apply": part.apply_seconds,
-            "end_to_end": time.perf_counter() - t,
+            "end_to_end": part_e2e,
             "elements": part.elements_added + part.elements_deleted,
             "transactions": part.transactions,
-        }
-        engine.sync(one_change(cs, n, eps).to_json())  # warm the path; not reported
-        rendered = _core.Engine(json.dumps({**cfg, "backend": "fake"}))
-        rendered.sync(data, full=True)
-        text = rendered.render()
-        enter_host()
+        },
+    }
+
+
+def floor_run(text: str) -> float:
     with netns() as ns:
         enter(ns)
-        res["floor"] = {"apply": nft_load(text), "bytes": len(text)}
+        took = nft_load(text)
+        teardown()
         enter_host()
+    return took
+
+
+def bench(n: int, eps: int, upstream_max: int, repeat: int) -> dict[str, Any]:
+    """Floor and kproxy alternate ``repeat`` times (the best of each is reported: this
+    machine is noisy, and the kernel frees a deleted table in the background)."""
+    cs = cluster(n, eps)
+    change = one_change(cs, n, eps)
+    res: dict[str, Any] = {"services": n, "endpoints_per_service": eps, "repeat": repeat}
+    cfg = {"family": "IPv4", "node_name": "n", "cluster_cidrs": ["10.0.0.0/8"], "mode": "nftables"}
+    rendered = _core.Engine(json.dumps({**cfg, "backend": "fake"}))
+    rendered.sync(cs.to_json(), full=True)
+    text = rendered.render()
+    floors, runs = [], []
+    for _ in range(repeat):
+        floors.append(floor_run(text))
+        runs.append(kproxy_run(cs, change, cfg))
+    res["floor"] = {"apply": min(floors), "all": floors, "bytes": len(text)}
+    res["kproxy_full"] = min((r["full"] for r in runs), key=lambda f: f["end_to_end"])
+    res["kproxy_full"]["all"] = [r["full"]["end_to_end"] for r in runs]
+    res["kproxy_one_service"] = min((r["one"] for r in runs), key=lambda f: f["end_to_end"])
     if n <= upstream_max:
         up = upstream_like(cs)
         with netns() as ns:
             enter(ns)
             res["upstream_like_full"] = {"apply": nft_load(up), "bytes": len(up)}
+            teardown()
             enter_host()
     return res
 
@@ -125,12 +156,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1000x10,10000x10,30000x10")
     ap.add_argument("--upstream-max", type=int, default=10000)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results = []
     for shape in args.shapes.split(","):
         n, e = (int(x) for x in shape.split("x"))
-        r = bench(n, e, args.upstream_max)
+        r = bench(n, e, args.upstream_max, args.repeat)
         results.append(r)
         kf, ko, fl = r["kproxy_full"], r["kproxy_one_service"], r["floor"]
         print(f"\n{n} services x {e} endpoints ({kf['elements']} elements)")

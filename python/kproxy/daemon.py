@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from kproxy import conntrack
+from kproxy import conntrack, memory
 from kproxy.backends.netfilter import NetfilterProxier
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
@@ -179,6 +179,7 @@ class Daemon:
         await self._reconcile_conntrack()
         if any(r.full for r in reports.values()):
             self._last_full = started
+            memory.trim()
         self.health.updated()
         elapsed = time.monotonic() - started
         m = self.metrics

@@ -15,6 +15,7 @@ use crate::iptables::render::{Counts, RenderConfig};
 use crate::model::ServiceKey;
 use crate::state::State;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Elements per `add element` command.
 const CHUNK: usize = 4096;
@@ -42,7 +43,9 @@ impl Plan {
 #[derive(Debug, Default)]
 pub struct Writer {
     services: BTreeMap<ServiceKey, ServiceObjects>,
-    owners: BTreeMap<SetKey, BTreeMap<ServiceKey, Option<Data>>>,
+    /// Who claims each element, sorted by Service (one claim is the common case: a small
+    /// vector, not a map, keeps this at tens of bytes per element).
+    owners: BTreeMap<SetKey, Vec<(Owner, Option<Data>)>>,
     /// Effective elements per pool map (pools with none are deleted).
     pool_use: BTreeMap<Pool, usize>,
     /// Pools that exist in the kernel.
@@ -56,8 +59,11 @@ pub struct Writer {
     conflicts: usize,
 }
 
-fn effective(owners: &BTreeMap<ServiceKey, Option<Data>>) -> Option<&Option<Data>> {
-    owners.values().next()
+/// A Service as an element's claimant (shared: one allocation per Service, not per element).
+type Owner = Arc<ServiceKey>;
+
+fn effective(owners: &[(Owner, Option<Data>)]) -> Option<&Option<Data>> {
+    owners.first().map(|(_, d)| d)
 }
 
 /// One Service's elements, first claim of a key within the Service kept.
@@ -133,15 +139,16 @@ impl Writer {
         self.pools.len()
     }
 
-    fn claim(&mut self, sk: &SetKey, owner: &ServiceKey, data: Option<Option<Data>>) {
+    fn claim(&mut self, sk: &SetKey, owner: &Owner, data: Option<Option<Data>>) {
         let entry = self.owners.entry(sk.clone()).or_default();
-        match data {
-            Some(d) => {
-                entry.insert(owner.clone(), d);
+        let at = entry.binary_search_by(|(o, _)| o.as_ref().cmp(owner.as_ref()));
+        match (data, at) {
+            (Some(d), Ok(i)) => entry[i].1 = d,
+            (Some(d), Err(i)) => entry.insert(i, (owner.clone(), d)),
+            (None, Ok(i)) => {
+                entry.remove(i);
             }
-            None => {
-                entry.remove(owner);
-            }
+            (None, Err(_)) => {}
         }
         if entry.is_empty() {
             self.owners.remove(sk);
@@ -162,8 +169,9 @@ impl Writer {
         let mut objects = BTreeMap::new();
         for key in state.service_keys() {
             let o = render::render_service(state, cfg, key);
+            let owner = Arc::new(key.clone());
             for (sk, d) in element_map(&o) {
-                self.claim(&sk, key, Some(d));
+                self.claim(&sk, &owner, Some(d));
             }
             self.totals.add(&o.counts);
             objects.insert(key.clone(), o);
@@ -172,7 +180,7 @@ impl Writer {
         let mut by_set: BTreeMap<String, Vec<(Key, Option<Data>)>> = BTreeMap::new();
         let mut conflicts = 0;
         for ((set, key), owners) in &self.owners {
-            conflicts += usize::from(owners.values().any(|d| Some(d) != effective(owners)));
+            conflicts += usize::from(owners.iter().any(|(_, d)| Some(d) != effective(owners)));
             if let Some(d) = effective(owners) {
                 by_set
                     .entry(set.clone())
@@ -247,6 +255,7 @@ impl Writer {
         let mut chain_ops = Vec::new();
         let mut before: BTreeMap<SetKey, Option<Option<Data>>> = BTreeMap::new();
         for key in changed {
+            let owner = Arc::new(key.clone());
             let new = if state.has_service(key) {
                 render::render_service(state, cfg, key)
             } else {
@@ -258,16 +267,16 @@ impl Writer {
                 if new_e.get(sk) != Some(d) {
                     before
                         .entry(sk.clone())
-                        .or_insert_with(|| self.owners.get(sk).and_then(effective).cloned());
-                    self.claim(sk, key, None);
+                        .or_insert_with(|| self.owners.get(sk).and_then(|o| effective(o)).cloned());
+                    self.claim(sk, &owner, None);
                 }
             }
             for (sk, d) in &new_e {
                 if old_e.get(sk) != Some(d) {
                     before
                         .entry(sk.clone())
-                        .or_insert_with(|| self.owners.get(sk).and_then(effective).cloned());
-                    self.claim(sk, key, Some(d.clone()));
+                        .or_insert_with(|| self.owners.get(sk).and_then(|o| effective(o)).cloned());
+                    self.claim(sk, &owner, Some(d.clone()));
                 }
             }
             for (name, rules) in &new.chains {
@@ -302,7 +311,7 @@ impl Writer {
         let mut deletes: BTreeMap<String, Vec<Key>> = BTreeMap::new();
         let mut adds: BTreeMap<String, Vec<(Key, Option<Data>)>> = BTreeMap::new();
         for (sk, was) in before {
-            let now = self.owners.get(&sk).and_then(effective).cloned();
+            let now = self.owners.get(&sk).and_then(|o| effective(o)).cloned();
             if was == now {
                 continue;
             }
