@@ -78,8 +78,12 @@ class Collect:
         self.done = threading.Event()
         self.sets: dict[str, list[dict[str, Any]]] = {}
 
-    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
-        self.sets[resource] = objects
+    def list_page(self, resource: str, objects: list[dict[str, Any]], first: bool) -> None:
+        if first:
+            self.sets[resource] = []
+        self.sets[resource].extend(objects)
+
+    def list_done(self, resource: str) -> None:
         self.done.set()
 
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:

@@ -2,7 +2,16 @@
 
 from typing import final
 
-__all__ = ["Engine", "SyncReport", "Trace", "cleanup_iptables", "trace_iptables", "version"]
+__all__ = [
+    "Engine",
+    "NftTable",
+    "SyncReport",
+    "Trace",
+    "cleanup_iptables",
+    "cleanup_nftables",
+    "trace_iptables",
+    "version",
+]
 
 @final
 class SyncReport:
@@ -62,6 +71,24 @@ class Engine:
     def mode(self) -> str: ...
     def render(self) -> str: ...
     def dump(self) -> str: ...
+    def trace(
+        self,
+        src: str,
+        dst: str,
+        protocol: str,
+        port: int,
+        origin: str = "external",
+        local_ips: list[str] = ...,
+    ) -> Trace: ...
+    def nft_table(self) -> NftTable | None: ...
+
+@final
+class NftTable:
+    @staticmethod
+    def live(family: str) -> NftTable: ...
+    @property
+    def exists(self) -> bool: ...
+    def lines(self) -> list[str]: ...
     def trace(
         self,
         src: str,

@@ -122,5 +122,12 @@ class Cluster:
 
 def diff_live(config: ProxyConfig) -> dict[Family, list[Difference]]:
     """Differences between the rules in this node's kernel and what kproxy wants for the
-    cluster ``config`` points at (needs root)."""
+    cluster ``config`` points at, in ``config.mode`` (needs root)."""
+    if config.mode == "nftables":
+        return {
+            f: tools.nft_differences(
+                f, tools.nft_desired(config, f), _core.NftTable.live(f).lines()
+            )
+            for f in tools.FAMILIES
+        }
     return {f: tools.differences(tools.desired(config, f), tools.save(f)) for f in tools.FAMILIES}

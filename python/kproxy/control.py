@@ -62,17 +62,32 @@ class Controller:
             self._synced["nodes"] = True
         # Last error logged per object, so a relist does not repeat the same line.
         self._errors: dict[tuple[str, str, str], str] = {}
+        # Identities seen by the list in progress, per resource.
+        self._listed: dict[str, set[Any]] = {}
         self.invalid_objects = 0
         self.warnings = 0
 
     # -- what sources call -----------------------------------------------------------------
 
     def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
-        present = {_ident(o) for o in objects}
+        """A complete list at once (manifests, tools)."""
+        self.list_page(resource, objects, first=True)
+        self.list_done(resource)
+
+    def list_page(self, resource: str, objects: list[dict[str, Any]], first: bool) -> None:
+        """Take in one page of a list as it arrives (newer objects are upserted at once)."""
+        seen = self._listed.setdefault(resource, set())
+        if first:
+            seen.clear()
+        for o in objects:
+            seen.add(_ident(o))
+            self._upsert(resource, o)
+
+    def list_done(self, resource: str) -> None:
+        """The list is complete: what it did not hold was deleted while we were not watching."""
+        present = self._listed.pop(resource, set())
         for ident in self._known(resource) - present:
             self._delete(resource, ident)
-        for o in objects:
-            self._upsert(resource, o)
         self._synced[resource] = True
         self._on_change(resource)
 

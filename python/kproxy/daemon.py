@@ -292,8 +292,24 @@ class _LoopSink:
         self._loop = loop
         self._controller = controller
 
-    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
-        self._call(self._controller.replace, resource, objects)
+    def list_page(self, resource: str, objects: list[dict[str, Any]], first: bool) -> None:
+        # Wait until the loop has taken the page in: the informer fetches faster than pages
+        # are normalized, and pages queued on the loop would all be held at once.
+        done = threading.Event()
+
+        def take() -> None:
+            try:
+                self._controller.list_page(resource, objects, first)
+            finally:
+                done.set()
+
+        self._call(take)
+        while not done.wait(1.0):
+            if self._loop.is_closed():
+                return
+
+    def list_done(self, resource: str) -> None:
+        self._call(self._controller.list_done, resource)
 
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
         self._call(self._controller.event, resource, kind, obj)

@@ -34,8 +34,11 @@ class _Collect:
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
 
-    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
-        self.controller.replace(resource, objects)
+    def list_page(self, resource: str, objects: list[dict[str, Any]], first: bool) -> None:
+        self.controller.list_page(resource, objects, first)
+
+    def list_done(self, resource: str) -> None:
+        self.controller.list_done(resource)
 
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
         pass
@@ -106,10 +109,12 @@ def trace_command(
         raise ConfigError("SRC", "source and destination are of different IP families")
     origin = "local" if from_node else "external"
     if live and cfg.mode == "nftables":
-        raise ConfigError(
-            "--live", "the nftables mode traces the rules kproxy would program (drop --live)"
-        )
-    if live:
+        table = _core.NftTable.live(family)
+        if not table.exists:
+            raise KproxyError(f"no kproxy nftables table for {family} in this kernel")
+        locals_ = node_ips or local_addresses()
+        t = table.trace(src_ip, ip, proto, port, origin, locals_)
+    elif live:
         tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
         try:
             rules = subprocess.run(
@@ -126,6 +131,27 @@ def trace_command(
         t = engine.trace(src_ip, ip, proto, port, origin, locals_)
     print(explain(t, src_ip, dst, from_node, live))
     return 0
+
+
+# Why the nftables mode dropped or rejected a packet, from the rule or map entry that decided.
+_NFT_REASONS = {
+    "no-endpoint-services:goto reject-chain": "the Service has no endpoints",
+    "no-endpoint-services:drop": "the Service has no local endpoints (Local traffic policy)",
+    "no-endpoint-nodeports:goto reject-chain": "the Service has no endpoints",
+    "no-endpoint-nodeports:drop": "the Service has no local endpoints (Local traffic policy)",
+    "firewall-check": "the source is not in the Service's loadBalancerSourceRanges",
+    "cluster-ips-check": "no Service on this port of the cluster IP",
+}
+
+
+def _nft_reason_key(matched: str) -> str:
+    """``@map: key : verdict`` lines -> ``map:verdict``; rule lines -> their chain."""
+    line = matched.strip()
+    if line.startswith("@") and " : " in line:
+        name = line[1:].split(":", 1)[0]
+        return f"{name}:{line.rsplit(' : ', 1)[1]}"
+    chain = line.split(":", 1)[0]
+    return chain if line.endswith(("drop", "reject")) else ""
 
 
 def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> str:
@@ -145,6 +171,7 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
             "has no endpoints" in m or "has no local endpoints" in m or "not accepted" in m
         ):
             reason = m.split('"')[1]
+        reason = _NFT_REASONS.get(_nft_reason_key(m), reason)
     verdict = t.verdict or "no verdict from kproxy's rules (the chains' policies decide)"
     lines.append(f"  verdict:     {verdict}{f' ({reason})' if reason else ''}")
     lines.append("  rules matched:")
@@ -246,13 +273,37 @@ def differences(want: Tables, have: Tables) -> list[Difference]:
     return out
 
 
+def nft_differences(family: Family, want: list[str], have: list[str]) -> list[Difference]:
+    """Line-wise differences between two ``NftTable.lines()`` listings."""
+    table = f"{'ip' if family == 'IPv4' else 'ip6'} kproxy"
+    out: list[Difference] = []
+    have_set, want_set = set(have), set(want)
+    for lines, other, verb in ((want, have_set, "missing"), (have, want_set, "unexpected")):
+        for line in lines:
+            if line in other:
+                continue
+            kind, rest = line.split(" ", 1)
+            name = rest.split(" ", 1)[0].split(":", 1)[0]
+            out.append(Difference(table, name, f"{verb}-{kind}", line))
+    return out
+
+
+def nft_desired(cfg: ProxyConfig, family: Family) -> list[str]:
+    table = programmed(cfg, snapshot(cfg), (family,)).engines[family].nft_table()
+    return table.lines() if table is not None else []
+
+
 def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:
     """Exit status 0 when the kernel holds exactly what kproxy wants, 1 otherwise."""
-    if cfg.mode != "iptables":
-        raise ConfigError("--proxy-mode", f"diff reads iptables rules; not yet {cfg.mode}")
+    if cfg.mode not in ("iptables", "nftables"):
+        raise ConfigError("--proxy-mode", f"diff reads netfilter rules; not {cfg.mode}")
     report: dict[str, list[Difference]] = {}
     for family in FAMILIES:
-        report[family] = differences(desired(cfg, family), save(family))
+        if cfg.mode == "nftables":
+            have = _core.NftTable.live(family).lines()
+            report[family] = nft_differences(family, nft_desired(cfg, family), have)
+        else:
+            report[family] = differences(desired(cfg, family), save(family))
     if as_json:
         print(json.dumps({f: [dataclasses.asdict(d) for d in ds] for f, ds in report.items()}))
     else:

@@ -246,6 +246,18 @@ impl Engine {
     /// resyncs). A sync with nothing changed and no full request writes nothing. On failure the
     /// kernel keeps what it had (iptables-restore is all-or-nothing) and the next sync is full.
     pub fn sync(&mut self, changes: ChangeSet, full: bool) -> Result<SyncReport> {
+        if let Programmer::Nftables(prog) = &mut self.programmer {
+            if !(full || self.need_full) {
+                // The nftables writer diffs against what the touched Services render to now.
+                let keys: BTreeSet<ServiceKey> = changes
+                    .services
+                    .iter()
+                    .map(|c| c.key.clone())
+                    .chain(changes.endpoints.iter().map(|c| c.key.clone()))
+                    .collect();
+                prog.remember(&self.state, &self.render_config, &keys);
+            }
+        }
         let applied = self.state.apply(changes);
         let full = full || self.need_full || applied.topology;
         let mut report = SyncReport {
@@ -407,6 +419,14 @@ impl Engine {
 
     pub fn mode(&self) -> Mode {
         self.config.mode
+    }
+
+    /// The nftables table this engine programs (None in the iptables mode).
+    pub fn nft_model(&self) -> Result<Option<nftables::Model>> {
+        match &self.programmer {
+            Programmer::Iptables { .. } => Ok(None),
+            Programmer::Nftables(prog) => prog.model(&self.state, &self.render_config).map(Some),
+        }
     }
 }
 

@@ -35,13 +35,20 @@ class Recorder:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.names: set[str] = set()
+        self.listing: set[str] = set()
         self.replaces = 0
         self.events: list[tuple[str, str]] = []
 
-    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None:
+    def list_page(self, resource: str, objects: list[dict[str, Any]], first: bool) -> None:
+        with self.cond:
+            if first:
+                self.listing = set()
+            self.listing |= {o["metadata"]["name"] for o in objects}
+
+    def list_done(self, resource: str) -> None:
         with self.cond:
             self.replaces += 1
-            self.names = {o["metadata"]["name"] for o in objects}
+            self.names = self.listing
             self.cond.notify_all()
 
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None:

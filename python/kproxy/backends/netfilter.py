@@ -38,7 +38,7 @@ def engine_config(
         if known:
             nodeport_addresses = ("primary",)
         else:
-            log.warning("nftables: the Node has no %s address; NodePorts on every one", family)
+            log.info("nftables: the Node has no %s address; NodePorts on every one", family)
     if nodeport_addresses:
         cidrs = tuple(a for a in nodeport_addresses if a != "primary")
         addrs = list(local_addrs) if local_addrs is not None else local_addresses()

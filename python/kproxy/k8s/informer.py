@@ -3,8 +3,10 @@
 Per resource, in its own thread:
 
 1. list (paginated), parsing the JSON ourselves (the client's model classes are far too slow
-   at 30,000 objects), and hand the complete set to ``sink.replace`` - the receiver diffs it
-   against what it holds, so objects deleted while we were not watching are seen as deleted;
+   at 30,000 objects), handing each page to ``sink.list_page`` as it arrives (a page's raw
+   objects are freed once the receiver has taken them in: 30,000 raw objects are never held at
+   once) and then ``sink.list_done`` - the receiver diffs the complete list against what it
+   holds, so objects deleted while we were not watching are seen as deleted;
 2. watch from the list's resourceVersion with bookmarks, a server-side timeout and a client
    read timeout (a dead connection is noticed instead of blocking forever), handing each event
    to ``sink.event``;
@@ -57,7 +59,11 @@ def node(name: str) -> Resource:
 class Sink(Protocol):
     """Receives what an informer sees; called from the informer's thread."""
 
-    def replace(self, resource: str, objects: list[dict[str, Any]]) -> None: ...
+    def list_page(self, resource: str, objects: list[dict[str, Any]], first: bool) -> None:
+        """One page of a list (``first``: a new list starts). Returns once taken in."""
+
+    def list_done(self, resource: str) -> None:
+        """The list is complete: whatever no page held is gone."""
 
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None: ...
 
@@ -175,10 +181,10 @@ class Informer:
         return q
 
     def _list(self) -> str:
-        items: list[dict[str, Any]] = []
+        count = 0
         cont: str | None = None
         rv = ""
-        for _page in range(1_000_000):  # bounded: a page always advances or the loop ends
+        for page in range(1_000_000):  # bounded: a page always advances or the loop ends
             q = [*self._selectors(), ("limit", str(self._timing.page_size))]
             if cont:
                 q.append(("continue", cont))
@@ -189,17 +195,20 @@ class Informer:
                 raw.release_conn()
             if not isinstance(doc, dict) or not isinstance(doc.get("items", []), list):
                 raise ApiStatusError(500, "list response is not a list object")
-            items.extend(i for i in doc.get("items") or [] if isinstance(i, dict))
+            items = [i for i in doc.get("items") or [] if isinstance(i, dict)]
             meta = doc.get("metadata") or {}
             rv = str(meta.get("resourceVersion") or rv)
             cont = meta.get("continue") or None
+            del doc
+            if self._stop.is_set():
+                return rv
+            self._sink.list_page(self.resource.name, items, page == 0)
+            count += len(items)
             if not cont:
                 break
-        if self._stop.is_set():
-            return rv
         self.lists += 1
-        self._sink.replace(self.resource.name, items)
-        log.info("%s: listed %d at resourceVersion %s", self.resource.name, len(items), rv)
+        self._sink.list_done(self.resource.name)
+        log.info("%s: listed %d at resourceVersion %s", self.resource.name, count, rv)
         return rv
 
     def _watch(self, rv: str) -> str:

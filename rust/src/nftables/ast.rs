@@ -80,6 +80,9 @@ pub enum Match {
     L4proto(Protocol),
     /// `numgen random mod n 0`: holds with probability 1/n.
     OneIn(u32),
+    /// A rule read back from the kernel that kproxy did not write (its nft JSON): never
+    /// holds in the tracer.
+    Foreign(String),
 }
 
 /// What a rule does when it matches.
@@ -315,6 +318,7 @@ impl Fmt {
                 Match::MarkAny(m) => write!(out, "meta mark & {m:#010x} != 0 "),
                 Match::L4proto(p) => write!(out, "meta l4proto {} ", p.lower()),
                 Match::OneIn(n) => write!(out, "numgen random mod {n} 0 "),
+                Match::Foreign(json) => write!(out, "# not kproxy's: {json} "),
             };
         }
         let _ = match &r.stmt {

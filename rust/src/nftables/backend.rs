@@ -87,6 +87,21 @@ impl Backend for Kernel {
     }
 }
 
+/// Read kproxy's table in `family` from the kernel (an empty model when there is none).
+pub fn read_kernel(family: IpFamily) -> Result<Model> {
+    let fam = super::ast::family_word(family);
+    let out = exec::run(
+        "nft list table",
+        "nft",
+        &["-j", "list", "table", fam, TABLE],
+        None,
+    )?;
+    if !out.status.success() {
+        return Ok(Model::default());
+    }
+    super::json::model_from_json(&out.stdout, family)
+}
+
 /// `nft -j list set` output -> (client . id, seconds left).
 fn parse_affinity(json: &[u8]) -> Result<Vec<(Key, u32)>> {
     let bad = |what: &str| Error::InvalidInput(format!("nft -j list set affinity: {what}"));
@@ -299,6 +314,45 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// One line per chain, rule, set and element, for comparing two tables (`kproxy diff`).
+    pub fn lines(&self, family: IpFamily) -> Vec<String> {
+        let f = Fmt(family);
+        let mut out = Vec::new();
+        if !self.exists {
+            return out;
+        }
+        for (n, c) in &self.chains {
+            match c.hook {
+                Some(h) => out.push(format!(
+                    "chain {n} {{ type {} hook {} priority {} }}",
+                    h.kind, h.hook, h.priority
+                )),
+                None => out.push(format!("chain {n}")),
+            }
+            for (i, r) in c.rules.iter().enumerate() {
+                let mut s = format!("rule {n} #{i}: ");
+                f.rule(r, &mut s);
+                out.push(s);
+            }
+        }
+        for (n, s) in &self.sets {
+            if n == AFFINITY {
+                continue; // entries come and go with traffic
+            }
+            out.push(format!("set {n}"));
+            for (k, d) in &s.elements {
+                let mut line = format!("element {n}: ");
+                f.key(k, &mut line);
+                if let Some(d) = d {
+                    line.push_str(" : ");
+                    f.data(d, &mut line);
+                }
+                out.push(line);
+            }
+        }
+        out
     }
 
     /// The table as an `nft -f` script that would recreate it (sorted, deterministic).

@@ -6,10 +6,12 @@
 //! * [`writer`]: full syncs (the table replaced atomically) and partial ones (element diffs).
 //! * [`backend`]: the kernel (`nft -f -`) or an in-memory [`backend::Fake`].
 //! * [`trace`]: a packet tracer over the in-memory table.
+//! * [`json`]: the kernel's table read back (`nft -j list table`) into the same model.
 //! * [`program`]: the engine's nftables side (one sync = one transaction plus cleanup).
 
 pub mod ast;
 pub mod backend;
+pub mod json;
 pub mod program;
 pub mod render;
 pub mod trace;

@@ -3,12 +3,13 @@
 
 use super::ast::{Fmt, Op};
 use super::backend::{Backend, Fake, Model};
+use super::render::{self, ServiceObjects};
 use super::writer::{Plan, Writer};
 use crate::error::Result;
 use crate::iptables::render::RenderConfig;
 use crate::model::{IpFamily, ServiceKey};
 use crate::state::State;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What one nftables sync wrote.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,6 +31,8 @@ pub struct Program {
     family: IpFamily,
     backend: Box<dyn Backend>,
     writer: Writer,
+    /// What the Services a change set touches rendered to before it was applied.
+    before: BTreeMap<ServiceKey, ServiceObjects>,
 }
 
 impl Program {
@@ -38,11 +41,22 @@ impl Program {
             family,
             backend,
             writer: Writer::default(),
+            before: BTreeMap::new(),
         }
     }
 
     pub fn writer(&self) -> &Writer {
         &self.writer
+    }
+
+    /// Call before applying a change set to `state`: remember what the Services in `keys`
+    /// render to now (the kernel's content for them), for the partial sync that follows.
+    pub fn remember(&mut self, state: &State, cfg: &RenderConfig, keys: &BTreeSet<ServiceKey>) {
+        self.before = keys
+            .iter()
+            .filter(|k| state.has_service(k))
+            .map(|k| (k.clone(), render::render_service(state, cfg, k)))
+            .collect();
     }
 
     /// Write `changed` (or everything, when `full`). On failure nothing was changed in the
@@ -60,8 +74,9 @@ impl Program {
             let affinity = self.backend.affinity()?;
             self.writer.full(state, cfg, &affinity)
         } else {
-            self.writer.partial(state, cfg, changed)
+            self.writer.partial(state, cfg, changed, &mut self.before)
         };
+        self.before.clear();
         let mut w = Written {
             chains_written: plan.chains_written,
             rules_written: plan.rules_written,

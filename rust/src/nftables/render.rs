@@ -128,8 +128,25 @@ impl Pool {
     }
 }
 
-/// A set element: set name, key, data (maps only).
-pub type Element = (String, Key, Option<Data>);
+/// Which set an element belongs to: a fixed one or an endpoint pool. Copy, so that hundreds
+/// of thousands of elements do not each carry an allocated name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetId {
+    Fixed(&'static str),
+    Pool(Pool),
+}
+
+impl SetId {
+    pub fn name(&self) -> String {
+        match self {
+            SetId::Fixed(n) => (*n).to_owned(),
+            SetId::Pool(p) => p.name(),
+        }
+    }
+}
+
+/// A set element: set, key, data (maps only).
+pub type Element = (SetId, Key, Option<Data>);
 
 /// Everything one Service owns: its chains and its elements in the shared sets and maps.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -140,8 +157,8 @@ pub struct ServiceObjects {
 }
 
 impl ServiceObjects {
-    fn element(&mut self, set: &str, key: Key, data: Option<Data>) {
-        self.elements.push((set.to_owned(), key, data));
+    fn element(&mut self, set: &'static str, key: Key, data: Option<Data>) {
+        self.elements.push((SetId::Fixed(set), key, data));
     }
 }
 
@@ -441,13 +458,13 @@ impl Targets<'_> {
             local,
             size: eps.len() as u32,
         };
-        let name = pool.name();
         for (i, ep) in eps.iter().enumerate() {
             let mut k = dest.to_vec();
             k.push(Value::Int(i as u32));
-            out.element(&name, k, Some(Data::Dnat(ep.ip, ep.port.get())));
+            out.elements
+                .push((SetId::Pool(pool), k, Some(Data::Dnat(ep.ip, ep.port.get()))));
         }
-        name
+        pool.name()
     }
 
     /// The affinity chains of one endpoint set: remembered clients first, then a uniform

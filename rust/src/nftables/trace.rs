@@ -212,7 +212,7 @@ impl Walk<'_> {
             }
             Match::Saddr { cidr, neg } => cidr.contains(&p.src) != *neg,
             Match::Daddr { cidr, neg } => cidr.contains(&p.dst) != *neg,
-            Match::Iif { .. } => false,
+            Match::Iif { .. } | Match::Foreign(_) => false,
             Match::FibLocal { src } => {
                 let a = if *src { p.src } else { p.dst };
                 a.is_loopback() || self.node.local_ips.contains(&a)
@@ -282,7 +282,17 @@ impl Walk<'_> {
             Stmt::Goto(c) => self.chain(c, p, depth + 1),
             Stmt::Vmap { fields, map } => {
                 for k in self.keys(fields, p) {
-                    match self.lookup_data(map, &k) {
+                    let hit = self.lookup_data(map, &k);
+                    if let Some(Some(d)) = &hit {
+                        // The map entry that decided, for people reading the trace.
+                        let f = super::ast::Fmt(self.family);
+                        let mut s = format!("  @{map}: ");
+                        f.key(&k, &mut s);
+                        s.push_str(" : ");
+                        f.data(d, &mut s);
+                        self.matched.push(s);
+                    }
+                    match hit {
                         Some(Some(Data::Goto(c))) => return self.chain(&c, p, depth + 1),
                         Some(Some(Data::Drop)) => return Flow::Stop(Some(Verdict::Drop)),
                         _ => {}

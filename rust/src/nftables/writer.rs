@@ -10,7 +10,7 @@
 //! by a second transaction ([`Plan::cleanup`]) once the first has removed every reference.
 
 use super::ast::{Data, Hook, Key, Op, Rule};
-use super::render::{self, Fixed, Pool, ServiceObjects, AFFINITY, NODEPORT_IPS};
+use super::render::{self, Fixed, Pool, ServiceObjects, SetId, AFFINITY, NODEPORT_IPS};
 use crate::iptables::render::{Counts, RenderConfig};
 use crate::model::ServiceKey;
 use crate::state::State;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 /// Elements per `add element` command.
 const CHUNK: usize = 4096;
 
-type SetKey = (String, Key);
+type SetKey = (SetId, Key);
 
 /// One sync's transactions.
 #[derive(Debug, Default, Clone)]
@@ -42,7 +42,6 @@ impl Plan {
 
 #[derive(Debug, Default)]
 pub struct Writer {
-    services: BTreeMap<ServiceKey, ServiceObjects>,
     /// Who claims each element, sorted by Service (one claim is the common case: a small
     /// vector, not a map, keeps this at tens of bytes per element).
     owners: BTreeMap<SetKey, Vec<(Owner, Option<Data>)>>,
@@ -70,13 +69,13 @@ fn effective(owners: &[(Owner, Option<Data>)]) -> Option<&Option<Data>> {
 fn element_map(o: &ServiceObjects) -> BTreeMap<SetKey, Option<Data>> {
     let mut m = BTreeMap::new();
     for (set, key, data) in &o.elements {
-        m.entry((set.clone(), key.clone()))
-            .or_insert_with(|| data.clone());
+        m.entry((*set, key.clone())).or_insert_with(|| data.clone());
     }
     m
 }
 
-fn chunked_adds(ops: &mut Vec<Op>, set: &str, elems: Vec<(Key, Option<Data>)>) {
+fn chunked_adds(ops: &mut Vec<Op>, set: &SetId, elems: Vec<(Key, Option<Data>)>) {
+    let set = set.name();
     let mut it = elems.into_iter().peekable();
     while it.peek().is_some() {
         ops.push(Op::AddElements(
@@ -86,7 +85,8 @@ fn chunked_adds(ops: &mut Vec<Op>, set: &str, elems: Vec<(Key, Option<Data>)>) {
     }
 }
 
-fn chunked_deletes(ops: &mut Vec<Op>, set: &str, keys: Vec<Key>) {
+fn chunked_deletes(ops: &mut Vec<Op>, set: &SetId, keys: Vec<Key>) {
+    let set = set.name();
     let mut it = keys.into_iter().peekable();
     while it.peek().is_some() {
         ops.push(Op::DeleteElements(
@@ -126,14 +126,6 @@ impl Writer {
         self.conflicts
     }
 
-    pub fn chain_total(&self) -> usize {
-        self.services
-            .values()
-            .map(|o| o.chains.len())
-            .sum::<usize>()
-            + self.pools.len()
-    }
-
     /// Set and map count (fixed ones plus pools): what the kernel walks per set lookup.
     pub fn pool_count(&self) -> usize {
         self.pools.len()
@@ -155,9 +147,9 @@ impl Writer {
         }
     }
 
-    fn count_use(&mut self, set: &str, delta: isize) {
-        if let Some(p) = Pool::parse(set) {
-            let n = self.pool_use.entry(p).or_default();
+    fn count_use(&mut self, set: &SetId, delta: isize) {
+        if let SetId::Pool(p) = set {
+            let n = self.pool_use.entry(*p).or_default();
             *n = n.checked_add_signed(delta).unwrap_or(0);
         }
     }
@@ -166,7 +158,7 @@ impl Writer {
     /// carried over (client . id, seconds left), so a resync does not forget sessions.
     pub fn full(&mut self, state: &State, cfg: &RenderConfig, affinity: &[(Key, u32)]) -> Plan {
         *self = Writer::default();
-        let mut objects = BTreeMap::new();
+        let mut chains: Vec<(String, Vec<Rule>)> = Vec::new();
         for key in state.service_keys() {
             let o = render::render_service(state, cfg, key);
             let owner = Arc::new(key.clone());
@@ -174,30 +166,29 @@ impl Writer {
                 self.claim(&sk, &owner, Some(d));
             }
             self.totals.add(&o.counts);
-            objects.insert(key.clone(), o);
+            chains.extend(o.chains);
         }
-        self.services = objects;
-        let mut by_set: BTreeMap<String, Vec<(Key, Option<Data>)>> = BTreeMap::new();
+        let mut by_set: BTreeMap<SetId, Vec<(Key, Option<Data>)>> = BTreeMap::new();
         let mut conflicts = 0;
         for ((set, key), owners) in &self.owners {
             conflicts += usize::from(owners.iter().any(|(_, d)| Some(d) != effective(owners)));
             if let Some(d) = effective(owners) {
                 by_set
-                    .entry(set.clone())
+                    .entry(*set)
                     .or_default()
                     .push((key.clone(), d.clone()));
             }
         }
         self.conflicts = conflicts;
         for (set, elems) in &by_set {
-            if let Some(p) = Pool::parse(set) {
-                self.pool_use.insert(p, elems.len());
-                self.pools.insert(p);
+            if let SetId::Pool(p) = set {
+                self.pool_use.insert(*p, elems.len());
+                self.pools.insert(*p);
             }
         }
         if cfg.nodeport_ips.is_some() {
             by_set.insert(
-                NODEPORT_IPS.into(),
+                SetId::Fixed(NODEPORT_IPS),
                 render::nodeport_ip_elements(cfg)
                     .into_iter()
                     .map(|k| (k, None))
@@ -210,22 +201,21 @@ impl Writer {
         let ops = &mut plan.ops;
         // Replace the table in one transaction: packets see the old rules or the new ones.
         ops.extend([Op::AddTable, Op::DeleteTable, Op::AddTable]);
-        let Fixed { sets, chains } = render::fixed(cfg);
+        let Fixed {
+            sets,
+            chains: fixed_chains,
+        } = render::fixed(cfg);
         for s in sets {
             ops.push(Op::AddSet(s));
         }
         for p in &self.pools {
             ops.push(Op::AddSet(p.set_def()));
         }
-        let mut all: Vec<(String, Option<Hook>, Vec<Rule>)> = chains;
+        let mut all: Vec<(String, Option<Hook>, Vec<Rule>)> = fixed_chains;
         for p in &self.pools {
             all.push((p.name(), None, p.rules()));
         }
-        for o in self.services.values() {
-            for (name, rules) in &o.chains {
-                all.push((name.clone(), None, rules.clone()));
-            }
-        }
+        all.extend(chains.into_iter().map(|(name, rules)| (name, None, rules)));
         for (name, hook, _) in &all {
             ops.push(Op::AddChain(name.clone(), *hook));
         }
@@ -243,12 +233,15 @@ impl Writer {
         plan
     }
 
-    /// Rewrite only what the `changed` Services own.
+    /// Rewrite only what the `changed` Services own. `before` holds what each of them
+    /// rendered to before the change (what the kernel holds for it: any failed sync makes
+    /// the next one full), so the writer need not keep every Service's objects.
     pub fn partial(
         &mut self,
         state: &State,
         cfg: &RenderConfig,
         changed: &BTreeSet<ServiceKey>,
+        before_change: &mut BTreeMap<ServiceKey, ServiceObjects>,
     ) -> Plan {
         let mut plan = Plan::default();
         let mut new_chains = Vec::new();
@@ -261,7 +254,7 @@ impl Writer {
             } else {
                 ServiceObjects::default()
             };
-            let old = self.services.remove(key).unwrap_or_default();
+            let old = before_change.remove(key).unwrap_or_default();
             let (old_e, new_e) = (element_map(&old), element_map(&new));
             for (sk, d) in &old_e {
                 if new_e.get(sk) != Some(d) {
@@ -303,13 +296,10 @@ impl Writer {
             }
             self.totals.sub(&old.counts);
             self.totals.add(&new.counts);
-            if state.has_service(key) {
-                self.services.insert(key.clone(), new);
-            }
         }
 
-        let mut deletes: BTreeMap<String, Vec<Key>> = BTreeMap::new();
-        let mut adds: BTreeMap<String, Vec<(Key, Option<Data>)>> = BTreeMap::new();
+        let mut deletes: BTreeMap<SetId, Vec<Key>> = BTreeMap::new();
+        let mut adds: BTreeMap<SetId, Vec<(Key, Option<Data>)>> = BTreeMap::new();
         for (sk, was) in before {
             let now = self.owners.get(&sk).and_then(|o| effective(o)).cloned();
             if was == now {
@@ -319,7 +309,7 @@ impl Writer {
             if was.is_some() {
                 self.count_use(&set, -1);
                 self.element_total -= 1;
-                deletes.entry(set.clone()).or_default().push(key.clone());
+                deletes.entry(set).or_default().push(key.clone());
             }
             if let Some(d) = now {
                 self.count_use(&set, 1);

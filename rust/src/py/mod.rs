@@ -185,6 +185,14 @@ impl Engine {
         py.detach(|| self.lock().dump()).map_err(to_py)
     }
 
+    /// The nftables table this engine programs (None in the iptables mode).
+    fn nft_table(&self, py: Python<'_>) -> PyResult<Option<NftTable>> {
+        let family = self.family;
+        py.detach(|| self.lock().nft_model())
+            .map(|m| m.map(|model| NftTable { model, family }))
+            .map_err(to_py)
+    }
+
     /// Trace the first packet of a connection through the rules this engine programs (see
     /// `trace_iptables` for the arguments).
     #[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
@@ -204,6 +212,57 @@ impl Engine {
         py.detach(|| self.lock().trace(&packet, &node))
             .map(Trace)
             .map_err(to_py)
+    }
+}
+
+/// An nftables table (kproxy's, in one family): what an engine programs, or what the kernel
+/// holds (`NftTable.live`). Compare two with `lines()`; follow a packet with `trace()`.
+#[pyclass(frozen, module = "kproxy._core", name = "NftTable")]
+pub struct NftTable {
+    model: crate::nftables::Model,
+    family: IpFamily,
+}
+
+#[pymethods]
+impl NftTable {
+    /// Read kproxy's table from the kernel (empty when there is none). Needs root.
+    #[staticmethod]
+    fn live(py: Python<'_>, family: &str) -> PyResult<NftTable> {
+        let family = family_of(family).map_err(to_py)?;
+        let model = py
+            .detach(|| crate::nftables::backend::read_kernel(family))
+            .map_err(to_py)?;
+        Ok(NftTable { model, family })
+    }
+
+    #[getter]
+    fn exists(&self) -> bool {
+        self.model.exists
+    }
+
+    /// One line per chain, rule, set and element (affinity entries left out).
+    fn lines(&self) -> Vec<String> {
+        self.model.lines(self.family)
+    }
+
+    /// Trace the first packet of a connection through this table.
+    #[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn trace(
+        &self,
+        py: Python<'_>,
+        src: &str,
+        dst: &str,
+        protocol: &str,
+        port: u16,
+        origin: &str,
+        local_ips: Vec<String>,
+    ) -> PyResult<Trace> {
+        let (packet, node) =
+            packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
+        Ok(Trace(py.detach(|| {
+            crate::nftables::trace::trace(&self.model, self.family, &packet, &node)
+        })))
     }
 }
 
@@ -356,6 +415,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<SyncReport>()?;
     m.add_class::<Trace>()?;
+    m.add_class::<NftTable>()?;
     m.add_function(wrap_pyfunction!(trace_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_nftables, m)?)?;
