@@ -2,7 +2,8 @@
 //! and only valid names ever come out of a change set.
 
 use _core::iptables::trace::Ruleset;
-use _core::model::ChangeSet;
+use _core::model::{ChangeSet, IpFamily};
+use _core::nftables::json::model_from_json;
 use proptest::prelude::*;
 
 proptest! {
@@ -20,6 +21,32 @@ proptest! {
     ) {
         let text = format!("*nat\n:{chain} - [0:0]\n-A {chain} {}\nCOMMIT\n", args.join(" "));
         let _ = Ruleset::parse(&text);
+    }
+
+    #[test]
+    fn nft_json_reader_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let _ = model_from_json(&bytes, IpFamily::V4);
+    }
+
+    /// Structurally valid nft JSON with random expressions in kproxy's sets and rules.
+    #[test]
+    fn nft_json_reader_survives_shaped_noise(
+        leaf in prop::sample::select(vec![
+            "\"10.0.0.1\"", "\"fd00::1\"", "80", "-5", "4294967296", "\"tcp\"", "\"@service-ips\"",
+            "null", "{\"prefix\":{\"addr\":\"10.0.0.0\",\"len\":99}}", "[]", "{}",
+            "{\"concat\":[\"10.0.0.1\",\"tcp\"]}", "{\"numgen\":{\"mode\":\"inc\",\"mod\":1,\"offset\":-1}}",
+            "{\"payload\":{\"protocol\":\"ip\",\"field\":\"daddr\"}}", "{\"goto\":{\"target\":7}}",
+        ]),
+        op in prop::sample::select(vec!["==", "!=", "in", "<"]),
+        stmt in prop::sample::select(vec!["jump", "goto", "vmap", "dnat", "set", "mangle", "drop", "masquerade"]),
+    ) {
+        let json = format!(
+            r#"{{"nftables":[{{"table":{{}}}},{{"chain":{{"name":"c","type":"nat","hook":"output","prio":{leaf}}}}},
+              {{"map":{{"name":"service-ips","type":["ipv4_addr","inet_proto","inet_service"],"map":"verdict","elem":[[{leaf},{leaf}]]}}}},
+              {{"set":{{"name":"endpoints-3","type":{leaf},"map":{leaf},"elem":[{leaf}]}}}},
+              {{"rule":{{"chain":"c","expr":[{{"match":{{"op":"{op}","left":{leaf},"right":{leaf}}}}},{{"{stmt}":{leaf}}}]}}}}]}}"#
+        );
+        let _ = model_from_json(json.as_bytes(), IpFamily::V4);
     }
 
     #[test]

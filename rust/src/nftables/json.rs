@@ -128,15 +128,19 @@ fn hook_of(c: &J) -> Option<Hook> {
     })
 }
 
+/// A set's key or data type: `"ipv4_addr"`, `["ipv4_addr", "inet_service"]`, or (data of a
+/// `typeof` map) `"ipv4_addr . inet_service"`.
 fn type_list(v: &J) -> Vec<String> {
-    match v {
-        J::String(s) => vec![s.clone()],
-        J::Array(a) => a
-            .iter()
-            .filter_map(|t| t.as_str().map(str::to_owned))
-            .collect(),
+    let words: Vec<&str> = match v {
+        J::String(s) => vec![s.as_str()],
+        J::Array(a) => a.iter().filter_map(J::as_str).collect(),
         _ => Vec::new(),
-    }
+    };
+    words
+        .iter()
+        .flat_map(|w| w.split(" . "))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn parts(v: &J) -> Vec<&J> {
@@ -218,7 +222,14 @@ fn field_of(v: &J) -> Option<Field> {
     }
     if let Some(n) = v.get("numgen") {
         let modulus = u32::try_from(n["mod"].as_u64()?).ok()?;
-        let offset = u32::try_from(n["offset"].as_u64().unwrap_or(0)).ok()?;
+        // nft prints offsets of 2^31 and above as negative numbers.
+        let offset = match &n["offset"] {
+            J::Null => 0,
+            o => o
+                .as_u64()
+                .or_else(|| o.as_i64().map(|v| u64::from(v as u32)))
+                .and_then(|v| u32::try_from(v).ok())?,
+        };
         return match n["mode"].as_str()? {
             "inc" if modulus == 1 => Some(Field::Const(offset)),
             "random" if offset == 0 => Some(Field::Random(modulus)),
