@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Upstream's FullSyncPeriod: even with nothing changed, rewrite everything this often.
 FULL_SYNC_PERIOD = 3600.0
+# Hand freed heap back to the system at most this often (see kproxy.memory).
+TRIM_PERIOD = 10.0
 
 
 class Daemon:
@@ -53,6 +55,7 @@ class Daemon:
         self.syncs = 0
         self.failures = 0
         self._last_full: float | None = None
+        self._last_trim = float("-inf")
         self._waiting_logged = False
         self.metrics = Metrics(cfg.mode)
         self.controller = Controller(
@@ -179,6 +182,8 @@ class Daemon:
         await self._reconcile_conntrack()
         if any(r.full for r in reports.values()):
             self._last_full = started
+        if started - self._last_trim >= TRIM_PERIOD:
+            self._last_trim = started
             memory.trim()
         self.health.updated()
         elapsed = time.monotonic() - started

@@ -1,9 +1,12 @@
-"""Apply faults on a real kernel: when iptables-restore fails, the previous rules stay and
-keep serving, the failure is counted, and a retried (full) sync restores everything."""
+"""Apply faults on a real kernel, in both netfilter modes: when iptables-restore or the nft
+transaction fails, the previous rules stay and keep serving, the failure is counted, and a
+retried (full) sync restores everything."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 
 from tests.privileged.harness import (
     ECHO_IP,
+    MODES,
     ProxyLab,
     echo_service,
     echo_slice,
@@ -21,35 +25,48 @@ from tests.privileged.harness import (
 pytestmark = pytest.mark.privileged
 
 SHIM = """#!/bin/sh
-# Fails while {count} holds a number above zero (and counts down), else runs the real tool.
+# Fails writes (iptables-restore, nft -f) while {count} holds a number above zero, counting
+# down; everything else runs the real tool.
 n=$(cat {count} 2>/dev/null || echo 0)
+case "{tool} $*" in
+    iptables-restore*|*" -f "*) ;;
+    *) n=0 ;;
+esac
 if [ "$n" -gt 0 ]; then
     echo $((n - 1)) > {count}
     cat >/dev/null
-    echo "iptables-restore: injected failure" >&2
+    echo "{tool}: injected failure" >&2
     exit 1
 fi
 exec {real} "$@"
 """
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    with proxy_lab(tmp_path, [echo_service(), echo_slice(["10.244.1.2"])]) as pl:
+@pytest.fixture(params=MODES)
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
+    objects = [echo_service(), echo_slice(["10.244.1.2"])]
+    with proxy_lab(tmp_path, objects, mode=request.param) as pl:
         yield pl
+
+
+FAILURES = {
+    "iptables": "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{",
+    "nftables": "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{",
+}
 
 
 def test_a_failed_restore_keeps_the_previous_rules_and_is_retried(
     lab: ProxyLab, tmp_path: Path
 ) -> None:
-    real = shutil.which("iptables-restore")
+    tool = "iptables-restore" if lab.mode == "iptables" else "nft"
+    real = shutil.which(tool)
     assert real is not None
     shim_dir = tmp_path / "shim"
     shim_dir.mkdir()
     count = tmp_path / "failures"
     count.write_text("0")
-    shim = shim_dir / "iptables-restore"
-    shim.write_text(SHIM.format(count=count, real=real))
+    shim = shim_dir / tool
+    shim.write_text(SHIM.format(count=count, real=real, tool=tool))
     shim.chmod(0o755)
     lab.start_daemon("--metrics-bind-address", "127.0.0.1:10249", path=str(shim_dir))
     lab.wait_synced()
@@ -68,7 +85,7 @@ def test_a_failed_restore_keeps_the_previous_rules_and_is_retried(
     _, metrics = http_get(lab.lab.node, "http://127.0.0.1:10249/metrics")
     failures = [
         ln for ln in metrics.splitlines()
-        if ln.startswith("kubeproxy_sync_proxy_rules_iptables_restore_failures_total{")
+        if ln.startswith(FAILURES[lab.mode])
     ]  # fmt: skip
     assert sum(float(ln.split()[-1]) for ln in failures) >= 2
     assert "synced IPv4 full" in lab.log().rsplit("sync failed", 1)[1]
@@ -88,11 +105,11 @@ def test_sigkill_and_restart_keep_established_connections_and_rules(lab: ProxyLa
     session = lab.lab.pod("client").tcp_session(ECHO_IP, 90)
     try:
         assert session.send("before").ok
-        rules_before = lab.nat()
+        rules_before = lab.rules()
         assert lab.daemon is not None
         lab.daemon.kill()  # SIGKILL: no chance to clean up anything
         lab.daemon.wait(timeout=10)
-        assert lab.nat() == rules_before  # nothing flushed
+        assert lab.rules() == rules_before  # nothing flushed
         assert session.send("while down").ok
         lab.start_daemon()
         lab.wait_synced(count=2)  # a full sync on start
@@ -100,3 +117,39 @@ def test_sigkill_and_restart_keep_established_connections_and_rules(lab: ProxyLa
         assert lab.lab.pod("client").tcp_probe(ECHO_IP, 80).server == "pod1"
     finally:
         session.close()
+
+
+def test_a_held_xtables_lock_is_waited_for(lab: ProxyLab, tmp_path: Path) -> None:
+    """iptables-legacy serializes writers with /run/xtables.lock (iptables-nft does not use
+    it): with the legacy tools, kproxy waits for another holder and then succeeds."""
+    if lab.mode != "iptables":
+        pytest.skip("the xtables lock belongs to the iptables tools")
+    shim_dir = tmp_path / "legacy"
+    shim_dir.mkdir()
+    for tool in ("iptables", "iptables-restore", "iptables-save"):
+        for fam in ("", "6"):
+            name = tool.replace("iptables", f"ip{fam}tables")
+            real = shutil.which(name.replace("tables", "tables-legacy", 1))
+            if real is None:
+                pytest.skip(f"no legacy {name} here")
+            (shim_dir / name).symlink_to(real)
+    lab.start_daemon(path=str(shim_dir))
+    lab.wait_synced()
+    saved = lab.lab.node.exec([str(shim_dir / "iptables-save"), "-t", "nat"], check=True).stdout
+    assert "KUBE-SERVICES" in saved
+    holder = subprocess.Popen(["flock", "/run/xtables.lock", "sleep", "2"])
+    try:
+        time.sleep(0.3)  # the holder has the lock
+        lab.put(echo_slice(["10.244.2.2"]))
+        took = lab.wait(
+            lambda: "10.244.2.2:8080" in lab.lab.node.exec(
+                [str(shim_dir / "iptables-save"), "-t", "nat"], check=True
+            ).stdout,
+            15,
+            "the change, once the lock is free",
+        )  # fmt: skip
+    finally:
+        holder.wait(timeout=10)
+    assert took >= 1.0, f"programmed after {took:.2f}s: the lock was not waited for"
+    assert "sync failed" not in lab.log()
+    assert lab.lab.pod("client").tcp_probe(ECHO_IP, 80).server == "pod2"

@@ -12,6 +12,7 @@ import pytest
 from tests import k8sobjects as k
 from tests.privileged.harness import (
     ECHO_IP,
+    MODES,
     ProxyLab,
     echo_service,
     echo_slice,
@@ -33,7 +34,14 @@ def lab(tmp_path: Path) -> Iterator[ProxyLab]:
 
 def kube_rules(pl: ProxyLab) -> list[str]:
     text = pl.nat() + pl.filter()
-    return [ln for ln in text.splitlines() if "KUBE-" in ln]
+    return [ln for ln in text.splitlines() if "KUBE-" in ln] + pl.nft().splitlines()
+
+
+@pytest.fixture(params=MODES)
+def mode_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
+    objects = [echo_service(), echo_slice(["10.244.1.2"])]
+    with proxy_lab(tmp_path, objects, mode=request.param) as pl:
+        yield pl
 
 
 def test_unreachable_api_server_programs_nothing_and_reports_not_ready(lab: ProxyLab) -> None:
@@ -77,7 +85,8 @@ def test_cleanup_also_removes_what_kube_proxys_other_modes_leave(lab: ProxyLab) 
     node.exec(["ipset", "destroy", "OTHER-SET"], check=True)
 
 
-def test_cleanup_removes_everything_and_is_safe_to_repeat(lab: ProxyLab) -> None:
+def test_cleanup_removes_everything_and_is_safe_to_repeat(mode_lab: ProxyLab) -> None:
+    lab = mode_lab
     cleanup = [sys.executable, "-m", "kproxy", "cleanup"]
     # On a node kproxy never ran on.
     assert lab.lab.node.exec(cleanup, timeout=60).returncode == 0
@@ -111,11 +120,18 @@ def test_sctp_service_rules_load_into_the_kernel(lab: ProxyLab) -> None:
     assert "-d 10.96.0.50/32 -p sctp" in nat and "--dport 30868" in nat
 
 
-def test_rules_flushed_by_someone_else_are_restored_within_the_sync_period(lab: ProxyLab) -> None:
+def test_rules_flushed_by_someone_else_are_restored_within_the_sync_period(
+    mode_lab: ProxyLab,
+) -> None:
+    lab = mode_lab
     lab.start_daemon("--sync-period", "1s")
     lab.wait_synced()
-    # A firewall reload (a restore without --noflush): every rule and chain of nat goes.
-    lab.lab.node.exec(["iptables-restore", "-w"], input="*nat\nCOMMIT\n", check=True)
+    if lab.mode == "iptables":
+        # A firewall reload (a restore without --noflush): every rule and chain of nat goes.
+        lab.lab.node.exec(["iptables-restore", "-w"], input="*nat\nCOMMIT\n", check=True)
+    else:
+        # Someone runs `nft flush ruleset` (a firewall reload): our table goes.
+        lab.lab.node.exec(["nft", "flush", "ruleset"], check=True)
     assert not lab.dnat_targets()
     lab.wait(lambda: len(lab.dnat_targets()) == 2, 10, "rules to be restored")
     assert lab.lab.pod("client").tcp_probe(ECHO_IP, 80).server == "pod1"

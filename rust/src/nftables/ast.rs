@@ -97,6 +97,8 @@ pub enum Stmt {
     },
     Drop,
     Reject,
+    /// `reject with tcp reset` (after a `meta l4proto tcp` match).
+    RejectReset,
     /// `meta mark set meta mark | m` (non-terminal).
     MarkOr(u32),
     /// `meta mark set meta mark ^ m masquerade fully-random`: clear the bit, then SNAT.
@@ -330,6 +332,7 @@ impl Fmt {
             }
             Stmt::Drop => write!(out, "drop"),
             Stmt::Reject => write!(out, "reject"),
+            Stmt::RejectReset => write!(out, "reject with tcp reset"),
             Stmt::MarkOr(m) => write!(out, "meta mark set meta mark | {m:#010x}"),
             Stmt::ClearMarkMasquerade(m) => write!(
                 out,

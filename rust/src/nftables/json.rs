@@ -343,7 +343,11 @@ fn stmt_of(s: &J, proto: Option<Protocol>) -> Option<Stmt> {
         "jump" => Some(Stmt::Jump(body["target"].as_str()?.to_owned())),
         "goto" => Some(Stmt::Goto(body["target"].as_str()?.to_owned())),
         "drop" => Some(Stmt::Drop),
-        "reject" => Some(Stmt::Reject),
+        "reject" => match body.get("type").and_then(J::as_str) {
+            Some("tcp reset") => Some(Stmt::RejectReset),
+            None => Some(Stmt::Reject),
+            _ => None,
+        },
         "vmap" => Some(Stmt::Vmap {
             fields: fields_of(&body["key"])?,
             map: set_ref(&body["data"])?,

@@ -395,10 +395,19 @@ pub fn fixed(cfg: &RenderConfig) -> Fixed {
             // rather than left to time out (upstream nftables mode).
             vec![Rule::new(
                 vec![lookup(&[Field::Daddr], CLUSTER_IPS, false)],
-                Stmt::Reject,
+                Stmt::Goto(REJECT_CHAIN.into()),
             )],
         ),
-        (REJECT_CHAIN.into(), None, vec![Rule::always(Stmt::Reject)]),
+        (
+            REJECT_CHAIN.into(),
+            None,
+            // TCP gets a reset: ICMP errors are rate-limited per client by the kernel (about
+            // one a second), so a client retrying quickly would otherwise see timeouts.
+            vec![
+                Rule::new(vec![Match::L4proto(Protocol::Tcp)], Stmt::RejectReset),
+                Rule::always(Stmt::Reject),
+            ],
+        ),
     ];
     Fixed { sets, chains }
 }

@@ -301,7 +301,7 @@ impl Walk<'_> {
                 Flow::Continue
             }
             Stmt::Drop => Flow::Stop(Some(Verdict::Drop)),
-            Stmt::Reject => Flow::Stop(Some(Verdict::Reject)),
+            Stmt::Reject | Stmt::RejectReset => Flow::Stop(Some(Verdict::Reject)),
             Stmt::MarkOr(m) => {
                 p.mark |= m;
                 Flow::Continue
