@@ -7,8 +7,9 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have ip || need+=(iproute2)
 have iptables-restore || need+=(iptables)
+have nft || need+=(nftables)
 if [ "${1:-run}" = test ]; then
-  have nft || need+=(nftables)
+  have flock || need+=(util-linux)
   have ipset || need+=(ipset)
   have conntrack || need+=(conntrack)
 fi
