@@ -83,3 +83,55 @@ def test_a_rejected_transaction_keeps_the_table_and_the_next_sync_is_full(ns: st
         assert ex.call(engine.canary_intact)
         assert nft(ns, "delete", "table", "ip", "kproxy").returncode == 0
         assert not ex.call(engine.canary_intact)
+
+
+def endpoints_of(key: ServiceKey, *ips: str) -> bytes:
+    eps = tuple(Endpoint(ip) for ip in ips)
+    s = EndpointSlice("ns", f"{key.name}-1", key, "IPv4", (SlicePort("p", "TCP", 8080),), eps)
+    return ChangeSet(endpoints={key: merge_slices([s])}).to_json()
+
+
+def test_element_updates_over_netlink_leave_exactly_what_nft_would(ns: str) -> None:
+    """Partial syncs that only change elements go to the kernel as nfnetlink batches; the
+    kernel's table must then read back exactly as the in-memory kernel's."""
+    cfg = {"family": "IPv4", "node_name": "n", "cluster_cidrs": ["10.0.0.0/8"], "mode": "nftables"}
+    fake = _core.Engine(json.dumps({**cfg, "backend": "fake"}))
+    s1, s9 = ServiceKey("ns", "s1"), ServiceKey("ns", "s9")
+    new_service = ChangeSet(
+        {s9: Service(s9, (PortSpec("p", "TCP", 80),), cluster_ips=("172.30.0.99",))}
+    ).to_json()
+    steps = [
+        endpoints_of(s1, "10.1.1.7", "10.1.1.8"),  # endpoints move: pool and hairpin entries
+        new_service,  # a Service without endpoints: rejected
+        endpoints_of(s9, "10.9.0.1", "10.9.0.2"),  # ...then served from the existing pool
+        endpoints_of(s1),  # and s1 loses its endpoints
+    ]
+    with netns.NetnsExecutor(ns) as ex:
+        engine = ex.call(functools.partial(_core.Engine, json.dumps(cfg)))
+        ex.call(functools.partial(engine.sync, changes(5), True))
+        fake.sync(changes(5), True)
+        for step in steps:
+            r = ex.call(functools.partial(engine.sync, step))
+            fake.sync(step)
+            # One batch; a second, small transaction when a chain went stale (s1's NodePort
+            # chain once it has no endpoints).
+            assert not r.full and r.transactions == 1 + r.stale_chains_deleted, r
+            assert r.bytes < 2000, r  # a netlink batch, not an nft script of the table
+            live = ex.call(lambda: _core.NftTable.live("IPv4"))
+            want = fake.nft_table()
+            assert want is not None and live.lines() == want.lines()
+        # A batch the kernel refuses (an element someone else holds): nothing changes.
+        s8 = ServiceKey("ns", "s8")
+        svc = Service(s8, (PortSpec("p", "TCP", 80),), cluster_ips=("172.30.0.98",))
+        ex.call(functools.partial(engine.sync, ChangeSet({s8: svc}).to_json()))
+        before = nft(ns, "list", "table", "ip", "kproxy").stdout
+        assert nft(ns, "-f", "-", stdin=CLAIM).returncode == 0
+        claimed = nft(ns, "list", "table", "ip", "kproxy").stdout
+        with pytest.raises(ApplyError, match="refused the batch"):
+            ex.call(functools.partial(engine.sync, endpoints_of(s8, "10.8.0.1", "10.8.0.2")))
+        assert nft(ns, "list", "table", "ip", "kproxy").stdout == claimed != before
+        assert engine.needs_full_sync
+
+
+# Someone else's element under the key the next batch adds (a different verdict).
+CLAIM = "add element ip kproxy endpoints-2 { 172.30.0.98 . tcp . 80 . 0 : 10.99.99.99 . 1 }\n"

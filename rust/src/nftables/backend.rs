@@ -38,6 +38,9 @@ impl Kernel {
 
 impl Backend for Kernel {
     fn apply(&mut self, ops: &[Op]) -> Result<usize> {
+        if super::netlink::supports(ops) {
+            return super::netlink::apply(self.family, TABLE, ops);
+        }
         let script = Fmt(self.family).script(ops);
         exec::check(
             "nft -f",

@@ -343,9 +343,14 @@ fn stmt_of(s: &J, proto: Option<Protocol>) -> Option<Stmt> {
         "jump" => Some(Stmt::Jump(body["target"].as_str()?.to_owned())),
         "goto" => Some(Stmt::Goto(body["target"].as_str()?.to_owned())),
         "drop" => Some(Stmt::Drop),
-        "reject" => match body.get("type").and_then(J::as_str) {
-            Some("tcp reset") => Some(Stmt::RejectReset),
-            None => Some(Stmt::Reject),
+        // A plain `reject` is an ICMP port unreachable, which nft sometimes spells out.
+        "reject" => match (
+            body.get("type").and_then(J::as_str),
+            body.get("expr").and_then(J::as_str),
+        ) {
+            (Some("tcp reset"), _) => Some(Stmt::RejectReset),
+            (None, None) => Some(Stmt::Reject),
+            (Some("icmp" | "icmpv6" | "icmpx"), Some("port-unreachable")) => Some(Stmt::Reject),
             _ => None,
         },
         "vmap" => Some(Stmt::Vmap {
@@ -443,6 +448,10 @@ fn rule_of(exprs: &[J]) -> Rule {
     };
     if matches!(stmt, Stmt::Dnat(..) | Stmt::DnatMap { .. }) {
         matches.retain(|m| !matches!(m, Match::L4proto(_)));
+    }
+    // `reject with tcp reset` implies `meta l4proto tcp`, which nft then leaves out.
+    if stmt == Stmt::RejectReset && !matches.iter().any(|m| matches!(m, Match::L4proto(_))) {
+        matches.push(Match::L4proto(Protocol::Tcp));
     }
     Rule::new(matches, stmt)
 }

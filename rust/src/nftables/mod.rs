@@ -5,6 +5,7 @@
 //!   layout that keeps the number of sets independent of the number of Services).
 //! * [`writer`]: full syncs (the table replaced atomically) and partial ones (element diffs).
 //! * [`backend`]: the kernel (`nft -f -`) or an in-memory [`backend::Fake`].
+//! * [`netlink`]: small element-only updates straight over nfnetlink (no `nft` process).
 //! * [`trace`]: a packet tracer over the in-memory table.
 //! * [`json`]: the kernel's table read back (`nft -j list table`) into the same model.
 //! * [`program`]: the engine's nftables side (one sync = one transaction plus cleanup).
@@ -12,6 +13,7 @@
 pub mod ast;
 pub mod backend;
 pub mod json;
+pub mod netlink;
 pub mod program;
 pub mod render;
 pub mod trace;
