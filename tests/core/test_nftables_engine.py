@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kproxy import _core
-from kproxy.model import Endpoint, EndpointSlice, PortSpec, Service, ServiceKey, SlicePort
+from kproxy.model import Endpoint, EndpointSlice, Family, PortSpec, Service, ServiceKey, SlicePort
 from kproxy.tracker import ChangeSet, merge_slices
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -42,7 +42,7 @@ def svc(name: str = "svc1", ip: str = "172.30.0.41", **kw: object) -> Service:
     return Service(**fields)  # type: ignore[arg-type]
 
 
-def slice_of(name: str, *eps: Endpoint, family: str = "IPv4") -> ChangeSet:
+def slice_of(name: str, *eps: Endpoint, family: Family = "IPv4") -> ChangeSet:
     key = ServiceKey("ns1", name)
     s = EndpointSlice("ns1", f"{name}-1", key, family, (SlicePort("p80", "TCP", 80),), eps)
     return ChangeSet(endpoints={key: merge_slices([s])})
@@ -94,7 +94,7 @@ def test_render_is_deterministic_and_matches_the_golden_file(name: str) -> None:
 def test_the_number_of_sets_does_not_grow_with_the_services() -> None:
     def render(n: int) -> str:
         e = engine()
-        services = {
+        services: dict[ServiceKey, Service | None] = {
             ServiceKey("ns1", f"s{i}"): svc(f"s{i}", f"172.30.{i // 250}.{i % 250 + 1}")
             for i in range(n)
         }
@@ -119,7 +119,7 @@ def test_the_number_of_sets_does_not_grow_with_the_services() -> None:
 
 def test_an_endpoint_change_is_a_handful_of_element_updates() -> None:
     e = engine()
-    services = {
+    services: dict[ServiceKey, Service | None] = {
         ServiceKey("ns1", f"s{i}"): svc(
             f"s{i}", f"172.30.0.{i + 1}", ports=(PortSpec("p80", "TCP", 80, 30000 + i),)
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,12 @@ GOLDEN = Path(__file__).parent.parent / "core" / "golden"
 
 
 @pytest.fixture
-def ns() -> str:
+def ns() -> Iterator[str]:
     reason = netlab_unavailable_reason()
     if reason is not None:
         pytest.skip(f"netlab unavailable: {reason}")
     with netns.scratch() as name:
-        yield name  # type: ignore[misc]
+        yield name
 
 
 def nft(ns: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
