@@ -4,6 +4,7 @@
 use _core::iptables::trace::Ruleset;
 use _core::model::{ChangeSet, IpFamily};
 use _core::nftables::json::model_from_json;
+use _core::nftables::netlink::read_acks;
 use proptest::prelude::*;
 
 proptest! {
@@ -64,6 +65,43 @@ proptest! {
             let n = cs.services[0].key.name.as_str();
             prop_assert!(n.len() <= 63);
             prop_assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        }
+    }
+
+    #[test]
+    fn netlink_reply_reader_never_panics(
+        bytes in prop::collection::vec(any::<u8>(), 0..400),
+        seq0 in any::<u32>(),
+        span in 0u32..8,
+    ) {
+        let _ = read_acks(&bytes, seq0, seq0.saturating_add(span));
+    }
+
+    /// Well-framed replies with random kinds, sequence numbers and codes: the acknowledgements
+    /// counted are never more than the messages in the datagram, and any refusal of ours wins.
+    #[test]
+    fn netlink_reply_reader_counts_within_bounds(
+        msgs in prop::collection::vec((0u16..5, 98u32..106, prop::sample::select(vec![0i32, -1, -2, -16, -22, 5]), 0usize..12), 0..20),
+    ) {
+        let mut reply = Vec::new();
+        let mut refused = false;
+        for (kind, seq, code, extra) in &msgs {
+            let len = 20 + extra;
+            reply.extend_from_slice(&(len as u32).to_ne_bytes());
+            reply.extend_from_slice(&kind.to_ne_bytes());
+            reply.extend_from_slice(&[0u8; 2]);
+            reply.extend_from_slice(&seq.to_ne_bytes());
+            reply.extend_from_slice(&[0u8; 4]);
+            reply.extend_from_slice(&code.to_ne_bytes());
+            reply.resize(reply.len() + extra + ((4 - len % 4) % 4), 0);
+            refused |= *kind == 2 && (100..=103).contains(seq) && *code != 0;
+        }
+        match read_acks(&reply, 100, 103) {
+            Ok(n) => {
+                prop_assert!(!refused);
+                prop_assert!(n <= msgs.len());
+            }
+            Err(_) => prop_assert!(refused),
         }
     }
 }

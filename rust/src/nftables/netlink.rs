@@ -282,26 +282,44 @@ pub fn apply(family: IpFamily, table: &str, ops: &[Op]) -> Result<usize> {
         let n = sock
             .recv(&mut buf)
             .map_err(|e| apply_err(format!("recv: {e}")))?;
-        let mut at = 0;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap_or_default());
-            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap_or_default());
-            if len < 16 || at + len > n {
-                return Err(apply_err("malformed reply".into()));
-            }
-            if kind == NLMSG_ERROR && at + 20 <= n && seq > seq0 && seq < last {
-                let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default());
-                if code != 0 {
-                    let err = io::Error::from_raw_os_error(-code);
-                    return Err(apply_err(format!("the kernel refused the batch: {err}")));
-                }
-                pending -= 1;
-            }
-            at += (len + 3) & !3;
-        }
+        pending = pending.saturating_sub(read_acks(&buf[..n], seq0, last)?);
     }
     Ok(batch.len())
+}
+
+/// Read one datagram of replies to a batch sent with sequence numbers `seq0..=last`: the
+/// number of successful acknowledgements in it, or the kernel's refusal. Replies to other
+/// requests are ignored; a message whose length does not fit the datagram is an error, so
+/// nothing past it is trusted. Pure, so the fuzz tests can feed it anything.
+pub fn read_acks(reply: &[u8], seq0: u32, last: u32) -> Result<usize> {
+    let word = |at: usize| -> u32 {
+        u32::from_ne_bytes([reply[at], reply[at + 1], reply[at + 2], reply[at + 3]])
+    };
+    let mut acks = 0;
+    let mut at = 0;
+    while reply.len() - at >= 16 {
+        let len = word(at) as usize;
+        let kind = u16::from_ne_bytes([reply[at + 4], reply[at + 5]]);
+        let seq = word(at + 8);
+        if len < 16 || len > reply.len() - at {
+            return Err(apply_err("malformed reply".into()));
+        }
+        if kind == NLMSG_ERROR && (seq0..=last).contains(&seq) {
+            if len < 20 {
+                return Err(apply_err("malformed acknowledgement".into()));
+            }
+            let code = word(at + 16) as i32;
+            if code != 0 {
+                // Errors on the batch markers count too: the whole batch was refused.
+                let err = io::Error::from_raw_os_error(code.saturating_neg());
+                return Err(apply_err(format!("the kernel refused the batch: {err}")));
+            }
+            acks += 1;
+        }
+        // Messages are 4-byte aligned; the last one may end without padding.
+        at = at.saturating_add((len + 3) & !3).min(reply.len());
+    }
+    Ok(acks)
 }
 
 /// A netlink socket for nfnetlink, closed on drop.
@@ -412,6 +430,45 @@ mod tests {
         )]));
         assert!(!supports(&[add, Op::FlushChain("x".into())]));
         assert!(!supports(&[]));
+    }
+
+    fn reply(kind: u16, seq: u32, code: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&code.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 16]); // the echoed request header
+        m
+    }
+
+    #[test]
+    fn acknowledgements_are_counted_only_for_our_sequence_numbers() {
+        let mut r = reply(NLMSG_ERROR, 101, 0);
+        r.extend(reply(NLMSG_ERROR, 102, 0));
+        r.extend(reply(NLMSG_ERROR, 7, 0)); // someone else's
+        r.extend(reply(3, 101, 0)); // NLMSG_DONE, not an ack
+        assert_eq!(read_acks(&r, 100, 103).unwrap(), 2);
+        assert_eq!(read_acks(&[], 100, 103).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_refusal_names_the_errno_even_on_a_batch_marker() {
+        let mut r = reply(NLMSG_ERROR, 101, 0);
+        r.extend(reply(NLMSG_ERROR, 100, -libc::ENOENT));
+        let e = read_acks(&r, 100, 103).unwrap_err().to_string();
+        assert!(e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn a_length_past_the_datagram_is_malformed() {
+        let mut r = reply(NLMSG_ERROR, 101, 0);
+        r[0] = 200;
+        assert!(read_acks(&r, 100, 103).is_err());
+        r[0] = 8;
+        assert!(read_acks(&r, 100, 103).is_err());
     }
 
     #[test]
