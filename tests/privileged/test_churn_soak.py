@@ -34,10 +34,13 @@ def test_churn_soak(lab: ProxyLab) -> None:
     assert not r.bad_probes, r.bad_probes[:10]
     assert r.probes.get("stable ok", 0) > 100 and r.probes.get("toggle ok", 0) > 0
     assert r.probes.get("toggle refused", 0) > 0  # the toggled Service did go away
-    # Flat memory: what stays after an iteration does not grow. A leak would raise every
-    # iteration's floor; a transient peak (a sync caught before memory was handed back)
-    # raises one, so compare the lowest floor of the last third with that of the first.
-    floors = r.rss_floor_mib[1:]  # the first iteration warms up
-    third = max(1, len(floors) // 3)
-    early, late = min(floors[:third]), min(floors[-third:])
-    assert late <= 1.15 * early + 20, r.rss_floor_mib
+    # Flat memory: what stays after an iteration does not grow. The heap takes a few
+    # iterations to reach its working size (the first ones sit lower), and a transient peak (a
+    # sync caught before memory was handed back) raises one floor; so compare the lowest floor
+    # of the last third with that of the middle third. A leak of a few MiB per iteration
+    # raises every floor and fails this within a 10-minute soak.
+    floors = r.rss_floor_mib
+    if len(floors) >= 6:
+        third = len(floors) // 3
+        middle, late = min(floors[third : 2 * third]), min(floors[-third:])
+        assert late <= 1.10 * middle + 10, r.rss_floor_mib
