@@ -42,6 +42,20 @@ impl Cidr {
         }
     }
 
+    /// `addr/prefix`, masked; None when the prefix is longer than the address.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Cidr> {
+        let (bits, width) = Cidr::bits(&addr);
+        if prefix > width {
+            return None;
+        }
+        let masked = bits & Cidr::mask(prefix, width);
+        let addr = match addr {
+            IpAddr::V4(_) => IpAddr::V4((masked as u32).into()),
+            IpAddr::V6(_) => IpAddr::V6(masked.into()),
+        };
+        Some(Cidr { addr, prefix })
+    }
+
     pub fn contains(&self, ip: &IpAddr) -> bool {
         if self.addr.is_ipv4() != ip.is_ipv4() {
             return false;
@@ -62,16 +76,7 @@ impl FromStr for Cidr {
             .ok_or_else(|| format!("{s:?} is not a CIDR"))?;
         let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not a CIDR"))?;
         let prefix: u8 = p.parse().map_err(|_| format!("{s:?} is not a CIDR"))?;
-        let (bits, width) = Cidr::bits(&addr);
-        if prefix > width {
-            return Err(format!("{s:?} is not a CIDR"));
-        }
-        let masked = bits & Cidr::mask(prefix, width);
-        let addr = match addr {
-            IpAddr::V4(_) => IpAddr::V4((masked as u32).into()),
-            IpAddr::V6(_) => IpAddr::V6(masked.into()),
-        };
-        Ok(Cidr { addr, prefix })
+        Cidr::new(addr, prefix).ok_or_else(|| format!("{s:?} is not a CIDR"))
     }
 }
 

@@ -14,6 +14,7 @@ pub mod ast;
 pub mod backend;
 pub mod json;
 pub mod netlink;
+pub mod packed;
 pub mod program;
 pub mod render;
 pub mod trace;

@@ -10,10 +10,12 @@
 //! by a second transaction ([`Plan::cleanup`]) once the first has removed every reference.
 
 use super::ast::{Data, Hook, Key, Op, Rule};
+use super::packed::PackedKey;
 use super::render::{self, Fixed, Pool, ServiceObjects, SetId, AFFINITY, NODEPORT_IPS};
 use crate::iptables::render::{Counts, RenderConfig};
 use crate::model::ServiceKey;
 use crate::state::State;
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -42,9 +44,10 @@ impl Plan {
 
 #[derive(Debug, Default)]
 pub struct Writer {
-    /// Who claims each element, sorted by Service (one claim is the common case: a small
-    /// vector, not a map, keeps this at tens of bytes per element).
-    owners: BTreeMap<SetKey, Vec<(Owner, Option<Data>)>>,
+    /// Who claims each element of each set. A cluster has ten elements per Service or so, and
+    /// this is the engine's largest structure: keys are packed, and the common single claim
+    /// is stored inline (about 100 bytes per element in all).
+    owners: BTreeMap<SetId, BTreeMap<PackedKey, Claims>>,
     /// Effective elements per pool map (pools with none are deleted).
     pool_use: BTreeMap<Pool, usize>,
     /// Pools that exist in the kernel.
@@ -60,6 +63,9 @@ pub struct Writer {
 
 /// A Service as an element's claimant (shared: one allocation per Service, not per element).
 type Owner = Arc<ServiceKey>;
+
+/// An element's claimants and the data each wants, sorted by Service; the first wins.
+type Claims = SmallVec<[(Owner, Option<Data>); 1]>;
 
 fn effective(owners: &[(Owner, Option<Data>)]) -> Option<&Option<Data>> {
     owners.first().map(|(_, d)| d)
@@ -131,8 +137,16 @@ impl Writer {
         self.pools.len()
     }
 
-    fn claim(&mut self, sk: &SetKey, owner: &Owner, data: Option<Option<Data>>) {
-        let entry = self.owners.entry(sk.clone()).or_default();
+    /// What the kernel holds for an element: the data of its first claimant.
+    fn effective_of(&self, (set, key): &SetKey) -> Option<Option<Data>> {
+        let claims = self.owners.get(set)?.get(&PackedKey::pack(key))?;
+        effective(claims).cloned()
+    }
+
+    fn claim(&mut self, (set, key): &SetKey, owner: &Owner, data: Option<Option<Data>>) {
+        let packed = PackedKey::pack(key);
+        let set_owners = self.owners.entry(*set).or_default();
+        let entry = set_owners.entry(packed).or_default();
         let at = entry.binary_search_by(|(o, _)| o.as_ref().cmp(owner.as_ref()));
         match (data, at) {
             (Some(d), Ok(i)) => entry[i].1 = d,
@@ -143,7 +157,10 @@ impl Writer {
             (None, Err(_)) => {}
         }
         if entry.is_empty() {
-            self.owners.remove(sk);
+            set_owners.remove(&PackedKey::pack(key));
+            if set_owners.is_empty() {
+                self.owners.remove(set);
+            }
         }
     }
 
@@ -170,13 +187,15 @@ impl Writer {
         }
         let mut by_set: BTreeMap<SetId, Vec<(Key, Option<Data>)>> = BTreeMap::new();
         let mut conflicts = 0;
-        for ((set, key), owners) in &self.owners {
-            conflicts += usize::from(owners.iter().any(|(_, d)| Some(d) != effective(owners)));
-            if let Some(d) = effective(owners) {
-                by_set
-                    .entry(*set)
-                    .or_default()
-                    .push((key.clone(), d.clone()));
+        for (set, set_owners) in &self.owners {
+            for (key, owners) in set_owners {
+                conflicts += usize::from(owners.iter().any(|(_, d)| Some(d) != effective(owners)));
+                if let Some(d) = effective(owners) {
+                    by_set
+                        .entry(*set)
+                        .or_default()
+                        .push((key.unpack(), d.clone()));
+                }
             }
         }
         self.conflicts = conflicts;
@@ -258,17 +277,17 @@ impl Writer {
             let (old_e, new_e) = (element_map(&old), element_map(&new));
             for (sk, d) in &old_e {
                 if new_e.get(sk) != Some(d) {
-                    before
-                        .entry(sk.clone())
-                        .or_insert_with(|| self.owners.get(sk).and_then(|o| effective(o)).cloned());
+                    if !before.contains_key(sk) {
+                        before.insert(sk.clone(), self.effective_of(sk));
+                    }
                     self.claim(sk, &owner, None);
                 }
             }
             for (sk, d) in &new_e {
                 if old_e.get(sk) != Some(d) {
-                    before
-                        .entry(sk.clone())
-                        .or_insert_with(|| self.owners.get(sk).and_then(|o| effective(o)).cloned());
+                    if !before.contains_key(sk) {
+                        before.insert(sk.clone(), self.effective_of(sk));
+                    }
                     self.claim(sk, &owner, Some(d.clone()));
                 }
             }
@@ -301,7 +320,7 @@ impl Writer {
         let mut deletes: BTreeMap<SetId, Vec<Key>> = BTreeMap::new();
         let mut adds: BTreeMap<SetId, Vec<(Key, Option<Data>)>> = BTreeMap::new();
         for (sk, was) in before {
-            let now = self.owners.get(&sk).and_then(|o| effective(o)).cloned();
+            let now = self.effective_of(&sk);
             if was == now {
                 continue;
             }
