@@ -38,6 +38,27 @@ def status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def breakdown_mib(pid: int) -> dict[str, float]:
+    """Resident memory by kind of mapping: the heap (glibc's main arena), anonymous mappings
+    (Python's object arenas, other threads' malloc arenas, large blocks), shared objects and
+    the Python modules' code, and the rest."""
+    out: dict[str, float] = {"heap": 0.0, "anonymous": 0.0, "libraries": 0.0, "other": 0.0}
+    kind = "other"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+            kind = (
+                "heap" if name == "[heap]"
+                else "anonymous" if name == ""
+                else "libraries" if name.startswith("/")
+                else "other"
+            )  # fmt: skip
+        elif head and head[0] == "Rss:":
+            out[kind] += int(head[1]) / 1024
+    return out
+
+
 def run(mode: str, n: int, log: Path) -> dict[str, Any]:
     with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
@@ -66,6 +87,7 @@ def run(mode: str, n: int, log: Path) -> dict[str, Any]:
                 time.sleep(10)  # let it settle (watches established, garbage collected)
                 rss = status_kib(proc.pid, "VmRSS")
                 hwm = status_kib(proc.pid, "VmHWM")
+                parts = breakdown_mib(proc.pid)
             finally:
                 proc.terminate()
                 try:
@@ -76,7 +98,7 @@ def run(mode: str, n: int, log: Path) -> dict[str, Any]:
         finally:
             ex.call(api.close)
     return {"mode": mode, "services": n, "first_sync_s": first_sync, "rss_mib": rss / 1024,
-            "peak_rss_mib": hwm / 1024}  # fmt: skip
+            "peak_rss_mib": hwm / 1024, "rss_by_mapping_mib": parts}  # fmt: skip
 
 
 def main() -> int:
@@ -93,6 +115,9 @@ def main() -> int:
             f"{mode:<9} {r['services']} services x 4 endpoints: first sync after "
             f"{r['first_sync_s']:.1f}s, RSS {r['rss_mib']:.0f} MiB (peak {r['peak_rss_mib']:.0f} MiB)"
         )
+        print("  resident by mapping: " + ", ".join(
+            f"{k} {v:.0f} MiB" for k, v in r["rss_by_mapping_mib"].items()
+        ))  # fmt: skip
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -326,4 +326,5 @@ class _LoopSink:
 
 
 def run(cfg: ProxyConfig) -> int:
+    memory.configure()
     return asyncio.run(Daemon(cfg).run())

@@ -127,7 +127,10 @@ class EndpointsTracker:
     def __init__(self) -> None:
         self._slices: dict[ServiceKey, dict[str, EndpointSlice]] = {}
         self._owner: dict[tuple[str, str], ServiceKey] = {}
-        self._handed: dict[ServiceKey, Merged] = {}
+        # Services whose endpoints the core holds. Only the keys: the core compares what it is
+        # handed with what it holds and ignores updates that change nothing, so keeping every
+        # merged endpoint list here as well (tens of MiB in a large cluster) would buy nothing.
+        self._handed: set[ServiceKey] = set()
         self._dirty: set[ServiceKey] = set()
         self._triggers: dict[ServiceKey, float] = {}
 
@@ -171,15 +174,15 @@ class EndpointsTracker:
         out: dict[ServiceKey, Merged] = {}
         for key in sorted(self._dirty):
             merged = self.merged(key)
-            if merged != self._handed.get(key, ()):
+            if merged:
                 out[key] = merged
-                if merged:
-                    self._handed[key] = merged
-                else:
-                    self._handed.pop(key, None)
+                self._handed.add(key)
+            elif key in self._handed:
+                out[key] = merged
+                self._handed.discard(key)
         self._dirty.clear()
         return out
 
     def resend_all(self) -> None:
-        self._dirty = set(self._slices) | set(self._handed)
-        self._handed = {}
+        self._dirty = set(self._slices) | self._handed
+        self._handed = set()

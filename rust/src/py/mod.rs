@@ -12,6 +12,23 @@ use errors::to_py;
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
+/// The core's own allocations (the engine's state and bookkeeping, and each sync's transient
+/// transaction) go to mimalloc rather than the interpreter's malloc arenas: its size-segregated
+/// pages keep a sync's short-lived buffers from pinning pages between the long-lived maps, and
+/// it hands freed pages back, so the daemon's resident memory follows what it really holds.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+extern "C" {
+    /// mimalloc's collection of freed pages (linked in with the allocator).
+    fn mi_collect(force: bool);
+}
+
+fn release_freed_memory() {
+    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
+    unsafe { mi_collect(true) }
+}
+
 /// What one `Engine.sync` did.
 #[pyclass(frozen, module = "kproxy._core", name = "SyncReport")]
 pub struct SyncReport(CoreReport);
@@ -154,7 +171,13 @@ impl Engine {
     fn sync(&self, py: Python<'_>, changes: &[u8], full: bool) -> PyResult<SyncReport> {
         let result = py.detach(|| {
             let cs = ChangeSet::from_json(changes)?;
-            self.lock().sync(cs, full)
+            let report = self.lock().sync(cs, full);
+            if report.as_ref().map_or(true, |r| r.full) {
+                // A full sync allocated and freed the whole transaction: hand those pages
+                // back now rather than keep them until this thread allocates again.
+                release_freed_memory();
+            }
+            report
         });
         result.map(SyncReport).map_err(to_py)
     }
