@@ -14,6 +14,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 step "rustfmt";  cargo fmt --all -- --check
 step "clippy";   cargo clippy --all-targets -- -D warnings
                  cargo clippy --all-targets --no-default-features -- -D warnings
+                 cargo clippy --lib --features mimalloc -- -D warnings
 step "cargo test (core without libpython)"; cargo test --no-default-features
 step "ruff";     ruff check . && ruff format --check .
 step "mypy --strict"; mypy

@@ -16,9 +16,11 @@ use std::sync::{Mutex, MutexGuard};
 /// transaction) go to mimalloc rather than the interpreter's malloc arenas: its size-segregated
 /// pages keep a sync's short-lived buffers from pinning pages between the long-lived maps, and
 /// it hands freed pages back, so the daemon's resident memory follows what it really holds.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[cfg(feature = "mimalloc")]
 extern "C" {
     /// mimalloc's collection of freed pages (linked in with the allocator).
     fn mi_collect(force: bool);
@@ -26,7 +28,10 @@ extern "C" {
 
 fn release_freed_memory() {
     // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
-    unsafe { mi_collect(true) }
+    #[cfg(feature = "mimalloc")]
+    unsafe {
+        mi_collect(true)
+    }
 }
 
 /// What one `Engine.sync` did.
