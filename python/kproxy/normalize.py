@@ -14,6 +14,7 @@ Services that kproxy must ignore (headless, ExternalName) normalize to ``None``.
 from __future__ import annotations
 
 import ipaddress
+import sys
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class _Obj:
         name = self.meta.get("name")
         if not isinstance(namespace, str) or not isinstance(name, str):
             raise InvalidObjectError(kind, str(namespace), str(name), "metadata", "no name")
-        self.namespace: str = namespace
+        self.namespace: str = _shared(namespace)
         self.name: str = name
         self.warnings: list[str] = []
 
@@ -148,7 +149,15 @@ class _Obj:
         p = parent.get("protocol") or "TCP"
         if not isinstance(p, str) or p not in _PROTOCOLS:
             raise self.fail(path, f"unknown protocol {p!r}")
-        return cast(Protocol, p)
+        return cast(Protocol, _shared(p))
+
+
+def _shared(s: str) -> str:
+    """One copy of a string that many objects repeat (namespaces, node and zone names, port
+    names, protocols): a large cluster holds hundreds of thousands of references to a few
+    hundred of them, and a copy per object would also pin the memory of the raw API page it
+    was parsed from."""
+    return sys.intern(s)
 
 
 def _check_names(o: _Obj) -> None:
@@ -195,7 +204,9 @@ def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
         seen.add((name, protocol))
         port = o.port(raw.get("port"), f"{path}.port")
         node_port = o.port(raw.get("nodePort") or 0, f"{path}.nodePort", allow_zero=True)
-        ports.append(PortSpec(name, protocol, port, node_port if uses_node_ports else 0))
+        ports.append(
+            PortSpec(_shared(name), protocol, port, node_port if uses_node_ports else 0)
+        )
 
     external_ips: list[str] = []
     for i, raw in enumerate(o.seq(spec, "externalIPs", "spec.externalIPs")):
@@ -318,7 +329,7 @@ def normalize_endpoint_slice(obj: Mapping[str, Any]) -> Normalized[EndpointSlice
         except InvalidObjectError as e:
             o.warn(e.field, f"{e.message}; port ignored")
             continue
-        ports.append(SlicePort(name, protocol, number))
+        ports.append(SlicePort(_shared(name), protocol, number))
 
     endpoints: list[Endpoint] = []
     for i, raw in enumerate(o.seq(obj, "endpoints", "endpoints")):
@@ -349,8 +360,8 @@ def normalize_endpoint_slice(obj: Mapping[str, Any]) -> Normalized[EndpointSlice
                 ready=ready,
                 serving=serving,
                 terminating=terminating,
-                node_name=node_name if isinstance(node_name, str) else None,
-                zone=zone if isinstance(zone, str) else None,
+                node_name=_shared(node_name) if isinstance(node_name, str) else None,
+                zone=_shared(zone) if isinstance(zone, str) else None,
                 zone_hints=_hint_names(hints.get("forZones")),
                 node_hints=_hint_names(hints.get("forNodes")),
             )
@@ -387,7 +398,7 @@ def _hint_names(v: object) -> tuple[str, ...]:
     if not isinstance(v, list):
         return ()
     names = {h["name"] for h in v if isinstance(h, Mapping) and isinstance(h.get("name"), str)}
-    return tuple(sorted(names))
+    return tuple(_shared(n) for n in sorted(names))
 
 
 def normalize_node(obj: Mapping[str, Any]) -> NodeInfo:
