@@ -14,8 +14,8 @@ Services that kproxy must ignore (headless, ExternalName) normalize to ``None``.
 from __future__ import annotations
 
 import ipaddress
-import sys
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -204,9 +204,7 @@ def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
         seen.add((name, protocol))
         port = o.port(raw.get("port"), f"{path}.port")
         node_port = o.port(raw.get("nodePort") or 0, f"{path}.nodePort", allow_zero=True)
-        ports.append(
-            PortSpec(_shared(name), protocol, port, node_port if uses_node_ports else 0)
-        )
+        ports.append(PortSpec(_shared(name), protocol, port, node_port if uses_node_ports else 0))
 
     external_ips: list[str] = []
     for i, raw in enumerate(o.seq(spec, "externalIPs", "spec.externalIPs")):
