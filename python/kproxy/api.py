@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from kproxy import _core, tools
-from kproxy.backends.netfilter import NetfilterProxier
+from kproxy.backends.proxier import Proxier
 from kproxy.config import ProxyConfig, build
 from kproxy.control import Controller
 from kproxy.model import Family
@@ -87,7 +87,7 @@ class Cluster:
             c.replace(resource, objs)
         return c
 
-    def proxier(self, families: Sequence[Family] = ("IPv4", "IPv6")) -> NetfilterProxier:
+    def proxier(self, families: Sequence[Family] = ("IPv4", "IPv6")) -> Proxier:
         return tools.programmed(self.config, self.controller(), families)
 
     def render(self) -> dict[Family, str]:

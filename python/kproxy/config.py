@@ -23,7 +23,7 @@ API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 MODES = ("iptables", "nftables", "ipvs", "userspace")
 # The modes this build can run; the others are refused with a clear error.
-AVAILABLE_MODES = ("iptables", "nftables")
+AVAILABLE_MODES = ("iptables", "nftables", "userspace")
 DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 _INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from kproxy import conntrack, memory
-from kproxy.backends.netfilter import NetfilterProxier
+from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
 from kproxy.control import Controller
@@ -51,7 +51,7 @@ class Daemon:
         self.cfg = cfg
         self.families = families
         self.health = ProxyHealth(2 * cfg.sync_period)
-        self.proxier: NetfilterProxier | None = None
+        self.proxier: Proxier | None = None
         self.syncs = 0
         self.failures = 0
         self._last_full: float | None = None
@@ -145,11 +145,16 @@ class Daemon:
                 self._waiting_logged = True
             return True
         if self.proxier is None:
-            families = self.families if self.families is not None else iptables_families()
+            if self.families is not None:
+                families = self.families
+            elif self.cfg.mode == "userspace":
+                families = userspace_families(self.cfg)
+            else:
+                families = iptables_families()
             if not families:
                 log.error("neither iptables nor ip6tables works here; cannot program rules")
                 return False
-            self.proxier = NetfilterProxier(self.cfg, families, c.node)
+            self.proxier = Proxier(self.cfg, families, c.node)
             log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
         started = time.monotonic()
         full = self._last_full is None or started - self._last_full >= FULL_SYNC_PERIOD
@@ -179,7 +184,13 @@ class Daemon:
             return False
         self.syncs += 1
         self.service_health.sync(self._health_checks())
-        await self._reconcile_conntrack()
+        if self.cfg.mode == "userspace":
+            # Connections end at the forwarder: no conntrack entries of ours to reconcile.
+            for r in reports.values():
+                for err in r.listen_errors:
+                    log.error("%s (the other Services are unaffected; retried next sync)", err)
+        else:
+            await self._reconcile_conntrack()
         if any(r.full for r in reports.values()):
             self._last_full = started
         if started - self._last_trim >= TRIM_PERIOD:

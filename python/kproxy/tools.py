@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kproxy import _core, netns
-from kproxy.backends.netfilter import NetfilterProxier, engine_config
+from kproxy.backends.proxier import Proxier, engine_config
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
 from kproxy.errors import ConfigError, KproxyError
@@ -58,23 +58,24 @@ def snapshot(cfg: ProxyConfig) -> Controller:
     return c
 
 
-def programmed(
-    cfg: ProxyConfig, c: Controller, families: Sequence[Family] = FAMILIES
-) -> NetfilterProxier:
+def programmed(cfg: ProxyConfig, c: Controller, families: Sequence[Family] = FAMILIES) -> Proxier:
     """Engines on their in-memory kernel, programmed with everything ``c`` holds."""
-    proxier = NetfilterProxier(cfg, families, c.node, backend="fake")
+    proxier = Proxier(cfg, families, c.node, backend="fake")
     proxier.sync(c.drain(), True)
     return proxier
 
 
-def rendered(cfg: ProxyConfig) -> NetfilterProxier:
+def rendered(cfg: ProxyConfig) -> Proxier:
     return programmed(cfg, snapshot(cfg))
 
 
 def render_command(cfg: ProxyConfig) -> int:
     for fam, text in rendered(cfg).render().items():
-        form = "nft -f input" if cfg.mode == "nftables" else "iptables-restore --noflush input"
-        print(f"# {cfg.mode} rules for {fam} ({form})")
+        if cfg.mode == "userspace":
+            print(f"# userspace listeners for {fam} (protocol, address -> endpoints)")
+        else:
+            form = "nft -f input" if cfg.mode == "nftables" else "iptables-restore --noflush input"
+            print(f"# {cfg.mode} rules for {fam} ({form})")
         print(text, end="")
     return 0
 

@@ -4,6 +4,7 @@
 //! kernel, and return a small [`SyncReport`]. Rule text crosses back only on request.
 
 use crate::error::{Error, Result};
+use crate::forward;
 use crate::iptables::render::LocalDetector;
 use crate::iptables::trace::{NodeFacts, Packet, Trace};
 use crate::iptables::{self, chains, writer::Writer, Backend, RenderConfig};
@@ -38,6 +39,7 @@ pub enum Mode {
     #[default]
     Iptables,
     Nftables,
+    Userspace,
 }
 
 /// Static configuration of one engine (JSON from Python).
@@ -73,6 +75,15 @@ pub struct EngineConfig {
     pub backend: BackendKind,
     #[serde(default)]
     pub mode: Mode,
+    /// Userspace mode: the addresses NodePort listeners bind (`--bind-address`).
+    #[serde(default)]
+    pub listen_addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub udp_idle_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 fn default_masquerade_bit() -> u8 {
@@ -103,6 +114,18 @@ impl EngineConfig {
             )));
         }
         Ok(cfg)
+    }
+
+    fn forward_config(&self) -> forward::ForwardConfig {
+        let d = forward::ForwardConfig::default();
+        let ms = std::time::Duration::from_millis;
+        forward::ForwardConfig {
+            connect_timeout: self.connect_timeout_ms.map_or(d.connect_timeout, ms),
+            udp_idle_timeout: self.udp_idle_timeout_ms.map_or(d.udp_idle_timeout, ms),
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_udp_sessions: self.max_connections.unwrap_or(d.max_udp_sessions),
+            ..d
+        }
     }
 
     fn render_config(&self) -> RenderConfig {
@@ -163,6 +186,8 @@ pub struct SyncReport {
     pub elements_total: usize,
     /// nftables: the transaction deleting unreferenced chains was refused (it is retried).
     pub cleanup_failed: bool,
+    /// userspace: listeners that could not be opened (each names its Service port).
+    pub listen_errors: Vec<String>,
     pub render_seconds: f64,
     pub apply_seconds: f64,
 }
@@ -175,6 +200,8 @@ enum Programmer {
         writer: Writer,
     },
     Nftables(Program),
+    /// Started on the first sync (building its runtime can fail; construction cannot).
+    Userspace(Option<forward::Forwarder>),
 }
 
 pub struct Engine {
@@ -202,6 +229,7 @@ impl Engine {
             (Mode::Nftables, BackendKind::Fake) => {
                 Engine::with_nft_backend(config, Box::new(nftables::Fake::new(fam)))
             }
+            (Mode::Userspace, _) => Engine::with(config, Programmer::Userspace(None)),
         }
     }
 
@@ -285,6 +313,33 @@ impl Engine {
     ) -> Result<()> {
         let (backend, writer) = match &mut self.programmer {
             Programmer::Iptables { backend, writer } => (backend, writer),
+            Programmer::Userspace(fw) => {
+                let t0 = Instant::now();
+                let routes = forward::routes::routes(
+                    &self.state,
+                    &self.config.node_name,
+                    &self.config.listen_addresses,
+                );
+                report.service_ports = routes.len();
+                report.endpoints = routes.values().map(|r| r.endpoints.len()).sum();
+                report.render_seconds = t0.elapsed().as_secs_f64();
+                self.need_full = false;
+                if self.config.backend == BackendKind::Fake {
+                    return Ok(()); // tools: compute, never listen
+                }
+                let fw = match fw {
+                    Some(fw) => fw,
+                    None => fw.insert(forward::Forwarder::new(self.config.forward_config())?),
+                };
+                let t1 = Instant::now();
+                let u = fw.update(routes);
+                report.apply_seconds = t1.elapsed().as_secs_f64();
+                report.wrote = u.opened + u.closed + u.changed > 0;
+                report.chains_written = u.opened + u.changed;
+                report.stale_chains_deleted = u.closed;
+                report.listen_errors = u.errors;
+                return Ok(());
+            }
             Programmer::Nftables(prog) => {
                 let w = prog.sync(&self.state, &self.render_config, changed, full)?;
                 self.need_full = false;
@@ -367,6 +422,7 @@ impl Engine {
                 Ok(true)
             }
             Programmer::Nftables(prog) => prog.intact(),
+            Programmer::Userspace(_) => Ok(true),
         }
     }
 
@@ -378,6 +434,11 @@ impl Engine {
                 iptables::render(&self.state, &self.render_config).restore_text(&BTreeSet::new())
             }
             Programmer::Nftables(prog) => prog.render(&self.state, &self.render_config),
+            Programmer::Userspace(_) => forward::routes::describe(&forward::routes::routes(
+                &self.state,
+                &self.config.node_name,
+                &self.config.listen_addresses,
+            )),
         }
     }
 
@@ -386,6 +447,23 @@ impl Engine {
         match &mut self.programmer {
             Programmer::Iptables { backend, .. } => backend.dump(),
             Programmer::Nftables(prog) => prog.dump(),
+            Programmer::Userspace(fw) => Ok(fw
+                .as_ref()
+                .map(|fw| {
+                    fw.listening()
+                        .iter()
+                        .map(|l| format!("{} {}\n", l.protocol.lower(), l.addr))
+                        .collect()
+                })
+                .unwrap_or_default()),
+        }
+    }
+
+    /// The userspace forwarder's counters (empty in the other modes, or before the first sync).
+    pub fn forward_stats(&self) -> Vec<(&'static str, u64)> {
+        match &self.programmer {
+            Programmer::Userspace(Some(fw)) => fw.stats(),
+            _ => Vec::new(),
         }
     }
 
@@ -405,6 +483,9 @@ impl Engine {
                 }
                 Ok(iptables::trace::trace(&rules, packet, node))
             }
+            Programmer::Userspace(_) => Err(Error::InvalidInput(
+                "the userspace mode programs no rules to trace".into(),
+            )),
             Programmer::Nftables(prog) => {
                 let model = prog.model(&self.state, &self.render_config)?;
                 Ok(nftables::trace::trace(
@@ -424,7 +505,7 @@ impl Engine {
     /// The nftables table this engine programs (None in the iptables mode).
     pub fn nft_model(&self) -> Result<Option<nftables::Model>> {
         match &self.programmer {
-            Programmer::Iptables { .. } => Ok(None),
+            Programmer::Iptables { .. } | Programmer::Userspace(_) => Ok(None),
             Programmer::Nftables(prog) => prog.model(&self.state, &self.render_config).map(Some),
         }
     }

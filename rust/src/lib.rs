@@ -22,6 +22,7 @@
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod forward;
 pub mod iptables;
 pub mod model;
 pub mod naming;

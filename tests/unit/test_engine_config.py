@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kproxy.backends.netfilter import engine_config, localhost_allowed
+from kproxy.backends.proxier import engine_config, localhost_allowed
 from kproxy.config import build
 from kproxy.model import NodeInfo
 

@@ -117,6 +117,10 @@ impl SyncReport {
         self.0.cleanup_failed
     }
     #[getter]
+    fn listen_errors(&self) -> Vec<String> {
+        self.0.listen_errors.clone()
+    }
+    #[getter]
     fn render_seconds(&self) -> f64 {
         self.0.render_seconds
     }
@@ -187,6 +191,11 @@ impl Engine {
         result.map(SyncReport).map_err(to_py)
     }
 
+    /// The userspace forwarder's counters by name (empty in the other modes).
+    fn forward_stats(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.lock().forward_stats().into_iter().collect()
+    }
+
     /// Whether our canary chains are all present (False: someone flushed our tables, so the
     /// next sync should be full).
     fn canary_intact(&self, py: Python<'_>) -> PyResult<bool> {
@@ -199,6 +208,7 @@ impl Engine {
         match self.lock().mode() {
             engine::Mode::Iptables => "iptables",
             engine::Mode::Nftables => "nftables",
+            engine::Mode::Userspace => "userspace",
         }
     }
 

@@ -77,7 +77,21 @@ def engine_config(
         "node_ips": list(node.addresses) if node is not None else [],
         "backend": backend,
         "mode": cfg.mode,
+        # The userspace mode's NodePort listeners: --bind-address, when it is of this family.
+        "listen_addresses": listen_addresses(cfg, family),
     }
+
+
+def listen_addresses(cfg: ProxyConfig, family: Family) -> list[str]:
+    if cfg.mode != "userspace":
+        return []
+    ip = ipaddress.ip_address(cfg.bind_address)
+    return [str(ip)] if (ip.version == 4) == (family == "IPv4") else []
+
+
+def userspace_families(cfg: ProxyConfig) -> list[Family]:
+    """The families the userspace mode serves: the one of --bind-address (no kernel tools)."""
+    return ["IPv4" if ipaddress.ip_address(cfg.bind_address).version == 4 else "IPv6"]
 
 
 def localhost_allowed(cfg: ProxyConfig) -> bool:
@@ -90,8 +104,9 @@ def localhost_allowed(cfg: ProxyConfig) -> bool:
     )
 
 
-class NetfilterProxier:
-    """Programs iptables or nftables rules (`cfg.mode`)."""
+class Proxier:
+    """Programs the node through one core engine per IP family, in any mode (`cfg.mode`):
+    iptables or nftables rules, or the userspace forwarder's listeners."""
 
     def __init__(
         self,

@@ -1,0 +1,399 @@
+//! The userspace forwarder: TCP and UDP listeners that relay connections to endpoints.
+//!
+//! Python never sees a packet: [`Forwarder::update`] takes the listeners and endpoints a sync
+//! computed ([`routes`]), binds new listeners, closes removed ones (their open connections run
+//! on until they end: endpoints drain gracefully) and publishes each listener's endpoints
+//! with one atomic pointer swap, so traffic never waits for an update.
+
+pub mod balance;
+pub mod routes;
+pub mod stats;
+mod tcp;
+mod udp;
+
+use crate::error::{Error, Result};
+use crate::model::Protocol;
+use arc_swap::ArcSwap;
+use balance::Backends;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+
+#[derive(Clone, Debug)]
+pub struct ForwardConfig {
+    /// Bound on each connect to an endpoint; the next endpoint is tried after it.
+    pub connect_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    /// Open TCP connections across all listeners; more are reset at once and counted.
+    pub max_connections: usize,
+    pub max_udp_sessions: usize,
+    pub threads: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> ForwardConfig {
+        ForwardConfig {
+            connect_timeout: Duration::from_secs(5),
+            // The legacy userspace proxier's udpIdleTimeout default.
+            udp_idle_timeout: Duration::from_millis(250),
+            max_connections: 65_536,
+            max_udp_sessions: 65_536,
+            threads: 2,
+        }
+    }
+}
+
+/// One listening socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// Where a listener's connections go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The Service port, for messages (`namespace/name:port/protocol`).
+    pub service: String,
+    pub endpoints: Vec<SocketAddr>,
+    /// ClientIP affinity.
+    pub affinity: Option<Duration>,
+}
+
+/// What the data path shares: configuration, the connection cap and the counters.
+pub struct Shared {
+    pub config: ForwardConfig,
+    pub connections: Arc<Semaphore>,
+    pub stats: stats::Stats,
+}
+
+struct Listener {
+    backends: Arc<ArcSwap<Backends>>,
+    route: Route,
+    stop: watch::Sender<bool>,
+}
+
+/// What one update did.
+#[derive(Debug, Default)]
+pub struct Updated {
+    pub opened: usize,
+    pub closed: usize,
+    pub changed: usize,
+    /// Listeners that could not be opened (`service`: reason); the others are unaffected and
+    /// the next update tries again.
+    pub errors: Vec<String>,
+}
+
+pub struct Forwarder {
+    runtime: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    listeners: BTreeMap<Listen, Listener>,
+}
+
+impl Forwarder {
+    pub fn new(config: ForwardConfig) -> Result<Forwarder> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads.max(1))
+            .thread_name("kproxy-forward")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::InvalidInput(format!("forwarder runtime: {e}")))?;
+        Ok(Forwarder {
+            runtime,
+            shared: Arc::new(Shared {
+                connections: Arc::new(Semaphore::new(config.max_connections)),
+                config,
+                stats: stats::Stats::default(),
+            }),
+            listeners: BTreeMap::new(),
+        })
+    }
+
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let mut s = self.shared.stats.snapshot();
+        s.push(("listeners", self.listeners.len() as u64));
+        s
+    }
+
+    /// The listeners open now.
+    pub fn listening(&self) -> Vec<Listen> {
+        self.listeners.keys().copied().collect()
+    }
+
+    /// Make the listeners exactly `routes`.
+    pub fn update(&mut self, mut routes: BTreeMap<Listen, Route>) -> Updated {
+        let mut out = Updated::default();
+        let gone: Vec<Listen> = self
+            .listeners
+            .keys()
+            .filter(|l| !routes.contains_key(l))
+            .copied()
+            .collect();
+        for l in gone {
+            if let Some(old) = self.listeners.remove(&l) {
+                let _ = old.stop.send(true);
+                out.closed += 1;
+            }
+        }
+        for (l, have) in self.listeners.iter_mut() {
+            if let Some(route) = routes.remove(l) {
+                if route != have.route {
+                    let old = have.backends.load();
+                    have.backends.store(Arc::new(Backends::new(
+                        route.endpoints.clone(),
+                        route.affinity,
+                        Some(&old),
+                    )));
+                    have.route = route;
+                    out.changed += 1;
+                }
+            }
+        }
+        for (l, route) in routes {
+            match self.open(l, route) {
+                Ok(listener) => {
+                    self.listeners.insert(l, listener);
+                    out.opened += 1;
+                }
+                Err(e) => out.errors.push(e),
+            }
+        }
+        out
+    }
+
+    fn open(&self, l: Listen, route: Route) -> std::result::Result<Listener, String> {
+        let fail = |e: std::io::Error| {
+            format!(
+                "{}: cannot listen on {} ({}): {e}",
+                route.service,
+                l.addr,
+                l.protocol.lower()
+            )
+        };
+        let backends = Arc::new(ArcSwap::from_pointee(Backends::new(
+            route.endpoints.clone(),
+            route.affinity,
+            None,
+        )));
+        let (stop, stopped) = watch::channel(false);
+        let shared = self.shared.clone();
+        let _guard = self.runtime.enter();
+        match l.protocol {
+            Protocol::Tcp => {
+                let std = std::net::TcpListener::bind(l.addr).map_err(fail)?;
+                std.set_nonblocking(true).map_err(fail)?;
+                let listener = tokio::net::TcpListener::from_std(std).map_err(fail)?;
+                self.runtime
+                    .spawn(tcp::serve(listener, backends.clone(), shared, stopped));
+            }
+            Protocol::Udp => {
+                let std = std::net::UdpSocket::bind(l.addr).map_err(fail)?;
+                std.set_nonblocking(true).map_err(fail)?;
+                let socket = tokio::net::UdpSocket::from_std(std).map_err(fail)?;
+                self.runtime
+                    .spawn(udp::serve(socket, backends.clone(), shared, stopped));
+            }
+            Protocol::Sctp => {
+                return Err(format!(
+                    "{}: SCTP is not supported by the userspace mode",
+                    route.service
+                ))
+            }
+        }
+        Ok(Listener {
+            backends,
+            route,
+            stop,
+        })
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        for l in self.listeners.values() {
+            let _ = l.stop.send(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real sockets on loopback: no privileges needed.
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    }
+
+    /// A TCP server answering each connection with `tag` and then an echo of everything it
+    /// read until the client half-closed. Stops after `n` connections.
+    fn tcp_server(tag: &'static str, n: usize) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(n) {
+                let Ok(mut s) = s else { continue };
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                let _ = s.write_all(tag.as_bytes());
+                let _ = s.write_all(&got);
+            }
+        });
+        addr
+    }
+
+    fn config() -> ForwardConfig {
+        ForwardConfig {
+            connect_timeout: Duration::from_millis(500),
+            threads: 1,
+            ..ForwardConfig::default()
+        }
+    }
+
+    fn route(endpoints: Vec<SocketAddr>) -> Route {
+        Route {
+            service: "ns/svc:http".into(),
+            endpoints,
+            affinity: None,
+        }
+    }
+
+    fn ask(port: u16, msg: &str) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(("127.0.0.1", port))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(msg.as_bytes())?;
+        c.shutdown(Shutdown::Write)?; // half-close: the reply still comes back
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    fn listen(port: u16, protocol: Protocol) -> Listen {
+        Listen {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            protocol,
+        }
+    }
+
+    #[test]
+    fn tcp_is_relayed_round_robin_with_half_close() {
+        let (a, b) = (tcp_server("a:", 2), tcp_server("b:", 2));
+        let mut fw = Forwarder::new(config()).unwrap();
+        let port = free_port();
+        let u = fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![a, b]),
+        )]));
+        assert_eq!((u.opened, u.errors.len()), (1, 0));
+        let mut replies: Vec<String> = (0..4)
+            .map(|i| ask(port, &format!("hi{i}")).unwrap())
+            .collect();
+        replies.sort();
+        assert_eq!(replies, ["a:hi0", "a:hi2", "b:hi1", "b:hi3"]);
+        // A relay counts its bytes once both directions are closed, just after the client
+        // has read the reply: wait for the last one (bounded).
+        let stat = |name: &str| fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1;
+        for _ in 0..100 {
+            if stat("tcp_active") == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stat("tcp_accepted"), 4);
+        assert_eq!(stat("bytes_to_endpoints"), 12);
+        assert_eq!(stat("bytes_to_clients"), 20);
+    }
+
+    #[test]
+    fn a_dead_endpoint_is_skipped_and_no_endpoint_means_a_reset() {
+        let dead = SocketAddr::from(([127, 0, 0, 1], free_port())); // nothing listens
+        let live = tcp_server("live:", 3);
+        let mut fw = Forwarder::new(config()).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![dead, live]),
+        )]));
+        for _ in 0..3 {
+            assert_eq!(ask(port, "x").unwrap(), "live:x");
+        }
+        let stats: BTreeMap<_, _> = fw.stats().into_iter().collect();
+        assert!(stats["tcp_connect_failures"] >= 1);
+
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![]),
+        )]));
+        let err = ask(port, "x").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
+
+    #[test]
+    fn removed_listeners_close_and_a_port_conflict_names_the_service() {
+        let ep = tcp_server("e:", 1);
+        let mut fw = Forwarder::new(config()).unwrap();
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let port = free_port();
+        let u = fw.update(BTreeMap::from([
+            (listen(port, Protocol::Tcp), route(vec![ep])),
+            (listen(busy, Protocol::Tcp), route(vec![ep])),
+        ]));
+        assert_eq!(u.opened, 1);
+        assert!(
+            u.errors[0].starts_with("ns/svc:http: cannot listen on 127.0.0.1:"),
+            "{:?}",
+            u.errors
+        );
+        assert_eq!(ask(port, "y").unwrap(), "e:y");
+        let u = fw.update(BTreeMap::new());
+        assert_eq!(u.closed, 1);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn udp_sessions_relay_replies_and_follow_affinity() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ep = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 100];
+            for _ in 0..6 {
+                let Ok((n, from)) = server.recv_from(&mut buf) else {
+                    return;
+                };
+                let mut reply = b"pong:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = server.send_to(&reply, from);
+            }
+        });
+        let mut fw = Forwarder::new(config()).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Udp),
+            route(vec![ep]),
+        )]));
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 100];
+        for i in 0..3 {
+            client
+                .send_to(format!("{i}").as_bytes(), ("127.0.0.1", port))
+                .unwrap();
+            let (n, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], format!("pong:{i}").as_bytes());
+            assert_eq!(from.port(), port, "replies come from the Service's address");
+        }
+        let stats: BTreeMap<_, _> = fw.stats().into_iter().collect();
+        assert_eq!(stats["udp_sessions"], 1, "one client, one session");
+    }
+}

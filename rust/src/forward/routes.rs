@@ -1,0 +1,85 @@
+//! Which listeners the userspace mode opens, and where each one's connections go.
+//!
+//! The listener path (no privileges needed): every Service port with a NodePort is served
+//! on `<listen address>:<nodePort>`, as NodePort traffic: the external traffic policy picks
+//! the endpoints (Local: this node's only), with the same categorization as the kernel
+//! modes (ready endpoints, topology hints, terminating fallback). A port without usable
+//! endpoints keeps its listener, which resets connections, as the kernel modes reject them.
+
+use super::{Listen, Route};
+use crate::model::Protocol;
+use crate::state::State;
+use crate::topology::{categorize, NodeView, Policies};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+pub fn routes(state: &State, node_name: &str, listen: &[IpAddr]) -> BTreeMap<Listen, Route> {
+    let node = NodeView {
+        name: node_name,
+        zone: state.node().zone.as_deref(),
+    };
+    let mut out = BTreeMap::new();
+    for sp in state.service_ports() {
+        let node_port = sp.port.node_port;
+        if node_port == 0 || sp.name.protocol == Protocol::Sctp {
+            continue;
+        }
+        let svc = sp.service;
+        let endpoints = state.endpoints(&sp.name);
+        let policies = Policies {
+            internal_local: svc.internal_policy_local(),
+            external_local: svc.external_policy_local(),
+            externally_accessible: true,
+        };
+        let cat = categorize(&endpoints, policies, node);
+        let chosen = if policies.external_local {
+            &cat.local
+        } else {
+            &cat.cluster
+        };
+        let route = Route {
+            service: sp.name.to_string(),
+            endpoints: chosen
+                .iter()
+                .map(|e| SocketAddr::new(e.ip, e.port.get()))
+                .collect(),
+            affinity: svc
+                .session_affinity_timeout
+                .map(|s| Duration::from_secs(u64::from(s))),
+        };
+        for ip in listen {
+            let l = Listen {
+                addr: SocketAddr::new(*ip, node_port),
+                protocol: sp.name.protocol,
+            };
+            out.insert(l, route.clone());
+        }
+    }
+    out
+}
+
+/// The listeners as text, one per line: `tcp 127.0.0.1:30080 -> 10.0.0.1:8080 10.0.0.2:8080
+/// (ns/svc:http)`; what `kproxy render` prints in the userspace mode.
+pub fn describe(routes: &BTreeMap<Listen, Route>) -> String {
+    let mut out = String::new();
+    for (l, r) in routes {
+        let eps: Vec<String> = r.endpoints.iter().map(|e| e.to_string()).collect();
+        let eps = if eps.is_empty() {
+            "(no endpoints: reset)".to_owned()
+        } else {
+            eps.join(" ")
+        };
+        let affinity = r
+            .affinity
+            .map(|d| format!(" affinity {}s", d.as_secs()))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{} {} -> {eps}{affinity} ({})\n",
+            l.protocol.lower(),
+            l.addr,
+            r.service
+        ));
+    }
+    out
+}
