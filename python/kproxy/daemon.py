@@ -154,7 +154,11 @@ class Daemon:
             if not families:
                 log.error("neither iptables nor ip6tables works here; cannot program rules")
                 return False
-            self.proxier = Proxier(self.cfg, families, c.node)
+            self.proxier = proxier = Proxier(self.cfg, families, c.node)
+            if self.cfg.mode == "userspace":
+                self.metrics.watch_forwarder(
+                    lambda: {fam: e.forward_stats() for fam, e in proxier.engines.items()}
+                )
             log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
         started = time.monotonic()
         full = self._last_full is None or started - self._last_full >= FULL_SYNC_PERIOD

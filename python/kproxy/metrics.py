@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kproxy.http import Response, Route, Server
@@ -20,6 +23,58 @@ NPL_BUCKETS = (
     *(float(120 + 30 * i) for i in range(7)),
 )
 FAM = ("ip_family",)
+
+# The userspace forwarder's counters (kproxy's own; upstream removed its userspace mode
+# before it had metrics): core counter name -> (metric name, is a gauge, help).
+FORWARD_METRICS = {
+    "tcp_accepted": ("userspace_tcp_connections", False, "TCP connections accepted"),
+    "tcp_active": ("userspace_tcp_connections_active", True, "TCP connections open now"),
+    "tcp_connect_failures": (
+        "userspace_endpoint_connect_failures",
+        False,
+        "Connects to an endpoint that failed or timed out (the next endpoint was tried)",
+    ),
+    "tcp_no_endpoint": (
+        "userspace_tcp_connections_reset",
+        False,
+        "TCP connections reset because no endpoint could be reached",
+    ),
+    "tcp_over_limit": (
+        "userspace_tcp_connections_over_limit",
+        False,
+        "TCP connections reset because the connection cap was reached",
+    ),
+    "bytes_to_endpoints": ("userspace_bytes_to_endpoints", False, "Bytes relayed to endpoints"),
+    "bytes_to_clients": ("userspace_bytes_to_clients", False, "Bytes relayed to clients"),
+    "udp_sessions": ("userspace_udp_sessions", False, "UDP sessions started"),
+    "udp_active": ("userspace_udp_sessions_active", True, "UDP sessions open now"),
+    "udp_datagrams": ("userspace_udp_datagrams", False, "UDP datagrams from clients"),
+    "udp_dropped": (
+        "userspace_udp_datagrams_dropped",
+        False,
+        "UDP datagrams dropped (no endpoint, or the session cap reached)",
+    ),
+    "listeners": ("userspace_listeners", True, "Listening sockets"),
+}
+
+ForwardStats = Callable[[], Mapping[str, Mapping[str, int]]]
+
+
+class _ForwarderCollector:
+    """Reads the forwarder's counters at scrape time (the data path never calls Python)."""
+
+    def __init__(self, source: ForwardStats) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._source()
+        for key, (name, is_gauge, doc) in FORWARD_METRICS.items():
+            kind = GaugeMetricFamily if is_gauge else CounterMetricFamily
+            m = kind(f"{NS}_{name}", doc, labels=list(FAM))
+            for fam, values in sorted(stats.items()):
+                if key in values:
+                    m.add_metric([fam], values[key])
+            yield m
 
 
 class Metrics:
@@ -111,6 +166,10 @@ class Metrics:
         self.invalid_objects = counter(
             "invalid_objects", "Objects skipped because a field is invalid (kproxy)", ("kind",)
         )
+
+    def watch_forwarder(self, source: ForwardStats) -> None:
+        """Export the userspace forwarder's counters: ``source`` gives them per IP family."""
+        self.registry.register(_ForwarderCollector(source))
 
     def health_answered(self, path: str, code: int) -> None:
         (self.healthz if path == "/healthz" else self.livez).labels(code=str(code)).inc()

@@ -6,6 +6,8 @@ import socket
 import time
 import urllib.request
 
+from prometheus_client import generate_latest
+
 from kproxy.metrics import Metrics
 
 
@@ -65,3 +67,14 @@ def test_malformed_requests_change_nothing_and_do_not_block() -> None:
         idle.close()
     finally:
         server.close()
+
+
+def test_forwarder_counters_are_read_at_scrape_time() -> None:
+    m = Metrics("userspace")
+    stats = {"IPv4": {"tcp_accepted": 3, "tcp_active": 1, "listeners": 2}}
+    m.watch_forwarder(lambda: stats)
+    text = generate_latest(m.registry).decode()
+    assert 'kubeproxy_userspace_tcp_connections_total{ip_family="IPv4"} 3.0' in text
+    assert 'kubeproxy_userspace_tcp_connections_active{ip_family="IPv4"} 1.0' in text
+    stats["IPv4"]["tcp_accepted"] = 7
+    assert 'connections_total{ip_family="IPv4"} 7.0' in generate_latest(m.registry).decode()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,12 +157,12 @@ def backends() -> Iterator[tuple[list[Backend], UdpEcho]]:
     udp.close()
 
 
-def start_daemon(manifests: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(manifests: Path, log: Path, metrics_port: int) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "kproxy", "daemon", "--proxy-mode", "userspace",
         "--manifests", str(manifests), "--hostname-override", NODE,
         "--bind-address", "127.0.0.1", "--healthz-bind-address", "",
-        "--metrics-bind-address", "", "-v", "2",
+        "--metrics-bind-address", f"127.0.0.1:{metrics_port}", "-v", "2",
     ]  # fmt: skip
     if os.geteuid() == 0:
         # Prove the point even as root: no capabilities at all, in any set.
@@ -185,7 +186,8 @@ def test_nodeports_are_served_without_privileges_and_follow_endpoint_changes(
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     write_manifests(manifests, tcp_port, udp_port, [a, b], udp)
-    daemon = start_daemon(manifests, tmp_path / "daemon.log")
+    metrics_port = free_port()
+    daemon = start_daemon(manifests, tmp_path / "daemon.log", metrics_port)
     try:
         wait_for(lambda: ask(tcp_port) in ("a", "b"))
         assert cap_eff(daemon.pid) == 0
@@ -224,6 +226,17 @@ def test_nodeports_are_served_without_privileges_and_follow_endpoint_changes(
         after = answers[answers.index("c") :]
         assert "b" not in after, "b chosen after the update published c"
         assert {"a", "c"} <= set(after)
+
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            metrics = r.read().decode()
+        accepted = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith('kubeproxy_userspace_tcp_connections_total{ip_family="IPv4"}')
+        ]
+        assert accepted and accepted[0] >= 21 + len(answers), accepted
+        assert 'kubeproxy_userspace_listeners{ip_family="IPv4"} 2.0' in metrics
     finally:
         daemon.terminate()
         daemon.wait(15)
