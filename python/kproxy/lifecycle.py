@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 # What kube-proxy's other modes leave on a node: the nftables mode's tables, the ipvs mode's
 # dummy interface and ipsets. Cleaning them lets kproxy replace a kube-proxy in any mode.
 # kproxy's own nftables tables, and kube-proxy's.
-NFT_TABLES = (("ip", "kproxy"), ("ip6", "kproxy"), ("ip", "kube-proxy"), ("ip6", "kube-proxy"))
+NFT_TABLES = tuple(
+    (fam, table) for table in ("kproxy", "kproxy-userspace", "kube-proxy") for fam in ("ip", "ip6")
+)
 IPVS_INTERFACE = "kube-ipvs0"
 IPSET_PREFIXES = ("KUBE-",)
 

@@ -66,3 +66,22 @@ def set_sysctl(name: str, value: str) -> bool:
     except OSError:
         return False
     return True
+
+
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin(status: str | None = None) -> bool:
+    """Whether this process may change the network's configuration (CAP_NET_ADMIN in its
+    effective set): the userspace mode then also serves Service addresses through redirect
+    rules; without it, only its NodePort listeners."""
+    if status is None:
+        try:
+            with open("/proc/self/status") as f:
+                status = f.read()
+        except OSError:
+            return False
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False

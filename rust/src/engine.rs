@@ -78,6 +78,9 @@ pub struct EngineConfig {
     /// Userspace mode: the addresses NodePort listeners bind (`--bind-address`).
     #[serde(default)]
     pub listen_addresses: Vec<IpAddr>,
+    /// Userspace mode: also serve Service addresses through redirect rules (needs NET_ADMIN).
+    #[serde(default)]
+    pub portals: bool,
     #[serde(default)]
     pub connect_timeout_ms: Option<u64>,
     #[serde(default)]
@@ -319,6 +322,7 @@ impl Engine {
                     &self.state,
                     &self.config.node_name,
                     &self.config.listen_addresses,
+                    self.config.portals,
                 );
                 report.service_ports = routes.len();
                 report.endpoints = routes.values().map(|r| r.endpoints.len()).sum();
@@ -333,6 +337,17 @@ impl Engine {
                 };
                 let t1 = Instant::now();
                 let u = fw.update(routes);
+                if self.config.portals {
+                    // Listeners first, then the rules that lead to them; on failure the
+                    // previous rules stay and the next sync (full) writes them again.
+                    if let Err(e) =
+                        forward::portals::apply(self.config.family, &fw.portal_elements())
+                    {
+                        self.need_full = true;
+                        return Err(e);
+                    }
+                    report.transactions = 1;
+                }
                 report.apply_seconds = t1.elapsed().as_secs_f64();
                 report.wrote = u.opened + u.closed + u.changed > 0;
                 report.chains_written = u.opened + u.changed;
@@ -422,6 +437,9 @@ impl Engine {
                 Ok(true)
             }
             Programmer::Nftables(prog) => prog.intact(),
+            Programmer::Userspace(_) if self.config.portals => {
+                forward::portals::intact(self.config.family)
+            }
             Programmer::Userspace(_) => Ok(true),
         }
     }
@@ -438,6 +456,7 @@ impl Engine {
                 &self.state,
                 &self.config.node_name,
                 &self.config.listen_addresses,
+                self.config.portals,
             )),
         }
     }

@@ -45,3 +45,12 @@ def test_localhost_node_ports_need_loopback_in_node_port_addresses() -> None:
     assert localhost_allowed(build({}, {}))
     assert localhost_allowed(build({}, {"nodeport_addresses": ("127.0.0.0/8",)}))
     assert not localhost_allowed(build({}, {"nodeport_addresses": ("192.168.0.0/16", "primary")}))
+
+
+def test_net_admin_is_read_from_the_effective_capabilities() -> None:
+    from kproxy.netinfo import has_net_admin
+
+    assert has_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert not has_net_admin("CapEff:\t0000000000000000\n")
+    assert not has_net_admin("CapEff:\t0000000000000400\n")  # CAP_NET_BIND_SERVICE only
+    assert not has_net_admin("Name:\tx\n")

@@ -12,7 +12,7 @@ from kproxy import _core
 from kproxy.config import ProxyConfig
 from kproxy.errors import ApplyError
 from kproxy.model import Family, NodeInfo
-from kproxy.netinfo import addresses_in, local_addresses, set_sysctl, sysctl
+from kproxy.netinfo import addresses_in, has_net_admin, local_addresses, set_sysctl, sysctl
 from kproxy.tracker import ChangeSet
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ def engine_config(
         "mode": cfg.mode,
         # The userspace mode's NodePort listeners: --bind-address, when it is of this family.
         "listen_addresses": listen_addresses(cfg, family),
+        # ...and, with NET_ADMIN, its redirect rules for ClusterIPs, externalIPs and LB IPs.
+        "portals": cfg.mode == "userspace" and backend == "kernel" and has_net_admin(),
     }
 
 

@@ -6,6 +6,7 @@
 //! with one atomic pointer swap, so traffic never waits for an update.
 
 pub mod balance;
+pub mod portals;
 pub mod routes;
 pub mod stats;
 mod tcp;
@@ -16,7 +17,7 @@ use crate::model::Protocol;
 use arc_swap::ArcSwap;
 use balance::Backends;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -48,8 +49,12 @@ impl Default for ForwardConfig {
 /// One listening socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Listen {
+    /// Where to listen; for a portal, the Service address it stands for (the socket itself
+    /// listens on a port the kernel picks, on every address of the family).
     pub addr: SocketAddr,
     pub protocol: Protocol,
+    /// Reached through redirect rules ([`portals`]) rather than directly.
+    pub portal: bool,
 }
 
 /// Where a listener's connections go.
@@ -60,6 +65,8 @@ pub struct Route {
     pub endpoints: Vec<SocketAddr>,
     /// ClientIP affinity.
     pub affinity: Option<Duration>,
+    /// Portals only: the Service addresses redirected to this listener (on `addr`'s port).
+    pub portal_ips: Vec<IpAddr>,
 }
 
 /// What the data path shares: configuration, the connection cap and the counters.
@@ -73,6 +80,7 @@ struct Listener {
     backends: Arc<ArcSwap<Backends>>,
     route: Route,
     stop: watch::Sender<bool>,
+    port: u16,
 }
 
 /// What one update did.
@@ -120,6 +128,25 @@ impl Forwarder {
     /// The listeners open now.
     pub fn listening(&self) -> Vec<Listen> {
         self.listeners.keys().copied().collect()
+    }
+
+    /// What the redirect rules must send where: (Service address, protocol, Service port,
+    /// the portal listener's port), sorted.
+    pub fn portal_elements(&self) -> Vec<(IpAddr, Protocol, u16, u16)> {
+        let mut out: Vec<_> = self
+            .listeners
+            .iter()
+            .filter(|(l, _)| l.portal)
+            .flat_map(|(l, have)| {
+                have.route
+                    .portal_ips
+                    .iter()
+                    .map(move |ip| (*ip, l.protocol, l.addr.port(), have.port))
+            })
+            .collect();
+        out.sort();
+        out.dedup_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2));
+        out
     }
 
     /// Make the listeners exactly `routes`.
@@ -180,16 +207,29 @@ impl Forwarder {
         let (stop, stopped) = watch::channel(false);
         let shared = self.shared.clone();
         let _guard = self.runtime.enter();
+        let bind = if l.portal {
+            let any: IpAddr = if l.addr.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            SocketAddr::new(any, 0)
+        } else {
+            l.addr
+        };
+        let port;
         match l.protocol {
             Protocol::Tcp => {
-                let std = std::net::TcpListener::bind(l.addr).map_err(fail)?;
+                let std = std::net::TcpListener::bind(bind).map_err(fail)?;
+                port = std.local_addr().map_err(fail)?.port();
                 std.set_nonblocking(true).map_err(fail)?;
                 let listener = tokio::net::TcpListener::from_std(std).map_err(fail)?;
                 self.runtime
                     .spawn(tcp::serve(listener, backends.clone(), shared, stopped));
             }
             Protocol::Udp => {
-                let std = std::net::UdpSocket::bind(l.addr).map_err(fail)?;
+                let std = std::net::UdpSocket::bind(bind).map_err(fail)?;
+                port = std.local_addr().map_err(fail)?.port();
                 std.set_nonblocking(true).map_err(fail)?;
                 let socket = tokio::net::UdpSocket::from_std(std).map_err(fail)?;
                 self.runtime
@@ -206,6 +246,7 @@ impl Forwarder {
             backends,
             route,
             stop,
+            port,
         })
     }
 }
@@ -262,6 +303,7 @@ mod tests {
             service: "ns/svc:http".into(),
             endpoints,
             affinity: None,
+            portal_ips: Vec::new(),
         }
     }
 
@@ -279,6 +321,7 @@ mod tests {
         Listen {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             protocol,
+            portal: false,
         }
     }
 

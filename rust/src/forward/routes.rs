@@ -5,6 +5,11 @@
 //! the endpoints (Local: this node's only), with the same categorization as the kernel
 //! modes (ready endpoints, topology hints, terminating fallback). A port without usable
 //! endpoints keeps its listener, which resets connections, as the kernel modes reject them.
+//!
+//! The redirect path (`portals`, needs NET_ADMIN): every Service port also gets a portal
+//! listener for its ClusterIP (internal traffic policy) and, when it has external IPs or
+//! load-balancer IPs, one for those (external policy); redirect rules send the Service
+//! addresses there ([`super::portals`]).
 
 use super::{Listen, Route};
 use crate::model::Protocol;
@@ -14,15 +19,19 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-pub fn routes(state: &State, node_name: &str, listen: &[IpAddr]) -> BTreeMap<Listen, Route> {
+pub fn routes(
+    state: &State,
+    node_name: &str,
+    listen: &[IpAddr],
+    portals: bool,
+) -> BTreeMap<Listen, Route> {
     let node = NodeView {
         name: node_name,
         zone: state.node().zone.as_deref(),
     };
     let mut out = BTreeMap::new();
     for sp in state.service_ports() {
-        let node_port = sp.port.node_port;
-        if node_port == 0 || sp.name.protocol == Protocol::Sctp {
+        if sp.name.protocol == Protocol::Sctp {
             continue;
         }
         let svc = sp.service;
@@ -30,30 +39,67 @@ pub fn routes(state: &State, node_name: &str, listen: &[IpAddr]) -> BTreeMap<Lis
         let policies = Policies {
             internal_local: svc.internal_policy_local(),
             external_local: svc.external_policy_local(),
-            externally_accessible: true,
+            externally_accessible: sp.externally_accessible(),
         };
         let cat = categorize(&endpoints, policies, node);
-        let chosen = if policies.external_local {
+        let to_addrs = |eps: &[&crate::model::Endpoint]| -> Vec<SocketAddr> {
+            eps.iter()
+                .map(|e| SocketAddr::new(e.ip, e.port.get()))
+                .collect()
+        };
+        let internal = to_addrs(if policies.internal_local {
             &cat.local
         } else {
             &cat.cluster
-        };
-        let route = Route {
+        });
+        let external = to_addrs(if policies.external_local {
+            &cat.local
+        } else {
+            &cat.cluster
+        });
+        let route = |endpoints: &Vec<SocketAddr>, portal_ips: Vec<IpAddr>| Route {
             service: sp.name.to_string(),
-            endpoints: chosen
-                .iter()
-                .map(|e| SocketAddr::new(e.ip, e.port.get()))
-                .collect(),
+            endpoints: endpoints.clone(),
             affinity: svc
                 .session_affinity_timeout
                 .map(|s| Duration::from_secs(u64::from(s))),
+            portal_ips,
         };
+        let port = sp.port.port.get();
+        let protocol = sp.name.protocol;
+        if portals {
+            if let Some(ip) = sp.cluster_ip {
+                let l = Listen {
+                    addr: SocketAddr::new(ip, port),
+                    protocol,
+                    portal: true,
+                };
+                out.insert(l, route(&internal, vec![ip]));
+            }
+            let mut outside: Vec<IpAddr> = sp.external_ips.clone();
+            outside.extend(sp.load_balancer_ips.iter().copied());
+            outside.sort();
+            outside.dedup();
+            if let Some(first) = outside.first() {
+                let l = Listen {
+                    addr: SocketAddr::new(*first, port),
+                    protocol,
+                    portal: true,
+                };
+                out.insert(l, route(&external, outside));
+            }
+        }
+        let node_port = sp.port.node_port;
+        if node_port == 0 {
+            continue;
+        }
         for ip in listen {
             let l = Listen {
                 addr: SocketAddr::new(*ip, node_port),
-                protocol: sp.name.protocol,
+                protocol,
+                portal: false,
             };
-            out.insert(l, route.clone());
+            out.insert(l, route(&external, Vec::new()));
         }
     }
     out
@@ -74,10 +120,15 @@ pub fn describe(routes: &BTreeMap<Listen, Route>) -> String {
             .affinity
             .map(|d| format!(" affinity {}s", d.as_secs()))
             .unwrap_or_default();
+        let target = if l.portal {
+            let ips: Vec<String> = r.portal_ips.iter().map(|i| i.to_string()).collect();
+            format!("portal {} port {}", ips.join(","), l.addr.port())
+        } else {
+            l.addr.to_string()
+        };
         out.push_str(&format!(
-            "{} {} -> {eps}{affinity} ({})\n",
+            "{} {target} -> {eps}{affinity} ({})\n",
             l.protocol.lower(),
-            l.addr,
             r.service
         ));
     }
