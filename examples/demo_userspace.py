@@ -11,6 +11,7 @@ everything it started. Nothing leaves 127.0.0.0/8; no privilege is needed.
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,11 @@ import time
 from pathlib import Path
 
 NODE = "kproxy-demo"
+# As root, run the daemon with every capability cleared all the same: the point is that it
+# needs none, and without NET_ADMIN it also leaves the host's rules alone.
+UNPRIVILEGED = (
+    ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all"] if os.geteuid() == 0 else []
+)
 
 
 def free_port(kind: int) -> int:
@@ -142,7 +148,7 @@ def main() -> int:
         print(f"Service demo/echo: NodePort {tcp_np}/TCP and {udp_np}/UDP, served on 127.0.0.1")
         with log.open("w") as out:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "kproxy", "daemon", "--proxy-mode", "userspace",
+                [*UNPRIVILEGED, sys.executable, "-m", "kproxy", "daemon", "--proxy-mode", "userspace",
                  "--manifests", str(d), "--hostname-override", NODE,
                  "--bind-address", "127.0.0.1", "--healthz-bind-address", "",
                  "--metrics-bind-address", ""],

@@ -39,7 +39,8 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(5),
             // The legacy userspace proxier's udpIdleTimeout default.
             udp_idle_timeout: Duration::from_millis(250),
-            max_connections: 65_536,
+            // Each connection holds two 64 KiB relay buffers: at most 2 GiB in all.
+            max_connections: 16_384,
             max_udp_sessions: 65_536,
             threads: 2,
         }

@@ -10,6 +10,10 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// Relay buffer per direction: large enough that a bulk transfer costs few system calls
+/// (tokio's default of 8 KiB made the relay a third as fast as a direct connection).
+const BUFFER: usize = 64 * 1024;
+
 pub async fn serve(
     listener: TcpListener,
     backends: Arc<ArcSwap<Backends>>,
@@ -60,8 +64,13 @@ async fn relay(mut client: TcpStream, peer: SocketAddr, table: &Backends, shared
                 let _ = upstream.set_nodelay(true);
                 // Half-close is passed on: EOF from one side shuts down writing to the other,
                 // and the relay ends once both directions are done.
-                if let Ok((up, down)) =
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                if let Ok((up, down)) = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    BUFFER,
+                    BUFFER,
+                )
+                .await
                 {
                     let s = &shared.stats;
                     s.bytes_to_endpoints.fetch_add(up, Ordering::Relaxed);
