@@ -379,6 +379,50 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     }
 
+    /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to
+    /// it never completes (an endpoint that never answers, without leaving loopback).
+    fn black_hole() -> (std::os::fd::OwnedFd, std::net::TcpStream, SocketAddr) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls on a descriptor we own from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: addr is a valid sockaddr_in of the given length.
+        let rc = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len) };
+        assert_eq!(rc, 0);
+        assert_eq!(unsafe { libc::listen(fd, 0) }, 0);
+        let mut len = len;
+        // SAFETY: getsockname writes at most `len` bytes into addr.
+        unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
+        let at = SocketAddr::from(([127, 0, 0, 1], u16::from_be(addr.sin_port)));
+        let filler = TcpStream::connect(at).unwrap(); // takes the only queue slot
+        (owned, filler, at)
+    }
+
+    #[test]
+    fn an_endpoint_that_never_answers_costs_one_connect_timeout() {
+        let (_hole, _filler, stalled) = black_hole();
+        let live = tcp_server("live:", 4);
+        let mut fw = Forwarder::new(config()).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![stalled, live]),
+        )]));
+        for _ in 0..4 {
+            let t = std::time::Instant::now();
+            assert_eq!(ask(port, "z").unwrap(), "live:z");
+            // At most one connect timeout (500 ms here) before the next endpoint.
+            assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        }
+        let stat = |name: &str| fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1;
+        assert!(stat("tcp_connect_failures") >= 1);
+    }
+
     #[test]
     fn removed_listeners_close_and_a_port_conflict_names_the_service() {
         let ep = tcp_server("e:", 1);
