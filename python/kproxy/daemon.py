@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import threading
 import time
@@ -340,6 +341,18 @@ class _LoopSink:
             self._loop.call_soon_threadsafe(fn, *args)
 
 
+def _raise_fd_limit() -> None:
+    """The userspace mode holds six descriptors per relayed connection (two sockets, two
+    pipes): lift the soft limit (often 1,024) to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open file limit raised from %d to %d", soft, hard)
+
+
 def run(cfg: ProxyConfig) -> int:
     memory.configure()
+    if cfg.mode == "userspace":
+        _raise_fd_limit()
     return asyncio.run(Daemon(cfg).run())

@@ -4,6 +4,7 @@ and deleted for ``KPROXY_SOAK_MINUTES`` (10 by default) while a prober connects.
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,12 +36,13 @@ def test_churn_soak(lab: ProxyLab) -> None:
     assert r.probes.get("stable ok", 0) > 100 and r.probes.get("toggle ok", 0) > 0
     assert r.probes.get("toggle refused", 0) > 0  # the toggled Service did go away
     # Flat memory: what stays after an iteration does not grow. The heap takes a few
-    # iterations to reach its working size (the first ones sit lower), and a transient peak (a
-    # sync caught before memory was handed back) raises one floor; so compare the lowest floor
-    # of the last third with that of the middle third. A leak of a few MiB per iteration
-    # raises every floor and fails this within a 10-minute soak.
+    # iterations to reach its working size (the first ones sit lower), and single iterations
+    # dip or peak (a sync caught before or after freed memory was handed back); so compare
+    # the median floor of the last third of iterations with the middle third's. A leak of a
+    # few MiB per iteration raises every floor and fails this within a 10-minute soak.
     floors = r.rss_floor_mib
     if len(floors) >= 6:
         third = len(floors) // 3
-        middle, late = min(floors[third : 2 * third]), min(floors[-third:])
-        assert late <= 1.10 * middle + 10, r.rss_floor_mib
+        middle = statistics.median(floors[third : 2 * third])
+        late = statistics.median(floors[-third:])
+        assert late <= 1.05 * middle + 10, r.rss_floor_mib

@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod portals;
 pub mod routes;
+mod splice;
 pub mod stats;
 mod tcp;
 mod udp;

@@ -63,15 +63,22 @@ async fn relay(mut client: TcpStream, peer: SocketAddr, table: &Backends, shared
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
                 // Half-close is passed on: EOF from one side shuts down writing to the other,
-                // and the relay ends once both directions are done.
-                if let Ok((up, down)) = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    BUFFER,
-                    BUFFER,
-                )
-                .await
-                {
+                // and the relay ends once both directions are done. Zero-copy where the kernel
+                // allows (splice through a pipe per direction); copying otherwise (no pipes
+                // left: descriptor limit).
+                let moved = match super::splice::pipes() {
+                    Ok(pipes) => super::splice::relay(&client, &upstream, pipes).await,
+                    Err(_) => {
+                        tokio::io::copy_bidirectional_with_sizes(
+                            &mut client,
+                            &mut upstream,
+                            BUFFER,
+                            BUFFER,
+                        )
+                        .await
+                    }
+                };
+                if let Ok((up, down)) = moved {
                     let s = &shared.stats;
                     s.bytes_to_endpoints.fetch_add(up, Ordering::Relaxed);
                     s.bytes_to_clients.fetch_add(down, Ordering::Relaxed);

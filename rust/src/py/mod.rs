@@ -181,10 +181,11 @@ impl Engine {
         let result = py.detach(|| {
             let cs = ChangeSet::from_json(changes)?;
             let report = self.lock().sync(cs, full);
-            if report.as_ref().map_or(true, |r| r.full) {
-                // A full sync allocated and freed the whole transaction: hand those pages
-                // back now rather than keep them until this thread allocates again.
-                release_freed_memory();
+            // A large sync allocated and freed its whole transaction: hand those pages back
+            // now rather than keep them until this thread allocates again.
+            match &report {
+                Ok(r) if !r.full && r.services_changed < 100 => {}
+                _ => release_freed_memory(),
             }
             report
         });
