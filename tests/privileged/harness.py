@@ -115,10 +115,16 @@ class ProxyLab:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def nat(self) -> str:
-        return self.lab.node.exec(["iptables-save", "-t", "nat"], timeout=10, check=True).stdout
+        return self._saved("nat")
 
     def filter(self) -> str:
-        return self.lab.node.exec(["iptables-save", "-t", "filter"], timeout=10, check=True).stdout
+        return self._saved("filter")
+
+    def _saved(self, table: str) -> str:
+        """iptables-save of one table without its "# Generated/Completed on <time>" lines, so
+        two listings of the same rules compare equal."""
+        out = self.lab.node.exec(["iptables-save", "-t", table], timeout=10, check=True).stdout
+        return "".join(line for line in out.splitlines(True) if not line.startswith("#"))
 
     def nft(self, family: str = "ip") -> str:
         """kproxy's nftables table ("" when there is none)."""
