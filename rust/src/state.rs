@@ -29,6 +29,15 @@ pub struct ServicePortView<'a> {
 }
 
 impl ServicePortView<'_> {
+    /// The traffic policies that decide which endpoints serve this port.
+    pub fn policies(&self) -> crate::topology::Policies {
+        crate::topology::Policies {
+            internal_local: self.service.internal_policy_local(),
+            external_local: self.service.external_policy_local(),
+            externally_accessible: self.externally_accessible(),
+        }
+    }
+
     /// Reachable from outside the cluster at all on this family.
     pub fn externally_accessible(&self) -> bool {
         self.port.node_port != 0

@@ -14,7 +14,7 @@
 use super::{Listen, Route};
 use crate::model::Protocol;
 use crate::state::State;
-use crate::topology::{categorize, NodeView, Policies};
+use crate::topology::{categorize, NodeView};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -36,11 +36,7 @@ pub fn routes(
         }
         let svc = sp.service;
         let endpoints = state.endpoints(&sp.name);
-        let policies = Policies {
-            internal_local: svc.internal_policy_local(),
-            external_local: svc.external_policy_local(),
-            externally_accessible: sp.externally_accessible(),
-        };
+        let policies = sp.policies();
         let cat = categorize(&endpoints, policies, node);
         let to_addrs = |eps: &[&crate::model::Endpoint]| -> Vec<SocketAddr> {
             eps.iter()

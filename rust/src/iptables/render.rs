@@ -14,7 +14,7 @@ use super::dispatch::{Key, Root};
 use crate::model::{Cidr, IpFamily, Protocol, ServiceKey};
 use crate::naming::{endpoint_chain, join_host_port, ServiceChains};
 use crate::state::{ServicePortView, State};
-use crate::topology::{categorize, NodeView, Policies};
+use crate::topology::{categorize, NodeView};
 use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -326,11 +326,7 @@ fn render_service_port(
     let svc = sp.service;
 
     let endpoints = state.endpoints(&sp.name);
-    let policies = Policies {
-        internal_local: svc.internal_policy_local(),
-        external_local: svc.external_policy_local(),
-        externally_accessible: sp.externally_accessible(),
-    };
+    let policies = sp.policies();
     let cat = categorize(&endpoints, policies, node);
     out.counts.endpoints += cat.all_reachable.len();
 

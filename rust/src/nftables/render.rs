@@ -25,7 +25,7 @@ use crate::iptables::render::{Counts, LocalDetector, RenderConfig};
 use crate::model::{Cidr, Endpoint, IpFamily, Protocol, ServiceKey, ServicePortName};
 use crate::naming::{endpoint_id, nft_endpoint_base, nft_service_base};
 use crate::state::{ServicePortView, State};
-use crate::topology::{categorize, NodeView, Policies};
+use crate::topology::{categorize, NodeView};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -533,11 +533,7 @@ fn render_port(
     let proto = sp.name.protocol;
     let port = sp.port.port.get();
     let endpoints = state.endpoints(&sp.name);
-    let policies = Policies {
-        internal_local: svc.internal_policy_local(),
-        external_local: svc.external_policy_local(),
-        externally_accessible: sp.externally_accessible(),
-    };
+    let policies = sp.policies();
     let cat = categorize(&endpoints, policies, node);
     out.counts.endpoints += cat.all_reachable.len();
     let has_endpoints = cat.has_any;
