@@ -1,13 +1,15 @@
 """The userspace forwarder against a direct connection, HAProxy and socat, in one run.
 
 Run: ``python benches/userspace_forward.py [--seconds 5] [--repeat 2]`` (needs iperf3,
-haproxy and socat: ``apt-get install iperf3 haproxy socat``; no root). Everything runs on
-127.0.0.1. The same backends serve every path:
+haproxy and socat: ``apt-get install iperf3 haproxy socat``, and cargo; no root). Everything
+runs on 127.0.0.1. The same backends serve every path:
 
 * an ``iperf3`` server for throughput: one stream, and 64 parallel streams;
-* a small server that answers each connection with one byte and closes, for the rate of
-  new connections (one client, sequential) and the latency each path adds to a connection
-  (connect, first byte, close; p50 and p99 over the run, minus the direct path's).
+* ``loadgen`` (``rust/examples/loadgen.rs``, built here), a native client and its servers:
+  ``crr``, sequential connections that each read one byte, for the rate of new connections
+  and their latency; ``rr``, 64-byte requests echoed on 8 open connections at a moderate
+  rate (``--rr-rate``, 4,000/s by default), for the latency a path adds to established
+  traffic (p50, p99 and p99.9, minus the direct path's).
 
 Paths: ``direct`` (the backend itself), ``kproxy`` (``kproxy daemon --proxy-mode userspace``
 on manifests, its NodePort listeners), ``haproxy`` (``mode tcp``, as packaged) and ``socat``
@@ -29,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 NODE = "bench"
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "target" / "release" / "examples" / "loadgen"
+KINDS = ("tp", "conn", "echo")
 # Without NET_ADMIN the daemon only opens its NodePort listeners (no redirect rules on the
 # host): as root, clear its capabilities.
 UNPRIVILEGED = (
@@ -59,34 +63,6 @@ def wait_port(port: int, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-class ByteServer:
-    """Answers every connection with one byte and closes it (bounded by ``stop``)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        deadline = time.monotonic() + 3600
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with contextlib.suppress(OSError):
-                conn.sendall(b"x")
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @contextmanager
@@ -142,111 +118,126 @@ def iperf(port: int, seconds: float, streams: int) -> float:
     return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def connections(port: int, seconds: float) -> tuple[float, list[float]]:
-    """Sequential connections for ``seconds``: the rate, and each one's time in seconds."""
-    times: list[float] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and len(times) < 200_000:
-        t = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-            c.recv(1)
-        times.append(time.perf_counter() - t)
-    return len(times) / seconds, times
+def loadgen(*args: object, timeout: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [str(LOADGEN), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
-def measure(port_tp: int, port_conn: int, seconds: float) -> dict[str, Any]:
-    rate, times = connections(port_conn, seconds)
-    times.sort()
+def measure(ports: dict[str, int], seconds: float, rr_rate: float) -> dict[str, Any]:
+    conn = loadgen("crr", f"127.0.0.1:{ports['conn']}", seconds, timeout=seconds + 60)
+    rr = loadgen("rr", f"127.0.0.1:{ports['echo']}", 8, rr_rate, seconds, timeout=seconds + 60)
+    if conn["errors"] or rr["errors"]:
+        raise RuntimeError(f"failed connections or requests: {conn} {rr}")
     return {
-        "single_gbps": iperf(port_tp, seconds, 1),
-        "parallel64_gbps": iperf(port_tp, seconds, 64),
-        "conn_per_s": rate,
-        "p50_us": times[len(times) // 2] * 1e6,
-        "p99_us": times[int(len(times) * 0.99)] * 1e6,
+        "single_gbps": iperf(ports["tp"], seconds, 1),
+        "parallel64_gbps": iperf(ports["tp"], seconds, 64),
+        "conn_per_s": conn["per_second"],
+        "conn_p50_us": conn["p50_us"],
+        "conn_p99_us": conn["p99_us"],
+        "rr_p50_us": rr["p50_us"],
+        "rr_p99_us": rr["p99_us"],
+        "rr_p999_us": rr["p999_us"],
     }
+
+
+def build_loadgen() -> None:
+    subprocess.run(
+        ["cargo", "build", "--quiet", "--release", "--no-default-features", "--example", "loadgen"],
+        cwd=ROOT, check=True, timeout=900,
+    )  # fmt: skip
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--rr-rate", type=float, default=4000.0, help="requests/s on 8 connections")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    for tool in ("iperf3", "haproxy", "socat"):
+    for tool in ("iperf3", "haproxy", "socat", "cargo"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: apt-get install iperf3 haproxy socat", file=sys.stderr)
             return 2
+    build_loadgen()
     tmp = Path(tempfile.mkdtemp(prefix="kproxy-bench-"))
-    iperf_port = free_port()
-    byte_server = ByteServer()
-    fronts = {name: (free_port(), free_port()) for name in ("kproxy", "haproxy", "socat")}
+    budget = int(args.repeat * 4 * (3 * args.seconds + 10) + 120)
+    fronts = {name: {k: free_port() for k in KINDS} for name in ("kproxy", "haproxy", "socat")}
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in ("direct", *fronts)}
+    iperf_port = free_port()
+    servers = subprocess.Popen(
+        [str(LOADGEN), "serve", str(budget)], stdout=subprocess.PIPE, text=True
+    )
     try:
+        assert servers.stdout is not None
+        backends = {"tp": iperf_port, **json.loads(servers.stdout.readline())}
         with (
             process(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], tmp / "iperf.log"),
         ):
             kdir = tmp / "manifests"
             kdir.mkdir()
-            kproxy_manifests(
-                kdir,
-                {"tp": (fronts["kproxy"][0], iperf_port), "conn": (fronts["kproxy"][1], byte_server.port)},
-            )  # fmt: skip
+            kproxy_manifests(kdir, {k: (fronts["kproxy"][k], backends[k]) for k in KINDS})
             haproxy_config(
-                tmp / "haproxy.cfg",
-                {"tp": (fronts["haproxy"][0], iperf_port), "conn": (fronts["haproxy"][1], byte_server.port)},
-            )  # fmt: skip
+                tmp / "haproxy.cfg", {k: (fronts["haproxy"][k], backends[k]) for k in KINDS}
+            )
             kproxy = [
                 *UNPRIVILEGED, sys.executable, "-m", "kproxy", "daemon", "--proxy-mode", "userspace",
                 "--manifests", str(kdir), "--hostname-override", NODE, "--bind-address",
                 "127.0.0.1", "--healthz-bind-address", "", "--metrics-bind-address", "",
             ]  # fmt: skip
             socats = [
-                ["socat", f"TCP-LISTEN:{front},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
-                 f"TCP:127.0.0.1:{back}"]
-                for front, back in ((fronts["socat"][0], iperf_port), (fronts["socat"][1], byte_server.port))
+                ["socat", f"TCP-LISTEN:{fronts['socat'][k]},bind=127.0.0.1,fork,reuseaddr,"
+                 f"backlog=1024", f"TCP:127.0.0.1:{backends[k]}"]
+                for k in KINDS
             ]  # fmt: skip
-            with (
-                process(kproxy, tmp / "kproxy.log"),
-                process(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], tmp / "haproxy.log"),
-                process(socats[0], tmp / "socat-tp.log"),
-                process(socats[1], tmp / "socat-conn.log"),
-            ):
-                for p in (iperf_port, byte_server.port, *(x for f in fronts.values() for x in f)):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(process(kproxy, tmp / "kproxy.log"))
+                stack.enter_context(
+                    process(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], tmp / "haproxy.log")
+                )
+                for k, argv in zip(KINDS, socats, strict=True):
+                    stack.enter_context(process(argv, tmp / f"socat-{k}.log"))
+                for p in (*backends.values(), *(x for f in fronts.values() for x in f.values())):
                     try:
                         wait_port(p)
                     except RuntimeError:
                         for log in sorted(tmp.glob("*.log")):
                             print(f"--- {log.name}\n{log.read_text()[-2000:]}", file=sys.stderr)
                         raise
-                paths = {"direct": (iperf_port, byte_server.port), **fronts}
+                paths = {"direct": backends, **fronts}
                 for _ in range(args.repeat):
-                    for name, (tp, conn) in paths.items():
-                        results[name].append(measure(tp, conn, args.seconds))
+                    for name, ports in paths.items():
+                        results[name].append(measure(ports, args.seconds, args.rr_rate))
                         time.sleep(1)  # let TIME_WAIT and the proxy settle
     finally:
-        byte_server.close()
+        servers.terminate()
+        servers.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    summary: dict[str, dict[str, float]] = {}
-    for name, runs in results.items():
-        summary[name] = {
-            "single_gbps": max(r["single_gbps"] for r in runs),
-            "parallel64_gbps": max(r["parallel64_gbps"] for r in runs),
-            "conn_per_s": max(r["conn_per_s"] for r in runs),
-            "p50_us": statistics.median(r["p50_us"] for r in runs),
-            "p99_us": statistics.median(r["p99_us"] for r in runs),
+    best = ("single_gbps", "parallel64_gbps", "conn_per_s")
+    summary: dict[str, dict[str, float]] = {
+        name: {
+            key: (max if key in best else statistics.median)(r[key] for r in runs)
+            for key in runs[0]
         }
+        for name, runs in results.items()
+    }
     d = summary["direct"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}")
+    print(f"request/response: 8 connections, {args.rr_rate:.0f} requests/s in all")
     print(
         f"{'path':<9}{'1 stream':>11}{'vs direct':>10}{'64 streams':>12}{'conn/s':>9}"
-        f"{'p50 added':>11}{'p99 added':>11}"
+        f"{'conn p99+':>11}{'rr p50+':>10}{'rr p99+':>10}{'rr p99.9+':>11}"
     )
     for name, s in summary.items():
         print(
             f"{name:<9}{s['single_gbps']:>8.2f} Gb{s['single_gbps'] / d['single_gbps']:>9.0%}"
             f"{s['parallel64_gbps']:>9.2f} Gb{s['conn_per_s']:>9.0f}"
-            f"{s['p50_us'] - d['p50_us']:>8.0f} us{s['p99_us'] - d['p99_us']:>8.0f} us"
+            f"{s['conn_p99_us'] - d['conn_p99_us']:>8.0f} us"
+            f"{s['rr_p50_us'] - d['rr_p50_us']:>7.0f} us{s['rr_p99_us'] - d['rr_p99_us']:>7.0f} us"
+            f"{s['rr_p999_us'] - d['rr_p999_us']:>8.0f} us"
         )
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "summary": summary}, indent=2))

@@ -122,6 +122,12 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--conntrack-tcp-be-liberal", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
     )
+    d.add_argument(
+        "--conntrack-tcp-timeout-established", dest="conntrack_tcp_established_timeout", type=_duration_flag("--conntrack-tcp-timeout-established"), default=S,
+    )  # fmt: skip
+    d.add_argument(
+        "--udp-timeout", dest="udp_idle_timeout", type=_duration_flag("--udp-timeout"), default=S
+    )
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
 
 

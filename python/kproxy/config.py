@@ -50,6 +50,11 @@ class ProxyConfig:
     masquerade_bit: int = 14
     localhost_nodeports: bool = True
     conntrack_tcp_be_liberal: bool = False
+    # Userspace mode: a relayed TCP connection idle this long is closed (the kernel modes'
+    # conntrack entry would expire); 0 means the kernel's own default, five days.
+    conntrack_tcp_established_timeout: float = 86400.0
+    # Userspace mode: a UDP session idle this long is forgotten (the legacy mode's default).
+    udp_idle_timeout: float = 0.25
     verbosity: int = 0
 
     @property
@@ -166,6 +171,10 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         raise ConfigError("--iptables-masquerade-bit", f"{cfg.masquerade_bit} is not in 0..31")
     if cfg.sync_period <= 0:
         raise ConfigError("--sync-period", "must be greater than 0")
+    if cfg.conntrack_tcp_established_timeout < 0:
+        raise ConfigError("--conntrack-tcp-timeout-established", "must not be negative")
+    if cfg.udp_idle_timeout <= 0:
+        raise ConfigError("--udp-timeout", "must be greater than 0")
     if cfg.min_sync_period > cfg.sync_period:
         raise ConfigError("--min-sync-period", "must not be greater than --sync-period")
     if not 0 <= cfg.verbosity <= 10:
@@ -277,6 +286,10 @@ def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
         out["masquerade_bit"] = v
     if (v := _get(doc, "conntrack.tcpBeLiberal", bool)) is not None:
         out["conntrack_tcp_be_liberal"] = v
+    for path_, fname in (("conntrack.tcpEstablishedTimeout", "conntrack_tcp_established_timeout"),
+                         ("udpIdleTimeout", "udp_idle_timeout")):  # fmt: skip
+        if (raw := _get(doc, path_, (str, int, float))) is not None:
+            out[fname] = parse_duration(path_, raw)
     if (v := _get(doc, "logging.verbosity", int)) is not None:
         out["verbosity"] = v
     return out

@@ -44,6 +44,16 @@ FORWARD_METRICS = {
         False,
         "TCP connections reset because the connection cap was reached",
     ),
+    "tcp_reset": (
+        "userspace_tcp_connections_failed",
+        False,
+        "Relayed TCP connections ended by a reset or error from either side",
+    ),
+    "tcp_idle_closed": (
+        "userspace_tcp_connections_idle_closed",
+        False,
+        "Relayed TCP connections closed after the idle timeout with no bytes either way",
+    ),
     "bytes_to_endpoints": ("userspace_bytes_to_endpoints", False, "Bytes relayed to endpoints"),
     "bytes_to_clients": ("userspace_bytes_to_clients", False, "Bytes relayed to clients"),
     "udp_sessions": ("userspace_udp_sessions", False, "UDP sessions started"),

@@ -86,6 +86,8 @@ pub struct EngineConfig {
     #[serde(default)]
     pub udp_idle_timeout_ms: Option<u64>,
     #[serde(default)]
+    pub tcp_idle_timeout_ms: Option<u64>,
+    #[serde(default)]
     pub max_connections: Option<usize>,
 }
 
@@ -125,6 +127,7 @@ impl EngineConfig {
         forward::ForwardConfig {
             connect_timeout: self.connect_timeout_ms.map_or(d.connect_timeout, ms),
             udp_idle_timeout: self.udp_idle_timeout_ms.map_or(d.udp_idle_timeout, ms),
+            tcp_idle_timeout: self.tcp_idle_timeout_ms.map_or(d.tcp_idle_timeout, ms),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_udp_sessions: self.max_connections.unwrap_or(d.max_udp_sessions),
             ..d

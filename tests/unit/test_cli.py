@@ -246,6 +246,8 @@ def test_flags_reach_the_daemon(tmp_path: Path, daemon: list[ProxyConfig]) -> No
         "--masquerade-all",
         "--iptables-masquerade-bit", "15",
         "--conntrack-tcp-be-liberal=true",
+        "--conntrack-tcp-timeout-established", "1h",
+        "--udp-timeout", "500ms",
         "-v", "4",
     ]  # fmt: skip
     assert invoke(argv) == 0
@@ -268,6 +270,8 @@ def test_flags_reach_the_daemon(tmp_path: Path, daemon: list[ProxyConfig]) -> No
             masquerade_all=True,
             masquerade_bit=15,
             conntrack_tcp_be_liberal=True,
+            conntrack_tcp_established_timeout=3600.0,
+            udp_idle_timeout=0.5,
             verbosity=4,
         )
     ]

@@ -126,6 +126,8 @@ nodePortAddresses:
 conntrack:
   maxPerCore: 32768
   tcpBeLiberal: true
+  tcpEstablishedTimeout: 2h
+udpIdleTimeout: 1s
 logging:
   verbosity: 4
 oomScoreAdj: -999
@@ -145,6 +147,8 @@ def test_detect_local_modes(tmp_path: Path) -> None:
         ({"detect_local_mode": "Bogus"}, "--detect-local-mode"),
         ({"pod_interface_name_prefix": "a b"}, "--pod-interface-name-prefix"),
         ({"pod_bridge_interface": "x" * 16}, "--pod-bridge-interface"),
+        ({"conntrack_tcp_established_timeout": -1.0}, "--conntrack-tcp-timeout-established"),
+        ({"udp_idle_timeout": 0.0}, "--udp-timeout"),
     ):
         with pytest.raises(ConfigError) as info:
             build({}, flags)
@@ -173,6 +177,8 @@ def test_load_full_file(tmp_path: Path) -> None:
         "min_sync_period": 0.5,
         "nodeport_addresses": ("primary", "192.168.0.0/16"),
         "conntrack_tcp_be_liberal": True,
+        "conntrack_tcp_established_timeout": 7200.0,
+        "udp_idle_timeout": 1.0,
         "verbosity": 4,
     }
     cfg = build(values, {})

@@ -54,3 +54,15 @@ def test_net_admin_is_read_from_the_effective_capabilities() -> None:
     assert not has_net_admin("CapEff:\t0000000000000000\n")
     assert not has_net_admin("CapEff:\t0000000000000400\n")  # CAP_NET_BIND_SERVICE only
     assert not has_net_admin("Name:\tx\n")
+
+
+def test_userspace_timeouts_come_from_the_conntrack_and_udp_settings() -> None:
+    def timeouts(**flags: object) -> tuple[object, object]:
+        cfg = build({}, {"hostname_override": "node-a", "mode": "userspace", **flags})
+        c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)
+        return c["tcp_idle_timeout_ms"], c["udp_idle_timeout_ms"]
+
+    assert timeouts() == (86_400_000, 250)  # kube-proxy's defaults: 24h, 250ms
+    assert timeouts(conntrack_tcp_established_timeout=90.0, udp_idle_timeout=2.0) == (90_000, 2000)
+    # 0 leaves the kernel's own default in the kernel modes; its value here.
+    assert timeouts(conntrack_tcp_established_timeout=0.0)[0] == 5 * 24 * 3600 * 1000

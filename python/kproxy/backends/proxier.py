@@ -81,7 +81,16 @@ def engine_config(
         "listen_addresses": listen_addresses(cfg, family),
         # ...and, with NET_ADMIN, its redirect rules for ClusterIPs, externalIPs and LB IPs.
         "portals": cfg.mode == "userspace" and backend == "kernel" and has_net_admin(),
+        "tcp_idle_timeout_ms": round(
+            (cfg.conntrack_tcp_established_timeout or KERNEL_TCP_ESTABLISHED) * 1000
+        ),
+        "udp_idle_timeout_ms": max(1, round(cfg.udp_idle_timeout * 1000)),
     }
+
+
+# nf_conntrack_tcp_timeout_established's default: what a timeout of 0 ("leave the kernel's")
+# means for the userspace mode's relays.
+KERNEL_TCP_ESTABLISHED = 5 * 24 * 3600.0
 
 
 def listen_addresses(cfg: ProxyConfig, family: Family) -> list[str]:

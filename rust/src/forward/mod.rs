@@ -7,8 +7,8 @@
 
 pub mod balance;
 pub mod portals;
+mod relay;
 pub mod routes;
-mod splice;
 pub mod stats;
 mod tcp;
 mod udp;
@@ -28,6 +28,9 @@ pub struct ForwardConfig {
     /// Bound on each connect to an endpoint; the next endpoint is tried after it.
     pub connect_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// A TCP connection with no bytes either way for this long is closed (the kernel modes'
+    /// counterpart is conntrack's established timeout, which this defaults to).
+    pub tcp_idle_timeout: Duration,
     /// Open TCP connections across all listeners; more are reset at once and counted.
     pub max_connections: usize,
     pub max_udp_sessions: usize,
@@ -40,7 +43,9 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(5),
             // The legacy userspace proxier's udpIdleTimeout default.
             udp_idle_timeout: Duration::from_millis(250),
-            // Each connection holds two 64 KiB relay buffers: at most 2 GiB in all.
+            // kube-proxy's conntrack.tcpEstablishedTimeout default.
+            tcp_idle_timeout: Duration::from_secs(24 * 3600),
+            // Each connection holds at most two pipes' or buffers' worth of bytes in flight.
             max_connections: 16_384,
             max_udp_sessions: 65_536,
             threads: 2,
@@ -422,6 +427,234 @@ mod tests {
         }
         let stat = |name: &str| fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1;
         assert!(stat("tcp_connect_failures") >= 1);
+    }
+
+    /// A server that accepts `n` connections and holds each open without reading or writing
+    /// (an application that hangs after accept); dropped when `release` is dropped.
+    fn stalling_server(n: usize) -> (SocketAddr, std::sync::mpsc::Sender<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let held: Vec<_> = l.incoming().take(n).filter_map(|s| s.ok()).collect();
+            let _ = released.recv_timeout(Duration::from_secs(30));
+            drop(held);
+        });
+        (addr, release)
+    }
+
+    fn stat(fw: &Forwarder, name: &str) -> u64 {
+        fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    #[test]
+    fn an_endpoint_that_accepts_and_stalls_is_closed_after_the_idle_timeout() {
+        let (stalled, _release) = stalling_server(1);
+        let cfg = ForwardConfig {
+            tcp_idle_timeout: Duration::from_millis(300),
+            ..config()
+        };
+        let mut fw = Forwarder::new(cfg).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![stalled]),
+        )]));
+        let t = std::time::Instant::now();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut buf = [0u8; 16];
+        let got = c.read(&mut buf);
+        // The client learns the connection is gone (a reset) after the idle timeout, not
+        // after its own read timeout.
+        assert_eq!(
+            got.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(stat(&fw, "tcp_idle_closed"), 1);
+    }
+
+    #[test]
+    fn a_busy_connection_is_not_idle() {
+        // Bytes trickle through more often than the idle timeout, for several timeouts.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                for _ in 0..8 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if s.write_all(b".").is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let cfg = ForwardConfig {
+            tcp_idle_timeout: Duration::from_millis(300),
+            ..config()
+        };
+        let mut fw = Forwarder::new(cfg).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![ep]),
+        )]));
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"........");
+        assert_eq!(stat(&fw, "tcp_idle_closed"), 0);
+    }
+
+    #[test]
+    fn an_endpoint_reset_reaches_the_client_as_a_reset() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 4];
+                let _ = s.read(&mut buf);
+                let _ = socket_reset(s);
+            }
+        });
+        let mut fw = Forwarder::new(config()).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![ep]),
+        )]));
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        let got = c.read(&mut buf).map_err(|e| e.kind());
+        assert_eq!(got, Err(std::io::ErrorKind::ConnectionReset));
+        for _ in 0..100 {
+            if stat(&fw, "tcp_reset") == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stat(&fw, "tcp_reset"), 1);
+    }
+
+    /// Close with a reset (SO_LINGER zero).
+    fn socket_reset(s: TcpStream) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a linger struct of the right size on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        drop(s);
+        Ok(())
+    }
+
+    #[test]
+    fn a_flood_past_the_cap_is_reset_counted_and_leaves_room_afterwards() {
+        const CAP: usize = 8;
+        const FLOOD: usize = 200;
+        let (held_ep, release) = stalling_server(CAP);
+        let cfg = ForwardConfig {
+            max_connections: CAP,
+            ..config()
+        };
+        let mut fw = Forwarder::new(cfg).unwrap();
+        let port = free_port();
+        let l = listen(port, Protocol::Tcp);
+        fw.update(BTreeMap::from([(l, route(vec![held_ep]))]));
+        // CAP connections take every slot (their endpoint holds them open).
+        let held: Vec<TcpStream> = (0..CAP)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        for _ in 0..100 {
+            if stat(&fw, "tcp_active") == CAP as u64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stat(&fw, "tcp_active"), CAP as u64);
+        // Everything past the cap is reset at once, not queued.
+        let t = std::time::Instant::now();
+        let mut reset = 0;
+        for _ in 0..FLOOD {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 1];
+            if c.read(&mut buf).map_err(|e| e.kind()) == Err(std::io::ErrorKind::ConnectionReset) {
+                reset += 1;
+            }
+        }
+        assert_eq!(reset, FLOOD);
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(stat(&fw, "tcp_over_limit"), FLOOD as u64);
+        assert_eq!(stat(&fw, "tcp_active"), CAP as u64);
+        // Once the held connections end, their slots serve new connections again.
+        drop(held);
+        drop(release);
+        let ep = tcp_server("after:", 1);
+        fw.update(BTreeMap::from([(l, route(vec![ep]))]));
+        for _ in 0..100 {
+            if stat(&fw, "tcp_active") == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ask(port, "q").unwrap(), "after:q");
+    }
+
+    #[test]
+    fn a_bulk_stream_arrives_whole_in_both_directions() {
+        const SIZE: usize = 8 << 20;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            // Echo server: everything read is written back.
+            if let Ok((s, _)) = l.accept() {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            }
+        });
+        let mut fw = Forwarder::new(config()).unwrap();
+        let port = free_port();
+        fw.update(BTreeMap::from([(
+            listen(port, Protocol::Tcp),
+            route(vec![ep]),
+        )]));
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let mut w = c.try_clone().unwrap();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut back = Vec::with_capacity(SIZE);
+        (&c).read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        assert!(back == data, "{} bytes back of {SIZE}", back.len());
     }
 
     #[test]

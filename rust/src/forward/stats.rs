@@ -12,6 +12,10 @@ pub struct Stats {
     pub tcp_no_endpoint: AtomicU64,
     /// Connections refused because `max_connections` were open.
     pub tcp_over_limit: AtomicU64,
+    /// Relayed connections that ended in a reset or another error from either side.
+    pub tcp_reset: AtomicU64,
+    /// Relayed connections closed after moving nothing for the idle timeout.
+    pub tcp_idle_closed: AtomicU64,
     pub bytes_to_endpoints: AtomicU64,
     pub bytes_to_clients: AtomicU64,
     pub udp_sessions: AtomicU64,
@@ -39,6 +43,8 @@ impl Stats {
             ("tcp_connect_failures", g(&self.tcp_connect_failures)),
             ("tcp_no_endpoint", g(&self.tcp_no_endpoint)),
             ("tcp_over_limit", g(&self.tcp_over_limit)),
+            ("tcp_reset", g(&self.tcp_reset)),
+            ("tcp_idle_closed", g(&self.tcp_idle_closed)),
             ("bytes_to_endpoints", g(&self.bytes_to_endpoints)),
             ("bytes_to_clients", g(&self.bytes_to_clients)),
             ("udp_sessions", g(&self.udp_sessions)),

@@ -1,6 +1,7 @@
 //! TCP: accept, connect to an endpoint (the next one on failure), then relay both ways.
 
 use super::balance::Backends;
+use super::relay::Ended;
 use super::stats::{dec, inc};
 use super::Shared;
 use arc_swap::ArcSwap;
@@ -9,10 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-
-/// Relay buffer per direction: large enough that a bulk transfer costs few system calls
-/// (tokio's default of 8 KiB made the relay a third as fast as a direct connection).
-const BUFFER: usize = 64 * 1024;
 
 pub async fn serve(
     listener: TcpListener,
@@ -54,40 +51,36 @@ fn reset(client: TcpStream) {
     drop(client);
 }
 
-async fn relay(mut client: TcpStream, peer: SocketAddr, table: &Backends, shared: &Shared) {
+async fn relay(client: TcpStream, peer: SocketAddr, table: &Backends, shared: &Shared) {
+    let s = &shared.stats;
     for ep in table.order(peer.ip()) {
         let connect = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(ep));
-        match connect.await {
-            Ok(Ok(mut upstream)) => {
-                table.pin(peer.ip(), ep);
-                let _ = client.set_nodelay(true);
-                let _ = upstream.set_nodelay(true);
-                // Half-close is passed on: EOF from one side shuts down writing to the other,
-                // and the relay ends once both directions are done. Zero-copy where the kernel
-                // allows (splice through a pipe per direction); copying otherwise (no pipes
-                // left: descriptor limit).
-                let moved = match super::splice::pipes() {
-                    Ok(pipes) => super::splice::relay(&client, &upstream, pipes).await,
-                    Err(_) => {
-                        tokio::io::copy_bidirectional_with_sizes(
-                            &mut client,
-                            &mut upstream,
-                            BUFFER,
-                            BUFFER,
-                        )
-                        .await
-                    }
-                };
-                if let Ok((up, down)) = moved {
-                    let s = &shared.stats;
-                    s.bytes_to_endpoints.fetch_add(up, Ordering::Relaxed);
-                    s.bytes_to_clients.fetch_add(down, Ordering::Relaxed);
-                }
-                return;
+        let Ok(Ok(upstream)) = connect.await else {
+            inc(&s.tcp_connect_failures);
+            continue;
+        };
+        table.pin(peer.ip(), ep);
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        match super::relay::relay(&client, &upstream, shared.config.tcp_idle_timeout).await {
+            Ended::Closed(up, down) => {
+                s.bytes_to_endpoints.fetch_add(up, Ordering::Relaxed);
+                s.bytes_to_clients.fetch_add(down, Ordering::Relaxed);
             }
-            _ => inc(&shared.stats.tcp_connect_failures),
+            // The endpoint reset (or the client did): the other side learns it the same way.
+            Ended::Failed => {
+                inc(&s.tcp_reset);
+                reset(client);
+                reset(upstream);
+            }
+            Ended::Idle => {
+                inc(&s.tcp_idle_closed);
+                reset(client);
+                reset(upstream);
+            }
         }
+        return;
     }
-    inc(&shared.stats.tcp_no_endpoint);
+    inc(&s.tcp_no_endpoint);
     reset(client);
 }
