@@ -26,6 +26,7 @@ pub mod forward;
 pub mod iptables;
 pub mod model;
 pub mod naming;
+pub mod netlink;
 pub mod nftables;
 pub mod state;
 pub mod topology;

@@ -12,6 +12,7 @@ use super::ast::{Data, Key, Op, Value};
 use super::render::FIREWALL_ALLOW;
 use crate::error::{Error, Result};
 use crate::model::IpFamily;
+use crate::netlink::{messages, Msg, Socket, NLA_F_NESTED, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST};
 use std::io;
 
 const NETLINK_NETFILTER: i32 = 12;
@@ -20,11 +21,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -59,61 +56,12 @@ pub fn supports(ops: &[Op]) -> bool {
         && n <= MAX_ELEMENTS
 }
 
-/// A netlink message under construction.
-struct Msg(Vec<u8>);
-
-impl Msg {
-    fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
-        let mut b = Vec::with_capacity(256);
-        b.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in finish()
-        b.extend_from_slice(&kind.to_ne_bytes());
-        b.extend_from_slice(&flags.to_ne_bytes());
-        b.extend_from_slice(&seq.to_ne_bytes());
-        b.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        b.extend_from_slice(&[family, 0]); // nfgenmsg: family, version
-        b.extend_from_slice(&res_id.to_be_bytes());
-        Msg(b)
-    }
-
-    fn pad(&mut self) {
-        while self.0.len() % 4 != 0 {
-            self.0.push(0);
-        }
-    }
-
-    fn attr(&mut self, kind: u16, payload: &[u8]) {
-        let len = (4 + payload.len()) as u16;
-        self.0.extend_from_slice(&len.to_ne_bytes());
-        self.0.extend_from_slice(&kind.to_ne_bytes());
-        self.0.extend_from_slice(payload);
-        self.pad();
-    }
-
-    fn str_attr(&mut self, kind: u16, s: &str) {
-        let mut v = s.as_bytes().to_vec();
-        v.push(0);
-        self.attr(kind, &v);
-    }
-
-    /// Open a nested attribute; close it with [`Msg::end`].
-    fn begin(&mut self, kind: u16) -> usize {
-        let at = self.0.len();
-        self.0.extend_from_slice(&0u16.to_ne_bytes());
-        self.0
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-        at
-    }
-
-    fn end(&mut self, at: usize) {
-        let len = (self.0.len() - at) as u16;
-        self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let len = self.0.len() as u32;
-        self.0[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.0
-    }
+/// A netfilter message: the netlink header, then nfgenmsg (family, version, resource id).
+fn nf_msg(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
+    let mut m = Msg::new(kind, flags, seq);
+    m.raw(&[family, 0]);
+    m.raw(&res_id.to_be_bytes());
+    m
 }
 
 /// A key or map value in the kernel's register layout: each component padded to 4 bytes;
@@ -149,19 +97,19 @@ fn ip_proto(p: crate::model::Protocol) -> u8 {
 }
 
 fn element(m: &mut Msg, key: &Key, data: Option<&Data>) -> Result<()> {
-    let e = m.begin(NFTA_LIST_ELEM);
-    let k = m.begin(NFTA_SET_ELEM_KEY);
+    let e = m.begin(NFTA_LIST_ELEM | NLA_F_NESTED);
+    let k = m.begin(NFTA_SET_ELEM_KEY | NLA_F_NESTED);
     m.attr(NFTA_DATA_VALUE, &encode_key(key)?);
     m.end(k);
     if let Some(d) = data {
-        let dd = m.begin(NFTA_SET_ELEM_DATA);
+        let dd = m.begin(NFTA_SET_ELEM_DATA | NLA_F_NESTED);
         match d {
             Data::Dnat(ip, port) => m.attr(
                 NFTA_DATA_VALUE,
                 &encode_key(&[Value::Addr(*ip), Value::Port(*port)])?,
             ),
             Data::Drop | Data::Goto(_) => {
-                let v = m.begin(NFTA_DATA_VERDICT);
+                let v = m.begin(NFTA_DATA_VERDICT | NLA_F_NESTED);
                 let code = if matches!(d, Data::Drop) {
                     NF_DROP
                 } else {
@@ -198,7 +146,7 @@ pub fn encode(
         IpFamily::V4 => 2u8,  // NFPROTO_IPV4
         IpFamily::V6 => 10u8, // NFPROTO_IPV6
     };
-    let mut out = Msg::new(
+    let mut out = nf_msg(
         NFNL_MSG_BATCH_BEGIN,
         NLM_F_REQUEST,
         seq0,
@@ -231,10 +179,10 @@ pub fn encode(
         for chunk in elems.chunks(PER_MESSAGE) {
             seq += 1;
             messages += 1;
-            let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, fam, 0);
+            let mut m = nf_msg((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, fam, 0);
             m.str_attr(NFTA_SET_ELEM_LIST_TABLE, table);
             m.str_attr(NFTA_SET_ELEM_LIST_SET, set);
-            let list = m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+            let list = m.begin(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED);
             for (k, d) in chunk {
                 element(&mut m, k, *d)?;
             }
@@ -244,7 +192,7 @@ pub fn encode(
     }
     seq += 1;
     out.extend(
-        Msg::new(
+        nf_msg(
             NFNL_MSG_BATCH_END,
             NLM_F_REQUEST,
             seq,
@@ -272,7 +220,8 @@ pub fn apply(family: IpFamily, table: &str, ops: &[Op]) -> Result<usize> {
         .map(|d| d.as_secs() as u32)
         .unwrap_or(1);
     let (batch, messages, last) = encode(family, table, ops, seq0)?;
-    let sock = Socket::open().map_err(|e| apply_err(format!("socket: {e}")))?;
+    let sock = Socket::open(NETLINK_NETFILTER, std::time::Duration::from_secs(10))
+        .map_err(|e| apply_err(format!("socket: {e}")))?;
     sock.send(&batch)
         .map_err(|e| apply_err(format!("send: {e}")))?;
     // One acknowledgement per element message (the batch markers get none).
@@ -292,115 +241,22 @@ pub fn apply(family: IpFamily, table: &str, ops: &[Op]) -> Result<usize> {
 /// requests are ignored; a message whose length does not fit the datagram is an error, so
 /// nothing past it is trusted. Pure, so the fuzz tests can feed it anything.
 pub fn read_acks(reply: &[u8], seq0: u32, last: u32) -> Result<usize> {
-    let word = |at: usize| -> u32 {
-        u32::from_ne_bytes([reply[at], reply[at + 1], reply[at + 2], reply[at + 3]])
-    };
     let mut acks = 0;
-    let mut at = 0;
-    while reply.len() - at >= 16 {
-        let len = word(at) as usize;
-        let kind = u16::from_ne_bytes([reply[at + 4], reply[at + 5]]);
-        let seq = word(at + 8);
-        if len < 16 || len > reply.len() - at {
-            return Err(apply_err("malformed reply".into()));
+    for m in messages(reply).map_err(apply_err)? {
+        if m.kind != NLMSG_ERROR || !(seq0..=last).contains(&m.seq) {
+            continue;
         }
-        if kind == NLMSG_ERROR && (seq0..=last).contains(&seq) {
-            if len < 20 {
-                return Err(apply_err("malformed acknowledgement".into()));
-            }
-            let code = word(at + 16) as i32;
-            if code != 0 {
-                // Errors on the batch markers count too: the whole batch was refused.
-                let err = io::Error::from_raw_os_error(code.saturating_neg());
-                return Err(apply_err(format!("the kernel refused the batch: {err}")));
-            }
-            acks += 1;
+        let code = m
+            .error_code()
+            .ok_or_else(|| apply_err("malformed acknowledgement".into()))?;
+        if code != 0 {
+            // Errors on the batch markers count too: the whole batch was refused.
+            let err = io::Error::from_raw_os_error(code);
+            return Err(apply_err(format!("the kernel refused the batch: {err}")));
         }
-        // Messages are 4-byte aligned; the last one may end without padding.
-        at = at.saturating_add((len + 3) & !3).min(reply.len());
+        acks += 1;
     }
     Ok(acks)
-}
-
-/// A netlink socket for nfnetlink, closed on drop.
-struct Socket(i32);
-
-impl Socket {
-    fn open() -> io::Result<Socket> {
-        // SAFETY: plain socket(2); the descriptor is owned by the returned value.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let s = Socket(fd);
-        // A reply that never comes must not hang a sync.
-        let tv = libc::timeval {
-            tv_sec: 10,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a valid pointer to a timeval of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(s)
-    }
-
-    fn send(&self, data: &[u8]) -> io::Result<()> {
-        // SAFETY: sockaddr_nl zeroed is a valid address for the kernel (pid 0).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: the buffer and address are valid for the call's duration.
-        let rc = unsafe {
-            libc::sendto(
-                self.0,
-                data.as_ptr().cast(),
-                data.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if rc as usize != data.len() {
-            return Err(io::Error::other("short send"));
-        }
-        Ok(())
-    }
-
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: the buffer is valid for writes of its length.
-        let rc = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(rc as usize)
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        // SAFETY: we own the descriptor.
-        unsafe {
-            libc::close(self.0);
-        }
-    }
 }
 
 #[cfg(test)]
