@@ -24,6 +24,7 @@ pub mod error;
 pub mod exec;
 pub mod forward;
 pub mod iptables;
+pub mod ipvs;
 pub mod model;
 pub mod naming;
 pub mod netlink;
