@@ -31,6 +31,11 @@ pub struct Client {
     sock: Socket,
     family: u16,
     seq: u32,
+    /// Messages per send at most: unbounded but for the byte limit; 1 sends each operation
+    /// alone and waits for its answer, as upstream does (the benchmark's baseline).
+    pub per_send: usize,
+    /// System calls made (sends and receives), for the benchmark.
+    pub syscalls: u64,
 }
 
 impl Client {
@@ -44,6 +49,8 @@ impl Client {
             sock,
             family: 0,
             seq: 1,
+            per_send: usize::MAX,
+            syscalls: 0,
         };
         c.sock
             .send(&message::get_family(c.seq))
@@ -73,7 +80,8 @@ impl Client {
         }
     }
 
-    fn recv(&self, buf: &mut [u8]) -> Result<usize> {
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize> {
+        self.syscalls += 1;
         self.sock.recv(buf).map_err(|e| {
             // ENOBUFS: acknowledgements were lost; EAGAIN: none came in time. Either way what
             // the kernel did is unknown, and the caller resynchronises from a dump.
@@ -100,6 +108,7 @@ impl Client {
         self.sock
             .send(batch)
             .map_err(|e| err(format!("send: {e}"), e.raw_os_error()))?;
+        self.syscalls += 1;
         let first = seqs[0].0;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -140,6 +149,7 @@ impl Client {
 
     /// Every message of a dump request until NLMSG_DONE.
     fn dump(&mut self, request: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        self.syscalls += 1;
         self.sock
             .send(&request)
             .map_err(|e| err(format!("send: {e}"), e.raw_os_error()))?;
@@ -178,7 +188,9 @@ impl Backend for Client {
             while i < ops.len() {
                 let seq = self.seq.wrapping_add(1).max(1);
                 let m = message::encode(&ops[i], self.family, seq, false);
-                if !batch.is_empty() && batch.len() + m.len() > CHUNK_BYTES {
+                if !batch.is_empty()
+                    && (batch.len() + m.len() > CHUNK_BYTES || seqs.len() >= self.per_send)
+                {
                     break;
                 }
                 self.seq = seq;
