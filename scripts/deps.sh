@@ -12,6 +12,11 @@ if [ "${1:-run}" = test ]; then
   have flock || need+=(util-linux)
   have ipset || need+=(ipset)
   have conntrack || need+=(conntrack)
+  # The ipvs tier: a VM with Debian's kernel under qemu (tests/vm/), which virtme-ng boots.
+  have qemu-system-x86_64 || need+=(qemu-system-x86)
+  ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+  dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+  have ipvsadm || need+=(ipvsadm)
 fi
 have cargo || need+=(cargo rustc)
 have cc || need+=(gcc)

@@ -153,3 +153,36 @@ fn timeouts_are_set() {
     let text = std::fs::read_to_string("/proc/net/ip_vs").unwrap_or_default();
     assert!(text.contains("IP Virtual Server"), "{text}");
 }
+
+/// Leaves a table in the kernel and its description in `$KPROXY_IPVS_EXPECT` (JSON) for
+/// tests/vm/ipvs_reader.py, which lists the kernel's table with pyroute2 and compares.
+#[test]
+#[ignore = "needs ip_vs: run in the VM (tests/vm), last"]
+fn independent_reader_fixture() {
+    let path = std::env::var("KPROXY_IPVS_EXPECT").expect("KPROXY_IPVS_EXPECT");
+    let mut c = Client::open().unwrap();
+    reset(&mut c);
+    let want = table(12, 3, "wlc");
+    let out = c.apply(&plan(&want, &Table::new())).unwrap();
+    assert!(out.refused.is_empty());
+    let mut rows = Vec::new();
+    for (k, v) in &want {
+        let dests: Vec<String> = v
+            .dests
+            .iter()
+            .map(|(d, w)| format!("[\"{}\", {}, {}]", d.addr, d.port, w.weight))
+            .collect();
+        rows.push(format!(
+            "{{\"addr\": \"{}\", \"protocol\": \"{}\", \"port\": {}, \"scheduler\": \"{}\", \
+             \"persistent\": {}, \"timeout\": {}, \"dests\": [{}]}}",
+            k.addr,
+            k.protocol.lower(),
+            k.port,
+            v.service.scheduler,
+            v.service.flags & 1 == 1,
+            v.service.timeout,
+            dests.join(", ")
+        ));
+    }
+    std::fs::write(path, format!("[{}]\n", rows.join(",\n"))).unwrap();
+}

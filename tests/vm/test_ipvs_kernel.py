@@ -1,0 +1,82 @@
+"""The ipvs tier: kproxy's IPVS client against a real kernel, in a VM.
+
+This machine's kernel has no ip_vs, so one VM (virtme-ng booting Debian's kernel under qemu,
+software emulation) runs the Rust kernel tests of ``rust/tests/ipvs_kernel.rs`` and then
+pyroute2's independent reading of the table they leave. One boot for the whole tier: it takes
+about 30-60 s here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kernel() -> str | None:
+    found = sorted(glob.glob("/boot/vmlinuz-*"))
+    return found[-1] if found else None
+
+
+def _vng() -> str | None:
+    return shutil.which("vng") or shutil.which("vng", path=str(Path(sys.executable).parent))
+
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or _kernel() is None or _vng() is None,
+        reason="needs root, a kernel image in /boot and virtme-ng (scripts/deps.sh test)",
+    ),
+]
+
+
+def _test_binary() -> str:
+    out = subprocess.run(
+        ["cargo", "test", "--no-default-features", "--test", "ipvs_kernel", "--no-run",
+         "--message-format=json"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=1200,
+    )  # fmt: skip
+    for line in out.stdout.splitlines():
+        msg = json.loads(line)
+        exe = msg.get("executable")
+        if msg.get("reason") == "compiler-artifact" and exe and "ipvs_kernel" in exe:
+            return str(exe)
+    raise AssertionError("cargo built no ipvs_kernel test binary")
+
+
+def test_ipvs_client_on_a_real_kernel(tmp_path: Path) -> None:
+    binary = _test_binary()
+    reader = ROOT / "tests" / "vm" / "ipvs_reader.py"
+    # Inside the VM: root in the VM's own network namespace; /tmp is the VM's.
+    script = " && ".join([
+        "modprobe ip_vs",
+        f"{binary} --ignored --test-threads=1 --skip independent_reader_fixture",
+        f"KPROXY_IPVS_EXPECT=/tmp/expect.json {binary} --ignored --exact "
+        "independent_reader_fixture",
+        f"{sys.executable} {reader} /tmp/expect.json",
+        "echo VM-TIER-DONE",
+    ])  # fmt: skip
+    vng = _vng()
+    assert vng is not None
+    env = {**os.environ, "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '')}"}
+    run = subprocess.run(
+        [vng, "--run", str(_kernel()), "--disable-kvm", "--force-9p", "--user", "root",
+         "--memory", "1G", "--exec", script],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env, check=False,
+    )  # fmt: skip
+    out = run.stdout + run.stderr
+    print(out[-4000:])
+    assert run.returncode == 0, out[-4000:]
+    assert "test result: ok. 4 passed" in out, out[-4000:]  # every kernel test but the fixture
+    assert "test result: ok. 1 passed" in out, out[-4000:]  # the fixture
+    assert "pyroute2 lists the 12 virtual servers kproxy wrote" in out
+    assert "VM-TIER-DONE" in out
