@@ -122,9 +122,10 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--conntrack-tcp-be-liberal", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
     )
+    flag = "--conntrack-tcp-timeout-established"
     d.add_argument(
-        "--conntrack-tcp-timeout-established", dest="conntrack_tcp_established_timeout", type=_duration_flag("--conntrack-tcp-timeout-established"), default=S,
-    )  # fmt: skip
+        flag, dest="conntrack_tcp_established_timeout", type=_duration_flag(flag), default=S
+    )
     d.add_argument(
         "--udp-timeout", dest="udp_idle_timeout", type=_duration_flag("--udp-timeout"), default=S
     )

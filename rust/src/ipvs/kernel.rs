@@ -36,6 +36,7 @@ pub struct Client {
     pub per_send: usize,
     /// System calls made (sends and receives), for the benchmark.
     pub syscalls: u64,
+    buf: Vec<u8>,
 }
 
 impl Client {
@@ -51,11 +52,12 @@ impl Client {
             seq: 1,
             per_send: usize::MAX,
             syscalls: 0,
+            buf: vec![0u8; 64 * 1024],
         };
         c.sock
             .send(&message::get_family(c.seq))
             .map_err(|e| err(format!("send: {e}"), e.raw_os_error()))?;
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = std::mem::take(&mut c.buf);
         loop {
             let n = c.recv(&mut buf)?;
             for m in messages(&buf[..n]).map_err(|e| err(e, None))? {
@@ -71,6 +73,7 @@ impl Client {
                         return Err(err(format!("IPVS family lookup: {e}"), Some(code)));
                     }
                     if c.family != 0 {
+                        c.buf = buf;
                         return Ok(c);
                     }
                 } else if let Some(id) = message::family_id(m.payload) {
@@ -110,23 +113,34 @@ impl Client {
             .map_err(|e| err(format!("send: {e}"), e.raw_os_error()))?;
         self.syscalls += 1;
         let first = seqs[0].0;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = self.recv(&mut buf)?;
-            for m in messages(&buf[..n]).map_err(|e| err(e, None))? {
-                if m.kind != NLMSG_ERROR || m.seq < first || m.seq > last {
-                    continue;
-                }
-                let code = m.error_code().unwrap_or(libc::EPROTO);
-                if code != 0 {
-                    let at = seqs[(m.seq - first) as usize].1;
-                    refused.push((at, code));
-                }
-                if m.seq == last {
-                    return Ok(());
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = loop {
+            let n = match self.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            let mut done = false;
+            match messages(&buf[..n]) {
+                Err(e) => break Err(err(e, None)),
+                Ok(msgs) => {
+                    for m in msgs {
+                        if m.kind != NLMSG_ERROR || m.seq < first || m.seq > last {
+                            continue;
+                        }
+                        let code = m.error_code().unwrap_or(libc::EPROTO);
+                        if code != 0 {
+                            refused.push((seqs[(m.seq - first) as usize].1, code));
+                        }
+                        done |= m.seq == last;
+                    }
                 }
             }
-        }
+            if done {
+                break Ok(());
+            }
+        };
+        self.buf = buf;
+        result
     }
 
     /// IPVS connection timeouts in seconds (0 keeps the kernel's own).
@@ -153,10 +167,16 @@ impl Client {
         self.sock
             .send(&request)
             .map_err(|e| err(format!("send: {e}"), e.raw_os_error()))?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self.read_dump(&mut buf);
+        self.buf = buf;
+        result
+    }
+
+    fn read_dump(&mut self, buf: &mut [u8]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = self.recv(&mut buf)?;
+            let n = self.recv(buf)?;
             for m in messages(&buf[..n]).map_err(|e| err(e, None))? {
                 match m.kind {
                     NLMSG_DONE => return Ok(out),
