@@ -373,7 +373,7 @@ mod tests {
             port: 53,
         };
         let s = Service {
-            scheduler: "sh".into(),
+            scheduler: "mh".into(),
             flags: super::super::F_PERSISTENT,
             timeout: 10800,
         };

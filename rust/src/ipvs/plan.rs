@@ -183,7 +183,7 @@ mod tests {
 
     fn table() -> impl Strategy<Value = Table> {
         let virtual_ = (
-            prop::sample::select(vec!["rr", "wrr", "sh"]),
+            prop::sample::select(vec!["rr", "wrr", "mh"]),
             prop::collection::btree_map(0u8..6, 0u32..3, 0..5),
         );
         prop::collection::btree_map((0u8..6, any::<bool>()), virtual_, 0..6).prop_map(|m| {
