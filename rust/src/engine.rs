@@ -8,6 +8,7 @@ use crate::forward;
 use crate::iptables::render::LocalDetector;
 use crate::iptables::trace::{NodeFacts, Packet, Trace};
 use crate::iptables::{self, chains, writer::Writer, Backend, RenderConfig};
+use crate::ipvs;
 use crate::model::{ChangeSet, Cidr, IpFamily, ServiceKey};
 use crate::nftables::{self, program::Program};
 use crate::state::State;
@@ -40,6 +41,7 @@ pub enum Mode {
     Iptables,
     Nftables,
     Userspace,
+    Ipvs,
 }
 
 /// Static configuration of one engine (JSON from Python).
@@ -89,6 +91,9 @@ pub struct EngineConfig {
     pub tcp_idle_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// ipvs mode: the scheduler of every virtual server (`ipvs.scheduler`; rr when unset).
+    #[serde(default)]
+    pub ipvs_scheduler: Option<String>,
 }
 
 fn default_masquerade_bit() -> u8 {
@@ -109,6 +114,17 @@ impl EngineConfig {
             if !ok {
                 return Err(Error::InvalidInput(format!(
                     "engine config: local_interface {i:?} is not an interface name"
+                )));
+            }
+        }
+        if let Some(s) = &cfg.ipvs_scheduler {
+            let ok = !s.is_empty()
+                && s.len() <= 15
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(Error::InvalidInput(format!(
+                    "engine config: ipvs_scheduler {s:?} is not a scheduler name"
                 )));
             }
         }
@@ -208,6 +224,8 @@ enum Programmer {
     Nftables(Program),
     /// Started on the first sync (building its runtime can fail; construction cannot).
     Userspace(Option<forward::Forwarder>),
+    /// Connected on the first sync (a kernel without ip_vs fails there, with a clear error).
+    Ipvs(Option<ipvs::program::Program>),
 }
 
 pub struct Engine {
@@ -236,6 +254,12 @@ impl Engine {
                 Engine::with_nft_backend(config, Box::new(nftables::Fake::new(fam)))
             }
             (Mode::Userspace, _) => Engine::with(config, Programmer::Userspace(None)),
+            (Mode::Ipvs, BackendKind::Kernel) => Engine::with(config, Programmer::Ipvs(None)),
+            (Mode::Ipvs, BackendKind::Fake) => {
+                let v6 = fam == IpFamily::V6;
+                let p = ipvs::program::Program::new(Box::new(ipvs::fake::Fake::default()), v6);
+                Engine::with(config, Programmer::Ipvs(Some(p)))
+            }
         }
     }
 
@@ -317,6 +341,9 @@ impl Engine {
         changed: &BTreeSet<ServiceKey>,
         report: &mut SyncReport,
     ) -> Result<()> {
+        // Computed before the programmer is borrowed (it reads the state and configuration).
+        let t_ipvs = Instant::now();
+        let wanted_ipvs = (self.config.mode == Mode::Ipvs).then(|| self.wanted_ipvs());
         let (backend, writer) = match &mut self.programmer {
             Programmer::Iptables { backend, writer } => (backend, writer),
             Programmer::Userspace(fw) => {
@@ -356,6 +383,26 @@ impl Engine {
                 report.chains_written = u.opened + u.changed;
                 report.stale_chains_deleted = u.closed;
                 report.listen_errors = u.errors;
+                return Ok(());
+            }
+            Programmer::Ipvs(prog) => {
+                let wanted = wanted_ipvs.unwrap_or_default();
+                report.service_ports = wanted.table.len();
+                report.endpoints = wanted.table.values().map(|v| v.dests.len()).sum();
+                report.render_seconds = t_ipvs.elapsed().as_secs_f64();
+                let prog = match prog {
+                    Some(p) => p,
+                    None => prog.insert(ipvs::program::Program::new(
+                        Box::new(ipvs::kernel::Client::open()?),
+                        self.config.family == IpFamily::V6,
+                    )),
+                };
+                let t1 = Instant::now();
+                let w = prog.sync(&wanted.table, &wanted.names, full)?;
+                report.apply_seconds = t1.elapsed().as_secs_f64();
+                report.wrote = w.operations > 0;
+                report.transactions = w.sends;
+                self.need_full = false;
                 return Ok(());
             }
             Programmer::Nftables(prog) => {
@@ -443,7 +490,7 @@ impl Engine {
             Programmer::Userspace(_) if self.config.portals => {
                 forward::portals::intact(self.config.family)
             }
-            Programmer::Userspace(_) => Ok(true),
+            Programmer::Userspace(_) | Programmer::Ipvs(_) => Ok(true),
         }
     }
 
@@ -461,7 +508,25 @@ impl Engine {
                 &self.config.listen_addresses,
                 self.config.portals,
             )),
+            Programmer::Ipvs(_) => ipvs::desired::describe(&self.wanted_ipvs().table),
         }
+    }
+
+    /// The IPVS table the current state calls for. NodePorts are served on the configured
+    /// NodePort addresses, else on the node's addresses of this family.
+    fn wanted_ipvs(&self) -> ipvs::desired::Wanted {
+        let v6 = self.config.family == IpFamily::V6;
+        let node_ips: Vec<IpAddr> = self
+            .config
+            .nodeport_ips
+            .as_ref()
+            .unwrap_or(&self.config.node_ips)
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv6() == v6 && !ip.is_loopback())
+            .collect();
+        let scheduler = self.config.ipvs_scheduler.as_deref().unwrap_or("rr");
+        ipvs::desired::table(&self.state, &self.config.node_name, &node_ips, scheduler)
     }
 
     /// What the backend holds now (`iptables-save` format, or `nft list table`).
@@ -478,6 +543,8 @@ impl Engine {
                         .collect()
                 })
                 .unwrap_or_default()),
+            Programmer::Ipvs(Some(p)) => Ok(ipvs::desired::describe(&p.dump()?)),
+            Programmer::Ipvs(None) => Ok(String::new()),
         }
     }
 
@@ -508,6 +575,9 @@ impl Engine {
             Programmer::Userspace(_) => Err(Error::InvalidInput(
                 "the userspace mode programs no rules to trace".into(),
             )),
+            Programmer::Ipvs(_) => Err(Error::InvalidInput(
+                "tracing the ipvs mode is not supported yet".into(),
+            )),
             Programmer::Nftables(prog) => {
                 let model = prog.model(&self.state, &self.render_config)?;
                 Ok(nftables::trace::trace(
@@ -527,7 +597,9 @@ impl Engine {
     /// The nftables table this engine programs (None in the iptables mode).
     pub fn nft_model(&self) -> Result<Option<nftables::Model>> {
         match &self.programmer {
-            Programmer::Iptables { .. } | Programmer::Userspace(_) => Ok(None),
+            Programmer::Iptables { .. } | Programmer::Userspace(_) | Programmer::Ipvs(_) => {
+                Ok(None)
+            }
             Programmer::Nftables(prog) => prog.model(&self.state, &self.render_config).map(Some),
         }
     }
@@ -672,5 +744,33 @@ mod tests {
         // A small change afterwards is one transaction again.
         let r = engine.sync(cluster(1, 3), false).unwrap();
         assert_eq!(r.transactions, 1);
+    }
+
+    #[test]
+    fn the_ipvs_mode_programs_one_virtual_server_per_service_address() {
+        let cfg = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","backend":"fake","mode":"ipvs","ipvs_scheduler":"wrr"}"#,
+        )
+        .unwrap();
+        let mut engine = Engine::new(cfg);
+        let r = engine.sync(cluster(20, 3), true).unwrap();
+        assert_eq!((r.service_ports, r.endpoints), (20, 60));
+        let dump = engine.dump().unwrap();
+        assert_eq!(dump, engine.render());
+        assert_eq!(dump.lines().count(), 20);
+        assert!(dump.starts_with("172.30.0.0:80/tcp wrr -> "), "{dump}");
+        // A change of one Service's endpoints: a partial sync, a handful of operations.
+        let r = engine.sync(cluster(1, 1), false).unwrap();
+        assert!(!r.full && r.wrote);
+        assert_eq!(r.transactions, 1);
+        assert!(engine
+            .dump()
+            .unwrap()
+            .contains("172.30.0.0:80/tcp wrr -> 10.0.0.0:8080\n"));
+        // A bad scheduler name never reaches the kernel.
+        let bad = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","mode":"ipvs","ipvs_scheduler":"rr; x"}"#,
+        );
+        assert!(bad.is_err());
     }
 }

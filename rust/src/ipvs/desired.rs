@@ -12,15 +12,23 @@ use super::{Dest, DestKey, Service, Table, Virtual, VirtualKey, F_PERSISTENT, F_
 use crate::model::Endpoint;
 use crate::state::State;
 use crate::topology::{categorize, NodeView};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+/// The wanted table, and the Service port each virtual server serves (for messages).
+#[derive(Debug, Default)]
+pub struct Wanted {
+    pub table: Table,
+    pub names: BTreeMap<VirtualKey, String>,
+}
+
 /// `node_ips`: the addresses NodePorts are served on (this family's).
-pub fn table(state: &State, node_name: &str, node_ips: &[IpAddr], scheduler: &str) -> Table {
+pub fn table(state: &State, node_name: &str, node_ips: &[IpAddr], scheduler: &str) -> Wanted {
     let node = NodeView {
         name: node_name,
         zone: state.node().zone.as_deref(),
     };
-    let mut out = Table::new();
+    let mut out = Wanted::default();
     for sp in state.service_ports() {
         let svc = sp.service;
         let endpoints = state.endpoints(&sp.name);
@@ -62,7 +70,8 @@ pub fn table(state: &State, node_name: &str, node_ips: &[IpAddr], scheduler: &st
                 protocol,
                 port,
             };
-            out.insert(k, virtual_(eps));
+            out.table.insert(k, virtual_(eps));
+            out.names.insert(k, sp.name.to_string());
         };
         if let Some(ip) = sp.cluster_ip {
             add(ip, port, pick(policies.internal_local));
@@ -133,7 +142,7 @@ mod tests {
     fn every_service_address_gets_a_virtual_server() {
         let s = state(CLUSTER);
         let node_ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let t = table(&s, "n1", &node_ips, "rr");
+        let t = table(&s, "n1", &node_ips, "rr").table;
         let text = describe(&t);
         let want = "\
 172.30.0.1:80/tcp rr persistent 600s -> 10.1.0.1:8080 10.2.0.1:8080
@@ -171,7 +180,7 @@ mod tests {
               {"ip":"10.2.0.5","port":80,"ready":true,"serving":true,"terminating":false,"node_name":"n2"}]}]}]}"#,
         );
         let ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let on = |node: &str| describe(&table(&s, node, &ips, "rr"));
+        let on = |node: &str| describe(&table(&s, node, &ips, "rr").table);
         // n1: the NodePort goes to n1's endpoint only; the ClusterIP to both; the internal-
         // Local Service has no endpoint here and no fallback (it uses no cluster endpoints).
         assert_eq!(

@@ -18,6 +18,7 @@ pub mod fake;
 pub mod kernel;
 pub mod message;
 pub mod plan;
+pub mod program;
 
 use crate::model::Protocol;
 use std::collections::BTreeMap;
@@ -148,7 +149,7 @@ pub struct Outcome {
 }
 
 /// Where the operations go: the kernel over netlink, or a Fake.
-pub trait Backend {
+pub trait Backend: Send {
     fn apply(&mut self, ops: &[Op]) -> crate::error::Result<Outcome>;
     /// The whole table of one family, as the kernel has it now.
     fn dump(&mut self, v6: bool) -> crate::error::Result<Table>;

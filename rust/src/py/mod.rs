@@ -203,13 +203,14 @@ impl Engine {
         py.detach(|| self.lock().canary_intact()).map_err(to_py)
     }
 
-    /// "iptables" or "nftables".
+    /// "iptables", "nftables", "userspace" or "ipvs".
     #[getter]
     fn mode(&self) -> &'static str {
         match self.lock().mode() {
             engine::Mode::Iptables => "iptables",
             engine::Mode::Nftables => "nftables",
             engine::Mode::Userspace => "userspace",
+            engine::Mode::Ipvs => "ipvs",
         }
     }
 
