@@ -398,7 +398,7 @@ impl Engine {
                     )),
                 };
                 let t1 = Instant::now();
-                let w = prog.sync(&wanted.table, &wanted.names, full)?;
+                let w = prog.sync(wanted.table, &wanted.names, full)?;
                 report.apply_seconds = t1.elapsed().as_secs_f64();
                 report.wrote = w.operations > 0;
                 report.transactions = w.sends;

@@ -349,16 +349,10 @@ mod tests {
         assert_eq!(replies, ["a:hi0", "a:hi2", "b:hi1", "b:hi3"]);
         // A relay counts its bytes once both directions are closed, just after the client
         // has read the reply: wait for the last one (bounded).
-        let stat = |name: &str| fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1;
-        for _ in 0..100 {
-            if stat("tcp_active") == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(stat("tcp_accepted"), 4);
-        assert_eq!(stat("bytes_to_endpoints"), 12);
-        assert_eq!(stat("bytes_to_clients"), 20);
+        wait_for(&fw, "tcp_active", 0);
+        assert_eq!(stat(&fw, "tcp_accepted"), 4);
+        assert_eq!(stat(&fw, "bytes_to_endpoints"), 12);
+        assert_eq!(stat(&fw, "bytes_to_clients"), 20);
     }
 
     #[test]
@@ -425,8 +419,7 @@ mod tests {
             // At most one connect timeout (500 ms here) before the next endpoint.
             assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         }
-        let stat = |name: &str| fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1;
-        assert!(stat("tcp_connect_failures") >= 1);
+        assert!(stat(&fw, "tcp_connect_failures") >= 1);
     }
 
     /// A server that accepts `n` connections and holds each open without reading or writing
@@ -445,6 +438,17 @@ mod tests {
 
     fn stat(fw: &Forwarder, name: &str) -> u64 {
         fw.stats().into_iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    /// Counters move just after the client sees the effect (a relay counts its bytes once
+    /// both directions have closed): wait, bounded, until `name` reads `value`.
+    fn wait_for(fw: &Forwarder, name: &str, value: u64) {
+        for _ in 0..100 {
+            if stat(fw, name) == value {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -536,12 +540,7 @@ mod tests {
         let mut buf = [0u8; 4];
         let got = c.read(&mut buf).map_err(|e| e.kind());
         assert_eq!(got, Err(std::io::ErrorKind::ConnectionReset));
-        for _ in 0..100 {
-            if stat(&fw, "tcp_reset") == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(&fw, "tcp_reset", 1);
         assert_eq!(stat(&fw, "tcp_reset"), 1);
     }
 
@@ -586,12 +585,7 @@ mod tests {
         let held: Vec<TcpStream> = (0..CAP)
             .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
             .collect();
-        for _ in 0..100 {
-            if stat(&fw, "tcp_active") == CAP as u64 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(&fw, "tcp_active", CAP as u64);
         assert_eq!(stat(&fw, "tcp_active"), CAP as u64);
         // Everything past the cap is reset at once, not queued.
         let t = std::time::Instant::now();
@@ -613,12 +607,7 @@ mod tests {
         drop(release);
         let ep = tcp_server("after:", 1);
         fw.update(BTreeMap::from([(l, route(vec![ep]))]));
-        for _ in 0..100 {
-            if stat(&fw, "tcp_active") == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(&fw, "tcp_active", 0);
         assert_eq!(ask(port, "q").unwrap(), "after:q");
     }
 

@@ -92,8 +92,13 @@ impl Client {
         })
     }
 
+    /// The sequence number the next message gets (never 0).
+    fn peek_seq(&self) -> u32 {
+        self.seq.wrapping_add(1).max(1)
+    }
+
     fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1).max(1);
+        self.seq = self.peek_seq();
         self.seq
     }
 
@@ -206,7 +211,7 @@ impl Backend for Client {
             let mut seqs: Vec<(u32, usize)> = Vec::new();
             let mut last_at = 0;
             while i < ops.len() {
-                let seq = self.seq.wrapping_add(1).max(1);
+                let seq = self.peek_seq();
                 let m = message::encode(&ops[i], self.family, seq, false);
                 if !batch.is_empty()
                     && (batch.len() + m.len() > CHUNK_BYTES || seqs.len() >= self.per_send)

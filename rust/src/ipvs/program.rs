@@ -38,7 +38,7 @@ impl Program {
     /// `names`: the Service port each virtual server belongs to, for error messages.
     pub fn sync(
         &mut self,
-        want: &Table,
+        want: Table,
         names: &BTreeMap<VirtualKey, String>,
         full: bool,
     ) -> Result<Written> {
@@ -46,14 +46,14 @@ impl Program {
             Some(t) if !full => t,
             _ => self.backend.dump(self.v6)?,
         };
-        let ops = plan(want, &have);
+        let ops = plan(&want, &have);
         let out = self.backend.apply(&ops)?;
         let written = Written {
             operations: ops.len(),
             sends: out.messages_per_send.len(),
         };
-        if out.refused.is_empty() && draining(want, &have).is_empty() {
-            self.applied = Some(want.clone());
+        if out.refused.is_empty() && draining(&want, &have).is_empty() {
+            self.applied = Some(want);
             return Ok(written);
         }
         // Refusals, or real servers left draining at weight 0: the kernel's table is not
@@ -147,7 +147,7 @@ mod tests {
             .collect();
         let want = Table::from([(vk(1), one(&[1, 2])), (vk(2), one(&[3]))]);
         fake.lock().unwrap().refuse.insert(vk(2));
-        let err = p.sync(&want, &names, false).unwrap_err().to_string();
+        let err = p.sync(want.clone(), &names, false).unwrap_err().to_string();
         assert!(
             err.contains("ns/b:http: add virtual server 10.96.0.2:80/tcp"),
             "{err}"
@@ -158,11 +158,11 @@ mod tests {
                                                                       // sending only what is missing.
         fake.lock().unwrap().refuse.clear();
         let before = fake.lock().unwrap().log.len();
-        p.sync(&want, &names, true).unwrap();
+        p.sync(want.clone(), &names, true).unwrap();
         assert_eq!(fake.lock().unwrap().table, want);
         assert_eq!(fake.lock().unwrap().log.len() - before, 2);
         // Nothing changed: nothing sent, and no dump needed for a partial sync.
-        let w = p.sync(&want, &names, false).unwrap();
+        let w = p.sync(want.clone(), &names, false).unwrap();
         assert_eq!(w.operations, 0);
     }
 
@@ -171,9 +171,9 @@ mod tests {
         let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
         let mut p = Program::new(Box::new(Shared(fake.clone())), false);
         let want = Table::from([(vk(1), one(&[1, 2]))]);
-        p.sync(&want, &BTreeMap::new(), true).unwrap();
+        p.sync(want.clone(), &BTreeMap::new(), true).unwrap();
         fake.lock().unwrap().table.clear(); // ipvsadm -C
-        p.sync(&want, &BTreeMap::new(), true).unwrap();
+        p.sync(want.clone(), &BTreeMap::new(), true).unwrap();
         assert_eq!(fake.lock().unwrap().table, want);
     }
 }
