@@ -109,9 +109,9 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
         "--iptables-localhost-nodeports", dest="localhost_nodeports", type=_bool, nargs="?",
         const=True, default=S, metavar="BOOL",
     )  # fmt: skip
-    for flag in ("--min-sync-period", "--iptables-min-sync-period"):
+    for flag in ("--min-sync-period", "--iptables-min-sync-period", "--ipvs-min-sync-period"):
         d.add_argument(flag, dest="min_sync_period", type=_duration_flag(flag), default=S)
-    for flag in ("--sync-period", "--iptables-sync-period"):
+    for flag in ("--sync-period", "--iptables-sync-period", "--ipvs-sync-period"):
         d.add_argument(flag, dest="sync_period", type=_duration_flag(flag), default=S)
     d.add_argument("--config-sync-period", type=_duration_flag("--config-sync-period"), default=S)
     d.add_argument("--healthz-bind-address", default=S)
@@ -129,6 +129,15 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--udp-timeout", dest="udp_idle_timeout", type=_duration_flag("--udp-timeout"), default=S
     )
+    d.add_argument("--ipvs-scheduler", default=S, help="IPVS scheduler (rr when empty)")
+    d.add_argument("--ipvs-exclude-cidrs", type=_comma_list, default=S)
+    d.add_argument(
+        "--ipvs-strict-arp", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
+    )
+    for flag, dest in (("--ipvs-tcp-timeout", "ipvs_tcp_timeout"),
+                       ("--ipvs-tcpfin-timeout", "ipvs_tcp_fin_timeout"),
+                       ("--ipvs-udp-timeout", "ipvs_udp_timeout")):  # fmt: skip
+        d.add_argument(flag, dest=dest, type=_duration_flag(flag), default=S)
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
 
 

@@ -18,12 +18,14 @@ from typing import Any
 import yaml
 
 from kproxy.errors import ConfigError
+from kproxy.model import IPVS_SCHEDULERS
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 MODES = ("iptables", "nftables", "ipvs", "userspace")
 # The modes this build can run; the others are refused with a clear error.
-AVAILABLE_MODES = ("iptables", "nftables", "userspace")
+AVAILABLE_MODES = MODES
+
 DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 _INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
@@ -55,6 +57,14 @@ class ProxyConfig:
     conntrack_tcp_established_timeout: float = 86400.0
     # Userspace mode: a UDP session idle this long is forgotten (the legacy mode's default).
     udp_idle_timeout: float = 0.25
+    # ipvs mode (upstream's `ipvs` section).
+    ipvs_scheduler: str = ""
+    ipvs_exclude_cidrs: tuple[str, ...] = ()
+    ipvs_strict_arp: bool = False
+    # IPVS connection timeouts (0: leave the kernel's).
+    ipvs_tcp_timeout: float = 0.0
+    ipvs_tcp_fin_timeout: float = 0.0
+    ipvs_udp_timeout: float = 0.0
     verbosity: int = 0
 
     @property
@@ -175,6 +185,18 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         raise ConfigError("--conntrack-tcp-timeout-established", "must not be negative")
     if cfg.udp_idle_timeout <= 0:
         raise ConfigError("--udp-timeout", "must be greater than 0")
+    if cfg.ipvs_scheduler and cfg.ipvs_scheduler not in IPVS_SCHEDULERS:
+        raise ConfigError(
+            "--ipvs-scheduler",
+            f"unknown scheduler {cfg.ipvs_scheduler!r} (one of {', '.join(IPVS_SCHEDULERS)})",
+        )
+    for flag, seconds in (
+        ("--ipvs-tcp-timeout", cfg.ipvs_tcp_timeout),
+        ("--ipvs-tcpfin-timeout", cfg.ipvs_tcp_fin_timeout),
+        ("--ipvs-udp-timeout", cfg.ipvs_udp_timeout),
+    ):
+        if seconds < 0:
+            raise ConfigError(flag, "must not be negative")
     if cfg.min_sync_period > cfg.sync_period:
         raise ConfigError("--min-sync-period", "must not be greater than --sync-period")
     if not 0 <= cfg.verbosity <= 10:
@@ -195,6 +217,9 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         healthz_bind_address=_bind_address("--healthz-bind-address", cfg.healthz_bind_address),
         metrics_bind_address=_bind_address("--metrics-bind-address", cfg.metrics_bind_address),
         nodeport_addresses=_node_port_addresses("--nodeport-addresses", cfg.nodeport_addresses),
+        ipvs_exclude_cidrs=tuple(
+            _cidr("--ipvs-exclude-cidrs", c) for c in cfg.ipvs_exclude_cidrs if c.strip()
+        ),
     )
 
 
@@ -271,7 +296,7 @@ def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
             raise ConfigError("nodePortAddresses", "must be a list of strings")
         out["nodeport_addresses"] = tuple(v)
     # Sync periods: the mode's own section, then the top-level fields of newer versions.
-    section = "iptables"
+    section = "ipvs" if mode == "ipvs" else "iptables"
     for key, fname in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
         for path_ in (f"{section}.{key}", key):
             raw = _get(doc, path_, (str, int, float))
@@ -290,6 +315,19 @@ def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
                          ("udpIdleTimeout", "udp_idle_timeout")):  # fmt: skip
         if (raw := _get(doc, path_, (str, int, float))) is not None:
             out[fname] = parse_duration(path_, raw)
+    if (v := _get(doc, "ipvs.scheduler", str)) is not None:
+        out["ipvs_scheduler"] = v
+    if (v := _get(doc, "ipvs.strictARP", bool)) is not None:
+        out["ipvs_strict_arp"] = v
+    if (v := _get(doc, "ipvs.excludeCIDRs", list)) is not None:
+        if not all(isinstance(x, str) for x in v):
+            raise ConfigError("ipvs.excludeCIDRs", "must be a list of strings")
+        out["ipvs_exclude_cidrs"] = tuple(v)
+    ipvs_timeouts = (("tcpTimeout", "ipvs_tcp_timeout"), ("tcpFinTimeout", "ipvs_tcp_fin_timeout"),
+                     ("udpTimeout", "ipvs_udp_timeout"))  # fmt: skip
+    for key, fname in ipvs_timeouts:
+        if (raw := _get(doc, f"ipvs.{key}", (str, int, float))) is not None:
+            out[fname] = parse_duration(f"ipvs.{key}", raw)
     if (v := _get(doc, "logging.verbosity", int)) is not None:
         out["verbosity"] = v
     return out

@@ -14,6 +14,12 @@ Family = Literal["IPv4", "IPv6"]
 Policy = Literal["Cluster", "Local"]
 
 
+# The IPVS schedulers upstream accepts for `ipvs.scheduler`; a Service may pick one of them
+# for itself with IPVS_SCHEDULER_ANNOTATION (the ipvs mode only, as kube-router offers).
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
+IPVS_SCHEDULER_ANNOTATION = "kproxy.io/ipvs-scheduler"
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class ServiceKey:
     """A Service's identity (an EndpointSlice names its Service the same way)."""
@@ -58,9 +64,12 @@ class Service:
     internal_traffic_policy: Policy = "Cluster"
     session_affinity_timeout: int | None = None
     health_check_node_port: int = 0
+    # The ipvs mode's scheduler for this Service (IPVS_SCHEDULER_ANNOTATION); None: default.
+    ipvs_scheduler: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
+            "ipvs_scheduler": self.ipvs_scheduler,
             "cluster_ips": list(self.cluster_ips),
             "external_ips": list(self.external_ips),
             "load_balancer_ips": list(self.load_balancer_ips),

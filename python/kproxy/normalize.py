@@ -23,6 +23,8 @@ from typing import Any, Generic, TypeVar, cast
 
 from kproxy.errors import InvalidObjectError
 from kproxy.model import (
+    IPVS_SCHEDULER_ANNOTATION,
+    IPVS_SCHEDULERS,
     Endpoint,
     EndpointSlice,
     Family,
@@ -271,6 +273,19 @@ def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
             spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True
         )
 
+    scheduler: str | None = None
+    annotations = o.mapping(o.meta, "annotations", "metadata.annotations")
+    wanted = annotations.get(IPVS_SCHEDULER_ANNOTATION)
+    if wanted is not None:
+        if isinstance(wanted, str) and wanted.strip() in IPVS_SCHEDULERS:
+            scheduler = wanted.strip()
+        else:
+            o.warn(
+                f"metadata.annotations[{IPVS_SCHEDULER_ANNOTATION}]",
+                f"{wanted!r} is not an IPVS scheduler (one of {', '.join(IPVS_SCHEDULERS)});"
+                " the default is used",
+            )
+
     svc = Service(
         key=ServiceKey(o.namespace, o.name),
         ports=tuple(ports),
@@ -283,6 +298,7 @@ def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
         internal_traffic_policy=itp,
         session_affinity_timeout=affinity,
         health_check_node_port=hcnp,
+        ipvs_scheduler=scheduler,
     )
     return Normalized(svc, tuple(o.warnings))
 

@@ -73,6 +73,9 @@ def render_command(cfg: ProxyConfig) -> int:
     for fam, text in rendered(cfg).render().items():
         if cfg.mode == "userspace":
             print(f"# userspace listeners for {fam} (protocol, address -> endpoints)")
+        elif cfg.mode == "ipvs":
+            print(f"# ipvs for {fam}: virtual servers (address -> real servers), then the "
+                  "iptables-restore --noflush input and the ipset restore input")  # fmt: skip
         else:
             form = "nft -f input" if cfg.mode == "nftables" else "iptables-restore --noflush input"
             print(f"# {cfg.mode} rules for {fam} ({form})")

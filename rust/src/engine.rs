@@ -94,6 +94,20 @@ pub struct EngineConfig {
     /// ipvs mode: the scheduler of every virtual server (`ipvs.scheduler`; rr when unset).
     #[serde(default)]
     pub ipvs_scheduler: Option<String>,
+    /// ipvs mode: virtual servers on these addresses are someone else's (`ipvs.excludeCIDRs`).
+    #[serde(default)]
+    pub ipvs_exclude_cidrs: Vec<Cidr>,
+    /// ipvs mode: the kernel's IPVS connection timeouts in seconds (0 or unset: unchanged).
+    #[serde(default)]
+    pub ipvs_tcp_timeout_s: u32,
+    #[serde(default)]
+    pub ipvs_tcp_fin_timeout_s: u32,
+    #[serde(default)]
+    pub ipvs_udp_timeout_s: u32,
+    /// ipvs mode: the addresses of the node's interfaces (other than kube-ipvs0). An external
+    /// or LB IP among them is not bound on kube-ipvs0, nor fenced by KUBE-IPVS-FILTER.
+    #[serde(default)]
+    pub host_ips: Vec<IpAddr>,
 }
 
 fn default_masquerade_bit() -> u8 {
@@ -148,6 +162,39 @@ impl EngineConfig {
             max_udp_sessions: self.max_connections.unwrap_or(d.max_udp_sessions),
             ..d
         }
+    }
+
+    fn ipvs_rule_config(&self) -> ipvs::rules::RuleConfig {
+        let r = self.render_config();
+        ipvs::rules::RuleConfig {
+            family: r.family,
+            local: r.local,
+            masquerade_all: r.masquerade_all,
+            masquerade_mark: r.masquerade_mark,
+        }
+    }
+
+    /// The kernel's IPVS, its timeouts set, with the ipset and iptables tools beside it.
+    fn ipvs_program(&self) -> Result<ipvs::program::Program> {
+        let mut client = ipvs::kernel::Client::open()?;
+        let (tcp, fin, udp) = (
+            self.ipvs_tcp_timeout_s,
+            self.ipvs_tcp_fin_timeout_s,
+            self.ipvs_udp_timeout_s,
+        );
+        if tcp + fin + udp > 0 {
+            client.set_timeouts(tcp, fin, udp)?;
+        }
+        let companions = ipvs::program::Companions {
+            sets: Box::new(ipvs::ipset::Kernel),
+            rules: Box::new(iptables::Kernel::new(self.family)),
+            config: self.ipvs_rule_config(),
+        };
+        Ok(ipvs::program::Program::new(
+            Box::new(client),
+            companions,
+            self.ipvs_exclude_cidrs.clone(),
+        ))
     }
 
     fn render_config(&self) -> RenderConfig {
@@ -256,8 +303,16 @@ impl Engine {
             (Mode::Userspace, _) => Engine::with(config, Programmer::Userspace(None)),
             (Mode::Ipvs, BackendKind::Kernel) => Engine::with(config, Programmer::Ipvs(None)),
             (Mode::Ipvs, BackendKind::Fake) => {
-                let v6 = fam == IpFamily::V6;
-                let p = ipvs::program::Program::new(Box::new(ipvs::fake::Fake::default()), v6);
+                let companions = ipvs::program::Companions {
+                    sets: Box::new(ipvs::ipset::Fake::default()),
+                    rules: Box::new(iptables::Fake::new()),
+                    config: config.ipvs_rule_config(),
+                };
+                let p = ipvs::program::Program::new(
+                    Box::new(ipvs::fake::Fake::default()),
+                    companions,
+                    config.ipvs_exclude_cidrs.clone(),
+                );
                 Engine::with(config, Programmer::Ipvs(Some(p)))
             }
         }
@@ -392,16 +447,14 @@ impl Engine {
                 report.render_seconds = t_ipvs.elapsed().as_secs_f64();
                 let prog = match prog {
                     Some(p) => p,
-                    None => prog.insert(ipvs::program::Program::new(
-                        Box::new(ipvs::kernel::Client::open()?),
-                        self.config.family == IpFamily::V6,
-                    )),
+                    None => prog.insert(self.config.ipvs_program()?),
                 };
                 let t1 = Instant::now();
-                let w = prog.sync(wanted.table, &wanted.names, full)?;
+                let w = prog.sync(wanted, full)?;
                 report.apply_seconds = t1.elapsed().as_secs_f64();
-                report.wrote = w.operations > 0;
+                report.wrote = w.operations + w.set_members > 0 || w.rules_written;
                 report.transactions = w.sends;
+                report.elements_added = w.set_members;
                 self.need_full = false;
                 return Ok(());
             }
@@ -490,7 +543,8 @@ impl Engine {
             Programmer::Userspace(_) if self.config.portals => {
                 forward::portals::intact(self.config.family)
             }
-            Programmer::Userspace(_) | Programmer::Ipvs(_) => Ok(true),
+            Programmer::Ipvs(Some(p)) => p.intact(),
+            Programmer::Userspace(_) | Programmer::Ipvs(None) => Ok(true),
         }
     }
 
@@ -508,7 +562,28 @@ impl Engine {
                 &self.config.listen_addresses,
                 self.config.portals,
             )),
-            Programmer::Ipvs(_) => ipvs::desired::describe(&self.wanted_ipvs().table),
+            Programmer::Ipvs(_) => {
+                let w = self.wanted_ipvs();
+                let out: Vec<String> = w.out_filter.iter().cloned().collect();
+                let fam = self.config.family;
+                let mut text = ipvs::desired::describe(&w.table);
+                text.push_str("# iptables-restore --noflush\n");
+                text.push_str(&ipvs::rules::restore_text(
+                    &self.config.ipvs_rule_config(),
+                    &out,
+                ));
+                text.push_str("# ipset restore\n");
+                text.push_str(&ipvs::ipset::full_text(fam, &w.sets, &BTreeSet::new()));
+                text
+            }
+        }
+    }
+
+    /// ipvs mode: the addresses kube-ipvs0 should hold (the last sync's; none before it).
+    pub fn ipvs_bind(&self) -> Vec<IpAddr> {
+        match &self.programmer {
+            Programmer::Ipvs(Some(p)) => p.bind().iter().copied().collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -516,17 +591,26 @@ impl Engine {
     /// NodePort addresses, else on the node's addresses of this family.
     fn wanted_ipvs(&self) -> ipvs::desired::Wanted {
         let v6 = self.config.family == IpFamily::V6;
-        let node_ips: Vec<IpAddr> = self
-            .config
-            .nodeport_ips
-            .as_ref()
-            .unwrap_or(&self.config.node_ips)
-            .iter()
-            .copied()
-            .filter(|ip| ip.is_ipv6() == v6 && !ip.is_loopback())
-            .collect();
+        let of_family = |ips: &mut dyn Iterator<Item = &IpAddr>| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = ips.copied().filter(|ip| ip.is_ipv6() == v6).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let own_ips = of_family(&mut self.config.node_ips.iter().chain(&self.config.host_ips));
+        // As upstream: NodePorts on the nodePortAddresses, else on every node address.
+        let mut node_ips = match &self.config.nodeport_ips {
+            Some(ips) => of_family(&mut ips.iter()),
+            None => own_ips.clone(),
+        };
+        node_ips.retain(|ip| !ip.is_loopback());
+        let node = ipvs::desired::Node {
+            name: &self.config.node_name,
+            nodeport_ips: &node_ips,
+            own_ips: &own_ips,
+        };
         let scheduler = self.config.ipvs_scheduler.as_deref().unwrap_or("rr");
-        ipvs::desired::table(&self.state, &self.config.node_name, &node_ips, scheduler)
+        ipvs::desired::table(&self.state, &node, scheduler)
     }
 
     /// What the backend holds now (`iptables-save` format, or `nft list table`).
@@ -610,19 +694,22 @@ impl Engine {
 pub fn cleanup(backend: &mut dyn Backend) -> Result<usize> {
     backend.remove_jumps(chains::JUMPS)?;
     backend.remove_jumps(chains::FIREWALL_JUMPS)?;
+    backend.remove_jumps(ipvs::rules::JUMPS)?;
     let mut removed = 0;
     let mut text = String::new();
     for table in ["mangle", "filter", "nat"] {
-        let fixed: &[&str] = match table {
-            "nat" => chains::NAT_CHAINS,
-            "filter" => chains::FILTER_CHAINS,
+        let fixed: &[&[&str]] = match table {
+            "nat" => &[chains::NAT_CHAINS, ipvs::rules::NAT_CHAINS],
+            "filter" => &[chains::FILTER_CHAINS, ipvs::rules::FILTER_CHAINS],
             _ => &[],
         };
         let ours: Vec<String> = backend
             .chains(table)?
             .into_iter()
             .filter(|c| {
-                fixed.contains(&c.as_str()) || c == chains::CANARY || chains::is_dynamic_chain(c)
+                fixed.iter().any(|f| f.contains(&c.as_str()))
+                    || c == chains::CANARY
+                    || chains::is_dynamic_chain(c)
             })
             .collect();
         if ours.is_empty() {
@@ -756,7 +843,9 @@ mod tests {
         let r = engine.sync(cluster(20, 3), true).unwrap();
         assert_eq!((r.service_ports, r.endpoints), (20, 60));
         let dump = engine.dump().unwrap();
-        assert_eq!(dump, engine.render());
+        let render = engine.render();
+        assert!(render.starts_with(&dump), "{render}");
+        assert!(render.contains("\nadd KPROXY-IPVS-SWAP 172.30.0.19,tcp:80\n"));
         assert_eq!(dump.lines().count(), 20);
         assert!(dump.starts_with("172.30.0.0:80/tcp wrr -> "), "{dump}");
         // A change of one Service's endpoints: a partial sync, a handful of operations.

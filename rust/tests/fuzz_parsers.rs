@@ -2,10 +2,14 @@
 //! and only valid names ever come out of a change set.
 
 use _core::iptables::trace::Ruleset;
+use _core::ipvs::message::{decode_dest, decode_service, encode};
+use _core::ipvs::{DestKey, Op, Service, VirtualKey};
+use _core::model::Protocol;
 use _core::model::{ChangeSet, IpFamily};
 use _core::nftables::json::model_from_json;
 use _core::nftables::netlink::read_acks;
 use proptest::prelude::*;
+use std::net::IpAddr;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -103,5 +107,33 @@ proptest! {
             }
             Err(_) => prop_assert!(refused),
         }
+    }
+
+    /// The IPVS dump decoders never panic on arbitrary payloads.
+    #[test]
+    fn ipvs_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), fam in 0u16..12) {
+        let _ = decode_service(&bytes);
+        let _ = decode_dest(&bytes, fam);
+    }
+
+    /// What kproxy encodes, the decoder reads back exactly (the kernel's dump replies carry
+    /// the same nests): any address of either family, protocol, port, scheduler and flags.
+    #[test]
+    fn ipvs_messages_round_trip(
+        v4 in any::<[u8; 4]>(), v6 in any::<[u8; 16]>(), six in any::<bool>(),
+        proto in prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp]),
+        port in any::<u16>(), dport in any::<u16>(), weight in 0u32..1000,
+        sched in "[a-z]{1,15}", flags in prop::sample::select(vec![0u32, 1, 0x10, 0x11]),
+        timeout in any::<u32>(),
+    ) {
+        let addr: IpAddr = if six { v6.into() } else { v4.into() };
+        let k = VirtualKey { addr, protocol: proto, port };
+        let s = Service { scheduler: sched, flags, timeout };
+        let msg = encode(&Op::AddService(k, s.clone()), 0x24, 1, false);
+        prop_assert_eq!(decode_service(&msg[16..]), Some((k, s)));
+        let d = DestKey { addr, port: dport };
+        let msg = encode(&Op::AddDest(k, d, weight), 0x24, 2, false);
+        let (got, dest) = decode_dest(&msg[16..], if six { 10 } else { 2 }).unwrap();
+        prop_assert_eq!((got, dest.weight), (d, weight));
     }
 }

@@ -102,7 +102,8 @@ def test_version_in_a_subprocess() -> None:
     ("args", "name"),
     [
         (["--proxy-mode", "bogus"], "--proxy-mode"),
-        (["--proxy-mode=ipvs"], "--proxy-mode"),
+        (["--proxy-mode=ipvs", "--ipvs-scheduler", "fifo"], "--ipvs-scheduler"),
+        (["--ipvs-tcp-timeout", "soon"], "--ipvs-tcp-timeout"),
         (["--min-sync-period", "5"], "--min-sync-period"),
         (["--min-sync-period", "-1s"], "--min-sync-period"),
         (["--min-sync-period", "1m"], "--min-sync-period"),  # greater than the 30s sync period
@@ -174,10 +175,10 @@ def test_config_file_that_does_not_exist(
         ("apiVersion: v1\nkind: ConfigMap\n", "--config"),
         (HEADER + 'iptables:\n  masqueradeAll: "yes"\n', "iptables.masqueradeAll"),
         (HEADER + "iptables:\n  minSyncPeriod: soon\n", "iptables.minSyncPeriod"),
-        (HEADER + "mode: ipvs\n", "--proxy-mode"),
+        (HEADER + "mode: ipvs\nipvs:\n  scheduler: fifo\n", "--ipvs-scheduler"),
         (HEADER + "clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n", "--cluster-cidr"),
     ],
-    ids=["wrong-kind", "wrong-type", "bad-duration", "mode-not-available", "two-v4-cidrs"],
+    ids=["wrong-kind", "wrong-type", "bad-duration", "unknown-ipvs-scheduler", "two-v4-cidrs"],
 )
 def test_invalid_config_file(
     tmp_path: Path,

@@ -328,8 +328,10 @@ def test_build_unknown_setting() -> None:
     [
         ({"mode": "bogus"}, "--proxy-mode"),
         ({"mode": "kernelspace"}, "--proxy-mode"),
-        ({"mode": "ipvs"}, "--proxy-mode"),
-        ({"mode": "ipvs"}, "--proxy-mode"),
+        ({"ipvs_scheduler": "fifo"}, "--ipvs-scheduler"),
+        ({"ipvs_scheduler": "RR"}, "--ipvs-scheduler"),
+        ({"ipvs_exclude_cidrs": ("10.0.0.0/33",)}, "--ipvs-exclude-cidrs"),
+        ({"ipvs_tcp_timeout": -1.0}, "--ipvs-tcp-timeout"),
         ({"cluster_cidrs": ("10.0.0.0/8", "192.168.0.0/16")}, "--cluster-cidr"),
         ({"cluster_cidrs": ("fd00::/48", "fd01::/48")}, "--cluster-cidr"),
         ({"cluster_cidrs": ("10.0.0.0/8", "fd00::/48", "10.1.0.0/16")}, "--cluster-cidr"),
@@ -363,9 +365,22 @@ def test_validate_names_the_flag(changes: dict[str, Any], flag: str) -> None:
     assert str(err).startswith(f"{flag}: ")
 
 
-def test_ipvs_is_refused_as_not_available_yet() -> None:
-    assert "not available" in config_error(ProxyConfig(mode="ipvs")).message
-    assert validate(ProxyConfig(mode="nftables")).mode == "nftables"
+def test_the_ipvs_section_from_file_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "mode: ipvs\nipvs:\n  scheduler: wlc\n  strictARP: true\n  syncPeriod: 45s\n"
+        "  excludeCIDRs: ['192.0.2.0/24']\n  tcpTimeout: 15m\n  tcpFinTimeout: 30s\n"
+        "  udpTimeout: 5s\n"
+    )
+    warnings: list[str] = []
+    cfg = build(load_file(str(f), warnings), {"ipvs_udp_timeout": 7.0})
+    assert not warnings
+    assert (cfg.mode, cfg.ipvs_scheduler, cfg.ipvs_strict_arp) == ("ipvs", "wlc", True)
+    assert cfg.sync_period == 45.0  # the ipvs section's, in ipvs mode (as upstream)
+    assert cfg.ipvs_exclude_cidrs == ("192.0.2.0/24",)
+    assert (cfg.ipvs_tcp_timeout, cfg.ipvs_tcp_fin_timeout) == (900.0, 30.0)
+    assert cfg.ipvs_udp_timeout == 7.0  # the flag wins
 
 
 def test_validate_canonicalizes() -> None:

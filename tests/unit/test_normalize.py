@@ -831,3 +831,16 @@ def test_endpoint_slice_trigger_time() -> None:
     obj["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": "later"}
     n = normalize_endpoint_slice(obj)
     assert n.value is not None and n.value.trigger_time is None
+
+
+def test_ipvs_scheduler_annotation_is_validated() -> None:
+    ann = "kproxy.io/ipvs-scheduler"
+    good = web()
+    good["metadata"]["annotations"] = {ann: "lc"}
+    n = normalize_service(good)
+    assert n.value is not None and n.value.ipvs_scheduler == "lc" and not n.warnings
+    bad = web()
+    bad["metadata"]["annotations"] = {ann: "rr; reboot"}
+    n = normalize_service(bad)
+    assert n.value is not None and n.value.ipvs_scheduler is None
+    assert n.warnings and ann in n.warnings[0] and "not an IPVS scheduler" in n.warnings[0]

@@ -46,3 +46,15 @@ def test_trace_refuses_bad_destinations(dst: str, capsys: pytest.CaptureFixture[
     assert main(["trace", "10.244.4.2", dst, *EXAMPLE]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kproxy: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_render_the_ipvs_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "--proxy-mode", "ipvs", "--ipvs-scheduler", "wlc", *EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "# ipvs for IPv4" in out
+    # The virtual server, its real servers, and the ipset and iptables companions.
+    assert "10.96.0.10:80/tcp wlc -> 10.244.1.2:8080 10.244.2.2:8080 10.244.3.2:8080" in out
+    assert "add KPROXY-IPVS-SWAP 10.96.0.10,tcp:80" in out
+    assert "-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst" in out
+    # A Service without endpoints: a virtual server with no real servers (refused).
+    assert "10.96.0.20:80/tcp wlc -> (no real servers: refused)" in out

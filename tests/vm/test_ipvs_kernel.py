@@ -1,9 +1,14 @@
-"""The ipvs tier: kproxy's IPVS client against a real kernel, in a VM.
+"""The ipvs tier: kproxy's ipvs mode against a real kernel, in a VM.
 
 This machine's kernel has no ip_vs, so one VM (virtme-ng booting Debian's kernel under qemu,
-software emulation) runs the Rust kernel tests of ``rust/tests/ipvs_kernel.rs`` and then
-pyroute2's independent reading of the table they leave. One boot for the whole tier: it takes
-about 30-60 s here.
+software emulation) runs, in order:
+
+* the Rust kernel tests of ``rust/tests/ipvs_kernel.rs`` (batching, errors, timeouts);
+* pyroute2's independent reading of the table they leave (``ipvs_reader.py``);
+* real TCP and UDP through the whole mode (``ipvs_traffic.py``): ClusterIP, NodePort,
+  affinity, eTP Local, the node-port filter, graceful termination and cleanup.
+
+One boot for the whole tier: about 30-60 s here, plus the tests.
 """
 
 from __future__ import annotations
@@ -53,9 +58,10 @@ def _test_binary() -> str:
     raise AssertionError("cargo built no ipvs_kernel test binary")
 
 
-def test_ipvs_client_on_a_real_kernel(tmp_path: Path) -> None:
+def test_ipvs_mode_on_a_real_kernel(tmp_path: Path) -> None:
     binary = _test_binary()
     reader = ROOT / "tests" / "vm" / "ipvs_reader.py"
+    traffic = ROOT / "tests" / "vm" / "ipvs_traffic.py"
     # Inside the VM: root in the VM's own network namespace; /tmp is the VM's.
     script = " && ".join([
         "modprobe ip_vs",
@@ -63,6 +69,8 @@ def test_ipvs_client_on_a_real_kernel(tmp_path: Path) -> None:
         f"KPROXY_IPVS_EXPECT=/tmp/expect.json {binary} --ignored --exact "
         "independent_reader_fixture",
         f"{sys.executable} {reader} /tmp/expect.json",
+        "ipvsadm --clear",
+        f"{sys.executable} {traffic}",
         "echo VM-TIER-DONE",
     ])  # fmt: skip
     vng = _vng()
@@ -79,4 +87,6 @@ def test_ipvs_client_on_a_real_kernel(tmp_path: Path) -> None:
     assert "test result: ok. 4 passed" in out, out[-4000:]  # every kernel test but the fixture
     assert "test result: ok. 1 passed" in out, out[-4000:]  # the fixture
     assert "pyroute2 lists the 12 virtual servers kproxy wrote" in out
+    assert "IPVS-TRAFFIC-DONE" in out, out[-4000:]
+    assert out.count("\nok: ") == 27, out[-4000:]  # every check of ipvs_traffic.py
     assert "VM-TIER-DONE" in out

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 
 from kproxy import _core
+from kproxy.backends.ipvs import DummyInterface, bound_addresses, set_sysctls
 from kproxy.config import ProxyConfig
 from kproxy.errors import ApplyError
 from kproxy.model import Family, NodeInfo
@@ -85,6 +86,20 @@ def engine_config(
             (cfg.conntrack_tcp_established_timeout or KERNEL_TCP_ESTABLISHED) * 1000
         ),
         "udp_idle_timeout_ms": max(1, round(cfg.udp_idle_timeout * 1000)),
+        **(ipvs_engine_config(cfg, local_addrs) if cfg.mode == "ipvs" else {}),
+    }
+
+
+def ipvs_engine_config(cfg: ProxyConfig, host_addrs: Sequence[str] | None) -> dict[str, object]:
+    """The ipvs section of an engine's configuration. `host_addrs`: the node's addresses
+    outside kube-ipvs0 (an external IP among them is never bound there, nor fenced)."""
+    return {
+        "ipvs_scheduler": cfg.ipvs_scheduler or None,
+        "ipvs_exclude_cidrs": list(cfg.ipvs_exclude_cidrs),
+        "ipvs_tcp_timeout_s": round(cfg.ipvs_tcp_timeout),
+        "ipvs_tcp_fin_timeout_s": round(cfg.ipvs_tcp_fin_timeout),
+        "ipvs_udp_timeout_s": round(cfg.ipvs_udp_timeout),
+        "host_ips": list(host_addrs or ()),
     }
 
 
@@ -128,7 +143,19 @@ class Proxier:
         backend: str = "kernel",
     ) -> None:
         self.mode = cfg.mode
-        configs = {fam: engine_config(cfg, fam, node, backend=backend) for fam in families}
+        # ipvs: kube-ipvs0 and the sysctls are set up after the first sync succeeds, so a
+        # kernel without ip_vs is refused before anything of the mode is on the node.
+        self.dummy: DummyInterface | None = None
+        self._ipvs_node = cfg.mode == "ipvs" and backend == "kernel"
+        self._strict_arp = cfg.ipvs_strict_arp
+        host_addrs: list[str] | None = None
+        if self._ipvs_node:
+            on_dummy = bound_addresses()
+            host_addrs = [a for a in local_addresses() if a not in on_dummy]
+        configs = {
+            fam: engine_config(cfg, fam, node, backend=backend, local_addrs=host_addrs)
+            for fam in families
+        }
         self.engines: dict[Family, _core.Engine] = {
             fam: _core.Engine(json.dumps(c)) for fam, c in configs.items()
         }
@@ -157,9 +184,23 @@ class Proxier:
                 log.error("%s %s sync failed: %s", self.mode, fam, e)
                 e.family = fam
                 failures.append(e)
+        if self._ipvs_node and reports and (full or any(r.wrote for r in reports.values())):
+            # After the engines: IPVS, its ipsets and rules are in place for each address.
+            if self.dummy is None:
+                set_sysctls(self._strict_arp)
+                self.dummy = DummyInterface()
+            want = [a for e in self.engines.values() for a in e.ipvs_addresses()]
+            bound, unbound = self.dummy.sync(want)
+            if bound or unbound:
+                log.info("%s: %d addresses bound, %d unbound", self.dummy.name, bound, unbound)
         if failures:
             raise failures[0]
         return reports
+
+    def close(self) -> None:
+        """Release the node handles (the kernel's rules stay, as on SIGTERM)."""
+        if self.dummy is not None:
+            self.dummy.close()
 
     def canary_intact(self) -> bool:
         """Whether every family's canary chains still exist (blocking)."""

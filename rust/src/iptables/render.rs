@@ -62,7 +62,7 @@ impl LocalDetector {
     }
 
     /// Match arguments for "does not come from a pod", if detection is on.
-    fn if_not_local(&self) -> Option<String> {
+    pub(crate) fn if_not_local(&self) -> Option<String> {
         match self {
             LocalDetector::None => None,
             LocalDetector::Cidr(c) => Some(format!("! -s {c}")),

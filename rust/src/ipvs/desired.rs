@@ -8,32 +8,52 @@
 //! back to the cluster's endpoints (kubernetes PR 97081: pods on this node can still reach
 //! the Service); so does this.
 
+use super::ipset::{ip_port, Set, Sets};
 use super::{Dest, DestKey, Service, Table, Virtual, VirtualKey, F_PERSISTENT, F_SCHED2};
-use crate::model::Endpoint;
+use crate::model::{Endpoint, Protocol};
 use crate::state::State;
 use crate::topology::{categorize, NodeView};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-/// The wanted table, and the Service port each virtual server serves (for messages).
+/// Everything the ipvs mode programs for a state.
 #[derive(Debug, Default)]
 pub struct Wanted {
     pub table: Table,
+    /// The Service port each virtual server serves (for messages).
     pub names: BTreeMap<VirtualKey, String>,
+    /// The companion rules' ipset members.
+    pub sets: Sets,
+    /// The addresses kube-ipvs0 must hold: every ClusterIP, and the externalIPs and LB IPs
+    /// that are not the node's own.
+    pub bind: BTreeSet<IpAddr>,
+    /// Upstream's KUBE-IPVS-OUT-FILTER rules: the node may not reach a load balancer whose
+    /// source ranges leave it out (IPVS would see the LB address as the source).
+    pub out_filter: BTreeSet<String>,
 }
 
-/// `node_ips`: the addresses NodePorts are served on (this family's).
-pub fn table(state: &State, node_name: &str, node_ips: &[IpAddr], scheduler: &str) -> Wanted {
-    let node = NodeView {
+/// Where the node is.
+pub struct Node<'a> {
+    pub name: &'a str,
+    /// The addresses NodePorts are served on (this family's).
+    pub nodeport_ips: &'a [IpAddr],
+    /// The node's own addresses (never bound on kube-ipvs0).
+    pub own_ips: &'a [IpAddr],
+}
+
+pub fn table(state: &State, node: &Node, scheduler: &str) -> Wanted {
+    let (node_name, node_ips) = (node.name, node.nodeport_ips);
+    let view = NodeView {
         name: node_name,
         zone: state.node().zone.as_deref(),
     };
     let mut out = Wanted::default();
+    let mut sets = Sets::new();
     for sp in state.service_ports() {
         let svc = sp.service;
         let endpoints = state.endpoints(&sp.name);
         let policies = sp.policies();
-        let cat = categorize(&endpoints, policies, node);
+        let cat = categorize(&endpoints, policies, view);
         let pick = |local: bool| -> &[&Endpoint] {
             if local && !cat.local.is_empty() {
                 &cat.local
@@ -43,6 +63,11 @@ pub fn table(state: &State, node_name: &str, node_ips: &[IpAddr], scheduler: &st
                 &cat.cluster
             }
         };
+        let scheduler = svc
+            .ipvs_scheduler
+            .as_deref()
+            .filter(|s| super::SCHEDULERS.contains(s))
+            .unwrap_or(scheduler);
         let service = Service {
             scheduler: scheduler.to_owned(),
             flags: svc.session_affinity_timeout.map_or(0, |_| F_PERSISTENT)
@@ -84,8 +109,103 @@ pub fn table(state: &State, node_name: &str, node_ips: &[IpAddr], scheduler: &st
                 add(*ip, sp.port.node_port, pick(policies.external_local));
             }
         }
+        companions(&sp, &endpoints, node, &mut sets, &mut out);
     }
+    let ipvs_ips = sets.entry(Set::IpvsIps).or_default();
+    ipvs_ips.extend(out.bind.iter().map(IpAddr::to_string));
+    out.sets = sets;
     out
+}
+
+/// One Service port's ipset members, kube-ipvs0 addresses and out-filter rules.
+fn companions(
+    sp: &crate::state::ServicePortView<'_>,
+    endpoints: &[&Endpoint],
+    node: &Node,
+    sets: &mut Sets,
+    out: &mut Wanted,
+) {
+    let mut put = |s: Set, m: String| {
+        sets.entry(s).or_default().insert(m);
+    };
+    let protocol = sp.name.protocol;
+    let port = sp.port.port.get();
+    let ext_local = sp.service.external_policy_local();
+    // A pod reaching itself through the Service is masqueraded (hairpin).
+    for e in endpoints {
+        if e.node_name.as_deref() == Some(node.name) {
+            let ep = ip_port(e.ip, protocol, e.port.get());
+            put(Set::LoopBack, format!("{ep},{}", e.ip));
+        }
+    }
+    if let Some(ip) = sp.cluster_ip {
+        put(Set::ClusterIp, ip_port(ip, protocol, port));
+        out.bind.insert(ip);
+    }
+    for ip in &sp.external_ips {
+        let set = if ext_local {
+            Set::ExternalIpLocal
+        } else {
+            Set::ExternalIp
+        };
+        put(set, ip_port(*ip, protocol, port));
+    }
+    for ip in &sp.load_balancer_ips {
+        let m = ip_port(*ip, protocol, port);
+        put(Set::LoadBalancer, m.clone());
+        if ext_local {
+            put(Set::LoadBalancerLocal, m.clone());
+        }
+        if sp.source_ranges.is_empty() {
+            continue;
+        }
+        put(Set::LoadBalancerFw, m.clone());
+        for c in &sp.source_ranges {
+            put(Set::LoadBalancerSourceCidr, format!("{m},{c}"));
+        }
+        let from_node = sp
+            .source_ranges
+            .iter()
+            .any(|c| node.own_ips.iter().any(|ip| c.contains(ip)));
+        if from_node {
+            put(Set::LoadBalancerSourceIp, format!("{m},{ip}"));
+        } else {
+            out.out_filter.insert(format!(
+                "-s {ip} -m ipvs --vaddr {ip} --vproto {} --vport {port} -j DROP",
+                protocol.lower()
+            ));
+        }
+    }
+    for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+        if !node.own_ips.contains(ip) {
+            out.bind.insert(*ip);
+        }
+    }
+    let node_port = sp.port.node_port;
+    if node_port != 0 && !node.nodeport_ips.is_empty() {
+        let (all, local) = Set::node_port(protocol);
+        let members: Vec<String> = if protocol == Protocol::Sctp {
+            // SCTP NodePorts are hash:ip,port sets (per node address), as upstream.
+            node.nodeport_ips
+                .iter()
+                .map(|ip| ip_port(*ip, protocol, node_port))
+                .collect()
+        } else {
+            vec![node_port.to_string()]
+        };
+        for m in members {
+            if ext_local {
+                put(local, m.clone());
+            }
+            put(all, m);
+        }
+    }
+    if sp.service.health_check_node_port != 0 {
+        put(
+            Set::HealthCheckNodePort,
+            sp.service.health_check_node_port.to_string(),
+        );
+    }
 }
 
 /// The table as text, one virtual server per line with its real servers; what `kproxy
@@ -117,6 +237,14 @@ mod tests {
     use super::*;
     use crate::model::{ChangeSet, IpFamily, Protocol};
 
+    fn node<'a>(name: &'a str, ips: &'a [IpAddr]) -> Node<'a> {
+        Node {
+            name,
+            nodeport_ips: ips,
+            own_ips: ips,
+        }
+    }
+
     fn state(json: &str) -> State {
         let mut s = State::new(IpFamily::V4);
         s.apply(ChangeSet::from_json(json.as_bytes()).unwrap());
@@ -142,7 +270,7 @@ mod tests {
     fn every_service_address_gets_a_virtual_server() {
         let s = state(CLUSTER);
         let node_ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let t = table(&s, "n1", &node_ips, "rr").table;
+        let t = table(&s, &node("n1", &node_ips), "rr").table;
         let text = describe(&t);
         let want = "\
 172.30.0.1:80/tcp rr persistent 600s -> 10.1.0.1:8080 10.2.0.1:8080
@@ -180,7 +308,7 @@ mod tests {
               {"ip":"10.2.0.5","port":80,"ready":true,"serving":true,"terminating":false,"node_name":"n2"}]}]}]}"#,
         );
         let ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let on = |node: &str| describe(&table(&s, node, &ips, "rr").table);
+        let on = |name: &str| describe(&table(&s, &node(name, &ips), "rr").table);
         // n1: the NodePort goes to n1's endpoint only; the ClusterIP to both; the internal-
         // Local Service has no endpoint here and no fallback (it uses no cluster endpoints).
         assert_eq!(
@@ -195,6 +323,103 @@ mod tests {
             "172.30.0.2:53/udp rr -> 10.1.0.9:5353 10.2.0.9:5353\n\
              172.30.0.3:80/tcp rr -> (no real servers: refused)\n\
              192.168.0.2:30053/udp rr -> 10.1.0.9:5353 10.2.0.9:5353\n"
+        );
+    }
+
+    #[test]
+    fn companion_sets_follow_upstreams_layout() {
+        let s = state(
+            r#"{"services":[
+            {"namespace":"ns","name":"lb","service":{"cluster_ips":["172.30.0.5"],
+             "external_ips":["203.0.113.7","192.168.0.2"],"load_balancer_ips":["198.51.100.1"],
+             "load_balancer_source_ranges":["192.168.0.0/24"],
+             "externally_accessible":true,"external_traffic_policy":"Local","health_check_node_port":32000,
+             "ports":[{"name":"http","protocol":"TCP","port":80,"node_port":30080}]}},
+            {"namespace":"ns","name":"fw","service":{"cluster_ips":["172.30.0.6"],
+             "load_balancer_ips":["198.51.100.2"],"load_balancer_source_ranges":["10.9.0.0/16"],
+             "externally_accessible":true,
+             "ports":[{"name":"s","protocol":"SCTP","port":90,"node_port":30090}]}}],
+          "endpoints":[
+            {"namespace":"ns","name":"lb","ports":[{"name":"http","protocol":"TCP","endpoints":[
+              {"ip":"10.1.0.1","port":8080,"ready":true,"serving":true,"terminating":false,"node_name":"n1"},
+              {"ip":"10.2.0.1","port":8080,"ready":true,"serving":true,"terminating":false,"node_name":"n2"}]}]}]}"#,
+        );
+        let ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
+        let w = table(&s, &node("n1", &ips), "rr");
+        let members = |set: Set| -> Vec<&str> {
+            w.sets
+                .get(&set)
+                .map(|m| m.iter().map(String::as_str).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(members(Set::LoopBack), ["10.1.0.1,tcp:8080,10.1.0.1"]);
+        assert_eq!(
+            members(Set::ClusterIp),
+            ["172.30.0.5,tcp:80", "172.30.0.6,sctp:90"]
+        );
+        assert_eq!(
+            members(Set::ExternalIpLocal),
+            ["192.168.0.2,tcp:80", "203.0.113.7,tcp:80"]
+        );
+        assert!(members(Set::ExternalIp).is_empty());
+        assert_eq!(
+            members(Set::LoadBalancer),
+            ["198.51.100.1,tcp:80", "198.51.100.2,sctp:90"]
+        );
+        assert_eq!(members(Set::LoadBalancerLocal), ["198.51.100.1,tcp:80"]);
+        assert_eq!(
+            members(Set::LoadBalancerSourceCidr),
+            [
+                "198.51.100.1,tcp:80,192.168.0.0/24",
+                "198.51.100.2,sctp:90,10.9.0.0/16"
+            ]
+        );
+        // The first LB's ranges hold the node: it may reach its own LB address...
+        assert_eq!(
+            members(Set::LoadBalancerSourceIp),
+            ["198.51.100.1,tcp:80,198.51.100.1"]
+        );
+        // ...the second's do not: the node is kept out, as upstream.
+        assert_eq!(
+            w.out_filter.iter().collect::<Vec<_>>(),
+            ["-s 198.51.100.2 -m ipvs --vaddr 198.51.100.2 --vproto sctp --vport 90 -j DROP"]
+        );
+        assert_eq!(members(Set::NodePortTcp), ["30080"]);
+        assert_eq!(members(Set::NodePortLocalTcp), ["30080"]);
+        assert_eq!(members(Set::NodePortSctp), ["192.168.0.2,sctp:30090"]);
+        assert_eq!(members(Set::HealthCheckNodePort), ["32000"]);
+        // The node's own address is never bound on kube-ipvs0.
+        let bind: Vec<String> = w.bind.iter().map(IpAddr::to_string).collect();
+        assert_eq!(
+            bind,
+            [
+                "172.30.0.5",
+                "172.30.0.6",
+                "198.51.100.1",
+                "198.51.100.2",
+                "203.0.113.7"
+            ]
+        );
+        assert_eq!(members(Set::IpvsIps).len(), 5);
+    }
+
+    #[test]
+    fn a_services_own_scheduler_is_used_when_it_is_a_known_one() {
+        let with = |sched: &str| {
+            state(&format!(
+                r#"{{"services":[{{"namespace":"ns","name":"a","service":{{"cluster_ips":["172.30.0.1"],
+                "ipvs_scheduler":"{sched}","ports":[{{"name":"p","protocol":"TCP","port":80}}]}}}}]}}"#
+            ))
+        };
+        let ips: Vec<IpAddr> = vec![];
+        let sched = |s: &State| describe(&table(s, &node("n1", &ips), "rr").table);
+        assert_eq!(
+            sched(&with("lc")),
+            "172.30.0.1:80/tcp lc -> (no real servers: refused)\n"
+        );
+        assert_eq!(
+            sched(&with("x;y")),
+            "172.30.0.1:80/tcp rr -> (no real servers: refused)\n"
         );
     }
 }

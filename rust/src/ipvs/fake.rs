@@ -2,8 +2,9 @@
 //! EEXIST, touching a virtual server that does not exist is ESRCH, a real server that does not
 //! exist ENOENT. Each operation stands alone, as each message of a netlink batch does.
 
-use super::{Backend, Dest, Op, Outcome, Table, Virtual, VirtualKey};
+use super::{Backend, Dest, DestKey, Op, Outcome, Table, Virtual, VirtualKey};
 use crate::error::Result;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 
 #[derive(Debug, Default)]
@@ -72,6 +73,14 @@ impl Backend for Fake {
             }
         }
         Ok(out)
+    }
+
+    fn dests(&mut self, k: &VirtualKey) -> Result<BTreeMap<DestKey, Dest>> {
+        Ok(self
+            .table
+            .get(k)
+            .map(|v| v.dests.clone())
+            .unwrap_or_default())
     }
 
     fn dump(&mut self, v6: bool) -> Result<Table> {

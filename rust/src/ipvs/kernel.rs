@@ -7,9 +7,10 @@
 //! Upstream sends one request per object and waits for each answer.
 
 use super::message::{self, CMD_SET_CONFIG};
-use super::{Backend, Op, Outcome, Table};
+use super::{Backend, Dest, DestKey, Op, Outcome, Table, VirtualKey};
 use crate::error::{Error, Result};
 use crate::netlink::{messages, Socket, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 const NETLINK_GENERIC: i32 = 16;
@@ -243,18 +244,21 @@ impl Backend for Client {
                 }
             }
         }
-        let keys: Vec<_> = table.keys().copied().collect();
-        for k in keys {
-            let seq = self.next_seq();
-            let fam = message::family_of(&k);
-            for payload in self.dump(message::dump_dests(self.family, seq, &k))? {
-                if let Some((d, dest)) = message::decode_dest(&payload, fam) {
-                    if let Some(v) = table.get_mut(&k) {
-                        v.dests.insert(d, dest);
-                    }
-                }
-            }
+        for (k, v) in table.iter_mut() {
+            v.dests = Backend::dests(self, k)?;
         }
         Ok(table)
+    }
+
+    fn dests(&mut self, k: &VirtualKey) -> Result<BTreeMap<DestKey, Dest>> {
+        let seq = self.next_seq();
+        let fam = message::family_of(k);
+        let mut out = BTreeMap::new();
+        for payload in self.dump(message::dump_dests(self.family, seq, k))? {
+            if let Some((d, dest)) = message::decode_dest(&payload, fam) {
+                out.insert(d, dest);
+            }
+        }
+        Ok(out)
     }
 }

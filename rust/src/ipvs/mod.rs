@@ -15,10 +15,12 @@
 
 pub mod desired;
 pub mod fake;
+pub mod ipset;
 pub mod kernel;
 pub mod message;
 pub mod plan;
 pub mod program;
+pub mod rules;
 
 use crate::model::Protocol;
 use std::collections::BTreeMap;
@@ -40,6 +42,11 @@ impl std::fmt::Display for VirtualKey {
         }
     }
 }
+
+/// The schedulers upstream accepts; a Service's own choice outside this list is ignored.
+pub const SCHEDULERS: &[&str] = &[
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh",
+];
 
 /// IP_VS_SVC_F_PERSISTENT: ClientIP affinity.
 pub const F_PERSISTENT: u32 = 0x1;
@@ -153,4 +160,6 @@ pub trait Backend: Send {
     fn apply(&mut self, ops: &[Op]) -> crate::error::Result<Outcome>;
     /// The whole table of one family, as the kernel has it now.
     fn dump(&mut self, v6: bool) -> crate::error::Result<Table>;
+    /// One virtual server's real servers with their connection counts (empty if it is gone).
+    fn dests(&mut self, k: &VirtualKey) -> crate::error::Result<BTreeMap<DestKey, Dest>>;
 }

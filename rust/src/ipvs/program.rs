@@ -7,58 +7,128 @@
 //! the next plan starts from the truth, the refusals are reported naming their Service ports,
 //! and the next sync is full.
 
+use super::desired::Wanted;
+use super::ipset::{self, Sets};
 use super::plan::{draining, plan};
-use super::{Backend, Table, VirtualKey};
+use super::rules::{self, RuleConfig};
+use super::{Backend, Table};
 use crate::error::{Error, Result};
-use std::collections::BTreeMap;
+use crate::iptables;
+use crate::model::Cidr;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 /// What one sync sent.
 #[derive(Debug, Default)]
 pub struct Written {
     pub operations: usize,
     pub sends: usize,
+    /// ipset members added and deleted (a full sync rewrites every member).
+    pub set_members: usize,
+    /// Whether the companion iptables rules were rewritten.
+    pub rules_written: bool,
+}
+
+/// The companions of the IPVS table: ipsets and the iptables rules that match them.
+pub struct Companions {
+    pub sets: Box<dyn ipset::Backend>,
+    pub rules: Box<dyn iptables::Backend>,
+    pub config: RuleConfig,
 }
 
 pub struct Program {
     backend: Box<dyn Backend>,
+    companions: Companions,
     v6: bool,
+    /// Virtual servers on these addresses belong to someone else (`ipvs.excludeCIDRs`).
+    exclude: Vec<Cidr>,
     /// What the kernel holds, as far as we know; `None`: read it before planning.
     applied: Option<Table>,
+    applied_sets: Option<Sets>,
+    /// The out-filter rules last written (`None`: rewrite the rules).
+    applied_out_filter: Option<BTreeSet<String>>,
+    /// The addresses the last successful sync wanted on kube-ipvs0.
+    bind: BTreeSet<IpAddr>,
 }
 
 impl Program {
-    pub fn new(backend: Box<dyn Backend>, v6: bool) -> Program {
+    pub fn new(backend: Box<dyn Backend>, companions: Companions, exclude: Vec<Cidr>) -> Program {
+        let v6 = companions.config.family == crate::model::IpFamily::V6;
         Program {
             backend,
+            companions,
             v6,
+            exclude,
             applied: None,
+            applied_sets: None,
+            applied_out_filter: None,
+            bind: BTreeSet::new(),
         }
     }
 
-    /// `names`: the Service port each virtual server belongs to, for error messages.
-    pub fn sync(
-        &mut self,
-        want: Table,
-        names: &BTreeMap<VirtualKey, String>,
-        full: bool,
-    ) -> Result<Written> {
-        let have = match self.applied.take() {
+    /// Bring the kernel to `want`: ipsets first (the rules match them), then the rules, then
+    /// the IPVS table. The addresses on kube-ipvs0 are the caller's ([`Program::bind`]).
+    pub fn sync(&mut self, want: Wanted, full: bool) -> Result<Written> {
+        let mut written = Written::default();
+        let fam = self.companions.config.family;
+        let sets_text = match self.applied_sets.take() {
+            Some(have) if !full => ipset::partial_text(fam, &want.sets, &have),
+            _ => {
+                let names = self.companions.sets.names()?;
+                ipset::full_text(fam, &want.sets, &names)
+            }
+        };
+        if !sets_text.is_empty() {
+            self.companions.sets.restore(&sets_text)?;
+            written.set_members = sets_text
+                .lines()
+                .filter(|l| l.starts_with("add ") || l.starts_with("del "))
+                .count();
+        }
+        self.applied_sets = Some(want.sets);
+
+        let rules_stale = full || self.applied_out_filter.as_ref() != Some(&want.out_filter);
+        if rules_stale {
+            self.applied_out_filter = None;
+            let out: Vec<String> = want.out_filter.iter().cloned().collect();
+            let text = rules::restore_text(&self.companions.config, &out);
+            self.companions.rules.restore(&text)?;
+            if full {
+                self.companions.rules.ensure_jumps(rules::JUMPS)?;
+            }
+            self.applied_out_filter = Some(want.out_filter);
+            written.rules_written = true;
+        }
+
+        let mut have = match self.applied.take() {
             Some(t) if !full => t,
-            _ => self.backend.dump(self.v6)?,
+            _ => self.dump()?,
         };
-        let ops = plan(&want, &have);
+        if !full {
+            // Graceful termination needs the kernel's connection counts of the TCP real
+            // servers that leave: read just those virtual servers.
+            for (k, h) in have.iter_mut() {
+                let leaving = want.table.get(k).is_some_and(|w| {
+                    k.protocol == crate::model::Protocol::Tcp
+                        && h.dests.keys().any(|d| !w.dests.contains_key(d))
+                });
+                if leaving {
+                    h.dests = self.backend.dests(k)?;
+                }
+            }
+        }
+        let ops = plan(&want.table, &have);
         let out = self.backend.apply(&ops)?;
-        let written = Written {
-            operations: ops.len(),
-            sends: out.messages_per_send.len(),
-        };
-        if out.refused.is_empty() && draining(&want, &have).is_empty() {
-            self.applied = Some(want);
+        written.operations = ops.len();
+        written.sends = out.messages_per_send.len();
+        self.bind = want.bind;
+        if out.refused.is_empty() && draining(&want.table, &have).is_empty() {
+            self.applied = Some(want.table);
             return Ok(written);
         }
         // Refusals, or real servers left draining at weight 0: the kernel's table is not
         // the wanted one; read it back so the next plan starts from what is there.
-        self.applied = Some(self.backend.dump(self.v6)?);
+        self.applied = Some(self.dump()?);
         if out.refused.is_empty() {
             return Ok(written);
         }
@@ -68,7 +138,7 @@ impl Program {
             .iter()
             .map(|(i, errno)| {
                 let op = &ops[*i];
-                let owner = names.get(&op.key()).map_or("?", String::as_str);
+                let owner = want.names.get(&op.key()).map_or("?", String::as_str);
                 let e = std::io::Error::from_raw_os_error(*errno);
                 format!("{owner}: {op}: {e}")
             })
@@ -85,18 +155,57 @@ impl Program {
         })
     }
 
-    /// The kernel's table as it is now.
+    /// The addresses kube-ipvs0 should hold after the last sync.
+    pub fn bind(&self) -> &BTreeSet<IpAddr> {
+        &self.bind
+    }
+
+    /// The kernel's table as it is now, without the virtual servers of excluded addresses.
     pub fn dump(&mut self) -> Result<Table> {
-        self.backend.dump(self.v6)
+        let mut t = self.backend.dump(self.v6)?;
+        if !self.exclude.is_empty() {
+            t.retain(|k, _| !self.exclude.iter().any(|c| c.contains(&k.addr)));
+        }
+        Ok(t)
+    }
+
+    /// Whether our chains are still there (someone flushing them calls for a full sync).
+    pub fn intact(&mut self) -> Result<bool> {
+        let r = &mut self.companions.rules;
+        Ok(r.chain_exists("nat", rules::KUBE_SERVICES)?
+            && r.chain_exists("filter", rules::KUBE_IPVS_FILTER)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::fake::Fake;
-    use super::super::{Dest, DestKey, Service, Virtual};
+    use super::super::{Dest, DestKey, Service, Virtual, VirtualKey};
     use super::*;
-    use crate::model::Protocol;
+    use crate::iptables::render::LocalDetector;
+    use crate::model::{IpFamily, Protocol};
+    use std::collections::BTreeMap;
+
+    fn companions() -> Companions {
+        Companions {
+            sets: Box::new(ipset::Fake::default()),
+            rules: Box::new(iptables::Fake::new()),
+            config: RuleConfig {
+                family: IpFamily::V4,
+                local: LocalDetector::None,
+                masquerade_all: false,
+                masquerade_mark: 0x4000,
+            },
+        }
+    }
+
+    fn wanted(table: &Table, names: &BTreeMap<VirtualKey, String>) -> Wanted {
+        Wanted {
+            table: table.clone(),
+            names: names.clone(),
+            ..Wanted::default()
+        }
+    }
 
     fn vk(i: u8) -> VirtualKey {
         VirtualKey {
@@ -136,18 +245,24 @@ mod tests {
         fn dump(&mut self, v6: bool) -> Result<Table> {
             self.0.lock().unwrap().dump(v6)
         }
+        fn dests(&mut self, k: &VirtualKey) -> Result<std::collections::BTreeMap<DestKey, Dest>> {
+            self.0.lock().unwrap().dests(k)
+        }
     }
 
     #[test]
     fn a_refusal_names_the_service_port_and_the_rest_is_applied_then_reconciled() {
         let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
-        let mut p = Program::new(Box::new(Shared(fake.clone())), false);
+        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), vec![]);
         let names: BTreeMap<_, _> = [(vk(1), "ns/a:http".to_owned()), (vk(2), "ns/b:http".into())]
             .into_iter()
             .collect();
         let want = Table::from([(vk(1), one(&[1, 2])), (vk(2), one(&[3]))]);
         fake.lock().unwrap().refuse.insert(vk(2));
-        let err = p.sync(want.clone(), &names, false).unwrap_err().to_string();
+        let err = p
+            .sync(wanted(&want, &names), false)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("ns/b:http: add virtual server 10.96.0.2:80/tcp"),
             "{err}"
@@ -158,22 +273,89 @@ mod tests {
                                                                       // sending only what is missing.
         fake.lock().unwrap().refuse.clear();
         let before = fake.lock().unwrap().log.len();
-        p.sync(want.clone(), &names, true).unwrap();
+        p.sync(wanted(&want, &names), true).unwrap();
         assert_eq!(fake.lock().unwrap().table, want);
         assert_eq!(fake.lock().unwrap().log.len() - before, 2);
         // Nothing changed: nothing sent, and no dump needed for a partial sync.
-        let w = p.sync(want.clone(), &names, false).unwrap();
+        let w = p.sync(wanted(&want, &names), false).unwrap();
         assert_eq!(w.operations, 0);
     }
 
     #[test]
     fn something_else_removing_our_servers_is_repaired_by_a_full_sync() {
         let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
-        let mut p = Program::new(Box::new(Shared(fake.clone())), false);
+        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), vec![]);
         let want = Table::from([(vk(1), one(&[1, 2]))]);
-        p.sync(want.clone(), &BTreeMap::new(), true).unwrap();
+        p.sync(wanted(&want, &BTreeMap::new()), true).unwrap();
         fake.lock().unwrap().table.clear(); // ipvsadm -C
-        p.sync(want.clone(), &BTreeMap::new(), true).unwrap();
+        p.sync(wanted(&want, &BTreeMap::new()), true).unwrap();
         assert_eq!(fake.lock().unwrap().table, want);
+    }
+
+    #[test]
+    fn partial_syncs_read_only_the_virtual_servers_losing_tcp_real_servers() {
+        let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
+        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), vec![]);
+        let want = Table::from([(vk(1), one(&[1, 2])), (vk(2), one(&[3]))]);
+        p.sync(wanted(&want, &BTreeMap::new()), true).unwrap();
+        // Real server 2 carries a connection when it leaves: it drains at weight 0.
+        let d2 = DestKey {
+            addr: "10.244.0.2".parse().unwrap(),
+            port: 8080,
+        };
+        fake.lock()
+            .unwrap()
+            .table
+            .get_mut(&vk(1))
+            .unwrap()
+            .dests
+            .get_mut(&d2)
+            .unwrap()
+            .active = 1;
+        let less = Table::from([(vk(1), one(&[1])), (vk(2), one(&[3]))]);
+        p.sync(wanted(&less, &BTreeMap::new()), false).unwrap();
+        assert_eq!(fake.lock().unwrap().table[&vk(1)].dests[&d2].weight, 0);
+        // The connection ends; the next full sync deletes the drained server.
+        fake.lock()
+            .unwrap()
+            .table
+            .get_mut(&vk(1))
+            .unwrap()
+            .dests
+            .get_mut(&d2)
+            .unwrap()
+            .active = 0;
+        p.sync(wanted(&less, &BTreeMap::new()), true).unwrap();
+        assert_eq!(fake.lock().unwrap().table, less);
+    }
+
+    #[test]
+    fn excluded_addresses_are_left_alone_and_sets_change_by_difference() {
+        let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
+        let foreign = VirtualKey {
+            addr: "192.0.2.1".parse().unwrap(),
+            protocol: Protocol::Udp,
+            port: 53,
+        };
+        fake.lock().unwrap().table.insert(foreign, one(&[9]));
+        let exclude = vec!["192.0.2.0/24".parse().unwrap()];
+        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), exclude);
+        let want = Table::from([(vk(1), one(&[1]))]);
+        let mut w = wanted(&want, &BTreeMap::new());
+        w.sets
+            .entry(ipset::Set::ClusterIp)
+            .or_default()
+            .insert("10.96.0.1,tcp:80".into());
+        let r = p.sync(w, true).unwrap();
+        assert!(r.rules_written && r.set_members == 1);
+        assert!(fake.lock().unwrap().table.contains_key(&foreign));
+        // Nothing changed: no set member, no rule, no operation.
+        let mut w = wanted(&want, &BTreeMap::new());
+        w.sets
+            .entry(ipset::Set::ClusterIp)
+            .or_default()
+            .insert("10.96.0.1,tcp:80".into());
+        let r = p.sync(w, false).unwrap();
+        assert!(!r.rules_written && r.set_members == 0 && r.operations == 0);
     }
 }

@@ -162,6 +162,9 @@ pub struct Service {
     #[serde(default)]
     pub health_check_node_port: u16,
     pub ports: Vec<PortSpec>,
+    /// The ipvs mode's scheduler for this Service (an annotation); `None`: the default.
+    #[serde(default)]
+    pub ipvs_scheduler: Option<String>,
 }
 
 impl Service {

@@ -197,6 +197,15 @@ impl Engine {
         self.lock().forward_stats().into_iter().collect()
     }
 
+    /// ipvs mode: the addresses kube-ipvs0 should hold after the last sync (empty otherwise).
+    fn ipvs_addresses(&self) -> Vec<String> {
+        self.lock()
+            .ipvs_bind()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     /// Whether our canary chains are all present (False: someone flushed our tables, so the
     /// next sync should be full).
     fn canary_intact(&self, py: Python<'_>) -> PyResult<bool> {

@@ -1,0 +1,383 @@
+"""Real TCP and UDP through kproxy's ipvs mode, run inside the VM (root, the VM's own kernel).
+
+The VM's root network namespace is the node. Two pod namespaces hold the endpoints (pod1 is on
+this node, pod2 is declared on another one) and a client namespace is a machine outside the
+cluster. kproxy's own Proxier (the daemon's code path: Rust engine, IPVS over netlink, ipsets,
+iptables rules, kube-ipvs0 through pyroute2) programs the node from Service and EndpointSlice
+objects; then packets are sent. Every server and client socket lives in this one process
+(created inside the namespaces with setns), so nothing is left running. Each check prints
+``ok: ...``; the first failure exits non-zero naming the check.
+
+Usage (inside the VM): ``python ipvs_traffic.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kproxy import lifecycle
+from kproxy.backends.proxier import Proxier
+from kproxy.config import build
+from kproxy.control import Controller
+
+NODE = "vm"
+NODE_IP = "192.168.50.1"
+CLIENT = "192.168.50.2"
+PODS = {"pod1": ("10.244.1.2", "10.244.1.1", NODE), "pod2": ("10.244.2.2", "10.244.2.1", "other")}
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*argv: str) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"FAIL: {' '.join(argv)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+@contextmanager
+def netns(name: str | None) -> Iterator[None]:
+    """Run the block in network namespace `name` (this thread only); None: stay."""
+    if name is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        yield
+    finally:
+        _libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+        os.close(target)
+
+
+def topology() -> None:
+    for ns, (ip, gw, _) in [*PODS.items(), ("client", (CLIENT, NODE_IP, ""))]:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"v-{ns}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "addr", "add", f"{gw}/24", "dev", f"v-{ns}")
+        sh("ip", "link", "set", f"v-{ns}", "up")
+        for cmd in (
+            ["addr", "add", f"{ip}/24", "dev", "eth0"],
+            ["link", "set", "eth0", "up"],
+            ["link", "set", "lo", "up"],
+            ["route", "add", "default", "via", gw],
+        ):
+            sh("ip", "-n", ns, *cmd)
+
+
+def serve(ns: str, name: str) -> None:
+    """TCP 8080 and UDP 5353 in `ns`: each request line is answered with `name peer-ip`."""
+    with netns(ns):
+        tcp = socket.create_server(("0.0.0.0", 8080), backlog=64)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", 5353))
+
+    def conversation(conn: socket.socket, peer: str) -> None:
+        with conn:
+            conn.settimeout(120)
+            f = conn.makefile("rwb")
+            for _ in range(1000):
+                if not f.readline():
+                    return
+                f.write(f"{name} {peer}\n".encode())
+                f.flush()
+
+    def tcp_loop() -> None:
+        while True:
+            conn, (peer, _) = tcp.accept()
+            threading.Thread(target=conversation, args=(conn, peer), daemon=True).start()
+
+    def udp_loop() -> None:
+        while True:
+            _, (peer, port) = udp.recvfrom(2048)
+            udp.sendto(f"{name} {peer}".encode(), (peer, port))
+
+    threading.Thread(target=tcp_loop, daemon=True).start()
+    threading.Thread(target=udp_loop, daemon=True).start()
+
+
+class Conn:
+    """A TCP conversation from namespace `ns` (None: the node)."""
+
+    def __init__(self, ns: str | None, ip: str, port: int) -> None:
+        with netns(ns):
+            self.sock = socket.create_connection((ip, port), timeout=20)
+        self.f = self.sock.makefile("rwb")
+
+    def ask(self) -> tuple[str, str]:
+        self.f.write(b"who\n")
+        self.f.flush()
+        line = self.f.readline().decode().split()
+        if len(line) != 2:
+            raise SystemExit(f"FAIL: no answer on {self.sock}")
+        return line[0], line[1]
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()
+
+
+def tcp(ns: str | None, ip: str, port: int) -> tuple[str, str]:
+    c = Conn(ns, ip, port)
+    try:
+        return c.ask()
+    finally:
+        c.close()
+
+
+def tcp_raw(ns: str | None, ip: str, port: int) -> bool:
+    """Whether a TCP connection to ip:port opens."""
+    with netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(10)
+        return s.connect_ex((ip, port)) == 0
+
+
+def udp(ns: str | None, ip: str, port: int) -> tuple[str, str]:
+    with netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(3)
+        for _ in range(5):  # the first datagram of a flow may race conntrack; retry a little
+            s.sendto(b"who", (ip, port))
+            try:
+                data = s.recv(2048).decode().split()
+                return data[0], data[1]
+            except TimeoutError:
+                continue
+    raise SystemExit(f"FAIL: no UDP answer from {ip}:{port}")
+
+
+def check(what: str, ok: bool, detail: object = "") -> None:
+    if not ok:
+        raise SystemExit(f"FAIL: {what}: {detail}")
+    print(f"ok: {what}", flush=True)
+
+
+def service(
+    name: str,
+    ip: str,
+    ports: list[dict[str, Any]],
+    annotations: dict[str, str] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    meta = {"namespace": "t", "name": name, "annotations": annotations or {}}
+    return {
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec},
+    }
+
+
+def slice_(name: str, port: int, proto: str, pods: list[str]) -> dict[str, Any]:
+    eps = [
+        {
+            "addresses": [PODS[p][0]],
+            "nodeName": PODS[p][2],
+            "conditions": {"ready": True, "serving": True, "terminating": False},
+        }
+        for p in pods
+    ]
+    return {
+        "kind": "EndpointSlice",
+        "addressType": "IPv4",
+        "metadata": {
+            "namespace": "t",
+            "name": f"{name}-1",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "ports": [{"name": "p", "port": port, "protocol": proto}],
+        "endpoints": eps,
+    }
+
+
+def services() -> list[dict[str, Any]]:
+    tcp80 = [{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+    return [
+        service("web", "10.96.0.10", [{**tcp80[0], "nodePort": 30080}], type="NodePort"),
+        service(
+            "dns",
+            "10.96.0.11",
+            [{"name": "p", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053}],
+            type="NodePort",
+        ),
+        service(
+            "sticky",
+            "10.96.0.12",
+            tcp80,
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+        ),
+        service(
+            "local",
+            "10.96.0.13",
+            [{**tcp80[0], "nodePort": 30081}],
+            type="NodePort",
+            externalTrafficPolicy="Local",
+        ),
+        service("wlc", "10.96.0.14", tcp80, {"kproxy.io/ipvs-scheduler": "wlc"}),
+    ]
+
+
+def slices(web: list[str]) -> list[dict[str, Any]]:
+    both = ["pod1", "pod2"]
+    return [
+        slice_("web", 8080, "TCP", web),
+        slice_("dns", 5353, "UDP", both),
+        slice_("sticky", 8080, "TCP", both),
+        slice_("local", 8080, "TCP", both),
+        slice_("wlc", 8080, "TCP", both),
+    ]
+
+
+def answers(n: int, probe: Callable[[], tuple[str, str]]) -> Counter[tuple[str, str]]:
+    return Counter(probe() for _ in range(n))
+
+
+def ipvsadm() -> str:
+    return sh("ipvsadm", "-Ln")
+
+
+def table() -> dict[str, dict[str, int]]:
+    """ipvsadm's listing: virtual server ("10.96.0.10:80/tcp") -> real server -> weight."""
+    out: dict[str, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    for line in ipvsadm().splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("TCP", "UDP", "SCTP"):
+            current = out.setdefault(f"{parts[1]}/{parts[0].lower()}", {})
+        elif len(parts) >= 4 and parts[0] == "->" and current is not None and parts[2] == "Masq":
+            current[parts[1]] = int(parts[3])
+    return out
+
+
+def main() -> int:
+    sh("modprobe", "ip_vs")
+    topology()
+    for ns in PODS:
+        serve(ns, ns)
+    cfg = build(
+        {},
+        {
+            "mode": "ipvs",
+            "hostname_override": NODE,
+            "cluster_cidrs": ("10.244.0.0/16",),
+            "ipvs_tcp_fin_timeout": 2.0,
+        },
+    )
+    c = Controller(NODE, wait_for_node=False)
+    c.replace("services", services())
+    c.replace("endpointslices", slices(["pod1", "pod2"]))
+    p = Proxier(cfg, ["IPv4"], None)
+    p.sync(c.drain(), True)
+    print(ipvsadm(), flush=True)
+    check(
+        "kube-ipvs0 holds the ClusterIPs",
+        p.dummy is not None
+        and {"10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"} <= p.dummy.addresses(),
+    )
+    check("the per-Service scheduler annotation", "10.96.0.14:80 wlc" in ipvsadm(), ipvsadm())
+    web = "10.96.0.10:80/tcp"
+    check("every real server is masqueraded", len(table()[web]) == 2, ipvsadm())
+
+    # ClusterIP from outside the cluster: both endpoints, masqueraded (not the client's IP).
+    got = answers(12, lambda: tcp("client", "10.96.0.10", 80))
+    check("TCP ClusterIP reaches both endpoints", {n for n, _ in got} == {"pod1", "pod2"}, got)
+    check("off-cluster ClusterIP traffic is masqueraded", all(s != CLIENT for _, s in got), got)
+    # From this node's pod: its own address is kept; reaching itself through the Service
+    # (hairpin) is masqueraded, so its replies come back through the node.
+    got = answers(12, lambda: tcp("pod1", "10.96.0.10", 80))
+    check("pod-to-ClusterIP keeps the pod's source", ("pod2", PODS["pod1"][0]) in got, got)
+    check(
+        "hairpin: a pod reaches itself through its Service", ("pod1", PODS["pod1"][1]) in got, got
+    )
+    # NodePort from outside: both endpoints, masqueraded.
+    got = answers(12, lambda: tcp("client", NODE_IP, 30080))
+    check("TCP NodePort reaches both endpoints", {n for n, _ in got} == {"pod1", "pod2"}, got)
+    check("NodePort traffic is masqueraded", all(s != CLIENT for _, s in got), got)
+    # UDP through the ClusterIP and the NodePort.
+    got = answers(8, lambda: udp("client", "10.96.0.11", 53))
+    check("UDP ClusterIP reaches both endpoints", {n for n, _ in got} == {"pod1", "pod2"}, got)
+    got = answers(8, lambda: udp("client", NODE_IP, 30053))
+    check("UDP NodePort reaches both endpoints", {n for n, _ in got} == {"pod1", "pod2"}, got)
+    check("UDP NodePort traffic is masqueraded", all(s != CLIENT for _, s in got), got)
+    # ClientIP affinity: one client, one endpoint.
+    got = answers(10, lambda: tcp("client", "10.96.0.12", 80))
+    check("ClientIP affinity pins the client to one endpoint", len({n for n, _ in got}) == 1, got)
+    # eTP Local NodePort: only this node's endpoint, and the client's address is preserved.
+    got = answers(10, lambda: tcp("client", NODE_IP, 30081))
+    check("eTP Local NodePort goes to the local endpoint only", set(got) == {("pod1", CLIENT)}, got)
+    # The node's own ports are not reachable through a Service address (KUBE-IPVS-FILTER).
+    with netns(None):
+        guard = socket.create_server(("0.0.0.0", 9999))
+    try:
+        refused = False
+        try:
+            tcp("client", "10.96.0.10", 9999)
+        except ConnectionRefusedError:
+            refused = True
+        check("a node port is not reachable through a Service address", refused)
+        check("...but is through the node's own address", tcp_raw("client", NODE_IP, 9999))
+    finally:
+        guard.close()
+
+    # Graceful termination: an open connection to an endpoint that leaves keeps working; the
+    # real server stays at weight 0 until its connections are gone, then is deleted.
+    held = [Conn("client", "10.96.0.10", 80) for _ in range(4)]
+    on = {h.ask()[0]: h for h in held}
+    leaving = "pod2" if "pod2" in on else "pod1"
+    staying = "pod1" if leaving == "pod2" else "pod2"
+    c.replace("endpointslices", slices([staying]))
+    p.sync(c.drain(), False)
+    dests = table()[web]
+    check(
+        "a leaving TCP endpoint drains at weight 0",
+        dests == {f"{PODS[leaving][0]}:8080": 0, f"{PODS[staying][0]}:8080": 1},
+        dests,
+    )
+    check("its open connection still works", on[leaving].ask()[0] == leaving)
+    got = answers(8, lambda: tcp("client", "10.96.0.10", 80))
+    check("new connections avoid the draining endpoint", {n for n, _ in got} == {staying}, got)
+    for h in held:
+        h.close()
+    gone = False
+    for _ in range(60):  # FIN timeout 2 s (ipvs.tcpFinTimeout); bounded wait
+        time.sleep(1)
+        p.sync(c.drain(), True)
+        if table()[web] == {f"{PODS[staying][0]}:8080": 1}:
+            gone = True
+            break
+    check("the drained endpoint is deleted once its connections are gone", gone, ipvsadm())
+
+    # Deleting every Service removes every virtual server, address and set member.
+    c.replace("services", [])
+    c.replace("endpointslices", [])
+    p.sync(c.drain(), False)
+    check("no virtual servers left", table() == {}, ipvsadm())
+    check("kube-ipvs0 emptied", p.dummy is not None and not p.dummy.addresses())
+    check("ipsets emptied", "10.96.0" not in sh("ipset", "save"), sh("ipset", "save"))
+    p.close()
+    check("kproxy cleanup succeeds", lifecycle.cleanup() == 0)
+    check("cleanup removed kube-ipvs0", not os.path.exists("/sys/class/net/kube-ipvs0"))
+    check("cleanup removed the chains", "KUBE-IPVS-FILTER" not in sh("iptables-save"))
+    check("cleanup removed the ipsets", "KUBE-" not in sh("ipset", "list", "-n"))
+    print("IPVS-TRAFFIC-DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
