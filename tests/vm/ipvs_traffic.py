@@ -33,6 +33,8 @@ from kproxy.control import Controller
 NODE = "vm"
 NODE_IP = "192.168.50.1"
 CLIENT = "192.168.50.2"
+CLIENT2 = "192.168.60.2"  # another outside machine, not in the LB's source ranges
+LB_IP, EXTERNAL_IP = "203.0.113.10", "203.0.113.20"
 PODS = {"pod1": ("10.244.1.2", "10.244.1.1", NODE), "pod2": ("10.244.2.2", "10.244.2.1", "other")}
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -64,7 +66,8 @@ def netns(name: str | None) -> Iterator[None]:
 
 
 def topology() -> None:
-    for ns, (ip, gw, _) in [*PODS.items(), ("client", (CLIENT, NODE_IP, ""))]:
+    clients = [("client", (CLIENT, NODE_IP, "")), ("client2", (CLIENT2, "192.168.60.1", ""))]
+    for ns, (ip, gw, _) in [*PODS.items(), *clients]:
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", f"v-{ns}", "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "addr", "add", f"{gw}/24", "dev", f"v-{ns}")
@@ -138,12 +141,12 @@ def tcp(ns: str | None, ip: str, port: int) -> tuple[str, str]:
         c.close()
 
 
-def tcp_raw(ns: str | None, ip: str, port: int) -> bool:
+def tcp_raw(ns: str | None, ip: str, port: int, timeout: float = 10) -> bool:
     """Whether a TCP connection to ip:port opens."""
     with netns(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with s:
-        s.settimeout(10)
+        s.settimeout(timeout)
         return s.connect_ex((ip, port)) == 0
 
 
@@ -208,7 +211,23 @@ def slice_(name: str, port: int, proto: str, pods: list[str]) -> dict[str, Any]:
 def services() -> list[dict[str, Any]]:
     tcp80 = [{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
     return [
-        service("web", "10.96.0.10", [{**tcp80[0], "nodePort": 30080}], type="NodePort"),
+        service(
+            "web",
+            "10.96.0.10",
+            [{**tcp80[0], "nodePort": 30080}],
+            type="NodePort",
+            externalIPs=[EXTERNAL_IP],
+        ),
+        {
+            **service(
+                "lb",
+                "10.96.0.15",
+                tcp80,
+                type="LoadBalancer",
+                loadBalancerSourceRanges=[f"{CLIENT}/32"],
+            ),
+            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}},
+        },
         service(
             "dns",
             "10.96.0.11",
@@ -241,6 +260,7 @@ def slices(web: list[str]) -> list[dict[str, Any]]:
         slice_("sticky", 8080, "TCP", both),
         slice_("local", 8080, "TCP", both),
         slice_("wlc", 8080, "TCP", both),
+        slice_("lb", 8080, "TCP", both),
     ]
 
 
@@ -315,6 +335,21 @@ def main() -> int:
     got = answers(8, lambda: udp("client", NODE_IP, 30053))
     check("UDP NodePort reaches both endpoints", {n for n, _ in got} == {"pod1", "pod2"}, got)
     check("UDP NodePort traffic is masqueraded", all(s != CLIENT for _, s in got), got)
+    # An externalIP and a load balancer's address, from outside.
+    got = answers(8, lambda: tcp("client", EXTERNAL_IP, 80))
+    check(
+        "externalIP reaches both endpoints, masqueraded",
+        {n for n, _ in got} == {"pod1", "pod2"} and all(s != CLIENT for _, s in got),
+        got,
+    )
+    got = answers(8, lambda: tcp("client", LB_IP, 80))
+    check(
+        "LB IP reaches both endpoints from an allowed source",
+        {n for n, _ in got} == {"pod1", "pod2"},
+        got,
+    )
+    check("loadBalancerSourceRanges drop other sources", not tcp_raw("client2", LB_IP, 80, 3))
+    check("...which still reach the ClusterIP", tcp_raw("client2", "10.96.0.15", 80))
     # ClientIP affinity: one client, one endpoint.
     got = answers(10, lambda: tcp("client", "10.96.0.12", 80))
     check("ClientIP affinity pins the client to one endpoint", len({n for n, _ in got}) == 1, got)
