@@ -9,7 +9,9 @@ __all__ = [
     "Trace",
     "cleanup_iptables",
     "cleanup_nftables",
+    "ipvs_live_lines",
     "trace_iptables",
+    "trace_ipvs_live",
     "version",
 ]
 
@@ -85,6 +87,7 @@ class Engine:
     def nft_table(self) -> NftTable | None: ...
     def forward_stats(self) -> dict[str, int]: ...
     def ipvs_addresses(self) -> list[str]: ...
+    def ipvs_parts(self) -> tuple[list[str], str, str]: ...
 
 @final
 class NftTable:
@@ -123,6 +126,15 @@ def trace_iptables(
     origin: str = "external",
     local_ips: list[str] = ...,
 ) -> Trace: ...
+def trace_ipvs_live(
+    src: str,
+    dst: str,
+    protocol: str,
+    port: int,
+    origin: str = "external",
+    local_ips: list[str] = ...,
+) -> Trace: ...
+def ipvs_live_lines(family: str) -> list[str]: ...
 def cleanup_iptables(family: str) -> int: ...
 def cleanup_nftables(family: str) -> None: ...
 def version() -> str: ...

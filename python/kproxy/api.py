@@ -123,6 +123,8 @@ class Cluster:
 def diff_live(config: ProxyConfig) -> dict[Family, list[Difference]]:
     """Differences between the rules in this node's kernel and what kproxy wants for the
     cluster ``config`` points at, in ``config.mode`` (needs root)."""
+    if config.mode == "ipvs":
+        return {f: tools.ipvs_differences(config, f) for f in tools.FAMILIES}
     if config.mode == "nftables":
         return {
             f: tools.nft_differences(

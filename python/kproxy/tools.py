@@ -13,7 +13,7 @@ import ipaddress
 import json
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kproxy import _core, netns
@@ -118,6 +118,8 @@ def trace_command(
             raise KproxyError(f"no kproxy nftables table for {family} in this kernel")
         locals_ = node_ips or local_addresses()
         t = table.trace(src_ip, ip, proto, port, origin, locals_)
+    elif live and cfg.mode == "ipvs":
+        t = _core.trace_ipvs_live(src_ip, ip, proto, port, origin, node_ips or local_addresses())
     elif live:
         tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
         try:
@@ -145,6 +147,17 @@ _NFT_REASONS = {
     "no-endpoint-nodeports:drop": "the Service has no local endpoints (Local traffic policy)",
     "firewall-check": "the source is not in the Service's loadBalancerSourceRanges",
     "cluster-ips-check": "no Service on this port of the cluster IP",
+}
+
+
+# The ipvs mode's rules that drop or reject, and why.
+_IPVS_REASONS = {
+    "filter/KUBE-SOURCE-RANGES-FIREWALL: -j DROP": (
+        "the source is not in the Service's loadBalancerSourceRanges"
+    ),
+    "filter/KUBE-IPVS-FILTER: -m conntrack --ctstate NEW": (
+        "no Service on this port of the address (KUBE-IPVS-FILTER)"
+    ),
 }
 
 
@@ -176,6 +189,7 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
         ):
             reason = m.split('"')[1]
         reason = _NFT_REASONS.get(_nft_reason_key(m), reason)
+        reason = next((why for k, why in _IPVS_REASONS.items() if m.startswith(k)), reason)
     verdict = t.verdict or "no verdict from kproxy's rules (the chains' policies decide)"
     lines.append(f"  verdict:     {verdict}{f' ({reason})' if reason else ''}")
     lines.append("  rules matched:")
@@ -280,16 +294,7 @@ def differences(want: Tables, have: Tables) -> list[Difference]:
 def nft_differences(family: Family, want: list[str], have: list[str]) -> list[Difference]:
     """Line-wise differences between two ``NftTable.lines()`` listings."""
     table = f"{'ip' if family == 'IPv4' else 'ip6'} kproxy"
-    out: list[Difference] = []
-    have_set, want_set = set(have), set(want)
-    for lines, other, verb in ((want, have_set, "missing"), (have, want_set, "unexpected")):
-        for line in lines:
-            if line in other:
-                continue
-            kind, rest = line.split(" ", 1)
-            name = rest.split(" ", 1)[0].split(":", 1)[0]
-            out.append(Difference(table, name, f"{verb}-{kind}", line))
-    return out
+    return line_differences(table, want, have, lambda name: name.split(":", 1)[0])
 
 
 def nft_desired(cfg: ProxyConfig, family: Family) -> list[str]:
@@ -297,13 +302,73 @@ def nft_desired(cfg: ProxyConfig, family: Family) -> list[str]:
     return table.lines() if table is not None else []
 
 
+def line_differences(
+    table: str, want: list[str], have: list[str], owner: Callable[[str], str] = str
+) -> list[Difference]:
+    """Differences between two listings of ``kind name ...`` lines (order ignored);
+    ``owner`` maps a line's name to what a difference is reported under."""
+    out: list[Difference] = []
+    have_set, want_set = set(have), set(want)
+    for lines, other, verb in ((want, have_set, "missing"), (have, want_set, "unexpected")):
+        for line in lines:
+            if line in other:
+                continue
+            kind, rest = line.split(" ", 1)
+            name = owner(rest.split(" ", 1)[0])
+            out.append(Difference(table, name, f"{verb}-{kind}", line))
+    return out
+
+
+def ipvs_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
+    """The ipvs mode: virtual servers and set members compared line by line, and the
+    companion rules as the kernel prints them (loaded into a scratch network namespace,
+    connected to nothing, then read back) against this node's."""
+    engine = programmed(cfg, snapshot(cfg), (family,)).engines[family]
+    lines, rules, sets = engine.ipvs_parts()
+    out = line_differences("ipvs", lines, _core.ipvs_live_lines(family))
+    jumps = "".join(
+        f"*{t}\n" + "".join(f"-A {j}\n" for j in js) + "COMMIT\n" for t, js in _IPVS_JUMPS.items()
+    )
+    tool = "iptables-restore" if family == "IPv4" else "ip6tables-restore"
+    with netns.scratch() as ns:
+        for argv, text in ((["ipset", "restore"], sets), ([tool, "--noflush"], rules + jumps)):
+            r = subprocess.run(
+                ["ip", "netns", "exec", ns, *argv],
+                input=text, capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            if r.returncode != 0:
+                raise KproxyError(f"cannot load the wanted rules ({argv[0]}): {r.stderr.strip()}")
+        want = save(family, ns)
+    return out + differences(want, save(family))
+
+
+# The ipvs mode's jump rules from the built-in chains (rules.rs JUMPS), as -A arguments.
+_IPVS_JUMPS = {
+    "nat": [
+        'OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        'PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        'POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+    ],
+    "filter": [
+        'FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        'INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT',
+        'INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL',
+        'FORWARD -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL',
+        'INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER',
+        'OUTPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-OUT-FILTER',
+    ],
+}
+
+
 def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:
     """Exit status 0 when the kernel holds exactly what kproxy wants, 1 otherwise."""
-    if cfg.mode not in ("iptables", "nftables"):
-        raise ConfigError("--proxy-mode", f"diff reads netfilter rules; not {cfg.mode}")
+    if cfg.mode not in ("iptables", "nftables", "ipvs"):
+        raise ConfigError("--proxy-mode", f"diff reads kernel rules; not {cfg.mode}")
     report: dict[str, list[Difference]] = {}
     for family in FAMILIES:
-        if cfg.mode == "nftables":
+        if cfg.mode == "ipvs":
+            report[family] = ipvs_differences(cfg, family)
+        elif cfg.mode == "nftables":
             have = _core.NftTable.live(family).lines()
             report[family] = nft_differences(family, nft_desired(cfg, family), have)
         else:

@@ -579,6 +579,22 @@ impl Engine {
         }
     }
 
+    /// ipvs mode: what the mode wants, as `kproxy diff` compares it: one line per virtual
+    /// server and per set member; the companion rules as `iptables-restore` input; the sets
+    /// as `ipset restore` input.
+    pub fn ipvs_parts(&self) -> (Vec<String>, String, String) {
+        let w = self.wanted_ipvs();
+        let fam = self.config.family;
+        let out: Vec<String> = w.out_filter.iter().cloned().collect();
+        let rules = ipvs::rules::restore_text(&self.config.ipvs_rule_config(), &out);
+        let sets = ipvs::ipset::named(fam, &w.sets);
+        (
+            ipvs::trace::lines(&w.table, &sets),
+            rules,
+            ipvs::ipset::full_text(fam, &w.sets, &BTreeSet::new()),
+        )
+    }
+
     /// ipvs mode: the addresses kube-ipvs0 should hold (the last sync's; none before it).
     pub fn ipvs_bind(&self) -> Vec<IpAddr> {
         match &self.programmer {
@@ -659,9 +675,17 @@ impl Engine {
             Programmer::Userspace(_) => Err(Error::InvalidInput(
                 "the userspace mode programs no rules to trace".into(),
             )),
-            Programmer::Ipvs(_) => Err(Error::InvalidInput(
-                "tracing the ipvs mode is not supported yet".into(),
-            )),
+            Programmer::Ipvs(_) => {
+                let w = self.wanted_ipvs();
+                let out: Vec<String> = w.out_filter.iter().cloned().collect();
+                let text = ipvs::rules::restore_text(&self.config.ipvs_rule_config(), &out);
+                let mut rules = iptables::trace::Ruleset::parse(&text)?;
+                rules.add_jumps(ipvs::rules::JUMPS)?;
+                let mut facts = node.clone();
+                facts.local_ips.extend(w.bind.iter().copied());
+                facts.sets = ipvs::ipset::named(self.config.family, &w.sets);
+                Ok(ipvs::trace::trace(&rules, &w.table, packet, &facts))
+            }
             Programmer::Nftables(prog) => {
                 let model = prog.model(&self.state, &self.render_config)?;
                 Ok(nftables::trace::trace(

@@ -58,3 +58,19 @@ def test_render_the_ipvs_mode(capsys: pytest.CaptureFixture[str]) -> None:
     assert "-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst" in out
     # A Service without endpoints: a virtual server with no real servers (refused).
     assert "10.96.0.20:80/tcp wlc -> (no real servers: refused)" in out
+
+
+def test_trace_the_ipvs_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    ipvs = ["--proxy-mode", "ipvs", *EXAMPLE]
+    assert main(["trace", "192.168.101.2", "10.96.0.10:80/tcp", *ipvs]) == 0
+    out = capsys.readouterr().out
+    assert "DNAT to:     10.244.1.2:8080, 10.244.2.2:8080, 10.244.3.2:8080" in out
+    assert "masquerade:  yes" in out  # from outside the cluster
+    assert "ipvs: 10.96.0.10:80/tcp rr -> " in out
+    assert main(["trace", "10.244.4.2", "10.96.0.20:80/tcp", *ipvs]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:     REJECT (the virtual server has no endpoints)" in out
+    assert main(["trace", "192.168.101.2", "10.96.0.10:22/tcp", *ipvs]) == 0
+    assert "REJECT (no Service on this port of the address (KUBE-IPVS-FILTER))" in (
+        capsys.readouterr().out
+    )

@@ -14,6 +14,7 @@ Usage (inside the VM): ``python ipvs_traffic.py``.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -23,12 +24,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from kproxy import lifecycle
+from kproxy import _core, lifecycle, tools
 from kproxy.backends.proxier import Proxier
-from kproxy.config import build
+from kproxy.config import ProxyConfig, build
 from kproxy.control import Controller
+from kproxy.netinfo import local_addresses
+from kproxy.tracker import ChangeSet
 
 NODE = "vm"
 NODE_IP = "192.168.50.1"
@@ -285,6 +290,61 @@ def table() -> dict[str, dict[str, int]]:
     return out
 
 
+def tools_on_the_live_kernel(cfg: ProxyConfig, p: Proxier) -> None:
+    """`kproxy trace --live` agrees with the rendered trace; `kproxy diff --live` is clean,
+    then reports exactly what another program changed; a full sync repairs it."""
+    manifests = Path("/tmp/kproxy-manifests")
+    manifests.mkdir(exist_ok=True)
+    objects = [*services(), *slices(["pod1", "pod2"])]
+    (manifests / "all.json").write_text(json.dumps({"kind": "List", "items": objects}))
+    cfg = replace(cfg, manifests=str(manifests))
+    rendered = tools.programmed(cfg, tools.snapshot(cfg), ("IPv4",)).engines["IPv4"]
+    local = local_addresses()
+    for src, dst, port in [
+        (CLIENT, "10.96.0.10", 80),
+        (CLIENT, NODE_IP, 30081),
+        (CLIENT2, LB_IP, 80),
+        (CLIENT, "10.96.0.10", 9999),
+        (PODS["pod1"][0], "10.96.0.10", 80),
+    ]:
+        live = _core.trace_ipvs_live(src, dst, "TCP", port, "external", local)
+        want = rendered.trace(src, dst, "TCP", port, "external", local)
+        same = (live.dnat, live.masquerade, live.verdict) == (
+            want.dnat,
+            want.masquerade,
+            want.verdict,
+        )
+        check(
+            f"trace --live {src} -> {dst}:{port} equals the rendered trace",
+            same,
+            f"live {live.dnat} {live.masquerade} {live.verdict} / "
+            f"want {want.dnat} {want.masquerade} {want.verdict}\n" + "\n".join(live.matched),
+        )
+    diff = tools.ipvs_differences(cfg, "IPv4")
+    check("diff --live: nothing differs after a sync", diff == [], diff)
+    # Another program removes a real server and a set member, and adds a rule.
+    sh("ipvsadm", "-d", "-t", "10.96.0.10:80", "-r", f"{PODS['pod2'][0]}:8080")
+    sh("ipset", "del", "KUBE-CLUSTER-IP", "10.96.0.11,udp:53")
+    sh("iptables", "-t", "nat", "-A", "KUBE-SERVICES", "-s", "192.0.2.1", "-j", "RETURN")
+    diff = tools.ipvs_differences(cfg, "IPv4")
+    found = {(d.change, d.chain) for d in diff}
+    check(
+        "diff --live reports exactly what changed",
+        found
+        == {
+            ("missing-virtual-server", "10.96.0.10:80/tcp"),
+            ("unexpected-virtual-server", "10.96.0.10:80/tcp"),
+            ("missing-ipset", "KUBE-CLUSTER-IP"),
+            ("unexpected-rule", "KUBE-SERVICES"),
+        }
+        and len(diff) == 4,
+        diff,
+    )
+    p.sync(ChangeSet(), True)  # rewrites our chains whole, the table and the sets
+    diff = tools.ipvs_differences(cfg, "IPv4")
+    check("a full sync repairs the rules, the table and the sets", diff == [], diff)
+
+
 def main() -> int:
     sh("modprobe", "ip_vs")
     topology()
@@ -369,6 +429,8 @@ def main() -> int:
         check("...but is through the node's own address", tcp_raw("client", NODE_IP, 9999))
     finally:
         guard.close()
+
+    tools_on_the_live_kernel(cfg, p)
 
     # Graceful termination: an open connection to an endpoint that leaves keeps working; the
     # real server stays at weight 0 until its connections are gone, then is deleted.

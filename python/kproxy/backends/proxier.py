@@ -149,7 +149,9 @@ class Proxier:
         self._ipvs_node = cfg.mode == "ipvs" and backend == "kernel"
         self._strict_arp = cfg.ipvs_strict_arp
         host_addrs: list[str] | None = None
-        if self._ipvs_node:
+        if cfg.mode == "ipvs":
+            # NodePorts are served on this machine's addresses (kube-ipvs0's excluded), also
+            # when only rendering or tracing, so both show what this node would program.
             on_dummy = bound_addresses()
             host_addrs = [a for a in local_addresses() if a not in on_dummy]
         configs = {

@@ -35,6 +35,9 @@
 //! * `-m addrtype` knows `LOCAL` ([`NodeFacts::local_ips`], `127.0.0.0/8` and `::1`) and, as
 //!   approximations, `UNICAST` (not local, multicast or broadcast), `MULTICAST` and
 //!   `BROADCAST`;
+//! * `-m set --match-set NAME dims` looks the packet up in [`NodeFacts::sets`] (a set not
+//!   given is empty; a source port is never known); `-m physdev --physdev-is-in` never
+//!   matches (bridges are not modelled);
 //! * `-i`/`-o` (interfaces) are not modelled: a rule naming an interface never matches, with or
 //!   without `!`;
 //! * addresses may be `a.b.c.d`, a CIDR or an address with a netmask, contiguous or not
@@ -107,10 +110,12 @@ pub struct NodeFacts {
     /// Addresses that are `LOCAL` for `-m addrtype` and that make filter use `INPUT` (the
     /// node's IPs). `127.0.0.0/8` and `::1` are always local and need not be listed.
     pub local_ips: Vec<IpAddr>,
+    /// The ipsets `-m set --match-set` looks in (a set not listed is empty).
+    pub sets: crate::ipvs::ipset::Named,
 }
 
 impl NodeFacts {
-    fn is_local(&self, ip: &IpAddr) -> bool {
+    pub fn is_local(&self, ip: &IpAddr) -> bool {
         ip.is_loopback() || self.local_ips.contains(ip)
     }
 }
@@ -372,8 +377,14 @@ enum Test {
         value: u32,
         mask: u32,
     },
-    /// An outcome known in advance for a first packet (`recent`, `-f`).
+    /// An outcome known in advance for a first packet (`recent`, `-f`, `physdev`: bridges
+    /// are not modelled, so a packet never entered through one).
     Fixed(bool),
+    /// `-m set --match-set NAME dims`: each dimension from the source (`true`) or not.
+    Set {
+        name: String,
+        from_src: Vec<bool>,
+    },
     /// Not modelled (interfaces): false, with or without `!`.
     Never,
 }
@@ -631,6 +642,8 @@ fn known_option(owner: &str, opt: &str) -> Option<bool> {
         ("conntrack", "--ctstate") => true,
         ("state", "--state") => true,
         ("mark", "--mark") => true,
+        ("set", "--match-set") => true,
+        ("physdev", "--physdev-is-in" | "--physdev-is-out" | "--physdev-is-bridged") => false,
         ("recent", "--name" | "--seconds" | "--hitcount" | "--mask") => true,
         ("recent", "--set" | "--rcheck" | "--update" | "--remove" | "--reap" | "--rttl")
         | ("recent", "--rsource" | "--rdest") => false,
@@ -662,6 +675,8 @@ const MODULES: &[&str] = &[
     "mark",
     "recent",
     "statistic",
+    "set",
+    "physdev",
 ];
 
 /// Targets with options (or none) that the tracer understands beyond kproxy's own.
@@ -840,6 +855,22 @@ impl Rule {
                             let (value, mask) = parse_value_mask(v)?;
                             cond(Test::Mark { value, mask });
                         }
+                        ("set", "--match-set") => {
+                            let dims = value()?;
+                            let from_src = dims
+                                .split(',')
+                                .map(|d| match d {
+                                    "src" => Ok(true),
+                                    "dst" => Ok(false),
+                                    other => Err(format!("bad --match-set dimension {other:?}")),
+                                })
+                                .collect::<Result<Vec<_>, _>>()?;
+                            cond(Test::Set {
+                                name: v.to_owned(),
+                                from_src,
+                            });
+                        }
+                        ("physdev", _) => cond(Test::Fixed(false)),
                         ("recent", "--set") => cond(Test::Fixed(true)),
                         ("recent", "--rcheck" | "--update" | "--remove") => {
                             cond(Test::Fixed(false))
@@ -961,6 +992,18 @@ impl Walk<'_> {
             Test::CtNew(new) => *new,
             Test::Mark { value, mask } => self.mark & mask == *value,
             Test::Fixed(b) => *b,
+            Test::Set { name, from_src } => {
+                let lookup = crate::ipvs::ipset::Lookup {
+                    src: self.src,
+                    dst: self.dst,
+                    protocol: self.protocol,
+                    dport: self.dport,
+                };
+                self.node
+                    .sets
+                    .get(name)
+                    .is_some_and(|c| c.matches(from_src, &lookup))
+            }
             Test::Never => return false,
         };
         raw != c.negate
@@ -1193,6 +1236,7 @@ mod tests {
                 ],
                 node: NodeFacts {
                     local_ips: vec![ip(node_ip)],
+                    ..NodeFacts::default()
                 },
             }
         }
@@ -1685,6 +1729,7 @@ COMMIT
     fn node() -> NodeFacts {
         NodeFacts {
             local_ips: vec![ip(NODE_IP)],
+            ..NodeFacts::default()
         }
     }
 
@@ -2035,11 +2080,50 @@ COMMIT
     }
 
     #[test]
+    fn set_matches_look_in_the_given_sets_and_physdev_never_matches() {
+        let rs = Ruleset::parse(
+            "*nat\n\
+             -A PREROUTING -m set --match-set S dst,dst -m physdev --physdev-is-in -j DNAT --to-destination 7.7.7.7:7\n\
+             -A PREROUTING -m set ! --match-set S dst,dst -j DNAT --to-destination 6.6.6.6:6\n\
+             -A PREROUTING -m set --match-set S dst,dst -m physdev ! --physdev-is-in -j DNAT --to-destination 5.5.5.5:5\n\
+             COMMIT\n",
+        )
+        .unwrap();
+        let mut facts = node();
+        facts.sets.insert(
+            "S".into(),
+            crate::ipvs::ipset::Contents {
+                kind: "hash:ip,port".into(),
+                members: ["1.1.1.1,tcp:80".to_owned()].into(),
+            },
+        );
+        expect(
+            &trace(&rs, &to("1.1.1.1"), &facts),
+            &["5.5.5.5:5"],
+            None,
+            false,
+        );
+        // Not a member (or no such set): the negated rule matches.
+        expect(
+            &trace(&rs, &to("2.2.2.2"), &facts),
+            &["6.6.6.6:6"],
+            None,
+            false,
+        );
+        expect(
+            &trace(&rs, &to("1.1.1.1"), &node()),
+            &["6.6.6.6:6"],
+            None,
+            false,
+        );
+    }
+
+    #[test]
     fn unsupported_rules_never_match_and_are_noted() {
         let rs = Ruleset::parse(
             "*nat\n\
-             -A PREROUTING -d 1.1.1.1 -m set --match-set blocked src -j DNAT --to-destination 6.6.6.6:6\n\
-             -A PREROUTING -d 2.2.2.2 -m set --match-set blocked src -j DNAT --to-destination 6.6.6.6:6\n\
+             -A PREROUTING -d 1.1.1.1 -m owner --uid-owner 0 -j DNAT --to-destination 6.6.6.6:6\n\
+             -A PREROUTING -d 2.2.2.2 -m owner --uid-owner 0 -j DNAT --to-destination 6.6.6.6:6\n\
              -A PREROUTING -d 1.1.1.1 -p tcp -m tcp --tcp-flags SYN,ACK SYN -j DNAT --to-destination 6.6.6.6:6\n\
              -A PREROUTING -d 1.1.1.1 -j KUBE-NOWHERE\n\
              -A PREROUTING -d 1.1.1.1 -j CT --notrack\n\
@@ -2055,7 +2139,11 @@ COMMIT
             .filter(|m| m.starts_with("unsupported: "))
             .collect();
         assert_eq!(notes.len(), 4, "{notes:#?}");
-        assert!(notes[0].ends_with("(-m set, --match-set)"), "{}", notes[0]);
+        assert!(
+            notes[0].ends_with("(-m owner, --uid-owner)"),
+            "{}",
+            notes[0]
+        );
         assert!(notes[1].ends_with("(--tcp-flags)"), "{}", notes[1]);
         assert!(
             notes[2].contains("unknown target KUBE-NOWHERE"),

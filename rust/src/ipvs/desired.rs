@@ -161,7 +161,14 @@ fn companions(
         }
         put(Set::LoadBalancerFw, m.clone());
         for c in &sp.source_ranges {
-            put(Set::LoadBalancerSourceCidr, format!("{m},{c}"));
+            // ipset spells a host network as the bare address; so do we, to compare equal.
+            let host = c.prefix() == if c.addr().is_ipv6() { 128 } else { 32 };
+            let net = if host {
+                c.addr().to_string()
+            } else {
+                c.to_string()
+            };
+            put(Set::LoadBalancerSourceCidr, format!("{m},{net}"));
         }
         let from_node = sp
             .source_ranges
@@ -332,7 +339,7 @@ mod tests {
             r#"{"services":[
             {"namespace":"ns","name":"lb","service":{"cluster_ips":["172.30.0.5"],
              "external_ips":["203.0.113.7","192.168.0.2"],"load_balancer_ips":["198.51.100.1"],
-             "load_balancer_source_ranges":["192.168.0.0/24"],
+             "load_balancer_source_ranges":["192.168.0.0/24","192.0.2.9/32"],
              "externally_accessible":true,"external_traffic_policy":"Local","health_check_node_port":32000,
              "ports":[{"name":"http","protocol":"TCP","port":80,"node_port":30080}]}},
             {"namespace":"ns","name":"fw","service":{"cluster_ips":["172.30.0.6"],
@@ -370,6 +377,7 @@ mod tests {
         assert_eq!(
             members(Set::LoadBalancerSourceCidr),
             [
+                "198.51.100.1,tcp:80,192.0.2.9", // a host range as ipset prints it
                 "198.51.100.1,tcp:80,192.168.0.0/24",
                 "198.51.100.2,sctp:90,10.9.0.0/16"
             ]

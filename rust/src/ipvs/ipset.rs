@@ -92,8 +92,8 @@ impl Set {
         }
     }
 
-    /// The ipset type and its creation options.
-    fn kind(self) -> &'static str {
+    /// The ipset type.
+    pub fn kind(self) -> &'static str {
         match self {
             Set::LoopBack | Set::LoadBalancerSourceIp => "hash:ip,port,ip",
             Set::LoadBalancerSourceCidr => "hash:ip,port,net",
@@ -136,6 +136,97 @@ impl Set {
             Protocol::Sctp => (Set::NodePortSctp, Set::NodePortLocalSctp),
         }
     }
+}
+
+/// One set's type and members, as the tracer sees them: what kproxy would write, or what
+/// `ipset save` lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    pub kind: String,
+    pub members: BTreeSet<String>,
+}
+
+/// Sets by name.
+pub type Named = BTreeMap<String, Contents>;
+
+/// What a packet offers a set lookup (`--match-set NAME dims`).
+#[derive(Clone, Copy, Debug)]
+pub struct Lookup {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: Protocol,
+    pub dport: u16,
+}
+
+impl Contents {
+    /// Whether the packet is in the set, each dimension taken from the source (`true`) or the
+    /// destination. A source port is never known to the tracer: such a lookup fails.
+    pub fn matches(&self, from_src: &[bool], p: &Lookup) -> bool {
+        let ip =
+            |i: usize| -> Option<IpAddr> { Some(if *from_src.get(i)? { p.src } else { p.dst }) };
+        let port = |i: usize| -> Option<u16> { (!*from_src.get(i)?).then_some(p.dport) };
+        let proto = p.protocol.lower();
+        let found = match self.kind.as_str() {
+            "hash:ip" => ip(0).map(|a| a.to_string()),
+            "bitmap:port" => port(0).map(|n| n.to_string()),
+            "hash:ip,port" => ip(0).zip(port(1)).map(|(a, n)| format!("{a},{proto}:{n}")),
+            "hash:ip,port,ip" => ip(0)
+                .zip(port(1))
+                .zip(ip(2))
+                .map(|((a, n), b)| format!("{a},{proto}:{n},{b}")),
+            "hash:ip,port,net" => {
+                let (Some(a), Some(n), Some(b)) = (ip(0), port(1), ip(2)) else {
+                    return false;
+                };
+                let prefix = format!("{a},{proto}:{n},");
+                return self.members.iter().any(|m| {
+                    m.strip_prefix(&prefix).is_some_and(|net| {
+                        net.parse::<crate::model::Cidr>()
+                            .map(|c| c.contains(&b))
+                            .or_else(|_| net.parse::<IpAddr>().map(|x| x == b))
+                            .unwrap_or(false)
+                    })
+                });
+            }
+            _ => None,
+        };
+        found.is_some_and(|m| self.members.contains(&m))
+    }
+}
+
+/// The sets of `ipset save` output (every set; members without their options).
+pub fn parse_save(text: &str) -> Named {
+    let mut out = Named::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["create", name, kind, ..] => {
+                out.entry((*name).to_owned()).or_default().kind = (*kind).to_owned();
+            }
+            ["add", name, member, ..] => {
+                out.entry((*name).to_owned())
+                    .or_default()
+                    .members
+                    .insert((*member).to_owned());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// kproxy's sets of one family by name, with their types.
+pub fn named(family: IpFamily, sets: &Sets) -> Named {
+    Set::ALL
+        .iter()
+        .map(|s| {
+            let contents = Contents {
+                kind: s.kind().to_owned(),
+                members: sets.get(s).cloned().unwrap_or_default(),
+            };
+            (s.name(family), contents)
+        })
+        .collect()
 }
 
 /// Members in ipset's own spelling (as `ipset save` prints them).
@@ -221,6 +312,12 @@ impl Backend for Kernel {
         )?;
         Ok(())
     }
+}
+
+/// Every set in the kernel (`ipset save`).
+pub fn read_kernel() -> Result<Named> {
+    let out = exec::check("ipset", exec::run("ipset", "ipset", &["save"], None)?)?;
+    Ok(parse_save(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Sets in memory, with ipset's semantics for the commands this module writes.
@@ -349,5 +446,68 @@ mod tests {
         k.restore(&text).unwrap();
         assert_eq!(k.sets["KUBE-CLUSTER-IP"], v2[&Set::ClusterIp]);
         assert_eq!(partial_text(IpFamily::V4, &v2, &v2), "");
+    }
+
+    #[test]
+    fn lookups_follow_each_sets_type_and_dimensions() {
+        let saved = "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024\n\
+            add KUBE-CLUSTER-IP 10.96.0.1,tcp:80\n\
+            create KUBE-NODE-PORT-TCP bitmap:port range 0-65535\nadd KUBE-NODE-PORT-TCP 30080\n\
+            create KUBE-LOOP-BACK hash:ip,port,ip family inet\n\
+            add KUBE-LOOP-BACK 10.244.1.2,tcp:8080,10.244.1.2\n\
+            create KUBE-LOAD-BALANCER-SOURCE-CIDR hash:ip,port,net family inet\n\
+            add KUBE-LOAD-BALANCER-SOURCE-CIDR 203.0.113.10,tcp:80,192.168.50.0/24\n\
+            add KUBE-LOAD-BALANCER-SOURCE-CIDR 203.0.113.10,tcp:80,10.1.1.1\n";
+        let sets = parse_save(saved);
+        let p = |src: &str, dst: &str, dport: u16| Lookup {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dport,
+        };
+        let m = |name: &str, dims: &[bool], l: Lookup| sets[name].matches(dims, &l);
+        assert!(m(
+            "KUBE-CLUSTER-IP",
+            &[false, false],
+            p("1.1.1.1", "10.96.0.1", 80)
+        ));
+        assert!(!m(
+            "KUBE-CLUSTER-IP",
+            &[false, false],
+            p("1.1.1.1", "10.96.0.1", 81)
+        ));
+        assert!(!m(
+            "KUBE-CLUSTER-IP",
+            &[true, false],
+            p("1.1.1.1", "10.96.0.1", 80)
+        ));
+        assert!(m(
+            "KUBE-CLUSTER-IP",
+            &[true, false],
+            p("10.96.0.1", "1.1.1.1", 80)
+        ));
+        assert!(m(
+            "KUBE-NODE-PORT-TCP",
+            &[false],
+            p("1.1.1.1", "192.168.0.1", 30080)
+        ));
+        let hairpin = p("10.244.1.2", "10.244.1.2", 8080);
+        assert!(m("KUBE-LOOP-BACK", &[false, false, true], hairpin));
+        let cidr = [false, false, true];
+        assert!(m(
+            "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+            &cidr,
+            p("192.168.50.7", "203.0.113.10", 80)
+        ));
+        assert!(m(
+            "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+            &cidr,
+            p("10.1.1.1", "203.0.113.10", 80)
+        ));
+        assert!(!m(
+            "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+            &cidr,
+            p("192.168.60.2", "203.0.113.10", 80)
+        ));
     }
 }

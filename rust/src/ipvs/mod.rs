@@ -21,6 +21,7 @@ pub mod message;
 pub mod plan;
 pub mod program;
 pub mod rules;
+pub mod trace;
 
 use crate::model::Protocol;
 use std::collections::BTreeMap;

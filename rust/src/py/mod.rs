@@ -197,6 +197,12 @@ impl Engine {
         self.lock().forward_stats().into_iter().collect()
     }
 
+    /// ipvs mode: (one line per virtual server and set member, the companion rules as
+    /// iptables-restore input, the sets as ipset restore input) for the current state.
+    fn ipvs_parts(&self, py: Python<'_>) -> (Vec<String>, String, String) {
+        py.detach(|| self.lock().ipvs_parts())
+    }
+
     /// ipvs mode: the addresses kube-ipvs0 should hold after the last sync (empty otherwise).
     fn ipvs_addresses(&self) -> Vec<String> {
         self.lock()
@@ -401,7 +407,13 @@ fn packet_of(
         .iter()
         .map(|s| parse_ip("local_ips", s))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((packet, trace::NodeFacts { local_ips }))
+    Ok((
+        packet,
+        trace::NodeFacts {
+            local_ips,
+            ..trace::NodeFacts::default()
+        },
+    ))
 }
 
 /// Trace the first packet of a connection through iptables rules (`iptables-save` output or
@@ -424,6 +436,47 @@ fn trace_iptables(
     let result =
         py.detach(|| trace::Ruleset::parse(rules).map(|rs| trace::trace(&rs, &packet, &node)));
     result.map(Trace).map_err(to_py)
+}
+
+/// Trace the first packet of a connection through the ipvs mode as this node's kernel has
+/// it: the iptables rules, kproxy's ipsets and the IPVS table (root; needs ip_vs).
+#[pyfunction]
+#[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
+fn trace_ipvs_live(
+    py: Python<'_>,
+    src: &str,
+    dst: &str,
+    protocol: &str,
+    port: u16,
+    origin: &str,
+    local_ips: Vec<String>,
+) -> PyResult<Trace> {
+    let (packet, mut node) =
+        packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
+    let family = if packet.dst.is_ipv6() {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    };
+    let result = py.detach(|| {
+        crate::ipvs::trace::read_live(family).map(|live| {
+            node.sets = live.sets;
+            crate::ipvs::trace::trace(&live.rules, &live.table, &packet, &node)
+        })
+    });
+    result.map(Trace).map_err(to_py)
+}
+
+/// The ipvs mode's virtual servers and kproxy's set members in this node's kernel, one line
+/// each, as `Engine.ipvs_parts` lists what kproxy wants (root; needs ip_vs).
+#[pyfunction]
+fn ipvs_live_lines(py: Python<'_>, family: &str) -> PyResult<Vec<String>> {
+    let fam = family_of(family).map_err(to_py)?;
+    py.detach(|| {
+        crate::ipvs::trace::read_live(fam)
+            .map(|live| crate::ipvs::trace::lines(&live.table, &live.sets))
+    })
+    .map_err(to_py)
 }
 
 /// Remove every iptables chain and jump rule kproxy creates in one family. Returns the number
@@ -466,6 +519,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Trace>()?;
     m.add_class::<NftTable>()?;
     m.add_function(wrap_pyfunction!(trace_iptables, m)?)?;
+    m.add_function(wrap_pyfunction!(trace_ipvs_live, m)?)?;
+    m.add_function(wrap_pyfunction!(ipvs_live_lines, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_nftables, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
