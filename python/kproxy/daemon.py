@@ -62,6 +62,9 @@ class Daemon:
         self._last_full: float | None = None
         self._last_trim = float("-inf")
         self._waiting_logged = False
+        # For the first sync's log line: when the daemon started, when the lists were in.
+        self._born = time.monotonic()
+        self._lists_at: float | None = None
         self.metrics = Metrics(cfg.mode)
         self.controller = Controller(
             cfg.node_name,
@@ -158,6 +161,8 @@ class Daemon:
                 log.info("not syncing until Services, EndpointSlices and the Node have been listed")
                 self._waiting_logged = True
             return True
+        if self._lists_at is None:
+            self._lists_at = time.monotonic() - self._born
         if self.proxier is None:
             if self.families is not None:
                 families = self.families
@@ -201,6 +206,11 @@ class Daemon:
             c.resend_all()
             return False
         self.syncs += 1
+        if self.syncs == 1:
+            log.info(
+                "first sync done %.3fs after start (lists received after %.3fs)",
+                time.monotonic() - self._born, self._lists_at or 0.0,
+            )  # fmt: skip
         self.service_health.sync(self._health_checks())
         if self.cfg.mode == "userspace":
             # Connections end at the forwarder: no conntrack entries of ours to reconcile.

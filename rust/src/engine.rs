@@ -164,6 +164,26 @@ impl EngineConfig {
         }
     }
 
+    /// ipvs mode: (the addresses NodePorts are served on, the node's own addresses), of this
+    /// engine's family. As upstream: NodePorts on the nodePortAddresses, else on every node
+    /// address.
+    fn ipvs_node_ips(&self) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        let v6 = self.family == IpFamily::V6;
+        let of_family = |ips: &mut dyn Iterator<Item = &IpAddr>| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = ips.copied().filter(|ip| ip.is_ipv6() == v6).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let own_ips = of_family(&mut self.node_ips.iter().chain(&self.host_ips));
+        let mut nodeport_ips = match &self.nodeport_ips {
+            Some(ips) => of_family(&mut ips.iter()),
+            None => own_ips.clone(),
+        };
+        nodeport_ips.retain(|ip| !ip.is_loopback());
+        (nodeport_ips, own_ips)
+    }
+
     fn ipvs_rule_config(&self) -> ipvs::rules::RuleConfig {
         let r = self.render_config();
         ipvs::rules::RuleConfig {
@@ -280,6 +300,8 @@ pub struct Engine {
     render_config: RenderConfig,
     state: State,
     programmer: Programmer,
+    /// ipvs mode: what is wanted, per Service (built by full syncs, updated by partial ones).
+    ipvs_index: Option<ipvs::index::Index>,
     /// Set at start and after any failure: the kernel's content is unknown.
     need_full: bool,
 }
@@ -341,6 +363,7 @@ impl Engine {
             state: State::new(config.family),
             config,
             programmer,
+            ipvs_index: None,
             need_full: true,
         }
     }
@@ -396,9 +419,7 @@ impl Engine {
         changed: &BTreeSet<ServiceKey>,
         report: &mut SyncReport,
     ) -> Result<()> {
-        // Computed before the programmer is borrowed (it reads the state and configuration).
-        let t_ipvs = Instant::now();
-        let wanted_ipvs = (self.config.mode == Mode::Ipvs).then(|| self.wanted_ipvs());
+        let ipvs_ips = (self.config.mode == Mode::Ipvs).then(|| self.config.ipvs_node_ips());
         let (backend, writer) = match &mut self.programmer {
             Programmer::Iptables { backend, writer } => (backend, writer),
             Programmer::Userspace(fw) => {
@@ -441,17 +462,43 @@ impl Engine {
                 return Ok(());
             }
             Programmer::Ipvs(prog) => {
-                let wanted = wanted_ipvs.unwrap_or_default();
-                report.service_ports = wanted.table.len();
-                report.endpoints = wanted.table.values().map(|v| v.dests.len()).sum();
-                report.render_seconds = t_ipvs.elapsed().as_secs_f64();
+                let (nodeport_ips, own_ips) = ipvs_ips.unwrap_or_default();
+                let node = ipvs::desired::Node {
+                    name: &self.config.node_name,
+                    nodeport_ips: &nodeport_ips,
+                    own_ips: &own_ips,
+                };
+                let sched = self.config.ipvs_scheduler.as_deref().unwrap_or("rr");
                 let prog = match prog {
                     Some(p) => p,
                     None => prog.insert(self.config.ipvs_program()?),
                 };
-                let t1 = Instant::now();
-                let w = prog.sync(wanted, full)?;
+                let t0 = Instant::now();
+                // A partial sync costs what changed; a full one (or a contested virtual
+                // server) rebuilds the whole wanted state.
+                let delta = match (&mut self.ipvs_index, full) {
+                    (Some(ix), false) => ix.update(&self.state, changed, &node, sched),
+                    _ => None,
+                };
+                let (result, t1) = match delta {
+                    Some(d) => {
+                        report.render_seconds = t0.elapsed().as_secs_f64();
+                        let t1 = Instant::now();
+                        (prog.sync_delta(d), t1)
+                    }
+                    None => {
+                        let (ix, wanted) = ipvs::index::Index::build(&self.state, &node, sched);
+                        self.ipvs_index = Some(ix);
+                        report.render_seconds = t0.elapsed().as_secs_f64();
+                        let t1 = Instant::now();
+                        (prog.sync(wanted, full), t1)
+                    }
+                };
+                let w = result?;
                 report.apply_seconds = t1.elapsed().as_secs_f64();
+                if let Some(ix) = &self.ipvs_index {
+                    (report.service_ports, report.endpoints) = ix.totals();
+                }
                 report.wrote = w.operations + w.set_members > 0 || w.rules_written;
                 report.transactions = w.sends;
                 report.elements_added = w.set_members;
@@ -597,32 +644,19 @@ impl Engine {
 
     /// ipvs mode: the addresses kube-ipvs0 should hold (the last sync's; none before it).
     pub fn ipvs_bind(&self) -> Vec<IpAddr> {
-        match &self.programmer {
-            Programmer::Ipvs(Some(p)) => p.bind().iter().copied().collect(),
-            _ => Vec::new(),
-        }
+        self.ipvs_index
+            .as_ref()
+            .map(|ix| ix.bind().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The IPVS table the current state calls for. NodePorts are served on the configured
     /// NodePort addresses, else on the node's addresses of this family.
     fn wanted_ipvs(&self) -> ipvs::desired::Wanted {
-        let v6 = self.config.family == IpFamily::V6;
-        let of_family = |ips: &mut dyn Iterator<Item = &IpAddr>| -> Vec<IpAddr> {
-            let mut v: Vec<IpAddr> = ips.copied().filter(|ip| ip.is_ipv6() == v6).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let own_ips = of_family(&mut self.config.node_ips.iter().chain(&self.config.host_ips));
-        // As upstream: NodePorts on the nodePortAddresses, else on every node address.
-        let mut node_ips = match &self.config.nodeport_ips {
-            Some(ips) => of_family(&mut ips.iter()),
-            None => own_ips.clone(),
-        };
-        node_ips.retain(|ip| !ip.is_loopback());
+        let (nodeport_ips, own_ips) = self.config.ipvs_node_ips();
         let node = ipvs::desired::Node {
             name: &self.config.node_name,
-            nodeport_ips: &node_ips,
+            nodeport_ips: &nodeport_ips,
             own_ips: &own_ips,
         };
         let scheduler = self.config.ipvs_scheduler.as_deref().unwrap_or("rr");
@@ -880,6 +914,27 @@ mod tests {
             .dump()
             .unwrap()
             .contains("172.30.0.0:80/tcp wrr -> 10.0.0.0:8080\n"));
+        // Partial syncs (deltas per Service) end where one full sync of the same state does.
+        engine
+            .sync(
+                ChangeSet::from_json(
+                    br#"{"services":[{"namespace":"ns","name":"s3","service":null}],
+                        "endpoints":[{"namespace":"ns","name":"s3","ports":[]}]}"#,
+                )
+                .unwrap(),
+                false,
+            )
+            .unwrap();
+        engine.sync(cluster(2, 4), false).unwrap();
+        let mut fresh = Engine::new(engine.config().clone());
+        let mut all = cluster(20, 3);
+        all.services.retain(|c| c.key.name.as_str() != "s3");
+        all.endpoints.retain(|c| c.key.name.as_str() != "s3");
+        fresh.sync(all, true).unwrap();
+        fresh.sync(cluster(2, 4), false).unwrap();
+        assert_eq!(engine.dump().unwrap(), fresh.dump().unwrap());
+        assert_eq!(engine.ipvs_bind(), fresh.ipvs_bind());
+        assert_eq!(engine.ipvs_bind().len(), 19);
         // A bad scheduler name never reaches the kernel.
         let bad = EngineConfig::from_json(
             r#"{"family":"IPv4","node_name":"n","mode":"ipvs","ipvs_scheduler":"rr; x"}"#,

@@ -9,7 +9,7 @@ connects to a *stable* Service (three real pods, never changed) and to the toggl
 
 What must hold: no failed sync; every probe of the stable Service answered by one of its pods;
 every probe of the toggled one answered by its pod or refused at once (never a timeout); RSS
-flat. Used by ``test_churn_soak.py`` (CI) and ``benches/churn_soak.py`` (the report).
+flat. Used by ``test_churn_soak.py`` (CI and the report in ``docs/reliability.md``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 
 use super::ipset::{ip_port, Set, Sets};
 use super::{Dest, DestKey, Service, Table, Virtual, VirtualKey, F_PERSISTENT, F_SCHED2};
-use crate::model::{Endpoint, Protocol};
+use crate::model::{Endpoint, Protocol, ServiceKey};
 use crate::state::State;
 use crate::topology::{categorize, NodeView};
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,79 +42,98 @@ pub struct Node<'a> {
 }
 
 pub fn table(state: &State, node: &Node, scheduler: &str) -> Wanted {
-    let (node_name, node_ips) = (node.name, node.nodeport_ips);
+    let mut out = Wanted::default();
+    for sp in state.service_ports() {
+        add_port(state, &sp, node, scheduler, &mut out);
+    }
+    let ipvs_ips = out.sets.entry(Set::IpvsIps).or_default();
+    ipvs_ips.extend(out.bind.iter().map(IpAddr::to_string));
+    out
+}
+
+/// One Service's share of [`table`] (its KUBE-IPVS-IPS members left out: those follow the
+/// merged addresses).
+pub fn part(state: &State, key: &ServiceKey, node: &Node, scheduler: &str) -> Wanted {
+    let mut out = Wanted::default();
+    for sp in state.service_ports_of(key) {
+        add_port(state, &sp, node, scheduler, &mut out);
+    }
+    out
+}
+
+fn add_port(
+    state: &State,
+    sp: &crate::state::ServicePortView<'_>,
+    node: &Node,
+    scheduler: &str,
+    out: &mut Wanted,
+) {
     let view = NodeView {
-        name: node_name,
+        name: node.name,
         zone: state.node().zone.as_deref(),
     };
-    let mut out = Wanted::default();
-    let mut sets = Sets::new();
-    for sp in state.service_ports() {
-        let svc = sp.service;
-        let endpoints = state.endpoints(&sp.name);
-        let policies = sp.policies();
-        let cat = categorize(&endpoints, policies, view);
-        let pick = |local: bool| -> &[&Endpoint] {
-            if local && !cat.local.is_empty() {
-                &cat.local
-            } else if local && !policies.uses_cluster() {
-                &[]
-            } else {
-                &cat.cluster
-            }
-        };
-        let scheduler = svc
-            .ipvs_scheduler
-            .as_deref()
-            .filter(|s| super::SCHEDULERS.contains(s))
-            .unwrap_or(scheduler);
-        let service = Service {
-            scheduler: scheduler.to_owned(),
-            flags: svc.session_affinity_timeout.map_or(0, |_| F_PERSISTENT)
-                | if scheduler == "mh" { F_SCHED2 } else { 0 },
-            timeout: svc.session_affinity_timeout.unwrap_or(0),
-        };
-        let virtual_ = |eps: &[&Endpoint]| Virtual {
-            service: service.clone(),
-            dests: eps
-                .iter()
-                .map(|e| {
-                    let d = DestKey {
-                        addr: e.ip,
-                        port: e.port.get(),
-                    };
-                    (d, Dest::weighted(1))
-                })
-                .collect(),
-        };
-        let protocol = sp.name.protocol;
-        let port = sp.port.port.get();
-        let mut add = |addr: IpAddr, port: u16, eps: &[&Endpoint]| {
-            let k = VirtualKey {
-                addr,
-                protocol,
-                port,
-            };
-            out.table.insert(k, virtual_(eps));
-            out.names.insert(k, sp.name.to_string());
-        };
-        if let Some(ip) = sp.cluster_ip {
-            add(ip, port, pick(policies.internal_local));
+    let svc = sp.service;
+    let endpoints = state.endpoints(&sp.name);
+    let policies = sp.policies();
+    let cat = categorize(&endpoints, policies, view);
+    let pick = |local: bool| -> &[&Endpoint] {
+        if local && !cat.local.is_empty() {
+            &cat.local
+        } else if local && !policies.uses_cluster() {
+            &[]
+        } else {
+            &cat.cluster
         }
-        for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
-            add(*ip, port, pick(policies.external_local));
-        }
-        if sp.port.node_port != 0 {
-            for ip in node_ips {
-                add(*ip, sp.port.node_port, pick(policies.external_local));
-            }
-        }
-        companions(&sp, &endpoints, node, &mut sets, &mut out);
+    };
+    let scheduler = svc
+        .ipvs_scheduler
+        .as_deref()
+        .filter(|s| super::SCHEDULERS.contains(s))
+        .unwrap_or(scheduler);
+    let service = Service {
+        scheduler: scheduler.to_owned(),
+        flags: svc.session_affinity_timeout.map_or(0, |_| F_PERSISTENT)
+            | if scheduler == "mh" { F_SCHED2 } else { 0 },
+        timeout: svc.session_affinity_timeout.unwrap_or(0),
+    };
+    let virtual_ = |eps: &[&Endpoint]| Virtual {
+        service: service.clone(),
+        dests: eps
+            .iter()
+            .map(|e| {
+                let d = DestKey {
+                    addr: e.ip,
+                    port: e.port.get(),
+                };
+                (d, Dest::weighted(1))
+            })
+            .collect(),
+    };
+    let protocol = sp.name.protocol;
+    let port = sp.port.port.get();
+    let mut add = |addr: IpAddr, port: u16, eps: &[&Endpoint]| {
+        let k = VirtualKey {
+            addr,
+            protocol,
+            port,
+        };
+        out.table.insert(k, virtual_(eps));
+        out.names.insert(k, sp.name.to_string());
+    };
+    if let Some(ip) = sp.cluster_ip {
+        add(ip, port, pick(policies.internal_local));
     }
-    let ipvs_ips = sets.entry(Set::IpvsIps).or_default();
-    ipvs_ips.extend(out.bind.iter().map(IpAddr::to_string));
+    for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+        add(*ip, port, pick(policies.external_local));
+    }
+    if sp.port.node_port != 0 {
+        for ip in node.nodeport_ips {
+            add(*ip, sp.port.node_port, pick(policies.external_local));
+        }
+    }
+    let mut sets = std::mem::take(&mut out.sets);
+    companions(sp, &endpoints, node, &mut sets, out);
     out.sets = sets;
-    out
 }
 
 /// One Service port's ipset members, kube-ipvs0 addresses and out-filter rules.

@@ -285,6 +285,17 @@ pub fn partial_text(family: IpFamily, want: &Sets, have: &Sets) -> String {
     out
 }
 
+/// `ipset restore` input for members removed and added (empty: none).
+pub fn delta_text(family: IpFamily, add: &[(Set, String)], del: &[(Set, String)]) -> String {
+    let mut out = String::new();
+    for (verb, members) in [("del", del), ("add", add)] {
+        for (set, m) in members {
+            out.push_str(&format!("{verb} {} {m} -exist\n", set.name(family)));
+        }
+    }
+    out
+}
+
 /// Where set updates go.
 pub trait Backend: Send {
     /// The names of the sets that exist.

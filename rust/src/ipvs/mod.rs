@@ -15,6 +15,7 @@
 
 pub mod desired;
 pub mod fake;
+pub mod index;
 pub mod ipset;
 pub mod kernel;
 pub mod message;

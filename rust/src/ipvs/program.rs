@@ -8,15 +8,15 @@
 //! and the next sync is full.
 
 use super::desired::Wanted;
+use super::index::Delta;
 use super::ipset::{self, Sets};
 use super::plan::{draining, plan};
 use super::rules::{self, RuleConfig};
-use super::{Backend, Table};
+use super::{Backend, Table, VirtualKey};
 use crate::error::{Error, Result};
 use crate::iptables;
 use crate::model::Cidr;
-use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What one sync sent.
 #[derive(Debug, Default)]
@@ -47,8 +47,6 @@ pub struct Program {
     applied_sets: Option<Sets>,
     /// The out-filter rules last written (`None`: rewrite the rules).
     applied_out_filter: Option<BTreeSet<String>>,
-    /// The addresses the last successful sync wanted on kube-ipvs0.
-    bind: BTreeSet<IpAddr>,
 }
 
 impl Program {
@@ -62,12 +60,11 @@ impl Program {
             applied: None,
             applied_sets: None,
             applied_out_filter: None,
-            bind: BTreeSet::new(),
         }
     }
 
     /// Bring the kernel to `want`: ipsets first (the rules match them), then the rules, then
-    /// the IPVS table. The addresses on kube-ipvs0 are the caller's ([`Program::bind`]).
+    /// the IPVS table. The addresses on kube-ipvs0 are the caller's.
     pub fn sync(&mut self, want: Wanted, full: bool) -> Result<Written> {
         let mut written = Written::default();
         let fam = self.companions.config.family;
@@ -100,15 +97,90 @@ impl Program {
             written.rules_written = true;
         }
 
-        let mut have = match self.applied.take() {
+        let have = match self.applied.take() {
             Some(t) if !full => t,
             _ => self.dump()?,
         };
-        if !full {
-            // Graceful termination needs the kernel's connection counts of the TCP real
-            // servers that leave: read just those virtual servers.
+        let (operations, sends, exact) =
+            self.program_table(&want.table, have, &want.names, !full)?;
+        written.operations = operations;
+        written.sends = sends;
+        // Real servers left draining at weight 0: the kernel's table is not the wanted one;
+        // read it back so the next plan starts from what is there.
+        self.applied = Some(if exact { want.table } else { self.dump()? });
+        Ok(written)
+    }
+
+    /// A partial sync from an [`Index`](super::index::Index) delta: only the changed
+    /// Services' virtual servers, set members and (when they changed) rules.
+    pub fn sync_delta(&mut self, d: Delta) -> Result<Written> {
+        let mut written = Written::default();
+        let fam = self.companions.config.family;
+        // Taken: any failure below leaves it unknown, so the next sync is full.
+        let (Some(mut applied), Some(mut sets)) = (self.applied.take(), self.applied_sets.take())
+        else {
+            return Err(Error::Apply {
+                op: "ipvs",
+                code: None,
+                stderr: "nothing applied yet: a full sync is needed".into(),
+            });
+        };
+        let text = ipset::delta_text(fam, &d.add, &d.del);
+        if !text.is_empty() {
+            self.companions.sets.restore(&text)?;
+            written.set_members = d.add.len() + d.del.len();
+        }
+        for (set, m) in &d.del {
+            sets.entry(*set).or_default().remove(m);
+        }
+        for (set, m) in &d.add {
+            sets.entry(*set).or_default().insert(m.clone());
+        }
+        if let Some(out_filter) = d.out_filter {
+            let out: Vec<String> = out_filter.iter().cloned().collect();
+            let text = rules::restore_text(&self.companions.config, &out);
+            self.companions.rules.restore(&text)?;
+            self.applied_out_filter = Some(out_filter);
+            written.rules_written = true;
+        }
+        let have: Table = d
+            .keys
+            .iter()
+            .filter_map(|k| applied.get(k).map(|v| (*k, v.clone())))
+            .collect();
+        let (operations, sends, exact) = self.program_table(&d.table, have, &d.names, true)?;
+        written.operations = operations;
+        written.sends = sends;
+        for k in &d.keys {
+            match d.table.get(k) {
+                Some(v) => applied.insert(*k, v.clone()),
+                None => applied.remove(k),
+            };
+        }
+        if !exact {
+            for (k, v) in applied.iter_mut().filter(|(k, _)| d.keys.contains(k)) {
+                v.dests = self.backend.dests(k)?;
+            }
+        }
+        self.applied = Some(applied);
+        self.applied_sets = Some(sets);
+        Ok(written)
+    }
+
+    /// Plan `have` to `want` (the same virtual servers, or all of them), apply it, and say
+    /// whether the kernel now holds exactly `want` (not so while real servers drain).
+    /// `read_leaving`: `have` came from memory, so read the kernel's connection counts of
+    /// the TCP real servers that leave (graceful termination needs them).
+    fn program_table(
+        &mut self,
+        want: &Table,
+        mut have: Table,
+        names: &BTreeMap<VirtualKey, String>,
+        read_leaving: bool,
+    ) -> Result<(usize, usize, bool)> {
+        if read_leaving {
             for (k, h) in have.iter_mut() {
-                let leaving = want.table.get(k).is_some_and(|w| {
+                let leaving = want.get(k).is_some_and(|w| {
                     k.protocol == crate::model::Protocol::Tcp
                         && h.dests.keys().any(|d| !w.dests.contains_key(d))
                 });
@@ -117,28 +189,21 @@ impl Program {
                 }
             }
         }
-        let ops = plan(&want.table, &have);
+        let ops = plan(want, &have);
         let out = self.backend.apply(&ops)?;
-        written.operations = ops.len();
-        written.sends = out.messages_per_send.len();
-        self.bind = want.bind;
-        if out.refused.is_empty() && draining(&want.table, &have).is_empty() {
-            self.applied = Some(want.table);
-            return Ok(written);
-        }
-        // Refusals, or real servers left draining at weight 0: the kernel's table is not
-        // the wanted one; read it back so the next plan starts from what is there.
-        self.applied = Some(self.dump()?);
         if out.refused.is_empty() {
-            return Ok(written);
+            let exact = draining(want, &have).is_empty();
+            return Ok((ops.len(), out.messages_per_send.len(), exact));
         }
+        // Each message commits on its own: the rest is applied. The table is unknown now;
+        // the next sync (full) reads it.
         self.applied = None;
         let lines: Vec<String> = out
             .refused
             .iter()
             .map(|(i, errno)| {
                 let op = &ops[*i];
-                let owner = want.names.get(&op.key()).map_or("?", String::as_str);
+                let owner = names.get(&op.key()).map_or("?", String::as_str);
                 let e = std::io::Error::from_raw_os_error(*errno);
                 format!("{owner}: {op}: {e}")
             })
@@ -153,11 +218,6 @@ impl Program {
                 lines.join("\n")
             ),
         })
-    }
-
-    /// The addresses kube-ipvs0 should hold after the last sync.
-    pub fn bind(&self) -> &BTreeSet<IpAddr> {
-        &self.bind
     }
 
     /// The kernel's table as it is now, without the virtual servers of excluded addresses.

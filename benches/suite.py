@@ -1,0 +1,514 @@
+"""The benchmark suite: every mode, upstream's cluster shapes, the kernel floor, in one run.
+
+Run as root: ``python benches/suite.py [--large] [--smoke] [--modes iptables,nftables,userspace]
+[--out docs/benchmarks]``. Writes ``suite.json`` (every figure and the machine), ``suite.md``
+(the tables) and ``suite_*.png`` (the plots) under ``--out``.
+
+For each mode and shape, in a scratch network namespace of its own (connected to nothing):
+the project's fake API server holds the shape's Services and EndpointSlices and this node's
+Node; the real daemon (``python -m kproxy daemon --master ...``) starts cold, lists and
+watches them, and programs the namespace. Measured:
+
+* **cold start**: from the daemon's start to its first completed sync, split into API ingest
+  (until the lists are in, normalization included), Python processing (change-set building
+  and encoding: the sync's wall time less the core's), Rust rendering and kernel apply (the
+  core's own timers);
+* **one-service change** (the Service switches session affinity) and **one-endpoint change**
+  (an endpoint is added to a slice): from the API server's write to the daemon's completed
+  partial sync, end to end (watch latency included), median of three each;
+* **RSS**: the daemon's resident memory once settled;
+* **floor**: the rules the daemon programmed, read back and applied in a fresh namespace by
+  the kernel's tool alone (``iptables-restore`` of ``iptables-save``; ``nft -f`` of the
+  listed table), in the same run;
+* **upstream shape** (single-group shapes up to ``--baseline-max`` services): the same
+  cluster in upstream's layout applied by the tool (iptables: flat shared chains;
+  nftables: a verdict map per Service), as ``benches/iptables_sync.py`` and
+  ``benches/nftables_sync.py`` build them.
+
+Then a **churn** run, modelled on upstream's: 1,000 Services x 100 endpoints added, then
+deleted, repeatedly; each phase's time to a completed sync, and failed syncs.
+
+Shapes (perf-anchors section 7): 100, 1,000, 5,000 and 10,000 Services x 10 endpoints;
+clusterloader2's mix (per 100 nodes: 149 Services x 5, 12 x 30, 1 x 250) scaled to 5,000
+nodes; one Service x 1,000 endpoints; 30,000 x 4 (nftables; every mode with ``--large``);
+one Service x 100,000 endpoints (``--large``). The ipvs mode needs a kernel with ip_vs: its
+figures come from ``benches/ipvs_program.py`` in the VM. Ratios are the headline; absolute
+times belong to this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benches.iptables_sync import cluster as cluster_changes
+from benches.iptables_sync import parse as parse_restore
+from benches.iptables_sync import upstream_text
+from benches.nftables_sync import upstream_like
+from kproxy import _core, netns
+from tests import k8sobjects as k
+from tests.fakeapi import FakeApiServer
+
+NODE = "node-a"
+NODE_IP = "192.168.200.1"
+SLICE_MAX = 1000  # endpoints per EndpointSlice, as the API server enforces
+
+# name -> [(services, endpoints each)]
+SHAPES: dict[str, list[tuple[int, int]]] = {
+    "100x10": [(100, 10)],
+    "1000x10": [(1000, 10)],
+    "5000x10": [(5000, 10)],
+    "10000x10": [(10000, 10)],
+    "cl2-5000-nodes": [(149 * 50, 5), (12 * 50, 30), (1 * 50, 250)],
+    "1x1000": [(1, 1000)],
+    "30000x4": [(30000, 4)],
+    "1x100000": [(1, 100000)],
+}
+DEFAULT = ["100x10", "1000x10", "5000x10", "10000x10", "cl2-5000-nodes", "1x1000"]
+SMOKE = ["100x10", "1x1000"]
+
+_FIRST = re.compile(r"first sync done ([\d.]+)s after start \(lists received after ([\d.]+)s\)")
+_SYNCED = re.compile(
+    r"synced IPv4 (full|partial): (\d+) service ports.*\(render ([\d.]+)ms, apply ([\d.]+)ms, "
+    r"total ([\d.]+)ms\)"
+)
+
+
+def total_services(shape: str) -> int:
+    return sum(n for n, _ in SHAPES[shape])
+
+
+def total_endpoints(shape: str) -> int:
+    return sum(n * e for n, e in SHAPES[shape])
+
+
+# -- the cluster on the fake API server ----------------------------------------------------
+
+
+def objects(shape: str) -> list[k.Obj]:
+    """Services (one TCP port each, distinct ClusterIPs) and their slices, addresses unique."""
+    out: list[k.Obj] = []
+    i = ep = 0
+    for count, eps in SHAPES[shape]:
+        for _ in range(count):
+            name, ns = f"svc{i}", f"ns{i % 50}"
+            ip = f"172.{16 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+            out.append(k.service(name, ip, [k.port("http", 80, target=8080)], namespace=ns))
+            addrs = [_pod_ip(ep + j) for j in range(eps)]
+            ep += eps
+            for s in range(0, eps, SLICE_MAX):
+                chunk = [k.endpoint(a, node=NODE) for a in addrs[s : s + SLICE_MAX]]
+                out.append(k.endpoint_slice(f"{name}-{s // SLICE_MAX}", name, chunk,
+                                            [k.slice_port("http", 8080)], namespace=ns))  # fmt: skip
+            i += 1
+    return out
+
+
+def _pod_ip(n: int) -> str:
+    return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
+
+
+# -- one daemon run --------------------------------------------------------------------------
+
+
+class Daemon:
+    """The real daemon in `ns`, logging to `log`."""
+
+    def __init__(self, ns: str, api_url: str, mode: str, log: Path) -> None:
+        self.log = log
+        args = [
+            "ip", "netns", "exec", ns, sys.executable, "-m", "kproxy", "daemon",
+            "--master", api_url, "--hostname-override", NODE, "--proxy-mode", mode,
+            "--cluster-cidr", "10.0.0.0/8", "--min-sync-period", "0",
+            "--healthz-bind-address", "", "--metrics-bind-address", "", "-v", "2",
+        ]  # fmt: skip
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait(self, pred: Callable[[str], bool], timeout: float, what: str) -> float:
+        """Poll the log every 2 ms until `pred` holds; the monotonic time it did."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if pred(self.text()):
+                return time.monotonic()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no {what}:\n{self.text()[-3000:]}")
+            time.sleep(0.002)
+
+    def rss_mib(self) -> float:
+        # `ip netns exec` execs the daemon: the child is the daemon itself.
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def partial_syncs(text: str) -> int:
+    return sum(1 for m in _SYNCED.finditer(text) if m.group(1) == "partial")
+
+
+def measure(mode: str, shape: str, workdir: Path) -> dict[str, Any]:
+    objs = objects(shape)
+    res: dict[str, Any] = {"mode": mode, "shape": shape, "services": total_services(shape),
+                           "endpoints": total_endpoints(shape)}  # fmt: skip
+    with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        # The node's address, on a veth pair that stays inside the namespace.
+        for cmd in (["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                    ["addr", "add", f"{NODE_IP}/24", "dev", "eth0"],
+                    ["link", "set", "eth0", "up"], ["link", "set", "eth1", "up"]):  # fmt: skip
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        api = ex.call(FakeApiServer)
+        ex.call(api.start)
+        try:
+            ex.call(lambda: [api.put(o) for o in objs], timeout=3600)
+            ex.call(lambda: api.put(k.node(NODE, addresses=[NODE_IP])))
+            d = Daemon(ns, api.api_url, mode, workdir / f"{mode}-{shape}.log")
+            saved = ""
+            try:
+                res.update(cold_start(d))
+                if mode in ("iptables", "nftables"):
+                    saved = programmed(mode, ns)  # what the first sync wrote
+                time.sleep(2)  # settle: watches established, garbage collected
+                res["rss_mib"] = d.rss_mib()
+                res.update(changes(d, api, ex, objs))
+                res["rss_after_changes_mib"] = d.rss_mib()
+            finally:
+                d.stop()
+            if saved:
+                res["floor_s"] = _timed_load(mode, saved)
+        finally:
+            ex.call(api.close)
+    return res
+
+
+def cold_start(d: Daemon) -> dict[str, Any]:
+    d.wait(lambda t: _FIRST.search(t) is not None and _full_synced(t), 3600, "first sync")
+    text = d.text()
+    first = _FIRST.search(text)
+    synced = next(m for m in _SYNCED.finditer(text) if m.group(1) == "full")
+    assert first is not None
+    render, apply, total = (float(synced.group(i)) / 1e3 for i in (3, 4, 5))
+    return {
+        "cold_start_s": float(first.group(1)),
+        "api_ingest_s": float(first.group(2)),
+        "python_s": max(0.0, total - render - apply),
+        "render_s": render,
+        "apply_s": apply,
+        "sync_s": total,
+    }
+
+
+def _full_synced(text: str) -> bool:
+    return any(m.group(1) == "full" for m in _SYNCED.finditer(text))
+
+
+def changes(
+    d: Daemon, api: FakeApiServer, ex: netns.NetnsExecutor, objs: list[k.Obj]
+) -> dict[str, Any]:
+    """Median end-to-end time of three one-service and three one-endpoint changes."""
+    svc = next(o for o in objs if o["kind"] == "Service")
+    sl = next(o for o in objs if o["kind"] == "EndpointSlice")
+    one_service: list[float] = []
+    one_endpoint: list[float] = []
+    for i in range(3):
+        svc = json.loads(json.dumps(svc))
+        affinity = "ClientIP" if i % 2 == 0 else "None"
+        svc["spec"]["sessionAffinity"] = affinity
+        one_service.append(_change(d, api, ex, svc))
+        sl = json.loads(json.dumps(sl))
+        sl["endpoints"].append(k.endpoint(f"10.255.{i}.1", node=NODE))
+        one_endpoint.append(_change(d, api, ex, sl))
+    return {"one_service_s": statistics.median(one_service),
+            "one_endpoint_s": statistics.median(one_endpoint)}  # fmt: skip
+
+
+def _change(d: Daemon, api: FakeApiServer, ex: netns.NetnsExecutor, obj: k.Obj) -> float:
+    before = partial_syncs(d.text())
+    t0 = time.monotonic()
+    ex.call(lambda: api.put(obj))
+    done = d.wait(lambda t: partial_syncs(t) > before, 600, "partial sync")
+    return done - t0
+
+
+# -- the floor and upstream's shape --------------------------------------------------------
+
+
+def _in(ns: str, argv: list[str], stdin: str | None = None) -> str:
+    r = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True,
+                       text=True, check=True, timeout=3600)  # fmt: skip
+    return r.stdout
+
+
+def _timed_load(mode: str, text: str) -> float:
+    argv = ["iptables-restore", "--noflush"] if mode == "iptables" else ["nft", "-f", "-"]
+    with netns.scratch() as fresh:
+        t = time.perf_counter()
+        _in(fresh, argv, text)
+        return time.perf_counter() - t
+
+
+def programmed(mode: str, ns: str) -> str:
+    """What the daemon programmed in `ns`, as the kernel's tool prints it (and reloads it:
+    the floor is that load, by the tool alone, in a fresh namespace)."""
+    if mode == "iptables":
+        return _in(ns, ["iptables-save"])
+    return _in(ns, ["nft", "list", "table", "ip", "kproxy"])
+
+
+def upstream_shape(mode: str, n: int, eps: int) -> float:
+    """Upstream's layout of the same cluster, applied by the tool (a full sync)."""
+    cs = cluster_changes(n, eps)
+    if mode == "nftables":
+        return _timed_load(mode, upstream_like(cs))
+    engine = _core.Engine(json.dumps({"family": "IPv4", "node_name": "n", "backend": "fake",
+                                      "cluster_cidrs": ["10.0.0.0/8"]}))  # fmt: skip
+    engine.sync(cs.to_json(), True)
+    return _timed_load(mode, upstream_text(parse_restore(engine.render()), None))
+
+
+# -- churn -----------------------------------------------------------------------------------
+
+
+def churn(mode: str, iterations: int, services: int, eps: int, workdir: Path) -> dict[str, Any]:
+    """Upstream's churn: `services` x `eps` added, then deleted, `iterations` times."""
+    res: dict[str, Any] = {"mode": mode, "services": services, "endpoints_per_service": eps,
+                           "add_s": [], "delete_s": [], "failed_syncs": 0}  # fmt: skip
+    churned = [o for o in objects_for(services, eps, offset=1000)]
+    with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        api = ex.call(FakeApiServer)
+        ex.call(api.start)
+        try:
+            ex.call(lambda: api.put(k.node(NODE, addresses=["127.0.0.1"])))
+            ex.call(lambda: [api.put(o) for o in objects("100x10")])
+            d = Daemon(ns, api.api_url, mode, workdir / f"{mode}-churn.log")
+            try:
+                d.wait(lambda t: _FIRST.search(t) is not None, 600, "first sync")
+                for _ in range(iterations):
+                    for phase, want in (("add_s", 100 + services), ("delete_s", 100)):
+                        t0 = time.monotonic()
+                        if phase == "add_s":
+                            ex.call(lambda: [api.put(o) for o in churned], timeout=600)
+                        else:
+                            ex.call(lambda: [api.delete(o["kind"], o["metadata"]["namespace"],
+                                                        o["metadata"]["name"])
+                                             for o in churned], timeout=600)  # fmt: skip
+                        done = d.wait(_ports_are(want), 1800, phase)
+                        res[phase].append(done - t0)
+                res["failed_syncs"] = d.text().count("sync failed")
+                res["rss_mib"] = d.rss_mib()
+            finally:
+                d.stop()
+        finally:
+            ex.call(api.close)
+    return res
+
+
+def objects_for(services: int, eps: int, offset: int) -> list[k.Obj]:
+    out: list[k.Obj] = []
+    for i in range(services):
+        name = f"churn{i}"
+        ip = f"172.31.{(offset + i) // 256 % 256}.{(offset + i) % 256}"
+        out.append(k.service(name, ip, [k.port("http", 80, target=8080)]))
+        eps_ = [k.endpoint(f"10.200.{(i * eps + j) // 256 % 256}.{(i * eps + j) % 256}",
+                           node=NODE) for j in range(eps)]  # fmt: skip
+        out.append(k.endpoint_slice(f"{name}-0", name, eps_, [k.slice_port("http", 8080)]))
+    return out
+
+
+def _ports_are(want: int) -> Callable[[str], bool]:
+    return lambda text: _last_ports(text) == want
+
+
+def _last_ports(text: str) -> int:
+    found = [m for m in _SYNCED.finditer(text)]
+    return int(found[-1].group(2)) if found else -1
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    def tool(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            return r.stdout.strip()
+        except OSError:
+            return "?"
+
+    return {
+        "arch": platform.machine(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "iptables": tool(["iptables", "--version"]),
+        "nft": tool(["nft", "--version"]),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [
+        "# Benchmark suite",
+        "",
+        f"`python benches/suite.py{' --large' if report['large'] else ''}"
+        f"{' --smoke' if report['smoke'] else ''}` on {m['arch']}, "
+        f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['iptables']}, {m['nft']}, Python "
+        f"{m['python']}; {report['seconds']:.0f} s in all. Ratios are the headline; absolute "
+        "times belong to this machine.",
+        "",
+        "## Cold start, changes, memory",
+        "",
+        "Cold start: daemon start to first completed sync = API ingest + Python processing + "
+        "Rust rendering + kernel apply. Changes: the API server's write to the daemon's "
+        "completed partial sync (median of 3). Floor: the same rules loaded by the kernel's "
+        "tool alone. Upstream shape: the same cluster in upstream's layout, loaded by the tool.",
+        "",
+        "| mode | shape | services | endpoints | cold start | ingest | python | render | "
+        "apply | floor | apply / floor | upstream shape | one-service change | "
+        "one-endpoint change | RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        floor_s = r.get("floor_s")
+        up = r.get("upstream_shape_s")
+        out.append(
+            f"| {r['mode']} | {r['shape']} | {r['services']:,} | {r['endpoints']:,} | "
+            f"{r['cold_start_s']:.2f} s | {r['api_ingest_s']:.2f} s | {r['python_s']:.2f} s | "
+            f"{r['render_s']:.3f} s | {r['apply_s']:.2f} s | "
+            + (f"{floor_s:.2f} s | {r['apply_s'] / floor_s:.2f}x | " if floor_s else "- | - | ")
+            + (f"{up:.2f} s | " if up is not None else "- | ")
+            + f"{r['one_service_s'] * 1e3:.0f} ms | {r['one_endpoint_s'] * 1e3:.0f} ms | "
+            f"{r['rss_mib']:.0f} MiB |"
+        )
+    if report["churn"]:
+        out += ["", "## Churn", "", "| mode | services x endpoints | iterations | add (each) | "
+                "delete (each) | failed syncs | RSS after |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in report["churn"]:
+            out.append(
+                f"| {c['mode']} | {c['services']:,} x {c['endpoints_per_service']} | "
+                f"{len(c['add_s'])} | {', '.join(f'{s:.1f} s' for s in c['add_s'])} | "
+                f"{', '.join(f'{s:.1f} s' for s in c['delete_s'])} | {c['failed_syncs']} | "
+                f"{c['rss_mib']:.0f} MiB |"
+            )
+    out += ["", "Plots: `suite_sync_time.png` (cold-start sync time, floor and upstream shape "
+            "vs services), `suite_changes.png` (change latency vs services).", ""]  # fmt: skip
+    return "\n".join(out)
+
+
+def plots(report: dict[str, Any], out: Path) -> None:
+    single = [r for r in report["runs"] if len(SHAPES[r["shape"]]) == 1
+              and SHAPES[r["shape"]][0][0] > 1]  # fmt: skip
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for mode in sorted({r["mode"] for r in single}):
+        rs = sorted((r for r in single if r["mode"] == mode), key=lambda r: r["services"])
+        xs = [r["services"] for r in rs]
+        ax.plot(xs, [r["render_s"] + r["apply_s"] for r in rs], "o-", label=f"{mode}: sync")
+        if any("floor_s" in r for r in rs):
+            ax.plot(xs, [r.get("floor_s", float("nan")) for r in rs], "x--",
+                    label=f"{mode}: floor (tool alone)")  # fmt: skip
+        up = [r for r in rs if r.get("upstream_shape_s") is not None]
+        if up:
+            ax.plot([r["services"] for r in up], [r["upstream_shape_s"] for r in up], "s:",
+                    label=f"{mode}: upstream shape")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="services (one port each)",
+           ylabel="full sync, seconds", title="Full sync time vs services")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "suite_sync_time.png", dpi=110)
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for mode in sorted({r["mode"] for r in single}):
+        rs = sorted((r for r in single if r["mode"] == mode), key=lambda r: r["services"])
+        xs = [r["services"] for r in rs]
+        ax.plot(xs, [r["one_service_s"] * 1e3 for r in rs], "o-", label=f"{mode}: one service")
+        ax.plot(xs, [r["one_endpoint_s"] * 1e3 for r in rs], "x--",
+                label=f"{mode}: one endpoint")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="services", ylabel="end to end, ms",
+           title="A one-object change, API write to programmed")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "suite_changes.png", dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="iptables,nftables,userspace")
+    ap.add_argument("--large", action="store_true", help="also 30,000 x 4 everywhere, 1 x 100,000")
+    ap.add_argument("--smoke", action="store_true", help="two small shapes, a small churn (CI)")
+    ap.add_argument("--baseline-max", type=int, default=5000)
+    ap.add_argument("--churn-iterations", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    started = time.monotonic()
+    workdir = Path("/tmp/kproxy-suite")
+    workdir.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan: list[tuple[str, str]] = []
+    for mode in modes:
+        shapes = (
+            SMOKE if args.smoke else [*DEFAULT, *(["30000x4", "1x100000"] if args.large else [])]
+        )
+        if not args.smoke and not args.large and mode == "nftables":
+            shapes = [*shapes, "30000x4"]
+        plan += [(mode, s) for s in shapes]
+    runs = []
+    for mode, shape in plan:
+        r = measure(mode, shape, workdir)
+        groups = SHAPES[shape]
+        if mode in ("iptables", "nftables") and len(groups) == 1 and groups[0][0] > 1:
+            n, eps = groups[0]
+            if n <= args.baseline_max:
+                r["upstream_shape_s"] = upstream_shape(mode, n, eps)
+        runs.append(r)
+        print(json.dumps(r), flush=True)
+    churn_runs = []
+    churn_modes = [m for m in modes if m == "nftables" or (args.large and m == "iptables")]
+    for mode in churn_modes:
+        n, eps, its = (50, 10, 1) if args.smoke else (1000, 100, args.churn_iterations)
+        c = churn(mode, its, n, eps, workdir)
+        churn_runs.append(c)
+        print(json.dumps(c), flush=True)
+    report = {"machine": machine(), "large": args.large, "smoke": args.smoke, "runs": runs,
+              "churn": churn_runs, "seconds": time.monotonic() - started}  # fmt: skip
+    (args.out / "suite.json").write_text(json.dumps(report, indent=2))
+    (args.out / "suite.md").write_text(markdown(report))
+    plots(report, args.out)
+    print(f"wrote {args.out}/suite.json, suite.md, suite_*.png in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
