@@ -129,12 +129,32 @@ class Daemon:
             out[key] = Wanted(svc.health_check_node_port, len(local))
         return out
 
-    async def _reconcile_conntrack(self) -> None:
-        """After the rules are in place (never before): drop UDP flows to stale endpoints."""
+    async def _reconcile_conntrack(self, full: bool, changed: set[ServiceKey]) -> None:
+        """After the rules are in place (never before): drop UDP flows to stale endpoints.
+
+        Only Services with UDP ports can have such flows, and only those this sync changed
+        can have new stale ones: a partial sync judges just those (and the deleted ones), so
+        its cost follows the change, not the cluster; a full sync judges every Service."""
         c = self.controller
-        current = {k: s for k in list(c.services.keys()) if (s := c.services.get(k)) is not None}
-        deleted = [s for k, s in self._synced_services.items() if k not in current]
-        self._synced_services = current
+        keys = list(c.services.keys()) if full else list(changed)
+        current: dict[ServiceKey, Service] = {}
+        for k in keys:
+            s = c.services.get(k)
+            if s is not None and any(p.protocol == "UDP" for p in s.ports):
+                current[k] = s
+        deleted: list[Service] = []
+        if full:
+            deleted = [s for k, s in self._synced_services.items() if k not in current]
+            self._synced_services = dict(current)
+        else:
+            for k in keys:
+                old = self._synced_services.pop(k, None)
+                if k in current:
+                    self._synced_services[k] = current[k]
+                elif old is not None:  # gone, or no UDP port any more
+                    deleted.append(old)
+        if not current and not deleted:
+            return
         t = conntrack.targets(current.items(), {k: c.endpoints.merged(k) for k in current}, deleted)
         started = time.monotonic()
         try:
@@ -218,7 +238,9 @@ class Daemon:
                 for err in r.listen_errors:
                     log.error("%s (the other Services are unaffected; retried next sync)", err)
         else:
-            await self._reconcile_conntrack()
+            await self._reconcile_conntrack(
+                any(r.full for r in reports.values()), {*changes.services, *changes.endpoints}
+            )
         if any(r.full for r in reports.values()):
             self._last_full = started
         if started - self._last_trim >= TRIM_PERIOD:
