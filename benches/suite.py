@@ -56,6 +56,7 @@ from matplotlib.figure import Figure
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benches.daemon_memory import status_kib
 from benches.iptables_sync import cluster as cluster_changes
 from benches.iptables_sync import parse as parse_restore
 from benches.iptables_sync import upstream_text
@@ -155,10 +156,7 @@ class Daemon:
 
     def rss_mib(self) -> float:
         # `ip netns exec` execs the daemon: the child is the daemon itself.
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return status_kib(self.proc.pid, "VmRSS") / 1024
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -326,12 +326,9 @@ def ipvs_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
     engine = programmed(cfg, snapshot(cfg), (family,)).engines[family]
     lines, rules, sets = engine.ipvs_parts()
     out = line_differences("ipvs", lines, _core.ipvs_live_lines(family))
-    jumps = "".join(
-        f"*{t}\n" + "".join(f"-A {j}\n" for j in js) + "COMMIT\n" for t, js in _IPVS_JUMPS.items()
-    )
     tool = "iptables-restore" if family == "IPv4" else "ip6tables-restore"
     with netns.scratch() as ns:
-        for argv, text in ((["ipset", "restore"], sets), ([tool, "--noflush"], rules + jumps)):
+        for argv, text in ((["ipset", "restore"], sets), ([tool, "--noflush"], rules)):
             r = subprocess.run(
                 ["ip", "netns", "exec", ns, *argv],
                 input=text, capture_output=True, text=True, timeout=300, check=False,
@@ -340,24 +337,6 @@ def ipvs_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
                 raise KproxyError(f"cannot load the wanted rules ({argv[0]}): {r.stderr.strip()}")
         want = save(family, ns)
     return out + differences(want, save(family))
-
-
-# The ipvs mode's jump rules from the built-in chains (rules.rs JUMPS), as -A arguments.
-_IPVS_JUMPS = {
-    "nat": [
-        'OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        'PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        'POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
-    ],
-    "filter": [
-        'FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
-        'INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT',
-        'INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL',
-        'FORWARD -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL',
-        'INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER',
-        'OUTPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-OUT-FILTER',
-    ],
-}
 
 
 def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:

@@ -627,13 +627,14 @@ impl Engine {
     }
 
     /// ipvs mode: what the mode wants, as `kproxy diff` compares it: one line per virtual
-    /// server and per set member; the companion rules as `iptables-restore` input; the sets
-    /// as `ipset restore` input.
+    /// server and per set member; the companion rules and their jumps as `iptables-restore`
+    /// input for an empty namespace; the sets as `ipset restore` input.
     pub fn ipvs_parts(&self) -> (Vec<String>, String, String) {
         let w = self.wanted_ipvs();
         let fam = self.config.family;
         let out: Vec<String> = w.out_filter.iter().cloned().collect();
-        let rules = ipvs::rules::restore_text(&self.config.ipvs_rule_config(), &out);
+        let mut rules = ipvs::rules::restore_text(&self.config.ipvs_rule_config(), &out);
+        rules.push_str(&chains::restore_text(ipvs::rules::JUMPS));
         let sets = ipvs::ipset::named(fam, &w.sets);
         (
             ipvs::trace::lines(&w.table, &sets),

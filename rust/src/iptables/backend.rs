@@ -213,21 +213,6 @@ impl Fake {
             .any(|(t, cs)| *t == table && cs.contains(&chain))
     }
 
-    /// A jump rule as iptables-save prints it (arguments with spaces quoted).
-    fn rule_text(j: &Jump) -> String {
-        j.rule_args()
-            .iter()
-            .map(|a| {
-                if a.contains(' ') {
-                    format!("\"{a}\"")
-                } else {
-                    (*a).to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
     /// The rules of one chain, as the `-A` arguments after the chain name.
     pub fn rules(&self, table: &str, chain: &str) -> Option<&[String]> {
         self.tables.get(table)?.get(chain).map(Vec::as_slice)
@@ -336,7 +321,7 @@ impl Backend for Fake {
 
     fn ensure_jumps(&mut self, jumps: &[Jump]) -> Result<()> {
         for j in jumps {
-            let rule = Fake::rule_text(j);
+            let rule = j.rule_text();
             let chains = self.tables.entry(j.table.to_owned()).or_default();
             if !chains.contains_key(j.to) {
                 return Err(Error::Apply {
@@ -355,7 +340,7 @@ impl Backend for Fake {
 
     fn remove_jumps(&mut self, jumps: &[Jump]) -> Result<()> {
         for j in jumps {
-            let rule = Fake::rule_text(j);
+            let rule = j.rule_text();
             if let Some(b) = self.tables.get_mut(j.table).and_then(|c| c.get_mut(j.from)) {
                 b.retain(|r| *r != rule);
             }

@@ -77,9 +77,10 @@ pub struct Jump {
 
 const NEW: &[&str] = &["-m", "conntrack", "--ctstate", "NEW"];
 
+/// A [`Jump`] with a comment (and, with `new`, only for new connections).
 macro_rules! jump {
     ($table:expr, $from:expr, $to:expr, $comment:expr, new) => {
-        Jump {
+        $crate::iptables::chains::Jump {
             table: $table,
             from: $from,
             to: $to,
@@ -96,7 +97,7 @@ macro_rules! jump {
         }
     };
     ($table:expr, $from:expr, $to:expr, $comment:expr) => {
-        Jump {
+        $crate::iptables::chains::Jump {
             table: $table,
             from: $from,
             to: $to,
@@ -104,6 +105,7 @@ macro_rules! jump {
         }
     };
 }
+pub(crate) use jump;
 
 /// Upstream's `iptablesJumpChains`, in the order it ensures them.
 pub const JUMPS: &[Jump] = &[
@@ -208,8 +210,42 @@ impl Jump {
         v
     }
 
+    /// The rule as iptables-save prints it after the chain name (arguments with spaces
+    /// quoted).
+    pub fn rule_text(&self) -> String {
+        self.rule_args()
+            .iter()
+            .map(|a| {
+                if a.contains(' ') {
+                    format!("\"{a}\"")
+                } else {
+                    (*a).to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Whether the rule matches on conntrack state NEW (for the tracer and tests).
     pub fn new_only(&self) -> bool {
         self.args.windows(NEW.len()).any(|w| w == NEW)
     }
+}
+
+/// `jumps` as `iptables-restore --noflush` input appending them to the built-in chains (for
+/// an empty namespace: `ensure_jumps` is what keeps them unique on a node).
+pub fn restore_text(jumps: &[Jump]) -> String {
+    let mut out = String::new();
+    for table in ["nat", "filter"] {
+        let mine: Vec<&Jump> = jumps.iter().filter(|j| j.table == table).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("*{table}\n"));
+        for j in mine {
+            out.push_str(&format!("-A {} {}\n", j.from, j.rule_text()));
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
 }

@@ -47,6 +47,9 @@ impl Index {
     /// Index every Service; the merged result is what [`desired::table`] returns.
     pub fn build(state: &State, node: &Node, scheduler: &str) -> (Index, Wanted) {
         let mut ix = Index::default();
+        // Merged from the parts in Service order, as `desired::table` merges its ports (a
+        // later Service's claim on a contested virtual server wins in both).
+        let mut wanted = Wanted::default();
         let keys: Vec<ServiceKey> = state.service_keys().cloned().collect();
         for key in keys {
             let part = desired::part(state, &key, node, scheduler);
@@ -58,9 +61,22 @@ impl Index {
                 }
             }
             ix.count(&part, 1, &mut Vec::new(), &mut Vec::new());
+            wanted
+                .table
+                .extend(part.table.iter().map(|(k, v)| (*k, v.clone())));
+            wanted
+                .names
+                .extend(part.names.iter().map(|(k, n)| (*k, n.clone())));
+            for (set, members) in &part.sets {
+                let merged = wanted.sets.entry(*set).or_default();
+                merged.extend(members.iter().cloned());
+            }
+            wanted.bind.extend(part.bind.iter().copied());
+            wanted.out_filter.extend(part.out_filter.iter().cloned());
             ix.parts.insert(key, part);
         }
-        let wanted = desired::table(state, node, scheduler);
+        let ipvs_ips = wanted.sets.entry(Set::IpvsIps).or_default();
+        ipvs_ips.extend(wanted.bind.iter().map(IpAddr::to_string));
         (ix, wanted)
     }
 
@@ -244,6 +260,11 @@ mod tests {
         apply(&mut state, &svc("a", "10.96.0.1", "", "10.1.0.1"));
         apply(&mut state, &svc("b", "10.96.0.2", "", "10.1.0.1")); // same pod: shared hairpin
         let (mut ix, before) = Index::build(&state, &node, "rr");
+        let whole = desired::table(&state, &node, "rr");
+        assert_eq!(
+            (&before.table, &before.names, &before.sets, &before.bind),
+            (&whole.table, &whole.names, &whole.sets, &whole.bind)
+        );
         // b moves to another pod: its hairpin member goes, a's (the same string) stays.
         let changed = apply(&mut state, &svc("b", "10.96.0.2", "", "10.1.0.2"));
         let d = ix.update(&state, &changed, &node, "rr").unwrap();

@@ -363,28 +363,22 @@ mod tests {
             addr: "10.244.0.2".parse().unwrap(),
             port: 8080,
         };
-        fake.lock()
-            .unwrap()
-            .table
-            .get_mut(&vk(1))
-            .unwrap()
-            .dests
-            .get_mut(&d2)
-            .unwrap()
-            .active = 1;
+        let connections = |n: u32| {
+            let mut f = fake.lock().unwrap();
+            f.table
+                .get_mut(&vk(1))
+                .unwrap()
+                .dests
+                .get_mut(&d2)
+                .unwrap()
+                .active = n;
+        };
+        connections(1);
         let less = Table::from([(vk(1), one(&[1])), (vk(2), one(&[3]))]);
         p.sync(wanted(&less, &BTreeMap::new()), false).unwrap();
         assert_eq!(fake.lock().unwrap().table[&vk(1)].dests[&d2].weight, 0);
         // The connection ends; the next full sync deletes the drained server.
-        fake.lock()
-            .unwrap()
-            .table
-            .get_mut(&vk(1))
-            .unwrap()
-            .dests
-            .get_mut(&d2)
-            .unwrap()
-            .active = 0;
+        connections(0);
         p.sync(wanted(&less, &BTreeMap::new()), true).unwrap();
         assert_eq!(fake.lock().unwrap().table, less);
     }

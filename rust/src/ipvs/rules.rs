@@ -7,7 +7,7 @@
 //! load balancers whose source ranges exclude the node, passed in as `out_filter`.
 
 use super::ipset::Set;
-use crate::iptables::chains::Jump;
+use crate::iptables::chains::{jump, Jump};
 use crate::iptables::render::LocalDetector;
 use crate::model::IpFamily;
 
@@ -38,17 +38,6 @@ pub const FILTER_CHAINS: &[&str] = &[
     KUBE_IPVS_FILTER,
     KUBE_IPVS_OUT_FILTER,
 ];
-
-macro_rules! jump {
-    ($table:expr, $from:expr, $to:expr, $comment:expr) => {
-        Jump {
-            table: $table,
-            from: $from,
-            to: $to,
-            args: &["-m", "comment", "--comment", $comment],
-        }
-    };
-}
 
 /// Upstream's `iptablesJumpChain` for the ipvs mode.
 pub const JUMPS: &[Jump] = &[
@@ -298,6 +287,24 @@ mod tests {
             .last()
             .unwrap()
             .contains("KUBE-IPVS-IPS dst -j REJECT"));
+        // The jumps as restore text (for an empty namespace) give the same rules.
+        let mut direct = Fake::new();
+        let with_jumps = format!(
+            "{}{}",
+            restore_text(
+                &cfg(LocalDetector::Cidr("10.244.0.0/16".parse().unwrap())),
+                &[]
+            ),
+            crate::iptables::chains::restore_text(JUMPS)
+        );
+        direct.restore(&with_jumps).unwrap();
+        // (ensure_jumps prepends, so only the built-in chains' order differs.)
+        let lines = |text: String| {
+            let mut v: Vec<String> = text.lines().map(str::to_owned).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(lines(direct.dump().unwrap()), lines(k.dump().unwrap()));
         // Without pod detection: upstream's src,dst match for node-originated traffic.
         let text = restore_text(&cfg(LocalDetector::None), &[]);
         assert!(text.contains("--match-set KUBE-CLUSTER-IP src,dst -j KUBE-MARK-MASQ"));

@@ -87,11 +87,7 @@ pub fn trace(rules: &Ruleset, table: &Table, packet: &Packet, node: &NodeFacts) 
         shown.join(" ")
     ));
     t.dnat = shown;
-    let family = if packet.dst.is_ipv6() {
-        IpFamily::V6
-    } else {
-        IpFamily::V4
-    };
+    let family = IpFamily::of(&packet.dst);
     let loopback = node.sets.get(&Set::LoopBack.name(family));
     for (d, _) in &dests {
         let reached = Lookup {

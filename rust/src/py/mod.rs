@@ -197,8 +197,9 @@ impl Engine {
         self.lock().forward_stats().into_iter().collect()
     }
 
-    /// ipvs mode: (one line per virtual server and set member, the companion rules as
-    /// iptables-restore input, the sets as ipset restore input) for the current state.
+    /// ipvs mode: (one line per virtual server and set member, the companion rules and their
+    /// jumps as iptables-restore input for an empty namespace, the sets as ipset restore
+    /// input) for the current state.
     fn ipvs_parts(&self, py: Python<'_>) -> (Vec<String>, String, String) {
         py.detach(|| self.lock().ipvs_parts())
     }
@@ -453,11 +454,7 @@ fn trace_ipvs_live(
 ) -> PyResult<Trace> {
     let (packet, mut node) =
         packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
-    let family = if packet.dst.is_ipv6() {
-        IpFamily::V6
-    } else {
-        IpFamily::V4
-    };
+    let family = IpFamily::of(&packet.dst);
     let result = py.detach(|| {
         crate::ipvs::trace::read_live(family).map(|live| {
             node.sets = live.sets;
