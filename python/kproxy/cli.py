@@ -129,6 +129,10 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--udp-timeout", dest="udp_idle_timeout", type=_duration_flag("--udp-timeout"), default=S
     )
+    d.add_argument(
+        "--proxy-port-range", default=S, metavar="RANGE",
+        help="userspace mode: ports for portal listeners (first-last; the kernel's when unset)",
+    )  # fmt: skip
     d.add_argument("--ipvs-scheduler", default=S, help="IPVS scheduler (rr when empty)")
     d.add_argument("--ipvs-exclude-cidrs", type=_comma_list, default=S)
     d.add_argument(

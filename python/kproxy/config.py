@@ -57,6 +57,9 @@ class ProxyConfig:
     conntrack_tcp_established_timeout: float = 86400.0
     # Userspace mode: a UDP session idle this long is forgotten (the legacy mode's default).
     udp_idle_timeout: float = 0.25
+    # Userspace mode: the ports portal listeners take, "first-last" ("": the kernel's
+    # ephemeral range); upstream's --proxy-port-range / portRange.
+    proxy_port_range: str = ""
     # ipvs mode (upstream's `ipvs` section).
     ipvs_scheduler: str = ""
     ipvs_exclude_cidrs: tuple[str, ...] = ()
@@ -154,6 +157,22 @@ def _node_port_addresses(field: str, values: tuple[str, ...]) -> tuple[str, ...]
     return tuple(out)
 
 
+def parse_port_range(field: str, value: str) -> tuple[int, int] | None:
+    """Upstream's port range syntax: ``first-last``, ``first+offset`` (both inclusive) or one
+    port; empty, ``0`` and ``0-0`` mean unset."""
+    v = value.strip()
+    if v in ("", "0", "0-0"):
+        return None
+    m = re.fullmatch(r"(\d{1,5})(?:([-+])(\d{1,5}))?", v)
+    if m is None:
+        raise ConfigError(field, f"{value!r} is not a port range (first-last, first+offset, port)")
+    first = int(m[1])
+    last = first if m[2] is None else int(m[3]) if m[2] == "-" else first + int(m[3])
+    if not 0 < first <= last <= 65535:
+        raise ConfigError(field, f"{value!r} is not a port range within 1-65535")
+    return first, last
+
+
 def validate(cfg: ProxyConfig) -> ProxyConfig:
     """Check every field; returns the config with canonical values."""
     if cfg.mode not in MODES:
@@ -185,6 +204,7 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         raise ConfigError("--conntrack-tcp-timeout-established", "must not be negative")
     if cfg.udp_idle_timeout <= 0:
         raise ConfigError("--udp-timeout", "must be greater than 0")
+    port_range = parse_port_range("--proxy-port-range", cfg.proxy_port_range)
     if cfg.ipvs_scheduler and cfg.ipvs_scheduler not in IPVS_SCHEDULERS:
         raise ConfigError(
             "--ipvs-scheduler",
@@ -220,6 +240,7 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         ipvs_exclude_cidrs=tuple(
             _cidr("--ipvs-exclude-cidrs", c) for c in cfg.ipvs_exclude_cidrs if c.strip()
         ),
+        proxy_port_range="" if port_range is None else "{}-{}".format(*port_range),
     )
 
 
@@ -315,6 +336,8 @@ def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
                          ("udpIdleTimeout", "udp_idle_timeout")):  # fmt: skip
         if (raw := _get(doc, path_, (str, int, float))) is not None:
             out[fname] = parse_duration(path_, raw)
+    if (v := _get(doc, "portRange", str)) is not None:
+        out["proxy_port_range"] = v
     if (v := _get(doc, "ipvs.scheduler", str)) is not None:
         out["ipvs_scheduler"] = v
     if (v := _get(doc, "ipvs.strictARP", bool)) is not None:

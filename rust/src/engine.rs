@@ -91,6 +91,10 @@ pub struct EngineConfig {
     pub tcp_idle_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Userspace mode: the ports portal listeners take (`--proxy-port-range`, first and last);
+    /// unset: the kernel's ephemeral range.
+    #[serde(default)]
+    pub proxy_port_range: Option<(u16, u16)>,
     /// ipvs mode: the scheduler of every virtual server (`ipvs.scheduler`; rr when unset).
     #[serde(default)]
     pub ipvs_scheduler: Option<String>,
@@ -142,6 +146,13 @@ impl EngineConfig {
                 )));
             }
         }
+        if let Some((first, last)) = cfg.proxy_port_range {
+            if first == 0 || first > last {
+                return Err(Error::InvalidInput(format!(
+                    "engine config: proxy_port_range {first}-{last} is not a port range"
+                )));
+            }
+        }
         if cfg.masquerade_bit > 31 {
             return Err(Error::InvalidInput(format!(
                 "engine config: masquerade_bit {} is not in 0..=31",
@@ -160,6 +171,7 @@ impl EngineConfig {
             tcp_idle_timeout: self.tcp_idle_timeout_ms.map_or(d.tcp_idle_timeout, ms),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_udp_sessions: self.max_connections.unwrap_or(d.max_udp_sessions),
+            portal_ports: self.proxy_port_range.map(|(a, b)| a..=b),
             ..d
         }
     }
@@ -289,8 +301,14 @@ enum Programmer {
         writer: Writer,
     },
     Nftables(Program),
-    /// Started on the first sync (building its runtime can fail; construction cannot).
-    Userspace(Option<forward::Forwarder>),
+    Userspace {
+        /// Started on the first sync (building its runtime can fail; construction cannot).
+        fw: Option<forward::Forwarder>,
+        /// The redirect rules' elements as last written (`None`: unknown, write them).
+        redirects: Option<Vec<forward::portals::Element>>,
+        /// Services with a listener that could not be opened: the next sync tries them again.
+        retry: BTreeSet<ServiceKey>,
+    },
     /// Connected on the first sync (a kernel without ip_vs fails there, with a clear error).
     Ipvs(Option<ipvs::program::Program>),
 }
@@ -322,7 +340,14 @@ impl Engine {
             (Mode::Nftables, BackendKind::Fake) => {
                 Engine::with_nft_backend(config, Box::new(nftables::Fake::new(fam)))
             }
-            (Mode::Userspace, _) => Engine::with(config, Programmer::Userspace(None)),
+            (Mode::Userspace, _) => Engine::with(
+                config,
+                Programmer::Userspace {
+                    fw: None,
+                    redirects: None,
+                    retry: BTreeSet::new(),
+                },
+            ),
             (Mode::Ipvs, BackendKind::Kernel) => Engine::with(config, Programmer::Ipvs(None)),
             (Mode::Ipvs, BackendKind::Fake) => {
                 let companions = ipvs::program::Companions {
@@ -422,14 +447,22 @@ impl Engine {
         let ipvs_ips = (self.config.mode == Mode::Ipvs).then(|| self.config.ipvs_node_ips());
         let (backend, writer) = match &mut self.programmer {
             Programmer::Iptables { backend, writer } => (backend, writer),
-            Programmer::Userspace(fw) => {
+            Programmer::Userspace {
+                fw,
+                redirects,
+                retry,
+            } => {
                 let t0 = Instant::now();
-                let routes = forward::routes::routes(
-                    &self.state,
-                    &self.config.node_name,
-                    &self.config.listen_addresses,
-                    self.config.portals,
-                );
+                let (name, listen) = (&self.config.node_name, &self.config.listen_addresses);
+                let portals = self.config.portals;
+                // A partial sync looks at the changed Services' listeners only (and at those
+                // that failed to open last time).
+                let scope: BTreeSet<ServiceKey> = changed.union(retry).cloned().collect();
+                let routes = if full {
+                    forward::routes::routes(&self.state, name, listen, portals)
+                } else {
+                    forward::routes::routes_for(&self.state, &scope, name, listen, portals)
+                };
                 report.service_ports = routes.len();
                 report.endpoints = routes.values().map(|r| r.endpoints.len()).sum();
                 report.render_seconds = t0.elapsed().as_secs_f64();
@@ -442,17 +475,27 @@ impl Engine {
                     None => fw.insert(forward::Forwarder::new(self.config.forward_config())?),
                 };
                 let t1 = Instant::now();
-                let u = fw.update(routes);
-                if self.config.portals {
-                    // Listeners first, then the rules that lead to them; on failure the
-                    // previous rules stay and the next sync (full) writes them again.
-                    if let Err(e) =
-                        forward::portals::apply(self.config.family, &fw.portal_elements())
-                    {
-                        self.need_full = true;
-                        return Err(e);
+                let u = if full {
+                    fw.update(routes)
+                } else {
+                    fw.update_services(&scope, routes)
+                };
+                *retry = u.failed;
+                if portals {
+                    // Listeners first, then the rules that lead to them. A full sync always
+                    // writes them (someone may have flushed them); a partial one only when a
+                    // redirect changed, not for endpoint changes. On failure the previous
+                    // rules stay and the next sync (full) writes them again.
+                    let want = fw.portal_elements();
+                    if full || redirects.as_ref() != Some(&want) {
+                        *redirects = None;
+                        if let Err(e) = forward::portals::apply(self.config.family, &want) {
+                            self.need_full = true;
+                            return Err(e);
+                        }
+                        *redirects = Some(want);
+                        report.transactions = 1;
                     }
-                    report.transactions = 1;
                 }
                 report.apply_seconds = t1.elapsed().as_secs_f64();
                 report.wrote = u.opened + u.closed + u.changed > 0;
@@ -587,11 +630,11 @@ impl Engine {
                 Ok(true)
             }
             Programmer::Nftables(prog) => prog.intact(),
-            Programmer::Userspace(_) if self.config.portals => {
+            Programmer::Userspace { .. } if self.config.portals => {
                 forward::portals::intact(self.config.family)
             }
             Programmer::Ipvs(Some(p)) => p.intact(),
-            Programmer::Userspace(_) | Programmer::Ipvs(None) => Ok(true),
+            Programmer::Userspace { .. } | Programmer::Ipvs(None) => Ok(true),
         }
     }
 
@@ -603,7 +646,7 @@ impl Engine {
                 iptables::render(&self.state, &self.render_config).restore_text(&BTreeSet::new())
             }
             Programmer::Nftables(prog) => prog.render(&self.state, &self.render_config),
-            Programmer::Userspace(_) => forward::routes::describe(&forward::routes::routes(
+            Programmer::Userspace { .. } => forward::routes::describe(&forward::routes::routes(
                 &self.state,
                 &self.config.node_name,
                 &self.config.listen_addresses,
@@ -669,7 +712,7 @@ impl Engine {
         match &mut self.programmer {
             Programmer::Iptables { backend, .. } => backend.dump(),
             Programmer::Nftables(prog) => prog.dump(),
-            Programmer::Userspace(fw) => Ok(fw
+            Programmer::Userspace { fw, .. } => Ok(fw
                 .as_ref()
                 .map(|fw| {
                     fw.listening()
@@ -686,7 +729,7 @@ impl Engine {
     /// The userspace forwarder's counters (empty in the other modes, or before the first sync).
     pub fn forward_stats(&self) -> Vec<(&'static str, u64)> {
         match &self.programmer {
-            Programmer::Userspace(Some(fw)) => fw.stats(),
+            Programmer::Userspace { fw: Some(fw), .. } => fw.stats(),
             _ => Vec::new(),
         }
     }
@@ -707,7 +750,7 @@ impl Engine {
                 }
                 Ok(iptables::trace::trace(&rules, packet, node))
             }
-            Programmer::Userspace(_) => Err(Error::InvalidInput(
+            Programmer::Userspace { .. } => Err(Error::InvalidInput(
                 "the userspace mode programs no rules to trace".into(),
             )),
             Programmer::Ipvs(_) => {
@@ -740,7 +783,7 @@ impl Engine {
     /// The nftables table this engine programs (None in the iptables mode).
     pub fn nft_model(&self) -> Result<Option<nftables::Model>> {
         match &self.programmer {
-            Programmer::Iptables { .. } | Programmer::Userspace(_) | Programmer::Ipvs(_) => {
+            Programmer::Iptables { .. } | Programmer::Userspace { .. } | Programmer::Ipvs(_) => {
                 Ok(None)
             }
             Programmer::Nftables(prog) => prog.model(&self.state, &self.render_config).map(Some),
@@ -941,5 +984,89 @@ mod tests {
             r#"{"family":"IPv4","node_name":"n","mode":"ipvs","ipvs_scheduler":"rr; x"}"#,
         );
         assert!(bad.is_err());
+    }
+
+    /// Userspace mode, listener path: a partial sync touches only the changed Services'
+    /// listeners (the others keep theirs, connections and all), and a deleted Service's
+    /// listener closes.
+    #[test]
+    fn userspace_partial_syncs_change_only_the_changed_services_listeners() {
+        use std::io::Read;
+        let backend = |tag: &'static str| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                for s in l.incoming().take(8) {
+                    let _ = std::io::Write::write_all(&mut s.unwrap(), tag.as_bytes());
+                }
+            });
+            port
+        };
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (a, b) = (backend("a"), backend("b"));
+        let node_ports = [free(), free(), free()];
+        let service = |i: usize| {
+            format!(
+                r#"{{"namespace":"ns","name":"s{i}","service":{{"cluster_ips":["172.30.0.{i}"],"ports":[{{"name":"p","protocol":"TCP","port":80,"node_port":{}}}]}}}}"#,
+                node_ports[i]
+            )
+        };
+        let slice = |i: usize, port: u16| {
+            format!(
+                r#"{{"namespace":"ns","name":"s{i}","ports":[{{"name":"p","protocol":"TCP","endpoints":[{{"ip":"127.0.0.1","port":{port},"ready":true,"serving":true,"terminating":false}}]}}]}}"#
+            )
+        };
+        let changes = |services: Vec<String>, slices: Vec<String>| {
+            let json = format!(
+                r#"{{"services":[{}],"endpoints":[{}]}}"#,
+                services.join(","),
+                slices.join(",")
+            );
+            ChangeSet::from_json(json.as_bytes()).unwrap()
+        };
+        let ask = |port: u16| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        };
+        let mut engine = Engine::new(
+            EngineConfig::from_json(
+                r#"{"family":"IPv4","node_name":"n","mode":"userspace","listen_addresses":["127.0.0.1"]}"#,
+            )
+            .unwrap(),
+        );
+        let all = changes(
+            (0..3).map(service).collect(),
+            (0..3).map(|i| slice(i, a)).collect(),
+        );
+        let r = engine.sync(all, true).unwrap();
+        assert_eq!((r.service_ports, r.chains_written), (3, 3));
+        assert_eq!(ask(node_ports[1]), "a");
+        // s1's endpoint moves to b: one listener re-pointed, nothing opened or closed.
+        let r = engine
+            .sync(changes(vec![], vec![slice(1, b)]), false)
+            .unwrap();
+        assert!(!r.full);
+        assert_eq!(
+            (r.service_ports, r.chains_written, r.stale_chains_deleted),
+            (1, 1, 0)
+        );
+        assert_eq!(ask(node_ports[1]), "b");
+        assert_eq!(ask(node_ports[0]), "a");
+        // s2 deleted: only its listener closes.
+        let gone = br#"{"services":[{"namespace":"ns","name":"s2"}]}"#;
+        let r = engine
+            .sync(ChangeSet::from_json(gone).unwrap(), false)
+            .unwrap();
+        assert_eq!((r.chains_written, r.stale_chains_deleted), (0, 1));
+        let dump = engine.dump().unwrap();
+        assert_eq!(dump.lines().count(), 2, "{dump}");
+        assert!(!dump.contains(&format!(":{}", node_ports[2])), "{dump}");
     }
 }

@@ -249,6 +249,7 @@ def test_flags_reach_the_daemon(tmp_path: Path, daemon: list[ProxyConfig]) -> No
         "--conntrack-tcp-be-liberal=true",
         "--conntrack-tcp-timeout-established", "1h",
         "--udp-timeout", "500ms",
+        "--proxy-port-range", "40000+999",
         "-v", "4",
     ]  # fmt: skip
     assert invoke(argv) == 0
@@ -273,6 +274,7 @@ def test_flags_reach_the_daemon(tmp_path: Path, daemon: list[ProxyConfig]) -> No
             conntrack_tcp_be_liberal=True,
             conntrack_tcp_established_timeout=3600.0,
             udp_idle_timeout=0.5,
+            proxy_port_range="40000-40999",
             verbosity=4,
         )
     ]

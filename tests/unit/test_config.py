@@ -383,6 +383,33 @@ def test_the_ipvs_section_from_file_and_flags(tmp_path: Path) -> None:
     assert cfg.ipvs_udp_timeout == 7.0  # the flag wins
 
 
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [("", ""), ("0", ""), ("0-0", ""), ("40000-40999", "40000-40999"),
+     ("40000+99", "40000-40099"), ("41000", "41000-41000"), (" 1-65535 ", "1-65535")],
+)  # fmt: skip
+def test_proxy_port_range_forms(text: str, canonical: str) -> None:
+    assert validate(ProxyConfig(proxy_port_range=text)).proxy_port_range == canonical
+
+
+@pytest.mark.parametrize("text", ["40000-", "a-b", "5-4", "65000+1000", "0-10", "-1", "1,2"])
+def test_proxy_port_range_invalid(text: str) -> None:
+    err = config_error(ProxyConfig(proxy_port_range=text))
+    assert err.field == "--proxy-port-range"
+    assert repr(text) in str(err)
+
+
+def test_port_range_from_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "mode: userspace\nportRange: 40000+9\n"
+    )
+    warnings: list[str] = []
+    cfg = build(load_file(str(f), warnings), {})
+    assert (warnings, cfg.proxy_port_range) == ([], "40000-40009")
+
+
 def test_validate_canonicalizes() -> None:
     cfg = validate(
         ProxyConfig(

@@ -66,3 +66,12 @@ def test_userspace_timeouts_come_from_the_conntrack_and_udp_settings() -> None:
     assert timeouts(conntrack_tcp_established_timeout=90.0, udp_idle_timeout=2.0) == (90_000, 2000)
     # 0 leaves the kernel's own default in the kernel modes; its value here.
     assert timeouts(conntrack_tcp_established_timeout=0.0)[0] == 5 * 24 * 3600 * 1000
+
+
+def test_userspace_portal_port_range_reaches_the_engine() -> None:
+    def port_range(**flags: object) -> object:
+        cfg = build({}, {"hostname_override": "node-a", "mode": "userspace", **flags})
+        return engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["proxy_port_range"]
+
+    assert port_range() is None  # the kernel's ephemeral range
+    assert port_range(proxy_port_range="40000+99") == (40000, 40099)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from kproxy import _core
 from kproxy.backends.ipvs import DummyInterface, bound_addresses, set_sysctls
-from kproxy.config import ProxyConfig
+from kproxy.config import ProxyConfig, parse_port_range
 from kproxy.errors import ApplyError
 from kproxy.model import Family, NodeInfo
 from kproxy.netinfo import addresses_in, has_net_admin, local_addresses, set_sysctl, sysctl
@@ -86,6 +86,7 @@ def engine_config(
             (cfg.conntrack_tcp_established_timeout or KERNEL_TCP_ESTABLISHED) * 1000
         ),
         "udp_idle_timeout_ms": max(1, round(cfg.udp_idle_timeout * 1000)),
+        "proxy_port_range": parse_port_range("--proxy-port-range", cfg.proxy_port_range),
         **(ipvs_engine_config(cfg, local_addrs) if cfg.mode == "ipvs" else {}),
     }
 

@@ -7,6 +7,7 @@
 
 pub mod balance;
 pub mod portals;
+pub mod ports;
 mod relay;
 pub mod routes;
 pub mod stats;
@@ -14,11 +15,12 @@ mod tcp;
 mod udp;
 
 use crate::error::{Error, Result};
-use crate::model::Protocol;
+use crate::model::{Protocol, ServiceKey};
 use arc_swap::ArcSwap;
 use balance::Backends;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -35,6 +37,9 @@ pub struct ForwardConfig {
     pub max_connections: usize,
     pub max_udp_sessions: usize,
     pub threads: usize,
+    /// Where portal listeners listen (`--proxy-port-range`); `None`: the kernel's ephemeral
+    /// range.
+    pub portal_ports: Option<RangeInclusive<u16>>,
 }
 
 impl Default for ForwardConfig {
@@ -49,6 +54,7 @@ impl Default for ForwardConfig {
             max_connections: 16_384,
             max_udp_sessions: 65_536,
             threads: 2,
+            portal_ports: None,
         }
     }
 }
@@ -67,6 +73,8 @@ pub struct Listen {
 /// Where a listener's connections go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
+    /// The Service this listener serves (a partial sync updates only the changed ones').
+    pub owner: ServiceKey,
     /// The Service port, for messages (`namespace/name:port/protocol`).
     pub service: String,
     pub endpoints: Vec<SocketAddr>,
@@ -97,14 +105,17 @@ pub struct Updated {
     pub closed: usize,
     pub changed: usize,
     /// Listeners that could not be opened (`service`: reason); the others are unaffected and
-    /// the next update tries again.
+    /// the next update that includes the owner tries again.
     pub errors: Vec<String>,
+    /// The Services those listeners belong to.
+    pub failed: BTreeSet<ServiceKey>,
 }
 
 pub struct Forwarder {
     runtime: tokio::runtime::Runtime,
     shared: Arc<Shared>,
     listeners: BTreeMap<Listen, Listener>,
+    ports: ports::PortPool,
 }
 
 impl Forwarder {
@@ -115,7 +126,17 @@ impl Forwarder {
             .enable_all()
             .build()
             .map_err(|e| Error::InvalidInput(format!("forwarder runtime: {e}")))?;
+        let range = config
+            .portal_ports
+            .clone()
+            .unwrap_or_else(ports::kernel_range);
+        // Any varying seed will do: it only spreads restarts over the range.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id());
         Ok(Forwarder {
+            ports: ports::PortPool::new(range, seed),
             runtime,
             shared: Arc::new(Shared {
                 connections: Arc::new(Semaphore::new(config.max_connections)),
@@ -139,7 +160,7 @@ impl Forwarder {
 
     /// What the redirect rules must send where: (Service address, protocol, Service port,
     /// the portal listener's port), sorted.
-    pub fn portal_elements(&self) -> Vec<(IpAddr, Protocol, u16, u16)> {
+    pub fn portal_elements(&self) -> Vec<portals::Element> {
         let mut out: Vec<_> = self
             .listeners
             .iter()
@@ -157,17 +178,40 @@ impl Forwarder {
     }
 
     /// Make the listeners exactly `routes`.
-    pub fn update(&mut self, mut routes: BTreeMap<Listen, Route>) -> Updated {
+    pub fn update(&mut self, routes: BTreeMap<Listen, Route>) -> Updated {
+        self.update_where(routes, |_| true)
+    }
+
+    /// Make the listeners of the Services in `owners` exactly `routes` (which holds only
+    /// theirs); every other listener stays as it is. A partial sync's update.
+    pub fn update_services(
+        &mut self,
+        owners: &BTreeSet<ServiceKey>,
+        routes: BTreeMap<Listen, Route>,
+    ) -> Updated {
+        self.update_where(routes, |r| owners.contains(&r.owner))
+    }
+
+    /// Close the listeners `in_scope` selects that `routes` lacks, re-point the ones whose
+    /// route changed, open the new ones.
+    fn update_where(
+        &mut self,
+        mut routes: BTreeMap<Listen, Route>,
+        in_scope: impl Fn(&Route) -> bool,
+    ) -> Updated {
         let mut out = Updated::default();
         let gone: Vec<Listen> = self
             .listeners
-            .keys()
-            .filter(|l| !routes.contains_key(l))
-            .copied()
+            .iter()
+            .filter(|(l, have)| !routes.contains_key(l) && in_scope(&have.route))
+            .map(|(l, _)| *l)
             .collect();
         for l in gone {
             if let Some(old) = self.listeners.remove(&l) {
                 let _ = old.stop.send(true);
+                if l.portal {
+                    self.ports.release(l.protocol, old.port);
+                }
                 out.closed += 1;
             }
         }
@@ -186,18 +230,22 @@ impl Forwarder {
             }
         }
         for (l, route) in routes {
+            let owner = route.owner.clone();
             match self.open(l, route) {
                 Ok(listener) => {
                     self.listeners.insert(l, listener);
                     out.opened += 1;
                 }
-                Err(e) => out.errors.push(e),
+                Err(e) => {
+                    out.errors.push(e);
+                    out.failed.insert(owner);
+                }
             }
         }
         out
     }
 
-    fn open(&self, l: Listen, route: Route) -> std::result::Result<Listener, String> {
+    fn open(&mut self, l: Listen, route: Route) -> std::result::Result<Listener, String> {
         let fail = |e: std::io::Error| {
             format!(
                 "{}: cannot listen on {} ({}): {e}",
@@ -211,43 +259,51 @@ impl Forwarder {
             route.affinity,
             None,
         )));
-        let (stop, stopped) = watch::channel(false);
-        let shared = self.shared.clone();
-        let _guard = self.runtime.enter();
-        let bind = if l.portal {
+        if l.protocol == Protocol::Sctp {
+            return Err(format!(
+                "{}: SCTP is not supported by the userspace mode",
+                route.service
+            ));
+        }
+        let (bound, port) = if l.portal {
             let any: IpAddr = if l.addr.is_ipv4() {
                 Ipv4Addr::UNSPECIFIED.into()
             } else {
                 Ipv6Addr::UNSPECIFIED.into()
             };
-            SocketAddr::new(any, 0)
+            self.ports
+                .bind(l.protocol, |p| {
+                    Bound::new(l.protocol, SocketAddr::new(any, p))
+                })
+                .map_err(fail)?
         } else {
-            l.addr
+            let bound = Bound::new(l.protocol, l.addr).map_err(fail)?;
+            (bound, l.addr.port())
         };
-        let port;
-        match l.protocol {
-            Protocol::Tcp => {
-                let std = std::net::TcpListener::bind(bind).map_err(fail)?;
-                port = std.local_addr().map_err(fail)?.port();
-                std.set_nonblocking(true).map_err(fail)?;
-                let listener = tokio::net::TcpListener::from_std(std).map_err(fail)?;
-                self.runtime
-                    .spawn(tcp::serve(listener, backends.clone(), shared, stopped));
+        let (stop, stopped) = watch::channel(false);
+        let shared = self.shared.clone();
+        let _guard = self.runtime.enter();
+        let started = match bound {
+            Bound::Tcp(std) => std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(std))
+                .map(|listener| {
+                    self.runtime
+                        .spawn(tcp::serve(listener, backends.clone(), shared, stopped));
+                }),
+            Bound::Udp(std) => std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UdpSocket::from_std(std))
+                .map(|socket| {
+                    self.runtime
+                        .spawn(udp::serve(socket, backends.clone(), shared, stopped));
+                }),
+        };
+        if let Err(e) = started {
+            if l.portal {
+                self.ports.release(l.protocol, port);
             }
-            Protocol::Udp => {
-                let std = std::net::UdpSocket::bind(bind).map_err(fail)?;
-                port = std.local_addr().map_err(fail)?.port();
-                std.set_nonblocking(true).map_err(fail)?;
-                let socket = tokio::net::UdpSocket::from_std(std).map_err(fail)?;
-                self.runtime
-                    .spawn(udp::serve(socket, backends.clone(), shared, stopped));
-            }
-            Protocol::Sctp => {
-                return Err(format!(
-                    "{}: SCTP is not supported by the userspace mode",
-                    route.service
-                ))
-            }
+            return Err(fail(e));
         }
         Ok(Listener {
             backends,
@@ -255,6 +311,22 @@ impl Forwarder {
             stop,
             port,
         })
+    }
+}
+
+/// A listening socket before the runtime takes it over.
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl Bound {
+    fn new(protocol: Protocol, at: SocketAddr) -> std::io::Result<Bound> {
+        match protocol {
+            Protocol::Tcp => std::net::TcpListener::bind(at).map(Bound::Tcp),
+            Protocol::Udp => std::net::UdpSocket::bind(at).map(Bound::Udp),
+            Protocol::Sctp => Err(std::io::ErrorKind::Unsupported.into()),
+        }
     }
 }
 
@@ -305,8 +377,16 @@ mod tests {
         }
     }
 
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: crate::model::Name::new("ns").unwrap(),
+            name: crate::model::Name::new(name).unwrap(),
+        }
+    }
+
     fn route(endpoints: Vec<SocketAddr>) -> Route {
         Route {
+            owner: key("svc"),
             service: "ns/svc:http".into(),
             endpoints,
             affinity: None,
@@ -706,5 +786,74 @@ mod tests {
         }
         let stats: BTreeMap<_, _> = fw.stats().into_iter().collect();
         assert_eq!(stats["udp_sessions"], 1, "one client, one session");
+    }
+
+    #[test]
+    fn a_partial_update_touches_only_the_named_services_listeners() {
+        let (a, b) = (tcp_server("a:", 10), tcp_server("b:", 10));
+        let mut fw = Forwarder::new(config()).unwrap();
+        let (pa, pb) = (free_port(), free_port());
+        let owned = |owner: &str, ep| Route {
+            owner: key(owner),
+            ..route(vec![ep])
+        };
+        fw.update(BTreeMap::from([
+            (listen(pa, Protocol::Tcp), owned("one", a)),
+            (listen(pb, Protocol::Tcp), owned("two", a)),
+        ]));
+        // "two" now goes to b; "one" is not named, so it stays as it is although the routes
+        // given do not hold it.
+        let u = fw.update_services(
+            &BTreeSet::from([key("two")]),
+            BTreeMap::from([(listen(pb, Protocol::Tcp), owned("two", b))]),
+        );
+        assert_eq!((u.opened, u.changed, u.closed), (0, 1, 0));
+        assert_eq!(ask(pa, "1").unwrap(), "a:1");
+        assert_eq!(ask(pb, "2").unwrap(), "b:2");
+        // "one" deleted: its listener closes, "two"'s stays.
+        let u = fw.update_services(&BTreeSet::from([key("one")]), BTreeMap::new());
+        assert_eq!((u.opened, u.changed, u.closed), (0, 0, 1));
+        assert_eq!(fw.listening(), [listen(pb, Protocol::Tcp)]);
+        assert_eq!(ask(pb, "3").unwrap(), "b:3");
+    }
+
+    #[test]
+    fn portal_listeners_take_ports_from_the_range_and_give_them_back() {
+        let ep = tcp_server("p:", 10);
+        let range = 47100..=47139;
+        let mut fw = Forwarder::new(ForwardConfig {
+            portal_ports: Some(range.clone()),
+            ..config()
+        })
+        .unwrap();
+        let portal = |ip: [u8; 4], protocol| Listen {
+            addr: SocketAddr::from((ip, 80)),
+            protocol,
+            portal: true,
+        };
+        let via = |ip: [u8; 4]| Route {
+            portal_ips: vec![IpAddr::from(ip)],
+            ..route(vec![ep])
+        };
+        let all = BTreeMap::from([
+            (portal([10, 96, 0, 1], Protocol::Tcp), via([10, 96, 0, 1])),
+            (portal([10, 96, 0, 2], Protocol::Tcp), via([10, 96, 0, 2])),
+            (portal([10, 96, 0, 3], Protocol::Udp), via([10, 96, 0, 3])),
+        ]);
+        let u = fw.update(all.clone());
+        assert_eq!((u.opened, u.errors.len()), (3, 0), "{:?}", u.errors);
+        let elements = fw.portal_elements();
+        let ports: BTreeSet<u16> = elements.iter().map(|e| e.3).collect();
+        assert_eq!(elements.len(), 3);
+        assert!(ports.iter().all(|p| range.contains(p)), "{elements:?}");
+        // Each TCP portal listener relays (the redirect rules would lead clients there).
+        for e in elements.iter().filter(|e| e.1 == Protocol::Tcp) {
+            assert_eq!(ask(e.3, "x").unwrap(), "p:x");
+        }
+        assert_eq!(fw.ports.held(), 3);
+        let mut fewer = all;
+        fewer.remove(&portal([10, 96, 0, 2], Protocol::Tcp));
+        assert_eq!(fw.update(fewer).closed, 1);
+        assert_eq!(fw.ports.held(), 2, "a closed portal's port is given back");
     }
 }

@@ -12,6 +12,9 @@ use std::net::IpAddr;
 
 pub const TABLE: &str = "kproxy-userspace";
 
+/// One redirect: (Service address, protocol, Service port, the portal listener's port).
+pub type Element = (IpAddr, Protocol, u16, u16);
+
 fn family_word(family: IpFamily) -> &'static str {
     match family {
         IpFamily::V4 => "ip",
@@ -20,7 +23,7 @@ fn family_word(family: IpFamily) -> &'static str {
 }
 
 /// The `nft -f` transaction for `elements` (address, protocol, Service port, listener port).
-pub fn script(family: IpFamily, elements: &[(IpAddr, Protocol, u16, u16)]) -> String {
+pub fn script(family: IpFamily, elements: &[Element]) -> String {
     let fam = family_word(family);
     let (addr_type, daddr) = match family {
         IpFamily::V4 => ("ipv4_addr", "ip daddr"),
@@ -57,7 +60,7 @@ pub fn script(family: IpFamily, elements: &[(IpAddr, Protocol, u16, u16)]) -> St
     s
 }
 
-pub fn apply(family: IpFamily, elements: &[(IpAddr, Protocol, u16, u16)]) -> Result<()> {
+pub fn apply(family: IpFamily, elements: &[Element]) -> Result<()> {
     let text = script(family, elements);
     exec::check(
         "nft -f (userspace portals)",

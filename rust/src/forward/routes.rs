@@ -12,15 +12,38 @@
 //! addresses there ([`super::portals`]).
 
 use super::{Listen, Route};
-use crate::model::Protocol;
-use crate::state::State;
+use crate::model::{Protocol, ServiceKey};
+use crate::state::{ServicePortView, State};
 use crate::topology::{categorize, NodeView};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+/// Every Service's listeners.
 pub fn routes(
     state: &State,
+    node_name: &str,
+    listen: &[IpAddr],
+    portals: bool,
+) -> BTreeMap<Listen, Route> {
+    routes_of(state, state.service_ports(), node_name, listen, portals)
+}
+
+/// The listeners of the Services in `keys` only (none for a deleted one).
+pub fn routes_for(
+    state: &State,
+    keys: &BTreeSet<ServiceKey>,
+    node_name: &str,
+    listen: &[IpAddr],
+    portals: bool,
+) -> BTreeMap<Listen, Route> {
+    let ports = keys.iter().flat_map(|k| state.service_ports_of(k));
+    routes_of(state, ports, node_name, listen, portals)
+}
+
+fn routes_of<'a>(
+    state: &State,
+    ports: impl IntoIterator<Item = ServicePortView<'a>>,
     node_name: &str,
     listen: &[IpAddr],
     portals: bool,
@@ -30,7 +53,7 @@ pub fn routes(
         zone: state.node().zone.as_deref(),
     };
     let mut out = BTreeMap::new();
-    for sp in state.service_ports() {
+    for sp in ports {
         if sp.name.protocol == Protocol::Sctp {
             continue;
         }
@@ -54,6 +77,7 @@ pub fn routes(
             &cat.cluster
         });
         let route = |endpoints: &Vec<SocketAddr>, portal_ips: Vec<IpAddr>| Route {
+            owner: sp.name.service.clone(),
             service: sp.name.to_string(),
             endpoints: endpoints.clone(),
             affinity: svc
