@@ -12,17 +12,19 @@ its answer, as upstream's ipvs proxier does through its netlink library.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benches import vm
+
 PROGRAM = ROOT / "target" / "release" / "examples" / "ipvs_program"
 
 
@@ -32,24 +34,21 @@ def main() -> int:
     ap.add_argument("--dests", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
-    vng = shutil.which("vng") or shutil.which("vng", path=str(Path(sys.executable).parent))
-    if os.geteuid() != 0 or not kernels or vng is None:
-        print("needs root, a kernel in /boot and virtme-ng: scripts/deps.sh test", file=sys.stderr)
+    if not vm.available():
+        print(vm.MISSING, file=sys.stderr)
         return 2
     subprocess.run(
         ["cargo", "build", "--quiet", "--release", "--no-default-features", "--example",
          "ipvs_program"],
         cwd=ROOT, check=True, timeout=1200,
     )  # fmt: skip
-    env = {**os.environ, "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '')}"}
     with tempfile.TemporaryDirectory() as tmp:
-        run = subprocess.run(
-            [vng, "--run", kernels[-1], "--disable-kvm", "--force-9p", "--user", "root",
-             "--memory", "2G", "--exec",
-             f"modprobe ip_vs && {PROGRAM} {args.services} {args.dests}"],
-            cwd=tmp, capture_output=True, text=True, timeout=3600, env=env, check=False,
-        )  # fmt: skip
+        run = vm.run(
+            f"modprobe ip_vs && {PROGRAM} {args.services} {args.dests}",
+            cwd=Path(tmp),
+            timeout=3600,
+            memory="2G",
+        )
     rows = {
         r["way"]: r
         for r in (json.loads(line) for line in run.stdout.splitlines() if line.startswith("{"))
@@ -58,7 +57,7 @@ def main() -> int:
         print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
         return 1
     b, p = rows["batched"], rows["per_object"]
-    print(f"host: {platform.machine()}, {os.cpu_count()} cpus; VM: {Path(kernels[-1]).name}, "
+    print(f"host: {platform.machine()}, {os.cpu_count()} cpus; VM: {Path(vm.kernel() or '?').name}, "
           "qemu without KVM")  # fmt: skip
     print(f"{args.services} services x {args.dests} real servers: {b['operations']} operations")
     print(f"{'':<12}{'full':>10}{'syscalls':>10}{'sends':>8}{'1-service':>11}{'syscalls':>10}")

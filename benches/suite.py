@@ -1,7 +1,7 @@
 """The benchmark suite: every mode, upstream's cluster shapes, the kernel floor, in one run.
 
-Run as root: ``python benches/suite.py [--large] [--smoke] [--modes iptables,nftables,userspace]
-[--out docs/benchmarks]``. Writes ``suite.json`` (every figure and the machine), ``suite.md``
+Run as root: ``python benches/suite.py [--large] [--smoke]
+[--modes iptables,nftables,userspace,ipvs] [--out docs/benchmarks]``. Writes ``suite.json`` (every figure and the machine), ``suite.md``
 (the tables) and ``suite_*.png`` (the plots) under ``--out``.
 
 For each mode and shape, in a scratch network namespace of its own (connected to nothing):
@@ -18,12 +18,16 @@ watches them, and programs the namespace. Measured:
   partial sync, end to end (watch latency included), median of three each;
 * **RSS**: the daemon's resident memory once settled;
 * **floor**: the rules the daemon programmed, read back and applied in a fresh namespace by
-  the kernel's tool alone (``iptables-restore`` of ``iptables-save``, as one transaction, up
-  to ``--floor-max`` Services; ``nft -f`` of the listed table), in the same run;
+  the kernel's tools alone (``iptables-restore`` of ``iptables-save``, as one transaction, up
+  to ``--floor-max`` Services; ``nft -f`` of the listed table; in the ipvs mode ``ipset
+  restore``, ``iptables-restore`` and ``ipvsadm-restore`` of what their save commands
+  print), in the same run;
 * **upstream shape** (single-group shapes up to ``--baseline-max`` services): the same
   cluster in upstream's layout applied by the tool (iptables: flat shared chains;
   nftables: a verdict map per Service), as ``benches/iptables_sync.py`` and
-  ``benches/nftables_sync.py`` build them.
+  ``benches/nftables_sync.py`` build them; ipvs: the same sets and rules, and the IPVS table
+  sent one netlink request per object with a wait for each answer, as upstream's proxier
+  does (the floor sends it batched, as kproxy does).
 
 Then a **churn** run, modelled on upstream's: 1,000 Services x 100 endpoints added, then
 deleted, repeatedly; each phase's time to a completed sync, and failed syncs.
@@ -31,9 +35,13 @@ deleted, repeatedly; each phase's time to a completed sync, and failed syncs.
 Shapes (perf-anchors section 7): 100, 1,000, 5,000 and 10,000 Services x 10 endpoints;
 clusterloader2's mix (per 100 nodes: 149 Services x 5, 12 x 30, 1 x 250) scaled to 5,000
 nodes; one Service x 1,000 endpoints; 30,000 x 4 (nftables; every mode with ``--large``);
-one Service x 100,000 endpoints (``--large``). The ipvs mode needs a kernel with ip_vs: its
-figures come from ``benches/ipvs_program.py`` in the VM. Ratios are the headline; absolute
-times belong to this machine.
+one Service x 100,000 endpoints (``--large``).
+
+The ipvs mode needs a kernel with ip_vs. Where the host has none, the suite runs its ipvs
+rows in a VM (``benches/vm.py``: qemu without KVM, 2 vCPUs) up to ``--vm-max-services``
+Services: every figure there is slowed by emulation, so compare them with each other (apply
+vs floor), not with the host's rows. Ratios are the headline; absolute times belong to this
+machine.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +65,7 @@ from matplotlib.figure import Figure
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benches import vm
 from benches.daemon_memory import status_kib
 from benches.iptables_sync import cluster as cluster_changes
 from benches.iptables_sync import parse as parse_restore
@@ -68,6 +78,7 @@ from tests.fakeapi import FakeApiServer
 NODE = "node-a"
 NODE_IP = "192.168.200.1"
 SLICE_MAX = 1000  # endpoints per EndpointSlice, as the API server enforces
+IPVS_PROGRAM = REPO / "target" / "release" / "examples" / "ipvs_program"
 
 # name -> [(services, endpoints each)]
 SHAPES: dict[str, list[tuple[int, int]]] = {
@@ -82,6 +93,19 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
 }
 DEFAULT = ["100x10", "1000x10", "5000x10", "10000x10", "cl2-5000-nodes", "1x1000"]
 SMOKE = ["100x10", "1x1000"]
+
+# The focused benchmarks (``--focused``): name -> (arguments of a full run, of a smoke run).
+# Each compares kproxy with its baseline in the same run; their defaults are the sizes the
+# issues name (30,000 Services and more), so a full run takes about an hour here.
+FOCUSED: dict[str, tuple[list[str], list[str]]] = {
+    "userspace_forward": (["--seconds", "5", "--repeat", "5"], ["--seconds", "1", "--repeat", "1"]),
+    "ipvs_program": ([], ["--services", "100"]),
+    "first_packet": ([], ["--sizes", "100,1000", "--connects", "200"]),
+    "api_ingest": ([], ["--services", "1000", "--repeat", "1"]),
+    "daemon_memory": ([], ["--services", "1000"]),
+    "nftables_sync": ([], ["--shapes", "1000x10", "--repeat", "1"]),
+    "iptables_sync": ([], ["--shapes", "1000x10"]),
+}
 
 _FIRST = re.compile(r"first sync done ([\d.]+)s after start \(lists received after ([\d.]+)s\)")
 _SYNCED = re.compile(
@@ -137,6 +161,9 @@ class Daemon:
             "--master", api_url, "--hostname-override", NODE, "--proxy-mode", mode,
             "--cluster-cidr", "10.0.0.0/8", "--min-sync-period", "0",
             "--healthz-bind-address", "", "--metrics-bind-address", "", "-v", "2",
+            # A portal listener per Service port: 30,000 of them do not fit the kernel's
+            # ephemeral range, which the pool uses by default.
+            *(["--proxy-port-range", "20000-65000"] if mode == "userspace" else []),
         ]  # fmt: skip
         with log.open("w") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -171,7 +198,9 @@ def partial_syncs(text: str) -> int:
     return sum(1 for m in _SYNCED.finditer(text) if m.group(1) == "partial")
 
 
-def measure(mode: str, shape: str, workdir: Path, floor_max: int) -> dict[str, Any]:
+def measure(
+    mode: str, shape: str, workdir: Path, floor_max: int, baseline_max: int
+) -> dict[str, Any]:
     objs = objects(shape)
     res: dict[str, Any] = {"mode": mode, "shape": shape, "services": total_services(shape),
                            "endpoints": total_endpoints(shape)}  # fmt: skip
@@ -193,7 +222,7 @@ def measure(mode: str, shape: str, workdir: Path, floor_max: int) -> dict[str, A
                 res.update(cold_start(d))
                 # One iptables-restore of a large table takes minutes (upstream's own cost):
                 # the iptables floor stops at --floor-max Services.
-                with_floor = mode == "nftables" or (
+                with_floor = mode in ("nftables", "ipvs") or (
                     mode == "iptables" and total_services(shape) <= floor_max
                 )
                 if with_floor:
@@ -206,6 +235,9 @@ def measure(mode: str, shape: str, workdir: Path, floor_max: int) -> dict[str, A
                 d.stop()
             if saved:
                 res["floor_s"] = _timed_load(mode, saved)
+            if mode == "ipvs" and saved and total_services(shape) <= baseline_max:
+                # Upstream's ipvs proxier: the same sets and rules, IPVS one request at a time.
+                res["upstream_shape_s"] = _timed_load(mode, saved, "per_object")
         finally:
             ex.call(api.close)
     return res
@@ -265,23 +297,44 @@ def _change(d: Daemon, api: FakeApiServer, ex: netns.NetnsExecutor, obj: k.Obj) 
 
 def _in(ns: str, argv: list[str], stdin: str | None = None) -> str:
     r = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True,
-                       text=True, check=True, timeout=3600)  # fmt: skip
+                       text=True, check=False, timeout=3600)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-2000:]}")
     return r.stdout
 
 
-def _timed_load(mode: str, text: str) -> float:
-    argv = ["iptables-restore", "--noflush"] if mode == "iptables" else ["nft", "-f", "-"]
+def _timed_load(mode: str, text: str, ipvs_way: str = "batched") -> float:
+    """Load what `programmed` read, by the tools alone, into a fresh namespace. The ipvs mode's
+    IPVS table goes in through ``ipvs_program load``: batched netlink (the floor), or one
+    request per object (``per_object``: upstream's way)."""
+    loads = {
+        "iptables": [(["iptables-restore", "--noflush"], text)],
+        "nftables": [(["nft", "-f", "-"], text)],
+    }
+    if mode == "ipvs":
+        saved = json.loads(text)
+        loads["ipvs"] = [(["ipset", "restore"], saved["ipset"]),
+                         (["iptables-restore", "--noflush"], saved["iptables"]),
+                         ([str(IPVS_PROGRAM), "load", ipvs_way], saved["ipvs"])]  # fmt: skip
     with netns.scratch() as fresh:
+        # Loopback up: without it the namespace has no local routing table, and IPVS takes
+        # every real server for a broadcast address.
+        subprocess.run(["ip", "-n", fresh, "link", "set", "lo", "up"], check=True)
         t = time.perf_counter()
-        _in(fresh, argv, text)
+        for argv, stdin in loads[mode]:
+            _in(fresh, argv, stdin)
         return time.perf_counter() - t
 
 
 def programmed(mode: str, ns: str) -> str:
-    """What the daemon programmed in `ns`, as the kernel's tool prints it (and reloads it:
-    the floor is that load, by the tool alone, in a fresh namespace)."""
+    """What the daemon programmed in `ns`, as the kernel's tools print it (and reload it: the
+    floor is that load, by the tools alone, in a fresh namespace)."""
     if mode == "iptables":
         return _in(ns, ["iptables-save"])
+    if mode == "ipvs":
+        return json.dumps({"ipset": _in(ns, ["ipset", "save"]),
+                           "iptables": _in(ns, ["iptables-save"]),
+                           "ipvs": _in(ns, ["ipvsadm-save", "-n"])})  # fmt: skip
     return _in(ns, ["nft", "list", "table", "ip", "kproxy"])
 
 
@@ -355,6 +408,63 @@ def _last_ports(text: str) -> int:
     return int(found[-1].group(2)) if found else -1
 
 
+# -- the ipvs mode in a VM -------------------------------------------------------------------
+
+
+def ipvs_in_vm(shapes: list[str], floor_max: int, baseline_max: int) -> list[dict[str, Any]]:
+    """This suite's ipvs rows, measured by the suite itself in a VM whose kernel has ip_vs."""
+    if not shapes:
+        return []
+    if not vm.available():
+        print(f"ipvs rows skipped: {vm.MISSING}", file=sys.stderr)
+        return []
+    script = (
+        f"modprobe ip_vs && cd {REPO} && {sys.executable} {Path(__file__).resolve()} "
+        f"--modes ipvs --shapes {','.join(shapes)} --no-churn --rows-only "
+        f"--floor-max {floor_max} --baseline-max {baseline_max}"
+    )
+    subprocess.run(
+        ["cargo", "build", "--quiet", "--release", "--no-default-features", "--example",
+         "ipvs_program"],
+        cwd=REPO, check=True, timeout=1200,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        run = vm.run(script, cwd=Path(tmp), timeout=3600, memory="3G", cpus=2)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"mode"')]
+    if run.returncode != 0 or len(rows) != len(shapes):
+        raise RuntimeError(f"the VM's ipvs rows failed:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+    for r in rows:
+        r["vm"] = f"qemu without KVM, {Path(vm.kernel() or '?').name}"
+    return rows
+
+
+# -- the focused benchmarks ------------------------------------------------------------------
+
+
+def focused(names: list[str], smoke: bool, out: Path) -> list[dict[str, Any]]:
+    """Run each focused benchmark; its output goes to ``<name>.txt`` and ``<name>.json``."""
+    done = []
+    for name in names:
+        args = FOCUSED[name][1 if smoke else 0]
+        argv = [sys.executable, str(REPO / "benches" / f"{name}.py"), *args,
+                "--json", str(out / f"{name}.json")]  # fmt: skip
+        t = time.monotonic()
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=4 * 3600, cwd=REPO,
+                             check=False)  # fmt: skip
+        command = " ".join(["python", f"benches/{name}.py", *args])
+        m = machine()
+        (out / f"{name}.txt").write_text(
+            f"machine: {m['arch']}, {m['cpus']} cpus, kernel {m['kernel']} "
+            f"({time.strftime('%Y-%m-%d')})\n{command}\n\n{run.stdout}"
+            + (f"\nfailed ({run.returncode}):\n{run.stderr[-3000:]}" if run.returncode else "")
+        )
+        r = {"name": name, "command": command, "seconds": time.monotonic() - t,
+             "ok": run.returncode == 0}  # fmt: skip
+        done.append(r)
+        print(json.dumps(r), flush=True)
+    return done
+
+
 # -- the report ------------------------------------------------------------------------------
 
 
@@ -376,6 +486,10 @@ def machine() -> dict[str, Any]:
     }
 
 
+def label(r: dict[str, Any]) -> str:
+    return f"{r['mode']} (VM)" if r.get("vm") else str(r["mode"])
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     out = [
@@ -393,6 +507,17 @@ def markdown(report: dict[str, Any]) -> str:
         "Rust rendering + kernel apply. Changes: the API server's write to the daemon's "
         "completed partial sync (median of 3). Floor: the same rules loaded by the kernel's "
         "tool alone. Upstream shape: the same cluster in upstream's layout, loaded by the tool.",
+        *(
+            [
+                "",
+                "Rows marked (VM) ran in a VM (this host's kernel has no ip_vs): "
+                f"{next(r['vm'] for r in report['runs'] if r.get('vm'))}. Emulation slows "
+                "everything there, the tools alike: compare those rows with each other, not with "
+                "the host's.",
+            ]
+            if any(r.get("vm") for r in report["runs"])
+            else []
+        ),
         "",
         "| mode | shape | services | endpoints | cold start | ingest | python | render | "
         "apply | floor | apply / floor | upstream shape | one-service change | "
@@ -403,7 +528,7 @@ def markdown(report: dict[str, Any]) -> str:
         floor_s = r.get("floor_s")
         up = r.get("upstream_shape_s")
         out.append(
-            f"| {r['mode']} | {r['shape']} | {r['services']:,} | {r['endpoints']:,} | "
+            f"| {label(r)} | {r['shape']} | {r['services']:,} | {r['endpoints']:,} | "
             f"{r['cold_start_s']:.2f} s | {r['api_ingest_s']:.2f} s | {r['python_s']:.2f} s | "
             f"{r['render_s']:.3f} s | {r['apply_s']:.2f} s | "
             + (f"{floor_s:.2f} s | {r['apply_s'] / floor_s:.2f}x | " if floor_s else "- | - | ")
@@ -421,6 +546,16 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{', '.join(f'{s:.1f} s' for s in c['delete_s'])} | {c['failed_syncs']} | "
                 f"{c['rss_mib']:.0f} MiB |"
             )
+    if report.get("focused"):
+        out += ["", "## Focused benchmarks", "", "Each against its baseline in the same run; "
+                "the figures are in the files named.", "", "| benchmark | command | time | "
+                "result |", "|---|---|---|---|"]  # fmt: skip
+        for f in report["focused"]:
+            out.append(
+                f"| {f['name']} | `{f['command']}` | {f['seconds']:.0f} s | "
+                + (f"[{f['name']}.txt]({f['name']}.txt)" if f["ok"] else "**failed**")
+                + " |"
+            )
     out += ["", "Plots: `suite_sync_time.png` (cold-start sync time, floor and upstream shape "
             "vs services), `suite_changes.png` (change latency vs services).", ""]  # fmt: skip
     return "\n".join(out)
@@ -431,8 +566,8 @@ def plots(report: dict[str, Any], out: Path) -> None:
               and SHAPES[r["shape"]][0][0] > 1]  # fmt: skip
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    for mode in sorted({r["mode"] for r in single}):
-        rs = sorted((r for r in single if r["mode"] == mode), key=lambda r: r["services"])
+    for mode in sorted({label(r) for r in single}):
+        rs = sorted((r for r in single if label(r) == mode), key=lambda r: r["services"])
         xs = [r["services"] for r in rs]
         ax.plot(xs, [r["render_s"] + r["apply_s"] for r in rs], "o-", label=f"{mode}: sync")
         if any("floor_s" in r for r in rs):
@@ -451,8 +586,8 @@ def plots(report: dict[str, Any], out: Path) -> None:
 
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    for mode in sorted({r["mode"] for r in single}):
-        rs = sorted((r for r in single if r["mode"] == mode), key=lambda r: r["services"])
+    for mode in sorted({label(r) for r in single}):
+        rs = sorted((r for r in single if label(r) == mode), key=lambda r: r["services"])
         xs = [r["services"] for r in rs]
         ax.plot(xs, [r["one_service_s"] * 1e3 for r in rs], "o-", label=f"{mode}: one service")
         ax.plot(xs, [r["one_endpoint_s"] * 1e3 for r in rs], "x--",
@@ -467,7 +602,7 @@ def plots(report: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="iptables,nftables,userspace")
+    ap.add_argument("--modes", default="iptables,nftables,userspace,ipvs")
     ap.add_argument("--large", action="store_true", help="also 30,000 x 4 everywhere, 1 x 100,000")
     ap.add_argument("--smoke", action="store_true", help="two small shapes, a small churn (CI)")
     ap.add_argument("--shapes", help=f"a comma-separated subset of {', '.join(SHAPES)}")
@@ -476,6 +611,17 @@ def main() -> int:
     ap.add_argument("--floor-max", type=int, default=5000, help="iptables floor up to N")
     ap.add_argument("--churn-iterations", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    ap.add_argument(
+        "--focused",
+        nargs="?",
+        const=",".join(FOCUSED),
+        default="",
+        help=f"also the focused benchmarks (all, or some of {', '.join(FOCUSED)})",
+    )
+    ap.add_argument("--vm-max-services", type=int, default=100,
+                    help="ipvs rows in the VM: shapes up to N Services")  # fmt: skip
+    ap.add_argument("--rows-only", action="store_true",
+                    help="print the rows, write no report (how the VM runs its part)")  # fmt: skip
     args = ap.parse_args()
     modes = args.modes.split(",")
     started = time.monotonic()
@@ -493,10 +639,20 @@ def main() -> int:
             shapes = args.shapes.split(",")
         plan += [(mode, s) for s in shapes]
     runs = []
+    in_vm = [s for m, s in plan if m == "ipvs" and not vm.has_ip_vs()]
+    if args.smoke:
+        in_vm = in_vm[:1]  # one boot, one small shape
+    if in_vm:
+        plan = [(m, s) for m, s in plan if m != "ipvs"]
+        runs += ipvs_in_vm(
+            [s for s in in_vm if total_services(s) <= args.vm_max_services],
+            args.floor_max, args.baseline_max,
+        )  # fmt: skip
     for mode, shape in plan:
-        r = measure(mode, shape, workdir, args.floor_max)
+        r = measure(mode, shape, workdir, args.floor_max, args.baseline_max)
         groups = SHAPES[shape]
         if mode in ("iptables", "nftables") and len(groups) == 1 and groups[0][0] > 1:
+            # (the ipvs mode's upstream shape is measured in `measure`, from what it wrote)
             n, eps = groups[0]
             if n <= args.baseline_max:
                 r["upstream_shape_s"] = upstream_shape(mode, n, eps)
@@ -511,8 +667,15 @@ def main() -> int:
         c = churn(mode, its, n, eps, workdir)
         churn_runs.append(c)
         print(json.dumps(c), flush=True)
+    if args.rows_only:
+        return 0
+    names = [n for n in args.focused.split(",") if n]
+    unknown = set(names) - set(FOCUSED)
+    if unknown:
+        raise SystemExit(f"--focused: no benchmark {', '.join(sorted(unknown))}")
     report = {"machine": machine(), "large": args.large, "smoke": args.smoke, "runs": runs,
-              "churn": churn_runs, "seconds": time.monotonic() - started}  # fmt: skip
+              "churn": churn_runs, "focused": focused(names, args.smoke, args.out),
+              "seconds": time.monotonic() - started}  # fmt: skip
     (args.out / "suite.json").write_text(json.dumps(report, indent=2))
     (args.out / "suite.md").write_text(markdown(report))
     plots(report, args.out)

@@ -14,8 +14,11 @@ runs on 127.0.0.1. The same backends serve every path:
 Paths: ``direct`` (the backend itself), ``kproxy`` (``kproxy daemon --proxy-mode userspace``
 on manifests, its NodePort listeners), ``haproxy`` (``mode tcp``, as packaged) and ``socat``
 (``fork``: a process per connection). They alternate ``--repeat`` times; the best throughput
-and rate, and the median latencies, are reported. Ratios are the headline; absolute figures
-belong to this machine (2 vCPUs shared by the client, the proxy and the servers).
+and rate, and the median latencies, are reported; so are ratios paired within a round (each
+path's figure against the direct path's in the same round: median and range over rounds),
+which this noisy machine moves less than absolute figures. Ratios are the headline;
+absolute figures belong to this machine (2 vCPUs shared by the client, the proxy and the
+servers).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -239,9 +242,44 @@ def main() -> int:
             f"{s['rr_p50_us'] - d['rr_p50_us']:>7.0f} us{s['rr_p99_us'] - d['rr_p99_us']:>7.0f} us"
             f"{s['rr_p999_us'] - d['rr_p999_us']:>8.0f} us"
         )
+    paired = paired_ratios(results)
+    print("paired within each round (median [min-max] over rounds):")
+    for name, p in paired.items():
+        print(
+            f"{name:<9}one stream {_spread(p['single_vs_direct'], '{:.0%}')} of direct, "
+            f"added rr p50 {_spread(p['rr_p50_added_us'], '{:.0f}')} us, "
+            f"p99 {_spread(p['rr_p99_added_us'], '{:.0f}')} us"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+        args.json.write_text(
+            json.dumps({"runs": results, "summary": summary, "paired": paired}, indent=2)
+        )
     return 0
+
+
+def paired_ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """Each proxy's figures against the direct path's of the same round."""
+    direct = results["direct"]
+
+    def per_round(runs: list[dict[str, Any]], f: Callable[[Any, Any], float]) -> list[float]:
+        return [f(r, d) for r, d in zip(runs, direct, strict=True)]
+
+    return {
+        name: {
+            "single_vs_direct": per_round(runs, lambda r, d: r["single_gbps"] / d["single_gbps"]),
+            "rr_p50_added_us": per_round(runs, lambda r, d: r["rr_p50_us"] - d["rr_p50_us"]),
+            "rr_p99_added_us": per_round(runs, lambda r, d: r["rr_p99_us"] - d["rr_p99_us"]),
+        }
+        for name, runs in results.items()
+        if name != "direct"
+    }
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return (
+        f"{fmt.format(statistics.median(values))} "
+        f"[{fmt.format(min(values))}-{fmt.format(max(values))}]"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,13 @@
 //! and ip_vs: benches/ipvs_program.py runs it in the VM.
 //!
 //! `ipvs_program SERVICES DESTS`
+//!
+//! `ipvs_program load batched|per_object < saved`: load a table `ipvsadm-save -n` printed
+//! into this (empty) namespace's IPVS, and print the seconds it took as JSON: the benchmark
+//! suite's floor for the ipvs mode (batched, as kproxy sends it) and upstream's way (one
+//! request per object, as `ipvsadm-restore` and upstream's proxier send it). The namespace
+//! needs its loopback up: without a local routing table the kernel takes every real server
+//! for a broadcast address and refuses it (EINVAL).
 
 use _core::ipvs::kernel::Client;
 use _core::ipvs::plan::plan;
@@ -41,7 +48,96 @@ fn table(services: u32, dests: u32, changed: Option<u32>) -> Table {
         .collect()
 }
 
+/// `addr:port` or `[addr]:port`.
+fn endpoint(s: &str) -> (IpAddr, u16) {
+    let (addr, port) = s.rsplit_once(':').expect("addr:port");
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    (
+        addr.parse().expect("an address"),
+        port.parse().expect("a port"),
+    )
+}
+
+/// The table `ipvsadm-save -n` printed: `-A -t|-u|--sctp-service VIP:PORT -s SCHED [-p N]`
+/// and `-a -t|-u|--sctp-service VIP:PORT -r RIP:PORT -m -w W`.
+fn parse_saved(text: &str) -> Table {
+    let mut table = Table::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.len() < 3 {
+            continue;
+        }
+        let protocol = match words[1] {
+            "-t" => Protocol::Tcp,
+            "-u" => Protocol::Udp,
+            _ => Protocol::Sctp,
+        };
+        let (addr, port) = endpoint(words[2]);
+        let key = VirtualKey {
+            addr,
+            protocol,
+            port,
+        };
+        let after = |flag: &str| words.iter().position(|w| *w == flag).map(|i| words[i + 1]);
+        match words[0] {
+            "-A" => {
+                let timeout: u32 = after("-p").map_or(0, |t| t.parse().expect("a timeout"));
+                let service = Service {
+                    scheduler: after("-s").unwrap_or("rr").to_owned(),
+                    flags: if after("-p").is_some() {
+                        _core::ipvs::F_PERSISTENT
+                    } else {
+                        0
+                    },
+                    timeout,
+                };
+                table.insert(
+                    key,
+                    Virtual {
+                        service,
+                        dests: Default::default(),
+                    },
+                );
+            }
+            "-a" => {
+                let (addr, port) = endpoint(after("-r").expect("-r"));
+                let weight = after("-w").map_or(1, |w| w.parse().expect("a weight"));
+                let v = table.get_mut(&key).expect("-a after its -A");
+                v.dests
+                    .insert(DestKey { addr, port }, Dest::weighted(weight));
+            }
+            _ => {}
+        }
+    }
+    table
+}
+
+fn load(way: &str) {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).expect("stdin");
+    let want = parse_saved(&text);
+    let mut c = Client::open().expect("ip_vs");
+    c.per_send = if way == "per_object" { 1 } else { usize::MAX };
+    let ops = plan(&want, &Table::new());
+    let t0 = Instant::now();
+    let out = c.apply(&ops).expect("apply");
+    assert!(
+        out.refused.is_empty(),
+        "{:?}",
+        &out.refused[..out.refused.len().min(5)]
+    );
+    println!(
+        "{{\"way\": \"{way}\", \"operations\": {}, \"seconds\": {:.4}}}",
+        ops.len(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
+    let mut argv = std::env::args().skip(1);
+    if argv.next().as_deref() == Some("load") {
+        return load(&argv.next().expect("batched or per_object"));
+    }
     let args: Vec<u32> = std::env::args()
         .skip(1)
         .map(|a| a.parse().expect("a number"))

@@ -13,34 +13,21 @@ One boot for the whole tier: about 30-60 s here, plus the tests.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benches import vm
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _kernel() -> str | None:
-    found = sorted(glob.glob("/boot/vmlinuz-*"))
-    return found[-1] if found else None
-
-
-def _vng() -> str | None:
-    return shutil.which("vng") or shutil.which("vng", path=str(Path(sys.executable).parent))
 
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or _kernel() is None or _vng() is None,
-        reason="needs root, a kernel image in /boot and virtme-ng (scripts/deps.sh test)",
-    ),
+    pytest.mark.skipif(not vm.available(), reason=vm.MISSING),
 ]
 
 
@@ -73,14 +60,7 @@ def test_ipvs_mode_on_a_real_kernel(tmp_path: Path) -> None:
         f"{sys.executable} {traffic}",
         "echo VM-TIER-DONE",
     ])  # fmt: skip
-    vng = _vng()
-    assert vng is not None
-    env = {**os.environ, "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '')}"}
-    run = subprocess.run(
-        [vng, "--run", str(_kernel()), "--disable-kvm", "--force-9p", "--user", "root",
-         "--memory", "1G", "--exec", script],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env, check=False,
-    )  # fmt: skip
+    run = vm.run(script, cwd=tmp_path, timeout=900)
     out = run.stdout + run.stderr
     print(out[-4000:])
     assert run.returncode == 0, out[-4000:]
