@@ -1,5 +1,6 @@
-"""The churn soak (see ``soak.py``) in the nftables mode: 1,000 Services x 100 endpoints added
-and deleted for ``KPROXY_SOAK_MINUTES`` (10 by default) while a prober connects."""
+"""The churn soak (see ``soak.py``) in both netfilter modes: 1,000 Services x 100 endpoints
+added and deleted for ``KPROXY_SOAK_MINUTES`` (10 by default) each, while a prober
+connects."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from tests.privileged.soak import run_soak
 pytestmark = pytest.mark.privileged
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[ProxyLab]:
-    with proxy_lab(tmp_path, mode="nftables") as pl:
+@pytest.fixture(params=["nftables", "iptables"])
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
+    with proxy_lab(tmp_path, mode=request.param) as pl:
         yield pl
 
 
@@ -27,8 +28,8 @@ def test_churn_soak(lab: ProxyLab) -> None:
     r = run_soak(lab, minutes)
     print(
         f"\nchurn soak ({r.mode}): {r.iterations} iterations of {r.services} x {r.endpoints} "
-        f"in {r.seconds:.0f}s; probes {r.probes}; RSS floor per iteration (MiB) "
-        f"{[round(m) for m in r.rss_floor_mib]}"
+        f"in {r.seconds:.0f}s (each {[round(s) for s in r.iteration_seconds]} s); probes "
+        f"{r.probes}; RSS floor per iteration (MiB) {[round(m) for m in r.rss_floor_mib]}"
     )
     assert r.iterations >= 2
     assert r.failed_syncs == 0
