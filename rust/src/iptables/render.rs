@@ -353,10 +353,18 @@ fn render_service_port(
         &chains.external
     };
 
-    // What the filter table does with traffic that finds no usable endpoint.
+    // What the filter table does with traffic that finds no usable endpoint. TCP is refused
+    // with a reset, not upstream's ICMP port unreachable: the kernel rate-limits ICMP errors
+    // per client (about one a second), so a client retrying faster saw timeouts instead of
+    // refusals (the churn soak found it, as it did in the nftables mode).
+    let reject = if sp.name.protocol == Protocol::Tcp {
+        "REJECT --reject-with tcp-reset"
+    } else {
+        "REJECT"
+    };
     let (int_target, int_comment, ext_target, ext_comment) = if !has_endpoints {
         let c = format!("{name} has no endpoints");
-        ("REJECT", c.clone(), "REJECT", c)
+        (reject, c.clone(), reject, c)
     } else {
         let c = format!("{name} has no local endpoints");
         if !has_internal {
@@ -793,9 +801,12 @@ mod tests {
         let filter_services = dispatched(&rs.filter, KUBE_SERVICES);
         assert_eq!(filter_services.len(), 1);
         assert!(filter_services[0].contains("\"ns/svc:p has no endpoints\""));
-        assert!(filter_services[0].ends_with("-d 172.30.0.1 --dport 80 -j REJECT"));
+        assert!(filter_services[0]
+            .ends_with("-d 172.30.0.1 --dport 80 -j REJECT --reject-with tcp-reset"));
         let ext = dispatched(&rs.filter, KUBE_EXTERNAL_SERVICES);
-        assert!(ext[0].ends_with("--dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT"));
+        assert!(ext[0].ends_with(
+            "--dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT --reject-with tcp-reset"
+        ));
         assert!(!rs.nat.chains.iter().any(|c| is_service_chain(c)));
         // Not-ready endpoints are no endpoints.
         let rs = render(&state("", &[("10.1.0.1", "n", false)]), &cfg());
