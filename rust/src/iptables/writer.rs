@@ -41,6 +41,9 @@ pub struct Plan {
     pub fixed_filter: Table,
     pub fixed_nat: Table,
     pub filter: Table,
+    /// Partial syncs: the rewritten filter chains holding their new rules and the old ones
+    /// still wanted nowhere else, written before the nat table (see [`Plan::shared_text`]).
+    pub filter_bridge: Table,
     /// Shared nat chains.
     pub nat: Table,
     /// Each changed Service's own nat chains.
@@ -106,13 +109,32 @@ impl Plan {
         )
     }
 
-    /// The whole plan as one `iptables-restore --noflush` transaction.
+    /// The whole plan as one `iptables-restore --noflush` input.
     pub fn text(&self) -> String {
         let mut out = String::new();
         write_table(&mut out, "mangle", &self.mangle, &BTreeSet::new());
-        write_table(&mut out, "filter", &self.filter_all(), &self.delete_filter);
-        write_table(&mut out, "nat", &self.nat_all(), &self.delete_nat);
+        self.shared_text(&mut out, &self.filter_all(), &self.nat_all());
         out
+    }
+
+    /// The filter and nat tables. `iptables-restore` commits each table on its own, so
+    /// between the two commits the kernel holds one table's new rules and the other's old
+    /// ones. A Service that gains endpoints loses its filter REJECT and gains its nat DNAT;
+    /// one that loses them, the reverse: whichever table goes first, one of the two finds a
+    /// moment where its traffic is neither refused nor forwarded (the churn soak's prober
+    /// saw such connections time out). So a partial sync writes the filter chains with their
+    /// old and new rules first, then the nat table, then the filter chains as wanted: every
+    /// moment in between refuses or forwards (when both apply, DNAT comes first and the
+    /// REJECT, matching the Service address, no longer does).
+    fn shared_text(&self, out: &mut String, filter: &Table, nat: &Table) {
+        if self.filter_bridge.chains.is_empty() {
+            write_table(out, "filter", filter, &self.delete_filter);
+            write_table(out, "nat", nat, &self.delete_nat);
+        } else {
+            write_table(out, "filter", &self.filter_bridge, &BTreeSet::new());
+            write_table(out, "nat", nat, &self.delete_nat);
+            write_table(out, "filter", filter, &self.delete_filter);
+        }
     }
 
     /// The plan as a sequence of transactions of at most about `max_rules` rules each:
@@ -148,8 +170,7 @@ impl Plan {
         }
         flush(&mut batch, &mut out);
         let mut last = String::new();
-        write_table(&mut last, "filter", &self.filter, &self.delete_filter);
-        write_table(&mut last, "nat", &self.nat, &self.delete_nat);
+        self.shared_text(&mut last, &self.filter, &self.nat);
         if !last.is_empty() {
             out.push(last);
         }
@@ -296,6 +317,17 @@ impl Writer {
                     for r in &rules {
                         t.rule(&key.1, format_args!("{r}"));
                     }
+                    if table == "filter" {
+                        let old = self.written.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                        let b = &mut plan.filter_bridge;
+                        b.chain(&key.1);
+                        for r in rules
+                            .iter()
+                            .chain(old.iter().filter(|r| !rules.contains(r)))
+                        {
+                            b.rule(&key.1, format_args!("{r}"));
+                        }
+                    }
                     self.written.insert(key, rules);
                 }
             }
@@ -314,6 +346,8 @@ impl Writer {
         *self = Writer::default();
         let all: BTreeSet<ServiceKey> = state.service_keys().cloned().collect();
         let mut plan = self.partial(state, cfg, &all);
+        // Nothing old is known to bridge from: the kernel's content is replaced as a whole.
+        plan.filter_bridge = Table::default();
         // Every root exists, even empty: the jump rules from the built-in chains point at them.
         for root in Root::ALL {
             self.refresh(root, None, cfg, &mut plan);
@@ -351,6 +385,80 @@ impl Writer {
             nat: plan.nat_all(),
             filter: plan.filter_all(),
             counts: self.totals,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iptables::render::LocalDetector;
+    use crate::model::{ChangeSet, IpFamily};
+
+    fn cfg() -> RenderConfig {
+        RenderConfig {
+            family: IpFamily::V4,
+            node_name: "node-a".into(),
+            local: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
+            masquerade_all: false,
+            masquerade_mark: 0x4000,
+            nodeport_ips: None,
+            conntrack_tcp_be_liberal: false,
+            node_ips: vec![],
+            localhost_nodeports: false,
+        }
+    }
+
+    fn slice(ready: bool) -> ChangeSet {
+        let json = format!(
+            r#"{{"endpoints":[{{"namespace":"ns","name":"svc","ports":[{{"name":"p","protocol":"TCP","endpoints":[{{"ip":"10.1.0.1","port":8080,"ready":{ready},"serving":{ready},"terminating":false}}]}}]}}]}}"#
+        );
+        ChangeSet::from_json(json.as_bytes()).unwrap()
+    }
+
+    /// After every table commit of every sync (iptables-restore commits each table on its
+    /// own), a new connection to the Service is either forwarded (nat) or refused (filter):
+    /// as it gains endpoints, and as it loses them. The filter chains go first with their old
+    /// and new rules, then nat, then the filter chains as wanted.
+    #[test]
+    fn partial_syncs_bridge_the_filter_and_nat_commits() {
+        use crate::iptables::chains::JUMPS;
+        use crate::iptables::trace::{trace, NodeFacts, Origin, Packet, Ruleset, Verdict};
+        let mut state = State::new(IpFamily::V4);
+        let svc = br#"{"services":[{"namespace":"ns","name":"svc","service":{"cluster_ips":["172.30.0.1"],"ports":[{"name":"p","protocol":"TCP","port":80}]}}]}"#;
+        state.apply(ChangeSet::from_json(svc).unwrap());
+        let changed: BTreeSet<ServiceKey> = state.service_keys().cloned().collect();
+        let mut w = Writer::default();
+        let mut kernel = w
+            .full(&state, &cfg(), &BTreeSet::new(), &BTreeSet::new())
+            .text();
+        let packet = Packet {
+            src: "10.9.0.5".parse().unwrap(),
+            dst: "172.30.0.1".parse().unwrap(),
+            protocol: crate::model::Protocol::Tcp,
+            dport: 80,
+            origin: Origin::External,
+        };
+        let outcome = |text: &str| {
+            let mut rs = Ruleset::parse(text).unwrap();
+            rs.add_jumps(JUMPS).unwrap();
+            let t = trace(&rs, &packet, &NodeFacts::default());
+            (!t.dnat.is_empty(), t.verdict == Some(Verdict::Reject))
+        };
+        assert_eq!(outcome(&kernel), (false, true), "no endpoints yet: refused");
+        for ready in [true, false, true] {
+            state.apply(slice(ready));
+            let text = w.partial(&state, &cfg(), &changed).text();
+            let commits: Vec<&str> = text.split_inclusive("COMMIT\n").collect();
+            for (i, commit) in commits.iter().enumerate() {
+                kernel.push_str(commit);
+                let (forwarded, refused) = outcome(&kernel);
+                assert!(
+                    forwarded || refused,
+                    "ready={ready}, after commit {i}:\n{text}"
+                );
+            }
+            assert_eq!(outcome(&kernel), (ready, !ready), "ready={ready}");
         }
     }
 }
