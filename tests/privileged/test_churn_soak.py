@@ -23,14 +23,18 @@ def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
         yield pl
 
 
-def test_churn_soak(lab: ProxyLab) -> None:
+def test_churn_soak(lab: ProxyLab, tmp_path: Path) -> None:
     minutes = float(os.environ.get("KPROXY_SOAK_MINUTES", "10"))
     r = run_soak(lab, minutes)
-    print(
+    summary = (
         f"\nchurn soak ({r.mode}): {r.iterations} iterations of {r.services} x {r.endpoints} "
         f"in {r.seconds:.0f}s (each {[round(s) for s in r.iteration_seconds]} s); probes "
         f"{r.probes}; RSS floor per iteration (MiB) {[round(m) for m in r.rss_floor_mib]}"
     )
+    print(summary)
+    # Kept with the run's files (pytest keeps its last few temporary directories), since a
+    # passing test's output is not shown.
+    (tmp_path / "soak-summary.txt").write_text(summary + "\n")
     assert r.iterations >= 2
     assert r.failed_syncs == 0
     assert not r.bad_probes, r.bad_probes[:10]
