@@ -222,8 +222,12 @@ def measure(
                 res.update(cold_start(d))
                 # One iptables-restore of a large table takes minutes (upstream's own cost):
                 # the iptables floor stops at --floor-max Services.
+                # The cap counts endpoint chains too (10 per Service in the default shapes):
+                # iptables-save crashed (SIGSEGV) reading one Service x 100,000 back.
                 with_floor = mode in ("nftables", "ipvs") or (
-                    mode == "iptables" and total_services(shape) <= floor_max
+                    mode == "iptables"
+                    and total_services(shape) <= floor_max
+                    and total_endpoints(shape) <= floor_max * 10
                 )
                 if with_floor:
                     saved = programmed(mode, ns)  # what the first sync wrote
