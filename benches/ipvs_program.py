@@ -28,6 +28,15 @@ from benches import vm
 PROGRAM = ROOT / "target" / "release" / "examples" / "ipvs_program"
 
 
+def build() -> None:
+    """Build the example this benchmark (and the suite's ipvs floor) runs in the VM."""
+    subprocess.run(
+        ["cargo", "build", "--quiet", "--release", "--no-default-features", "--example",
+         "ipvs_program"],
+        cwd=ROOT, check=True, timeout=1200,
+    )  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--services", type=int, default=10_000)
@@ -37,11 +46,7 @@ def main() -> int:
     if not vm.available():
         print(vm.MISSING, file=sys.stderr)
         return 2
-    subprocess.run(
-        ["cargo", "build", "--quiet", "--release", "--no-default-features", "--example",
-         "ipvs_program"],
-        cwd=ROOT, check=True, timeout=1200,
-    )  # fmt: skip
+    build()
     with tempfile.TemporaryDirectory() as tmp:
         run = vm.run(
             f"modprobe ip_vs && {PROGRAM} {args.services} {args.dests}",

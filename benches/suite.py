@@ -70,6 +70,8 @@ from benches.daemon_memory import status_kib
 from benches.iptables_sync import cluster as cluster_changes
 from benches.iptables_sync import parse as parse_restore
 from benches.iptables_sync import upstream_text
+from benches.ipvs_program import PROGRAM as IPVS_PROGRAM
+from benches.ipvs_program import build as build_ipvs_program
 from benches.nftables_sync import upstream_like
 from kproxy import _core, netns
 from tests import k8sobjects as k
@@ -78,7 +80,6 @@ from tests.fakeapi import FakeApiServer
 NODE = "node-a"
 NODE_IP = "192.168.200.1"
 SLICE_MAX = 1000  # endpoints per EndpointSlice, as the API server enforces
-IPVS_PROGRAM = REPO / "target" / "release" / "examples" / "ipvs_program"
 
 # name -> [(services, endpoints each)]
 SHAPES: dict[str, list[tuple[int, int]]] = {
@@ -427,11 +428,7 @@ def ipvs_in_vm(shapes: list[str], floor_max: int, baseline_max: int) -> list[dic
         f"--modes ipvs --shapes {','.join(shapes)} --no-churn --rows-only "
         f"--floor-max {floor_max} --baseline-max {baseline_max}"
     )
-    subprocess.run(
-        ["cargo", "build", "--quiet", "--release", "--no-default-features", "--example",
-         "ipvs_program"],
-        cwd=REPO, check=True, timeout=1200,
-    )  # fmt: skip
+    build_ipvs_program()
     with tempfile.TemporaryDirectory() as tmp:
         run = vm.run(script, cwd=Path(tmp), timeout=3600, memory="3G", cpus=2)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"mode"')]

@@ -668,11 +668,11 @@ fn write_policy_chain(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::ChangeSet;
 
-    fn cfg() -> RenderConfig {
+    pub(crate) fn cfg() -> RenderConfig {
         RenderConfig {
             family: IpFamily::V4,
             node_name: "node-a".into(),

@@ -392,22 +392,8 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iptables::render::LocalDetector;
+    use crate::iptables::render::tests::cfg;
     use crate::model::{ChangeSet, IpFamily};
-
-    fn cfg() -> RenderConfig {
-        RenderConfig {
-            family: IpFamily::V4,
-            node_name: "node-a".into(),
-            local: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
-            masquerade_all: false,
-            masquerade_mark: 0x4000,
-            nodeport_ips: None,
-            conntrack_tcp_be_liberal: false,
-            node_ips: vec![],
-            localhost_nodeports: false,
-        }
-    }
 
     fn slice(ready: bool) -> ChangeSet {
         let json = format!(
