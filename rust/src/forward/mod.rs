@@ -196,7 +196,7 @@ impl Forwarder {
     /// route changed, open the new ones.
     fn update_where(
         &mut self,
-        mut routes: BTreeMap<Listen, Route>,
+        routes: BTreeMap<Listen, Route>,
         in_scope: impl Fn(&Route) -> bool,
     ) -> Updated {
         let mut out = Updated::default();
@@ -215,8 +215,9 @@ impl Forwarder {
                 out.closed += 1;
             }
         }
-        for (l, have) in self.listeners.iter_mut() {
-            if let Some(route) = routes.remove(l) {
+        // Walk the routes given, not every listener: a partial sync names a few.
+        for (l, route) in routes {
+            if let Some(have) = self.listeners.get_mut(&l) {
                 if route != have.route {
                     let old = have.backends.load();
                     have.backends.store(Arc::new(Backends::new(
@@ -227,9 +228,8 @@ impl Forwarder {
                     have.route = route;
                     out.changed += 1;
                 }
+                continue;
             }
-        }
-        for (l, route) in routes {
             let owner = route.owner.clone();
             match self.open(l, route) {
                 Ok(listener) => {
