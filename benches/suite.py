@@ -115,12 +115,22 @@ _SYNCED = re.compile(
 )
 
 
+def groups(shape: str) -> list[tuple[int, int]]:
+    """A named shape's (Services, endpoints each) groups; any other ``NxM`` is one group."""
+    if shape in SHAPES:
+        return SHAPES[shape]
+    m = re.fullmatch(r"(\d+)x(\d+)", shape)
+    if m is None:
+        raise SystemExit(f"no shape {shape!r}: one of {', '.join(SHAPES)}, or NxM")
+    return [(int(m.group(1)), int(m.group(2)))]
+
+
 def total_services(shape: str) -> int:
-    return sum(n for n, _ in SHAPES[shape])
+    return sum(n for n, _ in groups(shape))
 
 
 def total_endpoints(shape: str) -> int:
-    return sum(n * e for n, e in SHAPES[shape])
+    return sum(n * e for n, e in groups(shape))
 
 
 # -- the cluster on the fake API server ----------------------------------------------------
@@ -130,7 +140,7 @@ def objects(shape: str) -> list[k.Obj]:
     """Services (one TCP port each, distinct ClusterIPs) and their slices, addresses unique."""
     out: list[k.Obj] = []
     i = ep = 0
-    for count, eps in SHAPES[shape]:
+    for count, eps in groups(shape):
         for _ in range(count):
             name, ns = f"svc{i}", f"ns{i % 50}"
             ip = f"172.{16 + i // 65536}.{(i // 256) % 256}.{i % 256}"
@@ -563,8 +573,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plots(report: dict[str, Any], out: Path) -> None:
-    single = [r for r in report["runs"] if len(SHAPES[r["shape"]]) == 1
-              and SHAPES[r["shape"]][0][0] > 1]  # fmt: skip
+    single = [r for r in report["runs"] if len(groups(r["shape"])) == 1
+              and groups(r["shape"])[0][0] > 1]  # fmt: skip
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     for mode in sorted({label(r) for r in single}):
@@ -606,7 +616,7 @@ def main() -> int:
     ap.add_argument("--modes", default="iptables,nftables,userspace,ipvs")
     ap.add_argument("--large", action="store_true", help="also 30,000 x 4 everywhere, 1 x 100,000")
     ap.add_argument("--smoke", action="store_true", help="two small shapes, a small churn (CI)")
-    ap.add_argument("--shapes", help=f"a comma-separated subset of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", help=f"comma-separated: any of {', '.join(SHAPES)}, or NxM")
     ap.add_argument("--no-churn", action="store_true")
     ap.add_argument("--baseline-max", type=int, default=5000, help="upstream shapes up to N")
     ap.add_argument("--floor-max", type=int, default=5000, help="iptables floor up to N")
@@ -651,10 +661,10 @@ def main() -> int:
         )  # fmt: skip
     for mode, shape in plan:
         r = measure(mode, shape, workdir, args.floor_max, args.baseline_max)
-        groups = SHAPES[shape]
-        if mode in ("iptables", "nftables") and len(groups) == 1 and groups[0][0] > 1:
+        g = groups(shape)
+        if mode in ("iptables", "nftables") and len(g) == 1 and g[0][0] > 1:
             # (the ipvs mode's upstream shape is measured in `measure`, from what it wrote)
-            n, eps = groups[0]
+            n, eps = g[0]
             if n <= args.baseline_max:
                 r["upstream_shape_s"] = upstream_shape(mode, n, eps)
         runs.append(r)

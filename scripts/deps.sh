@@ -17,6 +17,10 @@ if [ "${1:-run}" = test ]; then
   ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
   dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
   have ipvsadm || need+=(ipvsadm)
+  # The userspace forwarding benchmark's baselines and load (its smoke run is a test).
+  have iperf3 || need+=(iperf3)
+  have haproxy || need+=(haproxy)
+  have socat || need+=(socat)
 fi
 have cargo || need+=(cargo rustc)
 have cc || need+=(gcc)

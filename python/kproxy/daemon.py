@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from kproxy import conntrack, memory
@@ -387,14 +388,31 @@ class _LoopSink:
             self._loop.call_soon_threadsafe(fn, *args)
 
 
+# The hard open-file limit containerd gives a container (where kube-proxy usually runs):
+# as root, the daemon raises its own that far.
+_FD_TARGET = 1 << 20
+
+
 def _raise_fd_limit() -> None:
-    """The userspace mode holds six descriptors per relayed connection (two sockets, two
-    pipes): lift the soft limit (often 1,024) to the hard one."""
+    """The userspace mode holds a descriptor per listener and up to six per relayed
+    connection (two sockets, two pipes): lift the soft limit (often 1,024) to the hard one,
+    and the hard one too where privileges allow. Listeners stop short of the limit either way
+    (the forwarder keeps a reserve and names the Services it could not open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            log.info("open file limit raised from %d to %d", soft, hard)
+    targets = [hard]
+    if hard != resource.RLIM_INFINITY and hard < _FD_TARGET:
+        with contextlib.suppress(OSError, ValueError):
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+            targets.insert(0, min(_FD_TARGET, nr_open))
+    for want in targets:
+        if want == soft == hard:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError):
+            continue  # raising the hard limit needs CAP_SYS_RESOURCE
+        log.info("open file limit raised from %d to %d", soft, want)
+        return
 
 
 def run(cfg: ProxyConfig) -> int:

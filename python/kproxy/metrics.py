@@ -65,6 +65,11 @@ FORWARD_METRICS = {
         "UDP datagrams dropped (no endpoint, or the session cap reached)",
     ),
     "listeners": ("userspace_listeners", True, "Listening sockets"),
+    "listeners_refused": (
+        "userspace_listeners_refused",
+        False,
+        "Listeners not opened because the open-file budget was spent (the Service is retried)",
+    ),
 }
 
 ForwardStats = Callable[[], Mapping[str, Mapping[str, int]]]

@@ -6,6 +6,7 @@
 //! with one atomic pointer swap, so traffic never waits for an update.
 
 pub mod balance;
+pub mod budget;
 pub mod portals;
 pub mod ports;
 mod relay;
@@ -40,6 +41,9 @@ pub struct ForwardConfig {
     /// Where portal listeners listen (`--proxy-port-range`); `None`: the kernel's ephemeral
     /// range.
     pub portal_ports: Option<RangeInclusive<u16>>,
+    /// Most listeners this forwarder holds; `None`: what the process's open-file limit
+    /// allows, shared with the process's other forwarders ([`budget`]).
+    pub max_listeners: Option<usize>,
 }
 
 impl Default for ForwardConfig {
@@ -55,6 +59,7 @@ impl Default for ForwardConfig {
             max_udp_sessions: 65_536,
             threads: 2,
             portal_ports: None,
+            max_listeners: None,
         }
     }
 }
@@ -96,6 +101,7 @@ struct Listener {
     route: Route,
     stop: watch::Sender<bool>,
     port: u16,
+    _slot: budget::Slot,
 }
 
 /// What one update did.
@@ -116,6 +122,7 @@ pub struct Forwarder {
     shared: Arc<Shared>,
     listeners: BTreeMap<Listen, Listener>,
     ports: ports::PortPool,
+    budget: Arc<budget::Budget>,
 }
 
 impl Forwarder {
@@ -137,6 +144,9 @@ impl Forwarder {
             ^ u64::from(std::process::id());
         Ok(Forwarder {
             ports: ports::PortPool::new(range, seed),
+            budget: config
+                .max_listeners
+                .map_or_else(budget::Budget::process, budget::Budget::fixed),
             runtime,
             shared: Arc::new(Shared {
                 connections: Arc::new(Semaphore::new(config.max_connections)),
@@ -265,6 +275,15 @@ impl Forwarder {
                 route.service
             ));
         }
+        let slot = self.budget.claim().map_err(|why| {
+            stats::inc(&self.shared.stats.listeners_refused);
+            format!(
+                "{}: cannot listen on {} ({}): {why}",
+                route.service,
+                l.addr,
+                l.protocol.lower()
+            )
+        })?;
         let (bound, port) = if l.portal {
             let any: IpAddr = if l.addr.is_ipv4() {
                 Ipv4Addr::UNSPECIFIED.into()
@@ -310,6 +329,7 @@ impl Forwarder {
             route,
             stop,
             port,
+            _slot: slot,
         })
     }
 }
@@ -748,6 +768,38 @@ mod tests {
         assert_eq!(u.closed, 1);
         std::thread::sleep(Duration::from_millis(100));
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn listeners_past_the_budget_are_refused_by_name_and_opened_once_room_is_made() {
+        let ep = tcp_server("e:", 2);
+        let mut fw = Forwarder::new(ForwardConfig {
+            max_listeners: Some(2),
+            ..config()
+        })
+        .unwrap();
+        // (Listeners open in address order: the highest port is the one refused.)
+        let mut ports = [free_port(), free_port(), free_port()];
+        ports.sort_unstable();
+        let all = |ps: &[u16]| -> BTreeMap<Listen, Route> {
+            ps.iter()
+                .map(|p| (listen(*p, Protocol::Tcp), route(vec![ep])))
+                .collect()
+        };
+        let u = fw.update(all(&ports));
+        assert_eq!((u.opened, u.errors.len()), (2, 1));
+        assert!(
+            u.errors[0].contains(&format!(":{} (tcp): 2 listeners open", ports[2])),
+            "{:?}",
+            u.errors
+        );
+        assert_eq!(u.failed, BTreeSet::from([key("svc")]));
+        assert_eq!(stat(&fw, "listeners_refused"), 1);
+        assert_eq!(ask(ports[0], "a").unwrap(), "e:a");
+        // The first Service goes: its slot opens the third.
+        let u = fw.update(all(&ports[1..]));
+        assert_eq!((u.closed, u.opened, u.errors.len()), (1, 1, 0));
+        assert_eq!(ask(ports[2], "c").unwrap(), "e:c");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Stats {
     pub udp_datagrams: AtomicU64,
     /// Datagrams dropped: no endpoint, or `max_udp_sessions` open.
     pub udp_dropped: AtomicU64,
+    /// Listeners not opened: the descriptor budget was spent ([`super::budget`]).
+    pub listeners_refused: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -51,6 +53,7 @@ impl Stats {
             ("udp_active", g(&self.udp_active)),
             ("udp_datagrams", g(&self.udp_datagrams)),
             ("udp_dropped", g(&self.udp_dropped)),
+            ("listeners_refused", g(&self.listeners_refused)),
         ]
     }
 }

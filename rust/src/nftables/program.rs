@@ -148,17 +148,23 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, EngineConfig};
     use crate::model::ChangeSet;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     /// A Fake whose next transactions can be made to fail from outside the engine.
     struct Flaky {
         inner: Fake,
         fail: Arc<AtomicUsize>,
+        /// Refuse every transaction that deletes a set (a cleanup).
+        refuse_set_deletes: Arc<AtomicBool>,
     }
 
     impl Backend for Flaky {
         fn apply(&mut self, ops: &[Op]) -> Result<usize> {
+            let deletes_a_set = ops.iter().any(|o| matches!(o, Op::DeleteSet(_)));
+            if deletes_a_set && self.refuse_set_deletes.load(Ordering::SeqCst) {
+                self.fail.store(1, Ordering::SeqCst);
+            }
             if self.fail.load(Ordering::SeqCst) > 0 {
                 self.fail.fetch_sub(1, Ordering::SeqCst);
                 return Err(crate::error::Error::Apply {
@@ -210,6 +216,7 @@ mod tests {
         let backend = Flaky {
             inner: Fake::new(IpFamily::V4),
             fail: fail.clone(),
+            refuse_set_deletes: Arc::default(),
         };
         let mut engine = Engine::with_nft_backend(cfg, Box::new(backend));
         engine
@@ -224,6 +231,49 @@ mod tests {
         assert!(r.full);
         assert!(engine.dump().unwrap().contains("10.1.0.3 . 8080"));
         assert!(!engine.dump().unwrap().contains("10.1.0.2"));
+    }
+
+    /// A pool left empty goes with its set rather than element by element; when the set's
+    /// deletion is refused and the pool is needed again, it is started anew.
+    #[test]
+    fn a_pool_whose_cleanup_failed_is_recreated_when_reused() {
+        let cfg = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","mode":"nftables","backend":"fake"}"#,
+        )
+        .unwrap();
+        let refuse = Arc::new(AtomicBool::new(false));
+        let backend = Flaky {
+            inner: Fake::new(IpFamily::V4),
+            fail: Arc::default(),
+            refuse_set_deletes: refuse.clone(),
+        };
+        let mut engine = Engine::with_nft_backend(cfg, Box::new(backend));
+        engine
+            .sync(changes(&["10.1.0.1", "10.1.0.2"]), false)
+            .unwrap();
+        refuse.store(true, Ordering::SeqCst);
+        // endpoints-2 is retired: its elements are not deleted one by one, and its cleanup is
+        // refused, so the set keeps them.
+        let r = engine
+            .sync(changes(&["10.1.0.1", "10.1.0.2", "10.1.0.3"]), false)
+            .unwrap();
+        assert!(r.cleanup_failed && !r.full);
+        let dump = engine.dump().unwrap();
+        assert!(
+            dump.contains("endpoints-2") && dump.contains("10.1.0.2"),
+            "{dump}"
+        );
+        refuse.store(false, Ordering::SeqCst);
+        // Back to two endpoints: the stale set would refuse the new data for its keys.
+        let r = engine
+            .sync(changes(&["10.1.0.4", "10.1.0.5"]), false)
+            .unwrap();
+        assert!(!r.full && !r.cleanup_failed);
+        let dump = engine.dump().unwrap();
+        for gone in ["10.1.0.1", "10.1.0.2", "10.1.0.3", "endpoints-3"] {
+            assert!(!dump.contains(gone), "{gone} in {dump}");
+        }
+        assert!(dump.contains("10.1.0.4 . 8080") && dump.contains("10.1.0.5 . 8080"));
     }
 
     #[test]

@@ -337,14 +337,19 @@ impl Writer {
             }
         }
 
-        // Pools: create the ones that gain elements, retire the ones left empty.
+        // Pools: create the ones that gain elements, retire the ones left empty. A retired
+        // pool's elements go with its set (the cleanup deletes it), not one by one: a Service
+        // of 100,000 endpoints gaining one moves all of them to the next pool.
         for (p, n) in &self.pool_use {
             if *n > 0 && !self.pools.contains(p) {
                 create_pool(&mut plan.ops, p);
                 self.pools.insert(*p);
-            } else if *n > 0 {
-                self.stale_pools.remove(p);
-            } else if self.pools.contains(p) {
+            } else if *n > 0 && self.stale_pools.remove(p) {
+                // Retired, but its cleanup failed: the set still holds the old elements.
+                plan.ops.push(Op::FlushChain(p.name()));
+                plan.ops.push(Op::DeleteSet(p.name()));
+                create_pool(&mut plan.ops, p);
+            } else if *n == 0 && self.pools.contains(p) {
                 self.stale_pools.insert(*p);
             }
         }
@@ -353,6 +358,9 @@ impl Writer {
         plan.ops.extend(chain_ops);
         for (set, keys) in deletes {
             plan.elements_deleted += keys.len();
+            if matches!(set, SetId::Pool(p) if self.stale_pools.contains(&p)) {
+                continue;
+            }
             chunked_deletes(&mut plan.ops, &set, keys);
         }
         for (set, elems) in adds {
