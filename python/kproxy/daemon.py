@@ -44,6 +44,9 @@ from kproxy.sources.manifests import ManifestSource
 
 log = logging.getLogger(__name__)
 
+# Listener failures logged one by one per sync; the rest are counted in one line.
+LISTEN_ERRORS_LOGGED = 20
+
 T = TypeVar("T")
 
 # Upstream's FullSyncPeriod: even with nothing changed, rewrite everything this often.
@@ -60,6 +63,8 @@ class Daemon:
         self.proxier: Proxier | None = None
         self.syncs = 0
         self.failures = 0
+        # Listener errors of the last sync: a failure retried every sync is logged once.
+        self._listen_errors: set[str] = set()
         self._last_full: float | None = None
         self._last_trim = float("-inf")
         self._waiting_logged = False
@@ -129,6 +134,17 @@ class Daemon:
             }
             out[key] = Wanted(svc.health_check_node_port, len(local))
         return out
+
+    def _log_listen_errors(self, errors: list[str]) -> None:
+        """Log each listener failure when it first happens (it is retried every sync, and
+        30,000 Services past the descriptor budget would otherwise log 30,000 lines a sync)."""
+        new = [e for e in errors if e not in self._listen_errors]
+        for err in new[:LISTEN_ERRORS_LOGGED]:
+            log.error("%s (the other Services are unaffected; retried next sync)", err)
+        if len(new) > LISTEN_ERRORS_LOGGED:
+            log.error("... and %d more listeners could not be opened (%d in all)",
+                      len(new) - LISTEN_ERRORS_LOGGED, len(errors))  # fmt: skip
+        self._listen_errors = set(errors)
 
     async def _reconcile_conntrack(self, full: bool, changed: set[ServiceKey]) -> None:
         """After the rules are in place (never before): drop UDP flows to stale endpoints.
@@ -235,9 +251,7 @@ class Daemon:
         self.service_health.sync(self._health_checks())
         if self.cfg.mode == "userspace":
             # Connections end at the forwarder: no conntrack entries of ours to reconcile.
-            for r in reports.values():
-                for err in r.listen_errors:
-                    log.error("%s (the other Services are unaffected; retried next sync)", err)
+            self._log_listen_errors([e for r in reports.values() for e in r.listen_errors])
         else:
             await self._reconcile_conntrack(
                 any(r.full for r in reports.values()), {*changes.services, *changes.endpoints}

@@ -1,8 +1,11 @@
-"""The daemon's open-file limit: lifted as far as its privileges allow."""
+"""Descriptors in the userspace mode: the daemon's open-file limit is lifted as far as its
+privileges allow, and listeners refused for want of them are logged once, not every sync."""
 
 from __future__ import annotations
 
+import logging
 import resource
+from types import SimpleNamespace
 
 import pytest
 
@@ -45,3 +48,30 @@ def test_a_hard_limit_above_the_target_is_left_alone(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(resource, "setrlimit", lim.set)
     daemon._raise_fd_limit()
     assert (lim.soft, lim.hard) == (1 << 22, 1 << 22)
+
+
+def test_listener_failures_are_logged_when_new_and_summarized_past_a_few(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d = SimpleNamespace(_listen_errors=set())
+    errors = [f"ns/svc{i}:http: cannot listen on 10.0.0.{i}:80 (tcp): budget" for i in range(30)]
+
+    def logged() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.ERROR, logger="kproxy.daemon"):
+        daemon.Daemon._log_listen_errors(d, errors)  # type: ignore[arg-type]
+        lines = logged()
+        assert len(lines) == daemon.LISTEN_ERRORS_LOGGED + 1
+        assert lines[0].startswith("ns/svc0:http: cannot listen on 10.0.0.0:80 (tcp)")
+        assert lines[-1] == "... and 10 more listeners could not be opened (30 in all)"
+        # Retried and failing again: nothing new to say.
+        daemon.Daemon._log_listen_errors(d, errors)  # type: ignore[arg-type]
+        assert logged() == []
+        # One opened, one new failure: only the new one is logged.
+        daemon.Daemon._log_listen_errors(d, [*errors[1:], "ns/other:dns: cannot listen"])  # type: ignore[arg-type]
+        assert [line.split(" (the other")[0] for line in logged()] == [
+            "ns/other:dns: cannot listen"
+        ]
