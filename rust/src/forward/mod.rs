@@ -14,6 +14,7 @@ pub mod routes;
 pub mod stats;
 mod tcp;
 mod udp;
+pub mod workers;
 
 use crate::error::{Error, Result};
 use crate::model::{Protocol, ServiceKey};
@@ -92,6 +93,7 @@ pub struct Route {
 /// What the data path shares: configuration, the connection cap and the counters.
 pub struct Shared {
     pub config: ForwardConfig,
+    pub pool: Arc<workers::Pool>,
     pub connections: Arc<Semaphore>,
     pub stats: stats::Stats,
 }
@@ -118,7 +120,9 @@ pub struct Updated {
 }
 
 pub struct Forwarder {
-    runtime: tokio::runtime::Runtime,
+    /// Held for its threads: dropping it stops them (after `drop` has stopped the
+    /// listeners), and every connection with them.
+    _workers: workers::Workers,
     shared: Arc<Shared>,
     listeners: BTreeMap<Listen, Listener>,
     ports: ports::PortPool,
@@ -127,12 +131,8 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(config: ForwardConfig) -> Result<Forwarder> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.threads.max(1))
-            .thread_name("kproxy-forward")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::InvalidInput(format!("forwarder runtime: {e}")))?;
+        let workers = workers::Workers::start(config.threads, "kproxy-forward")
+            .map_err(|e| Error::InvalidInput(format!("forwarder threads: {e}")))?;
         let range = config
             .portal_ports
             .clone()
@@ -147,13 +147,14 @@ impl Forwarder {
             budget: config
                 .max_listeners
                 .map_or_else(budget::Budget::process, budget::Budget::fixed),
-            runtime,
             shared: Arc::new(Shared {
+                pool: workers.pool().clone(),
                 connections: Arc::new(Semaphore::new(config.max_connections)),
                 config,
                 stats: stats::Stats::default(),
             }),
             listeners: BTreeMap::new(),
+            _workers: workers,
         })
     }
 
@@ -301,21 +302,23 @@ impl Forwarder {
         };
         let (stop, stopped) = watch::channel(false);
         let shared = self.shared.clone();
-        let _guard = self.runtime.enter();
+        // Listeners are spread over the workers; their connections go to every worker.
+        let on = self.shared.pool.next();
+        let _guard = self.shared.pool.handle(on).enter();
         let started = match bound {
             Bound::Tcp(std) => std
                 .set_nonblocking(true)
                 .and_then(|()| tokio::net::TcpListener::from_std(std))
                 .map(|listener| {
-                    self.runtime
-                        .spawn(tcp::serve(listener, backends.clone(), shared, stopped));
+                    let serve = tcp::serve(listener, backends.clone(), shared, stopped);
+                    self.shared.pool.spawn(on, serve);
                 }),
             Bound::Udp(std) => std
                 .set_nonblocking(true)
                 .and_then(|()| tokio::net::UdpSocket::from_std(std))
                 .map(|socket| {
-                    self.runtime
-                        .spawn(udp::serve(socket, backends.clone(), shared, stopped));
+                    let serve = udp::serve(socket, backends.clone(), shared, stopped);
+                    self.shared.pool.spawn(on, serve);
                 }),
         };
         if let Err(e) = started {

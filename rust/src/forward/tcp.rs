@@ -3,6 +3,7 @@
 use super::balance::Backends;
 use super::relay::Ended;
 use super::stats::{dec, inc};
+use super::workers::Pool;
 use super::Shared;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::sync::OwnedSemaphorePermit;
 
 pub async fn serve(
     listener: TcpListener,
@@ -33,16 +35,36 @@ pub async fn serve(
                     continue;
                 };
                 let table = backends.load_full();
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    inc(&shared.stats.tcp_active);
-                    relay(client, peer, &table, &shared).await;
-                    dec(&shared.stats.tcp_active);
-                    drop(permit);
-                });
+                // The connection's worker, in turn; moving it to another means registering
+                // it with that worker's poller instead of this one's.
+                let to = shared.pool.next();
+                if Pool::current() == Some(to) {
+                    tokio::spawn(connection(client, peer, table, shared.clone(), permit));
+                } else if let Ok(std) = client.into_std() {
+                    let on = shared.clone();
+                    shared.pool.spawn(to, async move {
+                        if let Ok(client) = TcpStream::from_std(std) {
+                            connection(client, peer, table, on, permit).await;
+                        }
+                    });
+                }
             }
         }
     }
+}
+
+/// An accepted connection, on its worker, until it ends.
+async fn connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    table: Arc<Backends>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
+    inc(&shared.stats.tcp_active);
+    relay(client, peer, &table, &shared).await;
+    dec(&shared.stats.tcp_active);
+    drop(permit);
 }
 
 /// Close with a reset, as the kernel modes answer a Service without endpoints.
