@@ -3,7 +3,7 @@
 use super::balance::Backends;
 use super::relay::Ended;
 use super::stats::{dec, inc};
-use super::workers::Pool;
+use super::workers::{Load, Pool};
 use super::Shared;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -35,16 +35,17 @@ pub async fn serve(
                     continue;
                 };
                 let table = backends.load_full();
-                // The connection's worker, in turn; moving it to another means registering
-                // it with that worker's poller instead of this one's.
-                let to = shared.pool.next();
+                // Moving a connection to another worker means registering it with that
+                // worker's poller instead of this one's.
+                let (to, load) = shared.pool.place();
+                let held = (permit, load);
                 if Pool::current() == Some(to) {
-                    tokio::spawn(connection(client, peer, table, shared.clone(), permit));
+                    tokio::spawn(connection(client, peer, table, shared.clone(), held));
                 } else if let Ok(std) = client.into_std() {
                     let on = shared.clone();
                     shared.pool.spawn(to, async move {
                         if let Ok(client) = TcpStream::from_std(std) {
-                            connection(client, peer, table, on, permit).await;
+                            connection(client, peer, table, on, held).await;
                         }
                     });
                 }
@@ -59,12 +60,12 @@ async fn connection(
     peer: SocketAddr,
     table: Arc<Backends>,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    held: (OwnedSemaphorePermit, Load),
 ) {
     inc(&shared.stats.tcp_active);
     relay(client, peer, &table, &shared).await;
     dec(&shared.stats.tcp_active);
-    drop(permit);
+    drop(held);
 }
 
 /// Close with a reset, as the kernel modes answer a Service without endpoints.

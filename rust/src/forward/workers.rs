@@ -28,10 +28,44 @@ thread_local! {
 pub struct Pool {
     handles: Vec<Handle>,
     next: AtomicUsize,
+    /// Connections on each worker.
+    load: Vec<Arc<AtomicUsize>>,
+}
+
+/// A connection counted on its worker until this is dropped.
+pub struct Load(Arc<AtomicUsize>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
-    /// The next worker in turn.
+    /// The worker for a new connection: this one, unless it holds more than one connection
+    /// above the emptiest. Staying saves moving the socket to another poller and waking that
+    /// worker's thread; a connection that is closing still counts for a moment, so without
+    /// the slack a stream of short connections one at a time would bounce between threads.
+    /// A burst of many is still spread evenly.
+    pub fn place(&self) -> (usize, Load) {
+        let here = Pool::current().unwrap_or(0);
+        let (mut best, mut fewest) = (here, self.load[here].load(Ordering::Relaxed));
+        let stay = fewest;
+        for (i, l) in self.load.iter().enumerate() {
+            let n = l.load(Ordering::Relaxed);
+            if n < fewest {
+                (best, fewest) = (i, n);
+            }
+        }
+        if stay <= fewest + 1 {
+            best = here;
+        }
+        let count = &self.load[best];
+        count.fetch_add(1, Ordering::Relaxed);
+        (best, Load(count.clone()))
+    }
+
+    /// The next worker in turn (for listeners).
     pub fn next(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
     }
@@ -83,6 +117,7 @@ impl Workers {
         }
         Ok(Workers {
             pool: Arc::new(Pool {
+                load: handles.iter().map(|_| Arc::default()).collect(),
                 handles,
                 next: AtomicUsize::new(0),
             }),
@@ -135,6 +170,38 @@ mod tests {
         seen.sort();
         assert_eq!(seen, [(0, Some(0)), (1, Some(1)), (2, Some(2))]);
         assert_eq!(Pool::current(), None);
+    }
+
+    #[test]
+    fn connections_stay_on_their_worker_until_it_holds_two_more_than_the_emptiest() {
+        let workers = Workers::start(3, "test-worker").unwrap();
+        let pool = workers.pool().clone();
+        // From outside the workers, "here" is the first one. A burst: within two of the
+        // emptiest, connections stay; past that they go to the first of the emptiest.
+        let mut held = Vec::new();
+        let mut placed = Vec::new();
+        for _ in 0..6 {
+            let (i, load) = pool.place();
+            placed.push(i);
+            held.push(load);
+        }
+        assert_eq!(placed, [0, 0, 1, 2, 0, 1]);
+        drop(held);
+        // One at a time, with the last one still closing: they all stay.
+        let mut closing = pool.place();
+        for _ in 0..5 {
+            let next = pool.place();
+            assert_eq!(next.0, 0);
+            closing = next;
+        }
+        drop(closing);
+        // On another worker, "here" is that one.
+        let (tx, rx) = mpsc::channel();
+        let inner = pool.clone();
+        pool.spawn(2, async move {
+            tx.send(inner.place().0).unwrap();
+        });
+        assert_eq!(rx.recv().unwrap(), 2);
     }
 
     #[test]
