@@ -38,6 +38,7 @@ pub struct ForwardConfig {
     /// Open TCP connections across all listeners; more are reset at once and counted.
     pub max_connections: usize,
     pub max_udp_sessions: usize,
+    /// Worker threads ([`workers`]).
     pub threads: usize,
     /// Where portal listeners listen (`--proxy-port-range`); `None`: the kernel's ephemeral
     /// range.
@@ -58,7 +59,9 @@ impl Default for ForwardConfig {
             // Each connection holds at most two pipes' or buffers' worth of bytes in flight.
             max_connections: 16_384,
             max_udp_sessions: 65_536,
-            threads: 2,
+            // A worker per CPU the process may use: a busy Service's connections spread over
+            // all of them.
+            threads: std::thread::available_parallelism().map_or(2, usize::from),
             portal_ports: None,
             max_listeners: None,
         }
