@@ -7,8 +7,9 @@
 //! is an exit to the hypervisor. Measured on loopback with 64-byte request/response (2 vCPUs,
 //! `benches/userspace_forward.py`), pinning each connection to a thread took the median
 //! latency the forwarder adds from 110-120 us to 60-80 us, and its p99 from about 320 us to
-//! 160-230 us. Listeners are spread over the threads; each accepted connection goes to the
-//! next thread in turn, so one busy Service still uses every core.
+//! 160-230 us. Listeners are spread over the threads; an accepted connection stays on the
+//! thread that accepted it unless that one is busier than the others ([`Pool::place`]), so
+//! one busy Service still uses every core.
 
 use std::cell::Cell;
 use std::future::Future;
