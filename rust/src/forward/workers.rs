@@ -50,17 +50,15 @@ impl Pool {
     /// A burst of many is still spread evenly.
     pub fn place(&self) -> (usize, Load) {
         let here = Pool::current().unwrap_or(0);
-        let (mut best, mut fewest) = (here, self.load[here].load(Ordering::Relaxed));
-        let stay = fewest;
-        for (i, l) in self.load.iter().enumerate() {
-            let n = l.load(Ordering::Relaxed);
-            if n < fewest {
-                (best, fewest) = (i, n);
-            }
-        }
-        if stay <= fewest + 1 {
-            best = here;
-        }
+        let held = |i: usize| self.load[i].load(Ordering::Relaxed);
+        let emptiest = (0..self.load.len())
+            .min_by_key(|&i| held(i))
+            .unwrap_or(here);
+        let best = if held(here) <= held(emptiest) + 1 {
+            here
+        } else {
+            emptiest
+        };
         let count = &self.load[best];
         count.fetch_add(1, Ordering::Relaxed);
         (best, Load(count.clone()))
@@ -133,14 +131,9 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        let running = std::mem::take(&mut self.running);
-        let threads: Vec<_> = running
-            .into_iter()
-            .map(|(stop, t)| {
-                drop(stop);
-                t
-            })
-            .collect();
+        let (stops, threads): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.running).into_iter().unzip();
+        drop(stops);
         for t in threads {
             let _ = t.join();
         }
