@@ -74,8 +74,14 @@ fn serve(seconds: u64) {
     std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
 }
 
-/// One connection's paced request/response loop: the round-trip time of each request.
-fn rr_connection(addr: SocketAddr, interval: Duration, until: Instant) -> (Vec<Duration>, u64) {
+/// One connection's paced request/response loop, sending at `first`, then every `interval`:
+/// the round-trip time of each request.
+fn rr_connection(
+    addr: SocketAddr,
+    first: Instant,
+    interval: Duration,
+    until: Instant,
+) -> (Vec<Duration>, u64) {
     let mut times = Vec::new();
     let Ok(mut s) = TcpStream::connect(addr) else {
         return (times, 1);
@@ -84,7 +90,7 @@ fn rr_connection(addr: SocketAddr, interval: Duration, until: Instant) -> (Vec<D
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let msg = [7u8; MESSAGE];
     let mut back = [0u8; MESSAGE];
-    let mut next = Instant::now();
+    let mut next = first;
     while next < until {
         let now = Instant::now();
         if next > now {
@@ -101,10 +107,17 @@ fn rr_connection(addr: SocketAddr, interval: Duration, until: Instant) -> (Vec<D
 }
 
 fn rr(addr: SocketAddr, conns: u32, rate: f64, seconds: f64) {
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    // Connection i sends i/conns of an interval after connection 0, so requests arrive evenly
+    // at `rate`. Started in step, the connections would send in bursts of `conns` at once,
+    // and the slowest of each burst would measure queueing behind the others, not the path.
+    let start = Instant::now() + Duration::from_millis(50);
+    let until = start + Duration::from_secs_f64(seconds);
     let interval = Duration::from_secs_f64(conns as f64 / rate);
     let workers: Vec<_> = (0..conns)
-        .map(|_| std::thread::spawn(move || rr_connection(addr, interval, until)))
+        .map(|i| {
+            let first = start + interval * i / conns;
+            std::thread::spawn(move || rr_connection(addr, first, interval, until))
+        })
         .collect();
     let mut all = Vec::new();
     let mut errors = 0;
