@@ -21,10 +21,13 @@ use crate::model::{Protocol, ServiceKey};
 use arc_swap::ArcSwap;
 use balance::Backends;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{watch, Semaphore};
 
 #[derive(Clone, Debug)]
@@ -311,7 +314,12 @@ impl Forwarder {
         let started = match bound {
             Bound::Tcp(std) => std
                 .set_nonblocking(true)
-                .and_then(|()| tokio::net::TcpListener::from_std(std))
+                .and_then(|()| {
+                    // SAFETY: a std listener owns its descriptor for as long as it lives and
+                    // always reports that one.
+                    let fd = unsafe { AsyncFd::register_with_interest(std, Interest::READABLE) };
+                    fd.map_err(io::Error::from)
+                })
                 .map(|listener| {
                     let serve = tcp::serve(listener, backends.clone(), shared, stopped);
                     self.shared.pool.spawn(on, serve);

@@ -12,7 +12,8 @@ pub struct Stats {
     pub tcp_no_endpoint: AtomicU64,
     /// Connections refused because `max_connections` were open.
     pub tcp_over_limit: AtomicU64,
-    /// Relayed connections that ended in a reset or another error from either side.
+    /// Relayed connections that ended in a reset or another error from either side, and
+    /// accepted ones that no worker's poller would take.
     pub tcp_reset: AtomicU64,
     /// Relayed connections closed after moving nothing for the idle timeout.
     pub tcp_idle_closed: AtomicU64,
