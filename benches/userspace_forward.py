@@ -8,8 +8,9 @@ runs on 127.0.0.1. The same backends serve every path:
 * ``loadgen`` (``rust/examples/loadgen.rs``, built here), a native client and its servers:
   ``crr``, sequential connections that each read one byte, for the rate of new connections
   and their latency; ``rr``, 64-byte requests echoed on 8 open connections at a moderate
-  rate (``--rr-rate``, 4,000/s by default), for the latency a path adds to established
-  traffic (p50, p99 and p99.9, minus the direct path's).
+  rate (``--rr-rate``, 4,000/s by default, evenly spaced: the connections take turns), for
+  the latency a path adds to established traffic (p50, p99 and p99.9, minus the direct
+  path's).
 
 Paths: ``direct`` (the backend itself), ``kproxy`` (``kproxy daemon --proxy-mode userspace``
 on manifests, its NodePort listeners), ``haproxy`` (``mode tcp``, as packaged) and ``socat``

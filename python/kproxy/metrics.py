@@ -47,7 +47,7 @@ FORWARD_METRICS = {
     "tcp_reset": (
         "userspace_tcp_connections_failed",
         False,
-        "Relayed TCP connections ended by a reset or error from either side",
+        "TCP connections ended by a reset or error from either side, or not taken by a worker",
     ),
     "tcp_idle_closed": (
         "userspace_tcp_connections_idle_closed",

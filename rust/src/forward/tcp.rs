@@ -51,6 +51,9 @@ pub async fn serve(
                 };
                 if Pool::current() == Some(to) {
                     tokio::spawn(run);
+                    // Let the connection start its connect first: the next accept (most often
+                    // EAGAIN) then overlaps with the endpoint waking up instead of delaying it.
+                    tokio::task::yield_now().await;
                 } else {
                     shared.pool.spawn(to, run);
                 }
