@@ -660,24 +660,7 @@ mod tests {
 
     /// Close with a reset (SO_LINGER zero).
     fn socket_reset(s: TcpStream) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt with a linger struct of the right size on a socket we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        tcp::set_zero_linger(&s)?;
         drop(s);
         Ok(())
     }

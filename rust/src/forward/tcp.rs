@@ -36,7 +36,7 @@ pub async fn serve(
                 inc(&shared.stats.tcp_accepted);
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     inc(&shared.stats.tcp_over_limit);
-                    reset_std(&client);
+                    let _ = set_zero_linger(&client);
                     continue;
                 };
                 let table = backends.load_full();
@@ -132,26 +132,31 @@ async fn connection(
 
 /// Close with a reset, as the kernel modes answer a Service without endpoints.
 fn reset(client: TcpStream) {
-    let _ = client.set_zero_linger();
+    let _ = set_zero_linger(&client);
     drop(client);
 }
 
-/// [`reset`] for a connection not yet handed to tokio.
-fn reset_std(client: &std::net::TcpStream) {
+/// Make closing `s` send a reset instead of a FIN (SO_LINGER of zero), for sockets tokio
+/// does not hold yet as well as those it does.
+pub(super) fn set_zero_linger(s: &impl AsRawFd) -> io::Result<()> {
     let off = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt on a socket we own, with a linger of the size given.
-    unsafe {
+    // SAFETY: setsockopt on an open socket, with a linger of the size given.
+    let rc = unsafe {
         libc::setsockopt(
-            client.as_raw_fd(),
+            s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&off as *const libc::linger).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         )
     };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn relay(client: TcpStream, peer: SocketAddr, table: &Backends, shared: &Shared) {
