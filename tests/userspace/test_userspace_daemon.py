@@ -32,57 +32,58 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-class Backend:
-    """A TCP server answering every connection with its name (bounded: it stops on close)."""
+class _LoopbackServer:
+    """A server thread on a loopback socket, bounded: it stops on close or after 300 s."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + 300
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self._handle()
+            except OSError:  # the 0.2 s timeout, or a client gone: look at the clock again
+                continue
+
+    def _handle(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+class Backend(_LoopbackServer):
+    """A TCP server answering every connection with its name."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(socket.create_server(("127.0.0.1", 0)))
 
-    def _serve(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(self.name.encode())
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+    def _handle(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.sendall(self.name.encode())
 
 
-class UdpEcho:
+class UdpEcho(_LoopbackServer):
+    """A UDP server answering every datagram with `echo:` and the datagram."""
+
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        super().__init__(sock)
 
-    def _serve(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                data, peer = self.sock.recvfrom(2048)
-            except OSError:
-                continue
-            self.sock.sendto(b"echo:" + data, peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+    def _handle(self) -> None:
+        data, peer = self.sock.recvfrom(2048)
+        self.sock.sendto(b"echo:" + data, peer)
 
 
 def write_manifests(
