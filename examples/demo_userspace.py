@@ -43,10 +43,10 @@ def serve_tcp(name: str, stop: threading.Event) -> int:
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 conn, _ = sock.accept()
-            except OSError:
+                with conn:
+                    conn.sendall(name.encode())
+            except OSError:  # the 0.2 s timeout, or a client gone mid-reply: keep serving
                 continue
-            with conn:
-                conn.sendall(name.encode())
         sock.close()
 
     threading.Thread(target=run, daemon=True).start()
@@ -63,9 +63,9 @@ def serve_udp(stop: threading.Event) -> int:
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 data, peer = sock.recvfrom(2048)
-            except OSError:
+                sock.sendto(b"echo: " + data, peer)
+            except OSError:  # the 0.2 s timeout, or a send refused: keep serving
                 continue
-            sock.sendto(b"echo: " + data, peer)
         sock.close()
 
     threading.Thread(target=run, daemon=True).start()
