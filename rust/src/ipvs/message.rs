@@ -71,14 +71,6 @@ fn addr16(addr: &IpAddr) -> [u8; 16] {
     out
 }
 
-fn proto_number(p: Protocol) -> u16 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
-}
-
 fn genl(family: u16, cmd: u8, flags: u16, seq: u32) -> Msg {
     let mut m = Msg::new(family, flags, seq);
     m.raw(&[cmd, VERSION, 0, 0]);
@@ -103,7 +95,7 @@ pub fn family_id(payload: &[u8]) -> Option<u16> {
 
 fn service_ident(m: &mut Msg, k: &VirtualKey) {
     m.u16_attr(SVC_AF, af(&k.addr));
-    m.u16_attr(SVC_PROTOCOL, proto_number(k.protocol));
+    m.u16_attr(SVC_PROTOCOL, u16::from(k.protocol.number()));
     m.attr(SVC_ADDR, &addr16(&k.addr));
     m.attr(SVC_PORT, &k.port.to_be_bytes());
 }

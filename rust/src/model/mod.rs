@@ -9,7 +9,7 @@
 mod cidr;
 mod name;
 
-pub use cidr::Cidr;
+pub use cidr::{aggregate, Cidr};
 pub use name::Name;
 
 use serde::Deserialize;
@@ -57,6 +57,15 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
             Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// The IP protocol number (`/etc/protocols`).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
         }
     }
 }

@@ -1,12 +1,14 @@
 //! Applying transactions: [`Kernel`] pipes them to `nft -f -`; [`Fake`] applies them to an
 //! in-memory [`Model`] with the kernel's all-or-nothing semantics and the same errors for the
-//! mistakes that matter (dangling or busy chains, conflicting or missing elements).
+//! mistakes that matter: dangling or busy chains and sets, conflicting or missing elements,
+//! elements that do not fit their set's type, and overlapping intervals. A differential test
+//! (`tests/privileged/test_nft_differential.py`) holds it to what the kernel does.
 
-use super::ast::{Data, Fmt, Hook, Key, Op, Rule, SetDef, Stmt, Value, TABLE};
+use super::ast::{Data, Fmt, Hook, Key, Op, Rule, SetDef, SetSpec, Stmt, Value, TABLE};
 use super::render::AFFINITY;
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::model::IpFamily;
+use crate::model::{Cidr, IpFamily};
 use std::collections::BTreeMap;
 
 pub trait Backend: Send {
@@ -197,6 +199,135 @@ fn rule_sets(r: &Rule) -> Vec<&str> {
     v
 }
 
+/// One component a set's key expects.
+#[derive(Clone, Copy, PartialEq)]
+enum Slot {
+    Addr,
+    Proto,
+    Port,
+    Int,
+}
+
+/// The key components and data of a set of `spec`; data: None (a set), Some(true) a verdict,
+/// Some(false) an `address . port` DNAT target.
+fn shape(spec: SetSpec) -> (&'static [Slot], Option<bool>) {
+    use Slot::*;
+    match spec {
+        SetSpec::Addr => (&[Addr], None),
+        SetSpec::AddrProtoPort => (&[Addr, Proto, Port], None),
+        SetSpec::AddrProtoPortSaddr => (&[Addr, Proto, Port, Addr], None),
+        SetSpec::AddrAddrProtoPort => (&[Addr, Addr, Proto, Port], None),
+        SetSpec::AddrProtoPortVerdict => (&[Addr, Proto, Port], Some(true)),
+        SetSpec::ProtoPortVerdict => (&[Proto, Port], Some(true)),
+        SetSpec::SaddrId => (&[Addr, Int], None),
+        SetSpec::AddrProtoPortIndexDnat => (&[Addr, Proto, Port, Int], Some(false)),
+        SetSpec::ProtoPortIndexDnat => (&[Proto, Port, Int], Some(false)),
+    }
+}
+
+/// Why `key : data` cannot be an element of `def` in a `family` table (nft refuses it, or the
+/// kernel does for the bytes of the wrong length that netlink would send).
+fn misfit(def: &SetDef, family: IpFamily, key: &Key, data: Option<&Data>) -> Option<String> {
+    let (slots, want) = shape(def.spec);
+    if key.len() != slots.len() {
+        return Some(format!(
+            "key of {} components, set has {}",
+            key.len(),
+            slots.len()
+        ));
+    }
+    for (v, slot) in key.iter().zip(slots) {
+        let fits = match (v, slot) {
+            (Value::Addr(a), Slot::Addr) => family.contains(a),
+            (Value::Cidr(c), Slot::Addr) => def.interval && family.contains(&c.addr()),
+            (Value::Proto(_), Slot::Proto) | (Value::Port(_), Slot::Port) => true,
+            (Value::Int(_), Slot::Int) => true,
+            _ => false,
+        };
+        if !fits {
+            return Some(format!("{v:?} does not fit the set's type"));
+        }
+    }
+    match (want, data) {
+        (None, None) | (Some(true), Some(Data::Goto(_) | Data::Drop)) => None,
+        (Some(false), Some(Data::Dnat(a, _))) if family.contains(a) => None,
+        (None, Some(_)) => Some("data for an element of a set".into()),
+        (Some(_), None) => Some("map element without data".into()),
+        (Some(_), Some(d)) => Some(format!("{d:?} does not fit the map's type")),
+    }
+}
+
+/// An interval set's key as it is stored: the kernel keeps a full-length prefix as its
+/// address (and lists it so).
+fn canonical(def: &SetDef, key: &Key) -> Key {
+    if !def.interval {
+        return key.clone();
+    }
+    key.iter()
+        .map(|v| match v {
+            Value::Cidr(c) if c.range().0 == c.range().1 => Value::Addr(c.addr()),
+            v => *v,
+        })
+        .collect()
+}
+
+/// Each component of an interval key as an inclusive range of integers.
+fn spans(key: &[Value]) -> Vec<(u128, u128)> {
+    key.iter()
+        .map(|v| match v {
+            Value::Addr(a) => {
+                let (lo, _) = host_range(a);
+                (lo, lo)
+            }
+            Value::Cidr(c) => c.range(),
+            Value::Proto(p) => (u128::from(p.number()), u128::from(p.number())),
+            Value::Port(p) => (u128::from(*p), u128::from(*p)),
+            Value::Int(i) => (u128::from(*i), u128::from(*i)),
+        })
+        .collect()
+}
+
+fn host_range(a: &std::net::IpAddr) -> (u128, u128) {
+    let bits = if a.is_ipv4() { 32 } else { 128 };
+    Cidr::new(*a, bits).map(|c| c.range()).unwrap_or_default()
+}
+
+/// The element of `set` that a new `key` runs into, as the kernel's concatenated interval
+/// set (pipapo) sees it: one that holds the new element's first or last point and is not the
+/// same element. A new element that merely surrounds an old one is accepted, as there.
+fn overlapping<'a>(set: &'a Set, key: &Key) -> Option<&'a Key> {
+    let new = spans(key);
+    let (start, end): (Vec<u128>, Vec<u128>) = new.iter().copied().unzip();
+    let holds = |old: &[(u128, u128)], p: &[u128]| {
+        old.iter().zip(p).all(|((lo, hi), x)| lo <= x && x <= hi)
+    };
+    let hit = |k: &&Key| {
+        let old = spans(k);
+        old != new && (holds(&old, &start) || holds(&old, &end))
+    };
+    // Only elements whose first component can meet the new one's: kproxy's interval keys
+    // start with an exact address, so this is one Service address's elements.
+    let first = match key.first() {
+        Some(Value::Addr(a)) => Some(*a),
+        _ => None,
+    };
+    let by_first = first.map(|a| {
+        set.elements
+            .range(vec![Value::Addr(a)]..)
+            .take_while(move |(k, _)| k.first() == Some(&Value::Addr(a)))
+            .map(|(k, _)| k)
+    });
+    let led_by_ranges = set
+        .elements
+        .keys()
+        .skip_while(|k| !matches!(k.first(), Some(Value::Cidr(_))))
+        .take_while(|k| matches!(k.first(), Some(Value::Cidr(_))));
+    match by_first {
+        Some(exact) => exact.chain(led_by_ranges).find(hit),
+        None => set.elements.keys().find(hit),
+    }
+}
+
 impl Model {
     fn chain_referenced(&self, name: &str) -> bool {
         self.chains
@@ -216,7 +347,7 @@ impl Model {
             .ok_or_else(|| fail(format!("no set {name}")))
     }
 
-    fn apply_op(&mut self, op: &Op) -> Result<()> {
+    fn apply_op(&mut self, family: IpFamily, op: &Op) -> Result<()> {
         if !self.exists && !matches!(op, Op::AddTable) {
             return Err(fail(format!("no table {TABLE} for {op:?}")));
         }
@@ -262,12 +393,24 @@ impl Model {
                     .rules
                     .push(rule.clone());
             }
-            Op::AddSet(def) => {
-                self.sets.entry(def.name.clone()).or_insert(Set {
-                    def: def.clone(),
-                    elements: BTreeMap::new(),
-                });
-            }
+            Op::AddSet(def) => match self.sets.get(&def.name) {
+                Some(old) if old.def != *def => {
+                    return Err(fail(format!(
+                        "add set {}: exists with another type",
+                        def.name
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    self.sets.insert(
+                        def.name.clone(),
+                        Set {
+                            def: def.clone(),
+                            elements: BTreeMap::new(),
+                        },
+                    );
+                }
+            },
             Op::DeleteSet(name) => {
                 let used = self
                     .chains
@@ -291,12 +434,24 @@ impl Model {
                 }
                 let s = self.set_mut(set)?;
                 for (k, d) in elems {
-                    match s.elements.get(k) {
+                    if let Some(why) = misfit(&s.def, family, k, d.as_ref()) {
+                        return Err(fail(format!("element of {set}: {why}")));
+                    }
+                    let k = canonical(&s.def, k);
+                    match s.elements.get(&k) {
                         Some(old) if old != d => {
                             return Err(fail(format!("element of {set}: {k:?} exists")))
                         }
-                        _ => {
-                            s.elements.insert(k.clone(), d.clone());
+                        Some(_) => {}
+                        None => {
+                            if s.def.interval {
+                                if let Some(old) = overlapping(s, &k) {
+                                    return Err(fail(format!(
+                                        "element of {set}: {k:?} overlaps {old:?} (File exists)"
+                                    )));
+                                }
+                            }
+                            s.elements.insert(k, d.clone());
                         }
                     }
                 }
@@ -304,13 +459,16 @@ impl Model {
             Op::AddTimedElements(set, elems) => {
                 let s = self.set_mut(set)?;
                 for (k, _) in elems {
+                    if let Some(why) = misfit(&s.def, family, k, None) {
+                        return Err(fail(format!("element of {set}: {why}")));
+                    }
                     s.elements.insert(k.clone(), None);
                 }
             }
             Op::DeleteElements(set, keys) => {
                 let s = self.set_mut(set)?;
                 for k in keys {
-                    if s.elements.remove(k).is_none() {
+                    if s.elements.remove(&canonical(&s.def, k)).is_none() {
                         return Err(fail(format!("delete element of {set}: no {k:?}")));
                     }
                 }
@@ -419,7 +577,7 @@ impl Backend for Fake {
         }
         let mut next = self.model.clone();
         for op in ops {
-            next.apply_op(op)?;
+            next.apply_op(self.family, op)?;
         }
         self.model = next;
         self.transactions += 1;
@@ -445,5 +603,140 @@ impl Backend for Fake {
 
     fn model(&self) -> Option<&Model> {
         Some(&self.model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fw() -> SetDef {
+        SetDef {
+            name: "fw".into(),
+            spec: SetSpec::AddrProtoPortSaddr,
+            interval: true,
+            dynamic_size: None,
+        }
+    }
+
+    fn el(src: &str) -> (Key, Option<Data>) {
+        let v = if src.contains('/') {
+            Value::Cidr(src.parse().unwrap())
+        } else {
+            Value::Addr(src.parse().unwrap())
+        };
+        let key = vec![
+            Value::Addr("1.2.3.4".parse().unwrap()),
+            Value::Proto(crate::model::Protocol::Tcp),
+            Value::Port(80),
+            v,
+        ];
+        (key, None)
+    }
+
+    /// Applies each transaction in turn to a table holding the `fw` set; whether each went in.
+    fn run(txs: &[&[&str]]) -> Vec<bool> {
+        let mut fake = Fake::new(IpFamily::V4);
+        fake.apply(&[Op::AddTable, Op::AddSet(fw())]).unwrap();
+        txs.iter()
+            .map(|tx| {
+                let elems = tx.iter().map(|s| el(s)).collect();
+                fake.apply(&[Op::AddElements("fw".into(), elems)]).is_ok()
+            })
+            .collect()
+    }
+
+    // Each case was checked against the kernel (6.18, `nft add element`); the differential
+    // test keeps checking it.
+    #[test]
+    fn interval_elements_that_meet_are_refused_as_the_kernel_does() {
+        // A range holding an earlier one's start or end: refused.
+        assert_eq!(run(&[&["0.0.0.0/0"], &["1.2.3.4/32"]]), [true, false]);
+        assert_eq!(run(&[&["10.0.0.0/8", "10.1.0.0/16"]]), [false]);
+        // A range around an earlier one (neither end inside it): accepted, as pipapo does.
+        assert_eq!(run(&[&["1.2.3.4/32"], &["0.0.0.0/0"]]), [true, true]);
+        // The same element again, in one command or two; and adjacent ranges.
+        assert_eq!(
+            run(&[&["10.0.0.0/8", "10.0.0.0/8"], &["10.0.0.0/8"]]),
+            [true, true]
+        );
+        assert_eq!(run(&[&["10.0.0.0/24", "10.0.1.0/24"]]), [true]);
+        // A host prefix is the address: the same element.
+        assert_eq!(run(&[&["9.9.9.9/32"], &["9.9.9.9"]]), [true, true]);
+    }
+
+    #[test]
+    fn a_deleted_interval_frees_its_range_within_the_transaction() {
+        let mut fake = Fake::new(IpFamily::V4);
+        fake.apply(&[Op::AddTable, Op::AddSet(fw())]).unwrap();
+        fake.apply(&[Op::AddElements("fw".into(), vec![el("0.0.0.0/0")])])
+            .unwrap();
+        let (k, _) = el("0.0.0.0/0");
+        fake.apply(&[
+            Op::DeleteElements("fw".into(), vec![k]),
+            Op::AddElements("fw".into(), vec![el("10.0.0.0/8"), el("1.2.3.4/32")]),
+        ])
+        .unwrap();
+        // A /32 deleted by its prefix spelling.
+        let (k, _) = el("1.2.3.4/32");
+        fake.apply(&[Op::DeleteElements("fw".into(), vec![k])])
+            .unwrap();
+        assert_eq!(fake.model.sets["fw"].elements.len(), 1);
+    }
+
+    #[test]
+    fn elements_must_fit_the_set_type() {
+        let mut fake = Fake::new(IpFamily::V4);
+        let plain = SetDef {
+            name: "ips".into(),
+            spec: SetSpec::Addr,
+            interval: false,
+            dynamic_size: None,
+        };
+        let vmap = SetDef {
+            name: "vm".into(),
+            spec: SetSpec::ProtoPortVerdict,
+            interval: false,
+            dynamic_size: None,
+        };
+        fake.apply(&[Op::AddTable, Op::AddSet(plain.clone()), Op::AddSet(vmap)])
+            .unwrap();
+        let addr = |s: &str| Value::Addr(s.parse().unwrap());
+        let tcp = Value::Proto(crate::model::Protocol::Tcp);
+        let bad: Vec<(&str, Key, Option<Data>)> = vec![
+            ("ips", vec![addr("fd00::1")], None),
+            (
+                "ips",
+                vec![Value::Cidr("10.0.0.0/8".parse().unwrap())],
+                None,
+            ),
+            ("ips", vec![addr("10.0.0.1"), Value::Port(1)], None),
+            ("ips", vec![addr("10.0.0.1")], Some(Data::Drop)),
+            ("vm", vec![tcp, Value::Port(80)], None),
+            (
+                "vm",
+                vec![tcp, Value::Port(80)],
+                Some(Data::Dnat(addr_of("10.0.0.1"), 1)),
+            ),
+        ];
+        for (set, key, data) in bad {
+            let op = Op::AddElements(set.into(), vec![(key.clone(), data.clone())]);
+            assert!(fake.apply(&[op]).is_err(), "{set} {key:?} {data:?}");
+        }
+        let other = SetDef {
+            interval: true,
+            ..plain
+        };
+        assert!(fake.apply(&[Op::AddSet(other)]).is_err());
+        assert!(fake
+            .apply(&[Op::AddElements(
+                "vm".into(),
+                vec![(vec![tcp, Value::Port(80)], Some(Data::Drop))]
+            )])
+            .is_ok());
+    }
+
+    fn addr_of(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
     }
 }

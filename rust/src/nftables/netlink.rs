@@ -72,7 +72,7 @@ fn encode_key(key: &[Value]) -> Result<Vec<u8>> {
         match v {
             Value::Addr(std::net::IpAddr::V4(a)) => out.extend_from_slice(&a.octets()),
             Value::Addr(std::net::IpAddr::V6(a)) => out.extend_from_slice(&a.octets()),
-            Value::Proto(p) => out.extend_from_slice(&[ip_proto(*p), 0, 0, 0]),
+            Value::Proto(p) => out.extend_from_slice(&[p.number(), 0, 0, 0]),
             Value::Port(p) => {
                 out.extend_from_slice(&p.to_be_bytes());
                 out.extend_from_slice(&[0, 0]);
@@ -86,14 +86,6 @@ fn encode_key(key: &[Value]) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
-}
-
-fn ip_proto(p: crate::model::Protocol) -> u8 {
-    match p {
-        crate::model::Protocol::Tcp => 6,
-        crate::model::Protocol::Udp => 17,
-        crate::model::Protocol::Sctp => 132,
-    }
 }
 
 fn element(m: &mut Msg, key: &Key, data: Option<&Data>) -> Result<()> {

@@ -22,7 +22,7 @@
 
 use super::ast::{Data, Field, Hook, Key, Match, Rule, SetDef, SetSpec, Stmt, Value};
 use crate::iptables::render::{Counts, LocalDetector, RenderConfig};
-use crate::model::{Cidr, Endpoint, IpFamily, Protocol, ServiceKey, ServicePortName};
+use crate::model::{aggregate, Cidr, Endpoint, IpFamily, Protocol, ServiceKey, ServicePortName};
 use crate::naming::{endpoint_id, nft_endpoint_base, nft_service_base};
 use crate::state::{ServicePortView, State};
 use crate::topology::{categorize, NodeView};
@@ -608,6 +608,9 @@ fn render_port(
     }
 
     // loadBalancerSourceRanges: traffic to the LB IP from elsewhere is dropped before DNAT.
+    // `firewall-allow` is an interval set: the ranges of one address go in as the fewest
+    // prefixes that cover them, since the kernel refuses overlapping elements (`0.0.0.0/0`
+    // beside anything, or a LAN range holding the LB address).
     if has_endpoints && !sp.source_ranges.is_empty() {
         let admits_node = sp
             .source_ranges
@@ -615,15 +618,11 @@ fn render_port(
             .any(|r| cfg.node_ips.iter().any(|ip| r.contains(ip)));
         for ip in &sp.load_balancer_ips {
             out.element(FIREWALL_IPS, vip(*ip), None);
-            for r in &sp.source_ranges {
-                let mut k = vip(*ip);
-                k.push(Value::Cidr(*r));
-                out.element(FIREWALL_ALLOW, k, None);
-            }
             // A node reaching its own LB IP may see that IP as its source.
-            if admits_node {
+            let from_self = admits_node.then(|| host(*ip));
+            for r in aggregate(sp.source_ranges.iter().copied().chain(from_self)) {
                 let mut k = vip(*ip);
-                k.push(Value::Cidr(host(*ip)));
+                k.push(Value::Cidr(r));
                 out.element(FIREWALL_ALLOW, k, None);
             }
         }
