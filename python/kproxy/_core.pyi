@@ -4,6 +4,7 @@ from typing import final
 
 __all__ = [
     "Engine",
+    "NftScratch",
     "NftTable",
     "SyncReport",
     "Trace",
@@ -88,6 +89,12 @@ class Engine:
     def forward_stats(self) -> dict[str, int]: ...
     def ipvs_addresses(self) -> list[str]: ...
     def ipvs_parts(self) -> tuple[list[str], str, str]: ...
+
+@final
+class NftScratch:
+    def __new__(cls, family: str, kernel: bool = False) -> NftScratch: ...
+    def apply(self, ops_json: str) -> None: ...
+    def lines(self) -> list[str]: ...
 
 @final
 class NftTable:

@@ -119,6 +119,45 @@ def test_load_balancer_source_ranges(lab: ProxyLab) -> None:
     assert blocked.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
 
 
+def lb_service(name: str, cluster_ip: str, lb_ip: str, ranges: list[str]) -> dict[str, Any]:
+    svc = k.service(
+        name, cluster_ip, [k.port("tcp", 80, "TCP", target=8080)], type="LoadBalancer",
+        loadBalancerSourceRanges=ranges,
+    )  # fmt: skip
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+    return svc
+
+
+def test_source_ranges_as_users_write_them(lab: ProxyLab) -> None:
+    """Nested and duplicate ranges, a range that holds the LB address and the node (a LAN),
+    and 0.0.0.0/0: every Service is programmed in the first sync, the ranges are enforced, and
+    a later change still lands (in nftables mode these once made every transaction fail)."""
+    blocked = lab.lab.add_client("ext2")  # 192.168.102.2
+    lan = ["192.168.101.0/24", "192.168.101.0/25", "192.168.101.2/32", "10.96.200.0/24"]
+    lab.put(lb_service("lan", "10.96.0.31", "10.96.200.1", lan))
+    lab.put(lb_service("open", "10.96.0.32", "10.96.200.2", ["0.0.0.0/0", "192.168.102.0/24"]))
+    for name in ("lan", "open"):
+        pods = [k.endpoint("10.244.1.2", node="node-a")]
+        lab.put(k.endpoint_slice(f"{name}-1", name, pods, [k.slice_port("tcp", 8080)]))
+    run(lab, echo_service())
+    allowed = lab.lab.client("ext")  # 192.168.101.2
+    assert all(r.ok for r in servers(allowed, "10.96.200.1", 80, 5))
+    assert blocked.tcp_probe("10.96.200.1", 80, timeout=1.0).error == "timeout"
+    for client in (allowed, blocked):
+        assert all(r.ok for r in servers(client, "10.96.200.2", 80, 5))
+    # The node programs what comes next: the echo Service loses two of its endpoints.
+    lab.put(echo_slice([PODS[0]]))
+    lab.wait(
+        lambda: (
+            lab.dnat_targets() >= {"10.244.1.2:8080"}
+            and "10.244.2.2:8080" not in lab.dnat_targets()
+        ),
+        15,
+        "echo down to one endpoint",
+    )
+    assert "Error" not in lab.log() and "File exists" not in lab.log()
+
+
 def test_dual_stack(lab: ProxyLab) -> None:
     svc = echo_service(ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
     svc["spec"]["clusterIPs"] = [ECHO_IP, "fd00:10:96::10"]

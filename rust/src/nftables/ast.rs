@@ -7,6 +7,7 @@
 //! names) or from kproxy's own constants; nothing is pasted from user input.
 
 use crate::model::{Cidr, IpFamily, Protocol};
+use serde::Deserialize;
 use std::fmt::{self, Write};
 use std::net::IpAddr;
 
@@ -24,8 +25,9 @@ pub enum Field {
     Random(u32),
 }
 
-/// One component of a set element's key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// One component of a set element's key (as JSON in [`super::replay`]: `{"addr": "10.0.0.1"}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Value {
     Addr(IpAddr),
     /// Only in sets with `flags interval`.
@@ -38,8 +40,9 @@ pub enum Value {
 /// A concatenated key.
 pub type Key = Vec<Value>;
 
-/// A map element's data.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A map element's data (as JSON: `{"goto": "chain"}`, `"drop"`, `{"dnat": ["10.0.0.1", 80]}`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Data {
     Goto(String),
     Drop,
@@ -160,7 +163,7 @@ pub struct SetDef {
 }
 
 /// Key (and data) shapes of the sets kproxy declares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum SetSpec {
     /// address
     Addr,

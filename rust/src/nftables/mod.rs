@@ -8,6 +8,7 @@
 //! * [`netlink`]: small element-only updates straight over nfnetlink (no `nft` process).
 //! * [`trace`]: a packet tracer over the in-memory table.
 //! * [`json`]: the kernel's table read back (`nft -j list table`) into the same model.
+//! * [`replay`]: transactions as JSON, for the Fake-vs-kernel differential test.
 //! * [`program`]: the engine's nftables side (one sync = one transaction plus cleanup).
 
 pub mod ast;
@@ -17,6 +18,7 @@ pub mod netlink;
 pub mod packed;
 pub mod program;
 pub mod render;
+pub mod replay;
 pub mod trace;
 pub mod writer;
 

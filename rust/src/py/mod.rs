@@ -322,6 +322,56 @@ impl NftTable {
     }
 }
 
+/// A bare kproxy table fed raw transactions (JSON, see `nftables::replay`): the in-memory
+/// Fake, or the kernel of the calling thread's network namespace. The differential test runs
+/// the same transactions through both.
+#[pyclass(frozen, module = "kproxy._core", name = "NftScratch")]
+pub struct NftScratch {
+    backend: Mutex<Box<dyn crate::nftables::Backend>>,
+    family: IpFamily,
+}
+
+#[pymethods]
+impl NftScratch {
+    #[new]
+    #[pyo3(signature = (family, kernel = false))]
+    fn new(family: &str, kernel: bool) -> PyResult<NftScratch> {
+        let family = family_of(family).map_err(to_py)?;
+        let backend: Box<dyn crate::nftables::Backend> = if kernel {
+            Box::new(crate::nftables::Kernel::new(family))
+        } else {
+            Box::new(crate::nftables::Fake::new(family))
+        };
+        Ok(NftScratch {
+            backend: Mutex::new(backend),
+            family,
+        })
+    }
+
+    /// Apply one transaction atomically; raises `ApplyError` when it is refused.
+    fn apply(&self, py: Python<'_>, ops_json: &str) -> PyResult<()> {
+        py.detach(|| {
+            let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            crate::nftables::replay::apply(b.as_mut(), ops_json)
+        })
+        .map_err(to_py)
+    }
+
+    /// What the table holds, as `NftTable.lines()` (the kernel's table read back).
+    fn lines(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        py.detach(|| {
+            let b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            match b.model() {
+                Some(m) => Ok(m.lines(self.family)),
+                None => {
+                    crate::nftables::backend::read_kernel(self.family).map(|m| m.lines(self.family))
+                }
+            }
+        })
+        .map_err(to_py)
+    }
+}
+
 /// Where the first packet of a connection goes through a set of iptables rules.
 #[pyclass(frozen, module = "kproxy._core", name = "Trace")]
 pub struct Trace(trace::Trace);
@@ -515,6 +565,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SyncReport>()?;
     m.add_class::<Trace>()?;
     m.add_class::<NftTable>()?;
+    m.add_class::<NftScratch>()?;
     m.add_function(wrap_pyfunction!(trace_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(trace_ipvs_live, m)?)?;
     m.add_function(wrap_pyfunction!(ipvs_live_lines, m)?)?;
