@@ -43,19 +43,17 @@ pub fn supports(ops: &[Op]) -> bool {
     // Elements of an interval set, and prefixes anywhere, need a start and an end key; nft
     // computes them, so those transactions go through it. (An exact key sent alone to the
     // interval set is taken by the kernel as half of a range: the differential test found it.)
-    let exact = |set: &str, k: &Key| {
-        set != FIREWALL_ALLOW && !k.iter().any(|v| matches!(v, Value::Cidr(_)))
-    };
+    let exact = |k: &Key| !k.iter().any(|v| matches!(v, Value::Cidr(_)));
     let mut n = 0;
     !ops.is_empty()
         && ops.iter().all(|op| match op {
             Op::AddElements(set, e) => {
                 n += e.len();
-                e.iter().all(|(k, _)| exact(set, k))
+                set != FIREWALL_ALLOW && e.iter().all(|(k, _)| exact(k))
             }
             Op::DeleteElements(set, k) => {
                 n += k.len();
-                k.iter().all(|k| exact(set, k))
+                set != FIREWALL_ALLOW && k.iter().all(exact)
             }
             _ => false,
         })
