@@ -291,6 +291,9 @@ class _Fault:
     prefix: str
     status: int
     remaining: int
+    body: Obj | None = None  # sent instead of a Status (a 200 that is not a list, say)
+    retry_after: str | None = None
+    watch: bool | None = None  # only watches (True), only other requests (False), or any
 
 
 def _abort(sock: socket.socket) -> None:
@@ -567,10 +570,21 @@ class FakeApiServer:
             self._cond.notify_all()
             return len(self._watches)
 
-    def fail_next(self, path_prefix: str, status: int = 500, count: int = 1) -> None:
-        """Make the next `count` API requests whose path starts with `path_prefix` fail."""
+    def fail_next(
+        self,
+        path_prefix: str,
+        status: int = 500,
+        count: int = 1,
+        *,
+        body: Obj | None = None,
+        retry_after: str | None = None,
+        watch: bool | None = None,
+    ) -> None:
+        """Make the next `count` API requests whose path starts with `path_prefix` fail: with
+        `status` and a Status body, or with `body` as it is (a malformed reply, as a broken
+        proxy sends); `watch` limits it to watch requests (True) or to the others (False)."""
         with self._cond:
-            self._faults.append(_Fault(path_prefix, status, count))
+            self._faults.append(_Fault(path_prefix, status, count, body, retry_after, watch))
 
     def stats(self) -> Obj:
         with self._cond:
@@ -677,14 +691,14 @@ class FakeApiServer:
                     objs[_key_of(change.prev)] = change.prev
         return objs
 
-    def _take_fault(self, path: str) -> int | None:
+    def _take_fault(self, path: str, watching: bool) -> _Fault | None:
         with self._cond:
             for fault in self._faults:
-                if path.startswith(fault.prefix):
+                if path.startswith(fault.prefix) and fault.watch in (None, watching):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)
-                    return fault.status
+                    return fault
         return None
 
     def _count(self, kind: str, path: str) -> None:
@@ -948,11 +962,15 @@ class _ApiHandler(_BaseHandler):
         try:
             # Drain the request body first so a failed request leaves the connection usable.
             body = self._read_json() if method in {"POST", "PUT", "PATCH"} else None
-            status = owner._take_fault(path)
-            if status is not None:
+            fault = owner._take_fault(path, watching)
+            if fault is not None:
+                status = fault.status
                 msg = "injected failure" if status != 410 else "resource version too old"
-                retry = {"Retry-After": "1"} if status == 429 else None
-                self._send_json(status, _status(status, _REASONS.get(status, ""), msg), retry)
+                retry = fault.retry_after or ("1" if status == 429 else None)
+                reply = fault.body
+                if reply is None:
+                    reply = _status(status, _REASONS.get(status, ""), msg)
+                self._send_json(status, reply, {"Retry-After": retry} if retry else None)
             elif method == "GET" and (doc := self._discovery(path)) is not None:
                 self._send_json(200, doc)
             elif route is None:
@@ -1153,6 +1171,9 @@ class _AdminHandler(_BaseHandler):
                     str(body["path_prefix"]),
                     int(body.get("status", 500)),
                     int(body.get("count", 1)),
+                    body=body.get("body"),
+                    retry_after=body.get("retry_after"),
+                    watch=body.get("watch"),
                 )
                 return 200, {"ok": True}
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -212,3 +213,92 @@ def test_client_factory_rereads_rotated_tokens(tmp_path: Path) -> None:
     token.write_text("third")
     factory.invalidate()  # as after a 401
     assert "third" in auth()
+
+
+class History(Recorder):
+    """Also keeps what each completed list said the cluster holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists: list[set[str]] = []
+
+    def list_done(self, resource: str) -> None:
+        with self.cond:
+            self.lists.append(set(self.listing))
+        super().list_done(resource)
+
+
+MALFORMED = {
+    "empty object": {},
+    "a Status with 200": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                          "message": "etcdserver: request timed out", "code": 500},
+    "a list without items": {"kind": "ServiceList", "apiVersion": "v1", "metadata": {}},
+    "items that are not an array": {"kind": "ServiceList", "items": {"a": 1}},
+    "another kind's list": {"kind": "EndpointSliceList", "items": []},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_relist_is_retried_and_never_empties_the_cache(
+    api: FakeApiServer, body: dict[str, Any]
+) -> None:
+    api.put(svc("a"))
+    api.put(svc("b"))
+    rec = History()
+    with run(api, rec) as inf:
+        rec.wait(lambda: rec.names == {"a", "b"})
+        # The watch is refused with 410, and the relist is answered badly, twice.
+        api.fail_next("/api/v1/services", 410, watch=True)
+        api.fail_next("/api/v1/services", 200, count=2, body=body, watch=False)
+        api.drop_watches()
+        rec.wait(lambda: inf.errors >= 2)
+        assert rec.names == {"a", "b"}
+        # The next good list is taken, and changes made after it are seen.
+        api.put(svc("c"))
+        rec.wait(lambda: rec.names == {"a", "b", "c"})
+        assert inf.lists == 2 and all(seen >= {"a", "b"} for seen in rec.lists), rec.lists
+
+
+def test_a_malformed_first_list_is_retried(api: FakeApiServer) -> None:
+    api.put(svc("a"))
+    api.fail_next("/api/v1/services", 200, count=2, body={}, watch=False)
+    rec = History()
+    with run(api, rec) as inf:
+        rec.wait(lambda: rec.names == {"a"})
+        assert inf.errors == 2 and rec.lists == [{"a"}]
+
+
+def test_a_huge_retry_after_is_capped_at_the_backoff_ceiling(api: FakeApiServer) -> None:
+    api.put(svc("a"))
+    api.fail_next("/api/v1/services", 429, retry_after="99999999999", watch=False)
+    rec = Recorder()
+    with run(api, rec) as inf:
+        rec.wait(lambda: rec.names == {"a"}, timeout=5)
+        api.fail_next("/api/v1/services", 503, count=2, retry_after="99999999999")
+        api.drop_watches()
+        rec.wait(lambda: inf.errors >= 3, timeout=5)
+        api.put(svc("b"))
+        rec.wait(lambda: rec.names == {"a", "b"}, timeout=5)
+        assert inf.alive
+
+
+def test_oversized_watch_lines_and_list_bodies_are_errors(api: FakeApiServer) -> None:
+    api.put(svc("a"))
+    rec = Recorder()
+    small = dataclasses.replace(FAST, max_body=2_000, max_line=1_500)
+    stop = threading.Event()
+    inf = informer.Informer(informer.services(), ClientFactory(None, api.api_url), rec, stop, small)
+    inf.start()
+    try:
+        rec.wait(lambda: rec.names == {"a"})
+        # An object whose watch event is over the line cap is not taken in...
+        api.put(svc("big", labels={"x": "y" * 2_000}))
+        rec.wait(lambda: inf.errors >= 1)
+        assert "big" not in rec.names
+        # ...and neither is a list page over the body cap (retried, not emptied).
+        rec.wait(lambda: inf.errors >= 3)
+        assert rec.names == {"a"} and inf.alive
+    finally:
+        stop.set()
+        api.drop_watches()
+        inf.join(5)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class ClientFactory:
             cfg.host = self.master.rstrip("/")
         # One connection per concurrent watch plus room for lists and event writes.
         cfg.connection_pool_maxsize = 8
+        # Retries are the informer's (backoff with jitter, Retry-After capped): urllib3's own
+        # would sleep for whatever Retry-After a 429 or 503 names, 99999999999 s included.
+        cfg.retries = Retry(total=0, redirect=0, respect_retry_after_header=False)
         return k8s_client.ApiClient(cfg)
 
     def get(self) -> k8s_client.ApiClient:

@@ -13,6 +13,12 @@ Per resource, in its own thread:
 3. when a watch ends, resume from the newest resourceVersion seen; on 410 Gone (as an HTTP
    status or an ERROR event) relist; on any other failure back off with jitter and resume.
 
+What a broken API server or a proxy in front of it sends is never taken for the cluster's
+state: a list reply that is not a ``*List`` of the asked kind with an ``items`` array is an
+error to retry (nothing is deleted from the receiver's cache, which only ``list_done``
+replaces), ``Retry-After`` is honoured up to the backoff ceiling, bodies and watch lines are
+capped in size, and every request has a total deadline as well as a per-read one.
+
 Credentials are re-read through :class:`ClientFactory` on every reconnect.
 """
 
@@ -22,6 +28,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,22 +45,26 @@ PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kuber
 class Resource:
     name: str  # "services", "endpointslices", "nodes"
     path: str
+    list_kind: str  # what a list reply must say it is ("ServiceList")
     label_selector: str | None = None
     field_selector: str | None = None
 
 
 def services() -> Resource:
-    return Resource("services", "/api/v1/services", PROXY_LABEL_SELECTOR)
+    return Resource("services", "/api/v1/services", "ServiceList", PROXY_LABEL_SELECTOR)
 
 
 def endpoint_slices() -> Resource:
     return Resource(
-        "endpointslices", "/apis/discovery.k8s.io/v1/endpointslices", PROXY_LABEL_SELECTOR
+        "endpointslices",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+        PROXY_LABEL_SELECTOR,
     )
 
 
 def node(name: str) -> Resource:
-    return Resource("nodes", "/api/v1/nodes", field_selector=f"metadata.name={name}")
+    return Resource("nodes", "/api/v1/nodes", "NodeList", field_selector=f"metadata.name={name}")
 
 
 class Sink(Protocol):
@@ -79,6 +90,10 @@ class Gone(Exception):
     """The resourceVersion we hold is too old: relist."""
 
 
+class MalformedReply(Exception):
+    """The server answered with something that is not what was asked for (retried)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Timing:
     connect_timeout: float = 10.0
@@ -87,9 +102,16 @@ class Timing:
     # No byte for this long on a watch (events and bookmarks included): the connection is dead.
     watch_read_timeout: float = 120.0
     list_read_timeout: float = 120.0
+    # A whole list page, from request to last byte (a server dripping bytes is cut off).
+    list_deadline: float = 300.0
+    # Past the server-side watch length: a watch that outlives it has stalled.
+    watch_grace: float = 60.0
     page_size: int = 500
     backoff_initial: float = 0.8
     backoff_max: float = 30.0
+    # An object is at most 1.5 MiB in etcd: a page of 500 and one watch event fit these.
+    max_body: int = 1 << 30
+    max_line: int = 16 << 20
 
 
 class Informer:
@@ -121,6 +143,10 @@ class Informer:
 
     # -- the loop ---------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         backoff = self._timing.backoff_initial
         rv: str | None = None
@@ -134,14 +160,16 @@ class Informer:
             except Gone:
                 log.info("%s: resourceVersion expired; relisting", self.resource.name)
                 rv = None
-            except Exception as e:
+            except Exception as e:  # every failure is retried: a dead thread is a blind node
                 self.errors += 1
                 delay = backoff * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not crypto)
                 if isinstance(e, ApiStatusError):
                     if e.status in (401, 403):
                         self._factory.invalidate()
                     if e.retry_after is not None:
-                        delay = max(delay, e.retry_after)
+                        # Honoured, but never past our own ceiling: a huge value from a
+                        # broken server must not stop us seeing changes.
+                        delay = max(delay, min(e.retry_after, self._timing.backoff_max))
                 log.warning("%s: %s; retrying in %.1fs", self.resource.name, _describe(e), delay)
                 backoff = min(backoff * 2, self._timing.backoff_max)
                 self._stop.wait(delay)
@@ -163,13 +191,10 @@ class Informer:
         if not 200 <= resp.status < 300:
             body = raw.read()
             raw.release_conn()
-            retry = raw.headers.get("Retry-After")
             msg = _status_message(body)
             if resp.status == 410:
                 raise Gone(msg)
-            raise ApiStatusError(
-                resp.status, msg, float(retry) if retry and retry.isdigit() else None
-            )
+            raise ApiStatusError(resp.status, msg, _retry_after(raw.headers.get("Retry-After")))
         return raw
 
     def _selectors(self) -> list[tuple[str, str]]:
@@ -188,14 +213,18 @@ class Informer:
             q = [*self._selectors(), ("limit", str(self._timing.page_size))]
             if cont:
                 q.append(("continue", cont))
+            deadline = time.monotonic() + self._timing.list_deadline
             raw = self._request(q, self._timing.list_read_timeout)
             try:
-                doc = json.loads(raw.read())
+                body = _read_capped(raw, self._timing.max_body, deadline, self._stop)
             finally:
                 raw.release_conn()
-            if not isinstance(doc, dict) or not isinstance(doc.get("items", []), list):
-                raise ApiStatusError(500, "list response is not a list object")
-            items = [i for i in doc.get("items") or [] if isinstance(i, dict)]
+            try:
+                doc = json.loads(body)
+            except ValueError as e:
+                raise MalformedReply(f"list reply is not JSON: {e}") from None
+            del body
+            items = self._items(doc)
             meta = doc.get("metadata") or {}
             rv = str(meta.get("resourceVersion") or rv)
             cont = meta.get("continue") or None
@@ -211,6 +240,20 @@ class Informer:
         log.info("%s: listed %d at resourceVersion %s", self.resource.name, count, rv)
         return rv
 
+    def _items(self, doc: Any) -> list[dict[str, Any]]:
+        """The objects of a list reply; anything but a list of the asked kind is an error."""
+        want = self.resource.list_kind
+        if not isinstance(doc, dict):
+            raise MalformedReply(f"list reply is a JSON {type(doc).__name__}, not a {want}")
+        kind = doc.get("kind")
+        if kind != want:
+            what = f"{kind} ({_status_message(json.dumps(doc).encode())})" if kind else "no kind"
+            raise MalformedReply(f"list reply is {what}, not a {want}")
+        items = doc.get("items")
+        if not isinstance(items, list):
+            raise MalformedReply(f"{want} without an items array")
+        return [i for i in items if isinstance(i, dict)]
+
     def _watch(self, rv: str) -> str:
         timeout = int(self._timing.watch_timeout_min * random.uniform(1.0, 2.0))  # noqa: S311
         q = [
@@ -220,10 +263,11 @@ class Informer:
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", str(timeout)),
         ]
+        deadline = time.monotonic() + timeout + self._timing.watch_grace
         raw = self._request(q, self._timing.watch_read_timeout)
         self.watches += 1
         try:
-            for line in _lines(raw, self._stop):
+            for line in _lines(raw, self._stop, self._timing.max_line, deadline):
                 ev = json.loads(line)
                 kind = ev.get("type")
                 obj = ev.get("object")
@@ -244,20 +288,52 @@ class Informer:
         return rv
 
 
-def _lines(raw: Any, stop: threading.Event) -> Iterator[bytes]:
-    """Newline-delimited JSON from a streaming response, however the chunks are cut."""
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (the HTTP-date form is not used by the API)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
+
+
+def _read_capped(raw: Any, limit: int, deadline: float, stop: threading.Event) -> bytes:
+    """A whole response body, refused past ``limit`` bytes or the ``deadline``."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in raw.stream(1 << 20, decode_content=True):
+        size += len(chunk)
+        if size > limit:
+            raise MalformedReply(f"list reply larger than {limit} bytes")
+        if time.monotonic() > deadline:
+            raise MalformedReply("list reply not complete by its deadline")
+        if stop.is_set():
+            break
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _lines(
+    raw: Any, stop: threading.Event, limit: int = 16 << 20, deadline: float = float("inf")
+) -> Iterator[bytes]:
+    """Newline-delimited JSON from a streaming response, however the chunks are cut; a line
+    over ``limit`` bytes, or a stream still open past ``deadline``, is an error."""
     buf = b""
     for chunk in raw.stream(65536, decode_content=True):
         if stop.is_set():
             return
+        if time.monotonic() > deadline:
+            raise MalformedReply("watch still open past its deadline (stalled)")
         buf += chunk
         while True:
             nl = buf.find(b"\n")
             if nl < 0:
                 break
             line, buf = buf[:nl].strip(), buf[nl + 1 :]
+            if len(line) > limit:
+                raise MalformedReply(f"watch event larger than {limit} bytes")
             if line:
                 yield line
+        if len(buf) > limit:
+            raise MalformedReply(f"watch event larger than {limit} bytes")
     if buf.strip():
         yield buf.strip()
 
