@@ -244,14 +244,17 @@ class Informer:
         """The objects of a list reply; anything but a list of the asked kind is an error."""
         want = self.resource.list_kind
         if not isinstance(doc, dict):
-            raise MalformedReply(f"list reply is a JSON {type(doc).__name__}, not a {want}")
+            raise MalformedReply(f"list reply is a JSON {type(doc).__name__}, not the {want}")
         kind = doc.get("kind")
         if kind != want:
-            what = f"{kind} ({_status_message(json.dumps(doc).encode())})" if kind else "no kind"
-            raise MalformedReply(f"list reply is {what}, not a {want}")
+            what = f"a {kind}" if isinstance(kind, str) and kind else "an object without a kind"
+            message = doc.get("message")
+            if isinstance(message, str) and message:
+                what += f" ({message[:200]})"
+            raise MalformedReply(f"list reply is {what}, not the {want} asked for")
         items = doc.get("items")
         if not isinstance(items, list):
-            raise MalformedReply(f"{want} without an items array")
+            raise MalformedReply(f"list reply is a {want} without an items array")
         return [i for i in items if isinstance(i, dict)]
 
     def _watch(self, rv: str) -> str:
