@@ -142,6 +142,10 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
                        ("--ipvs-tcpfin-timeout", "ipvs_tcp_fin_timeout"),
                        ("--ipvs-udp-timeout", "ipvs_udp_timeout")):  # fmt: skip
         d.add_argument(flag, dest=dest, type=_duration_flag(flag), default=S)
+    d.add_argument(
+        "--max-service-destinations", type=int, default=S,
+        help="most ports x addresses one Service may have; larger ones are skipped (0: no limit)",
+    )  # fmt: skip
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
 
 

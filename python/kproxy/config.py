@@ -19,6 +19,7 @@ import yaml
 
 from kproxy.errors import ConfigError
 from kproxy.model import IPVS_SCHEDULERS
+from kproxy.normalize import DEFAULT_MAX_SERVICE_DESTINATIONS
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
@@ -68,6 +69,8 @@ class ProxyConfig:
     ipvs_tcp_timeout: float = 0.0
     ipvs_tcp_fin_timeout: float = 0.0
     ipvs_udp_timeout: float = 0.0
+    # The most ports x addresses one Service may have; one over it is skipped (0: no limit).
+    max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS
     verbosity: int = 0
 
     @property
@@ -198,6 +201,10 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         raise ConfigError("--cluster-cidr", "at most one CIDR per IP family")
     if not 0 <= cfg.masquerade_bit <= 31:
         raise ConfigError("--iptables-masquerade-bit", f"{cfg.masquerade_bit} is not in 0..31")
+    if cfg.max_service_destinations < 0:
+        raise ConfigError(
+            "--max-service-destinations", f"{cfg.max_service_destinations} is negative"
+        )
     if cfg.sync_period <= 0:
         raise ConfigError("--sync-period", "must be greater than 0")
     if cfg.conntrack_tcp_established_timeout < 0:

@@ -18,7 +18,12 @@ from typing import Any
 
 from kproxy.errors import InvalidObjectError
 from kproxy.model import NodeInfo, ServiceKey
-from kproxy.normalize import normalize_endpoint_slice, normalize_node, normalize_service
+from kproxy.normalize import (
+    DEFAULT_MAX_SERVICE_DESTINATIONS,
+    normalize_endpoint_slice,
+    normalize_node,
+    normalize_service,
+)
 from kproxy.tracker import ChangeSet, EndpointsTracker, ServiceTracker
 
 log = logging.getLogger(__name__)
@@ -49,10 +54,15 @@ class Controller:
         *,
         wait_for_node: bool = True,
         on_invalid: Callable[[str], None] = lambda kind: None,
+        on_skipped: Callable[[InvalidObjectError], None] = lambda error: None,
+        max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS,
     ) -> None:
         self.node_name = node_name
+        self._max_destinations = max_service_destinations
         self._on_change = on_change
         self._on_invalid = on_invalid
+        # Called once per object and distinct error (an Event), as the log line is.
+        self._on_skipped = on_skipped
         self.services = ServiceTracker()
         self.endpoints = EndpointsTracker()
         self.node: NodeInfo | None = None
@@ -145,7 +155,7 @@ class Controller:
             return
         try:
             if resource == "services":
-                svc = normalize_service(obj)
+                svc = normalize_service(obj, self._max_destinations)
                 self._report(resource, ident, svc.warnings)
                 self.services.update(ServiceKey(*ident), svc.value)
             elif resource == "endpointslices":
@@ -166,6 +176,7 @@ class Controller:
             if self._errors.get(key) != str(e):
                 self._errors[key] = str(e)
                 log.error("skipping invalid object: %s", e)
+                self._on_skipped(e)
 
     def _report(self, resource: str, ident: tuple[str, str], warnings: tuple[str, ...]) -> None:
         key = (resource, *ident)

@@ -29,7 +29,7 @@ from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
 from kproxy.control import Controller
-from kproxy.errors import ApplyError, CoreInputError
+from kproxy.errors import ApplyError, CoreInputError, InvalidObjectError
 from kproxy.health import HealthServer, ProxyHealth
 from kproxy.http import Server
 from kproxy.k8s import informer
@@ -77,6 +77,8 @@ class Daemon:
             self._changed,
             wait_for_node=cfg.manifests is None,
             on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind=kind).inc(),
+            on_skipped=self._skipped,
+            max_service_destinations=cfg.max_service_destinations,
         )
         self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
         self.factory: ClientFactory | None = None
@@ -113,6 +115,10 @@ class Daemon:
     def _pending_metrics(self) -> None:
         self.metrics.service_changes_pending.set(self.controller.services.pending)
         self.metrics.endpoint_changes_pending.set(self.controller.endpoints.pending)
+
+    def _skipped(self, error: InvalidObjectError) -> None:
+        if self.events is not None:
+            self.events.not_programmed(error)
 
     def _health_check_failed(self, key: ServiceKey, port: int, error: OSError) -> None:
         if self.events is not None:

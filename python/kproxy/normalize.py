@@ -46,6 +46,11 @@ SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-rang
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400
+# What one Service may ask of every node: its ports times its addresses (cluster IPs,
+# externalIPs, load-balancer IPs). Each is a few rules or elements in every mode; a Service of
+# 400 ports and 400 externalIPs (70 KB, far under the API's limit) would ask for 160,000 and
+# stall every node's syncs for minutes. No sane Service comes near the default.
+DEFAULT_MAX_SERVICE_DESTINATIONS = 20_000
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -167,7 +172,10 @@ def _check_names(o: _Obj) -> None:
         raise o.fail("metadata.namespace", f"{o.namespace!r} is not a DNS label")
 
 
-def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
+def normalize_service(
+    obj: Mapping[str, Any], max_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS
+) -> Normalized[Service]:
+    """``max_destinations``: the most ports x addresses a Service may have (0: no limit)."""
     o = _Obj("Service", obj)
     _check_names(o)
     if not is_dns_label(o.name):
@@ -248,6 +256,15 @@ def normalize_service(obj: Mapping[str, Any]) -> Normalized[Service]:
             o.warn(f"{ranges_path}[{i}]", f"{raw!r} is not a CIDR; ignored")
         else:
             source_ranges.append(cidr)
+
+    addresses = len(cluster_ips) + len(external_ips) + len(lb_ips)
+    if max_destinations and len(ports) * addresses > max_destinations:
+        raise o.fail(
+            "spec.ports",
+            f"{len(ports)} ports x {addresses} addresses = {len(ports) * addresses} "
+            f"destinations, over the limit of {max_destinations} per Service "
+            "(--max-service-destinations)",
+        )
 
     externally_accessible = uses_node_ports or bool(external_ips)
     etp = _policy(o, spec, "externalTrafficPolicy")

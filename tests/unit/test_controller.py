@@ -117,3 +117,26 @@ def test_node_zone_changes_are_handed_over_other_nodes_ignored() -> None:
     c.event("nodes", "MODIFIED", k.node(NODE, zone="z2"))
     node = c.drain().node
     assert node is not None and node.zone == "z2"
+
+
+def test_a_service_over_the_destination_limit_is_skipped_and_keeps_its_last_version(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = Controller(NODE, wait_for_node=False, max_service_destinations=1_000)
+    ports = [k.port(f"p{i}", 1000 + i) for i in range(40)]
+    ok = k.service("a", "10.96.0.1", ports, externalIPs=[f"192.0.2.{i}" for i in range(20)])
+    c.event("services", "ADDED", ok)  # 40 x 21 = 840 destinations
+    good = c.drain().services[ServiceKey("default", "a")]
+    hostile = k.service("a", "10.96.0.1", ports, externalIPs=[f"192.0.2.{i}" for i in range(30)])
+    with caplog.at_level(logging.ERROR):
+        c.event("services", "MODIFIED", hostile)  # 40 x 31 = 1,240
+        c.event("services", "ADDED", k.service("b", "10.96.0.2", ports[:1]))
+    assert c.drain().services == {
+        ServiceKey("default", "b"): c.services.get(ServiceKey("default", "b"))
+    }
+    assert c.services.get(ServiceKey("default", "a")) == good
+    (line,) = [r.getMessage() for r in caplog.records if "default/a" in r.getMessage()]
+    assert "1240 destinations, over the limit of 1000" in line and "spec.ports" in line
+    unlimited = Controller(NODE, wait_for_node=False, max_service_destinations=0)
+    unlimited.event("services", "ADDED", hostile)
+    assert ServiceKey("default", "a") in unlimited.drain().services

@@ -12,6 +12,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from kproxy.errors import InvalidObjectError
 from kproxy.k8s.client import ClientFactory
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,26 @@ class Recorder:
                 {"kind": "Node", "name": self.node, "apiVersion": "v1"},
                 node=self.node,
                 action="StartKubeProxy",
+            )
+        )
+
+    def not_programmed(self, error: InvalidObjectError) -> None:
+        """An object this node skips (invalid, or over a limit): a Warning on the object."""
+        api = "discovery.k8s.io/v1" if error.kind == "EndpointSlice" else "v1"
+        self.emit(
+            event(
+                "FailedToProgram",
+                f"node {self.node} does not program this {error.kind}: "
+                f"{error.field}: {error.message}",
+                {
+                    "kind": error.kind,
+                    "namespace": error.namespace,
+                    "name": error.name,
+                    "apiVersion": api,
+                },
+                node=self.node,
+                action="Sync",
+                type="Warning",
             )
         )
 
