@@ -55,6 +55,11 @@ FULL_SYNC_PERIOD = 3600.0
 TRIM_PERIOD = 10.0
 
 
+def is_core_panic(e: BaseException) -> bool:
+    """Whether ``e`` is a panic of the Rust core (pyo3's ``PanicException``)."""
+    return type(e).__name__ == "PanicException"
+
+
 class Daemon:
     def __init__(self, cfg: ProxyConfig, *, families: list[Family] | None = None) -> None:
         self.cfg = cfg
@@ -247,6 +252,17 @@ class Daemon:
             self.failures += 1
             log.error("core rejected the change set (sending everything again): %s", e)
             c.resend_all()
+            return False
+        except BaseException as e:
+            # A panic in the Rust core reaches Python as pyo3's PanicException, a
+            # BaseException: it must not end the daemon. What the engine took in before it
+            # is unknown, so everything is sent again and the next sync is full.
+            if not is_core_panic(e):
+                raise
+            self.failures += 1
+            log.error("internal error in the core (sending everything again, full sync): %s", e)
+            c.resend_all()
+            self._last_full = None
             return False
         self.syncs += 1
         if self.syncs == 1:
