@@ -19,12 +19,12 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kproxy import conntrack, memory
+from kproxy import _core, conntrack, memory
 from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
@@ -70,6 +70,8 @@ class Daemon:
         self.failures = 0
         # Listener errors of the last sync: a failure retried every sync is logged once.
         self._listen_errors: set[str] = set()
+        # Addresses left out for being another Service's cluster IP, as last reported.
+        self._conflicts: set[tuple[str, str, str, str]] = set()
         self._last_full: float | None = None
         self._last_trim = float("-inf")
         self._waiting_logged = False
@@ -145,6 +147,22 @@ class Daemon:
             }
             out[key] = Wanted(svc.health_check_node_port, len(local))
         return out
+
+    def _report_conflicts(self, reports: Iterable[_core.SyncReport]) -> None:
+        """Log and post an Event, once, for each externalIP or LB IP left out because it is
+        another Service's cluster IP (a sync with no change reports none: keep the last)."""
+        looked = [r for r in reports if r.full or r.services_changed]
+        if not looked:
+            return
+        now = {c for r in looked for c in r.address_conflicts}
+        for namespace, name, ip, owner in sorted(now - self._conflicts):
+            note = f"{ip} is the cluster IP of Service {owner}; not programmed for this Service"
+            log.error("Service %s/%s: externalIP or LB IP %s", namespace, name, note)
+            if self.events is not None:
+                self.events.not_programmed(
+                    InvalidObjectError("Service", namespace, name, "externalIPs/ingress", note)
+                )
+        self._conflicts = now
 
     def _log_listen_errors(self, errors: list[str]) -> None:
         """Log each listener failure when it first happens (it is retried every sync, and
@@ -271,6 +289,7 @@ class Daemon:
                 time.monotonic() - self._born, self._lists_at or 0.0,
             )  # fmt: skip
         self.service_health.sync(self._health_checks())
+        self._report_conflicts(reports.values())
         if self.cfg.mode == "userspace":
             # Connections end at the forwarder: no conntrack entries of ours to reconcile.
             self._log_listen_errors([e for r in reports.values() for e in r.listen_errors])

@@ -289,6 +289,8 @@ pub struct SyncReport {
     pub cleanup_failed: bool,
     /// userspace: listeners that could not be opened (each names its Service port).
     pub listen_errors: Vec<String>,
+    /// externalIPs and LB IPs left out: another Service's cluster IP (every sync that writes).
+    pub address_conflicts: Vec<crate::state::AddressConflict>,
     pub render_seconds: f64,
     pub apply_seconds: f64,
 }
@@ -410,12 +412,7 @@ impl Engine {
         if let Programmer::Nftables(prog) = &mut self.programmer {
             if !(full || self.need_full) {
                 // The nftables writer diffs against what the touched Services render to now.
-                let keys: BTreeSet<ServiceKey> = changes
-                    .services
-                    .iter()
-                    .map(|c| c.key.clone())
-                    .chain(changes.endpoints.iter().map(|c| c.key.clone()))
-                    .collect();
+                let keys = self.state.affected(&changes);
                 prog.remember(&self.state, &self.render_config, &keys);
             }
         }
@@ -429,6 +426,7 @@ impl Engine {
         if !full && applied.services.is_empty() {
             return Ok(report);
         }
+        report.address_conflicts = self.state.address_conflicts();
         let result = self.write(full, &applied.services, &mut report);
         if let Err(e) = &result {
             if e.needs_full_sync() {

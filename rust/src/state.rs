@@ -1,8 +1,14 @@
 //! Merged Service and endpoint state of one engine, updated by one [`ChangeSet`] per sync.
+//!
+//! A cluster IP always wins over another Service's externalIP or load-balancer IP (the
+//! CVE-2020-8554 class: a Service claiming kube-dns's address): the contested address is left
+//! out of the claimant's view, so no mode programs it, and [`State::address_conflicts`] names
+//! each one. A Service whose view changes because another's cluster IP came or went is
+//! reported as changed by [`State::apply`], so partial syncs rewrite it.
 
 use crate::model::{
-    ChangeSet, Cidr, Endpoint, EndpointPort, IpFamily, NodeInfo, PortSpec, Service, ServiceKey,
-    ServicePortName,
+    ChangeSet, Cidr, Endpoint, EndpointPort, IpFamily, NodeInfo, PortSpec, Service, ServiceChange,
+    ServiceKey, ServicePortName,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -52,6 +58,40 @@ pub struct State {
     services: BTreeMap<ServiceKey, Service>,
     endpoints: BTreeMap<ServiceKey, Vec<EndpointPort>>,
     node: NodeInfo,
+    /// How many Services hold each cluster IP, and claim each external or LB IP (any
+    /// family). Counts, not keys: a few dozen bytes per Service; who they are is looked up in
+    /// `services` in the rare case of a conflict.
+    cluster_ips: BTreeMap<IpAddr, u32>,
+    external_claims: BTreeMap<IpAddr, u32>,
+}
+
+/// An externalIP or LB IP left out because it is another Service's cluster IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressConflict {
+    pub service: ServiceKey,
+    pub ip: IpAddr,
+    /// The Service whose cluster IP it is.
+    pub owner: ServiceKey,
+}
+
+fn claims(svc: &Service) -> impl Iterator<Item = &IpAddr> {
+    svc.external_ips.iter().chain(svc.load_balancer_ips.iter())
+}
+
+/// Count `ips` in (`add`) or out of `map`; an address listed twice by one Service counts
+/// once.
+fn count<'a>(map: &mut BTreeMap<IpAddr, u32>, ips: impl Iterator<Item = &'a IpAddr>, add: bool) {
+    let distinct: BTreeSet<&IpAddr> = ips.collect();
+    for ip in distinct {
+        if add {
+            *map.entry(*ip).or_default() += 1;
+        } else if let Some(n) = map.get_mut(ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(ip);
+            }
+        }
+    }
 }
 
 impl State {
@@ -78,10 +118,44 @@ impl State {
         self.services.len()
     }
 
+    /// The Services whose rules `changes` may change: those it names, and those claiming
+    /// an address that becomes, or stops being, another Service's cluster IP. (Asked before
+    /// [`State::apply`], to render what they were.)
+    pub fn affected(&self, changes: &ChangeSet) -> BTreeSet<ServiceKey> {
+        let mut out = self.dependents(&changes.services);
+        out.extend(changes.services.iter().map(|c| c.key.clone()));
+        out.extend(changes.endpoints.iter().map(|c| c.key.clone()));
+        out
+    }
+
+    /// The claimants of every cluster IP that `services` add or remove.
+    fn dependents(&self, services: &[ServiceChange]) -> BTreeSet<ServiceKey> {
+        let mut out = BTreeSet::new();
+        for c in services {
+            let old = self.services.get(&c.key).map(|s| s.cluster_ips.as_slice());
+            let new = c.service.as_ref().map(|s| s.cluster_ips.as_slice());
+            let (old, new) = (old.unwrap_or_default(), new.unwrap_or_default());
+            let gone = old.iter().filter(|ip| !new.contains(ip));
+            let came = new.iter().filter(|ip| !old.contains(ip));
+            for ip in gone.chain(came) {
+                if self.external_claims.contains_key(ip) {
+                    let claimants = self
+                        .services
+                        .iter()
+                        .filter(|(_, s)| claims(s).any(|e| e == ip));
+                    out.extend(claimants.map(|(k, _)| k.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Merge a change set; report which services it touched. Updates equal to what is already
     /// held are not reported (they need no rules rewritten).
     pub fn apply(&mut self, changes: ChangeSet) -> Applied {
         let mut applied = Applied::default();
+        // Claimants of a cluster IP that comes or goes see their view change.
+        let mut dependents = self.dependents(&changes.services);
         for change in changes.services {
             let differs = match &change.service {
                 Some(svc) => self.services.get(&change.key) != Some(svc),
@@ -90,12 +164,22 @@ impl State {
             if !differs {
                 continue;
             }
+            if let Some(old) = self.services.get(&change.key) {
+                count(&mut self.cluster_ips, old.cluster_ips.iter(), false);
+                count(&mut self.external_claims, claims(old), false);
+            }
+            if let Some(new) = &change.service {
+                count(&mut self.cluster_ips, new.cluster_ips.iter(), true);
+                count(&mut self.external_claims, claims(new), true);
+            }
             match change.service {
                 Some(svc) => self.services.insert(change.key.clone(), svc),
                 None => self.services.remove(&change.key),
             };
             applied.services.insert(change.key);
         }
+        dependents.retain(|k| self.services.contains_key(k));
+        applied.services.extend(dependents);
         for change in changes.endpoints {
             let differs = if change.ports.is_empty() {
                 self.endpoints.contains_key(&change.key)
@@ -148,7 +232,11 @@ impl State {
             return out;
         };
         let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            let mut v: Vec<IpAddr> = ips.iter().copied().filter(|ip| fam.contains(ip)).collect();
+            let mut v: Vec<IpAddr> = ips
+                .iter()
+                .copied()
+                .filter(|ip| fam.contains(ip) && !self.taken(ip, svc))
+                .collect();
             v.sort();
             v.dedup();
             v
@@ -181,6 +269,54 @@ impl State {
         out
     }
 
+    /// Whether `ip`, claimed by `svc` as an external or LB IP, is another Service's cluster
+    /// IP.
+    fn taken(&self, ip: &IpAddr, svc: &Service) -> bool {
+        let holders = self.cluster_ips.get(ip).copied().unwrap_or(0);
+        holders > u32::from(svc.cluster_ips.contains(ip))
+    }
+
+    /// Every externalIP or LB IP of this family left out because it is another Service's
+    /// cluster IP, in (Service, address) order.
+    pub fn address_conflicts(&self) -> Vec<AddressConflict> {
+        let fam = self.family();
+        let contested = |ip: &IpAddr| fam.contains(ip) && self.cluster_ips.contains_key(ip);
+        if !self.external_claims.keys().any(contested) {
+            return Vec::new(); // the common case: no walk over the Services
+        }
+        // Who holds each contested address (one walk, not one per conflict).
+        let mut holders: BTreeMap<IpAddr, Vec<&ServiceKey>> = BTreeMap::new();
+        for (key, svc) in &self.services {
+            for ip in svc
+                .cluster_ips
+                .iter()
+                .filter(|ip| self.external_claims.contains_key(ip))
+            {
+                holders.entry(*ip).or_default().push(key);
+            }
+        }
+        let mut out = Vec::new();
+        for (key, svc) in &self.services {
+            let mut mine: Vec<IpAddr> = claims(svc)
+                .copied()
+                .filter(|ip| contested(ip) && self.taken(ip, svc))
+                .collect();
+            mine.sort();
+            mine.dedup();
+            for ip in mine {
+                let owner = holders.get(&ip).into_iter().flatten().find(|k| **k != key);
+                if let Some(owner) = owner {
+                    out.push(AddressConflict {
+                        service: key.clone(),
+                        ip,
+                        owner: (*owner).clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// The endpoints of one service port on this family, sorted by address and port, with
     /// duplicates (the same address in two slices) removed.
     pub fn endpoints(&self, spn: &ServicePortName) -> Vec<&Endpoint> {
@@ -197,5 +333,82 @@ impl State {
         out.sort_by_key(|e| (e.ip, e.port));
         out.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(list: &[(&str, &str, &[&str])]) -> ChangeSet {
+        let items: Vec<String> = list
+            .iter()
+            .map(|(name, cluster, external)| {
+                let ext: Vec<String> = external.iter().map(|e| format!("{e:?}")).collect();
+                format!(
+                    r#"{{"namespace":"ns","name":"{name}","service":{{"cluster_ips":["{cluster}"],
+                        "external_ips":[{}],"ports":[{{"name":"p","protocol":"TCP","port":53}}]}}}}"#,
+                    ext.join(",")
+                )
+            })
+            .collect();
+        let json = format!(r#"{{"services":[{}]}}"#, items.join(","));
+        ChangeSet::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn deleted(name: &str) -> ChangeSet {
+        let json =
+            format!(r#"{{"services":[{{"namespace":"ns","name":"{name}","service":null}}]}}"#);
+        ChangeSet::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: crate::model::Name::new("ns").unwrap(),
+            name: crate::model::Name::new(name).unwrap(),
+        }
+    }
+
+    fn externals(state: &State, name: &str) -> Vec<String> {
+        state.service_ports_of(&key(name))[0]
+            .external_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_cluster_ip_wins_over_another_services_external_ip_whichever_came_first() {
+        let mut st = State::new(IpFamily::V4);
+        // The claimant first: it holds the address until the owner of the cluster IP appears.
+        st.apply(services(&[(
+            "evil",
+            "10.96.0.99",
+            &["10.96.0.10", "192.0.2.1"],
+        )]));
+        assert_eq!(externals(&st, "evil"), ["10.96.0.10", "192.0.2.1"]);
+        assert!(st.address_conflicts().is_empty());
+        let change = services(&[("dns", "10.96.0.10", &[])]);
+        assert_eq!(
+            st.affected(&change),
+            BTreeSet::from([key("dns"), key("evil")])
+        );
+        let applied = st.apply(change);
+        assert_eq!(applied.services, BTreeSet::from([key("dns"), key("evil")]));
+        assert_eq!(externals(&st, "evil"), ["192.0.2.1"]);
+        let c = st.address_conflicts();
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            (c[0].service.clone(), c[0].owner.clone()),
+            (key("evil"), key("dns"))
+        );
+        // The owner gone, the claimant gets the address back (and is rewritten).
+        let applied = st.apply(deleted("dns"));
+        assert!(applied.services.contains(&key("evil")));
+        assert_eq!(externals(&st, "evil"), ["10.96.0.10", "192.0.2.1"]);
+        assert!(st.address_conflicts().is_empty());
+        // A Service's own cluster IP among its external IPs is no conflict.
+        st.apply(services(&[("self", "10.96.0.7", &["10.96.0.7"])]));
+        assert_eq!(externals(&st, "self"), ["10.96.0.7"]);
     }
 }

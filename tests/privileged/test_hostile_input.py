@@ -91,3 +91,22 @@ def test_hostile_objects_are_handled_one_by_one(lab: ProxyLab) -> None:
     assert servers(lab) == {"pod1", "pod2", "pod3"}
     assert "sync failed" not in log
     assert lab.daemon is not None and lab.daemon.poll() is None
+
+
+def test_a_service_cannot_take_another_services_cluster_ip(lab: ProxyLab) -> None:
+    """The CVE-2020-8554 class: a Service names the echo Service's cluster IP as its
+    externalIP. The cluster IP wins, the claimant is named by a log line and an Event, and
+    keeps its other address."""
+    pods = [k.endpoint("10.244.3.2", node="node-b")]
+    thief = k.service("thief", "10.96.0.66", [k.port("tcp", 80, "TCP", target=8080)],
+                      externalIPs=[ECHO_IP, "10.96.150.9"])  # fmt: skip
+    lab.put(thief)
+    lab.put(k.endpoint_slice("thief-1", "thief", pods, [k.slice_port("tcp", 8080)]))
+    lab.wait(lambda: "default/thief" in lab.log(), 15, "the conflict reported")
+    assert f"{ECHO_IP} is the cluster IP of Service default/echo" in lab.log()
+    assert servers(lab) == {"pod1", "pod2", "pod3"}  # every answer from echo's own pods
+    got = lab.lab.pod("client").tcp_probe_many("10.96.150.9", 80, 5, timeout=2.0)
+    assert {r.server for r in got} == {"pod3"}, got
+    events = lab.call(lambda: lab.api.list_objects("Event.events.k8s.io"))
+    (ev,) = [e for e in events if e["reason"] == "FailedToProgram"]
+    assert ev["regarding"]["name"] == "thief" and ECHO_IP in ev["note"]

@@ -120,6 +120,23 @@ impl SyncReport {
     fn listen_errors(&self) -> Vec<String> {
         self.0.listen_errors.clone()
     }
+    /// (namespace, name, address, owner "namespace/name") of every externalIP or LB IP left
+    /// out because it is another Service's cluster IP.
+    #[getter]
+    fn address_conflicts(&self) -> Vec<(String, String, String, String)> {
+        self.0
+            .address_conflicts
+            .iter()
+            .map(|c| {
+                (
+                    c.service.namespace.to_string(),
+                    c.service.name.to_string(),
+                    c.ip.to_string(),
+                    format!("{}/{}", c.owner.namespace, c.owner.name),
+                )
+            })
+            .collect()
+    }
     #[getter]
     fn render_seconds(&self) -> f64 {
         self.0.render_seconds
