@@ -265,7 +265,7 @@ def test_a_malformed_first_list_is_retried(api: FakeApiServer) -> None:
     rec = History()
     with run(api, rec) as inf:
         rec.wait(lambda: rec.names == {"a"})
-        assert inf.errors == 2 and rec.lists == [{"a"}]
+        assert inf.errors >= 2 and rec.lists == [{"a"}]
 
 
 def test_a_huge_retry_after_is_capped_at_the_backoff_ceiling(api: FakeApiServer) -> None:

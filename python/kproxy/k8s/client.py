@@ -58,9 +58,11 @@ class ClientFactory:
             cfg.host = self.master.rstrip("/")
         # One connection per concurrent watch plus room for lists and event writes.
         cfg.connection_pool_maxsize = 8
-        # Retries are the informer's (backoff with jitter, Retry-After capped): urllib3's own
-        # would sleep for whatever Retry-After a 429 or 503 names, 99999999999 s included.
-        cfg.retries = Retry(total=0, redirect=0, respect_retry_after_header=False)
+        # Answers are retried by the informer (backoff with jitter, Retry-After capped):
+        # urllib3 keeps retrying connections (a pooled one the server closed, say) but never
+        # sleeps for a Retry-After header, which it would for whatever a 429 or 503 names,
+        # 99999999999 s included.
+        cfg.retries = Retry(total=3, redirect=0, respect_retry_after_header=False)
         return k8s_client.ApiClient(cfg)
 
     def get(self) -> k8s_client.ApiClient:
