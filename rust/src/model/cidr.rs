@@ -56,6 +56,15 @@ impl Cidr {
         Some(Cidr { addr, prefix })
     }
 
+    /// The prefix of one address (`/32` or `/128`).
+    pub fn host(addr: IpAddr) -> Cidr {
+        let (_, width) = Cidr::bits(&addr);
+        Cidr {
+            addr,
+            prefix: width,
+        }
+    }
+
     /// The first and last address of the prefix as integers (IPv4 in the low 32 bits).
     pub fn range(&self) -> (u128, u128) {
         let (net, width) = Cidr::bits(&self.addr);

@@ -265,7 +265,7 @@ fn canonical(def: &SetDef, key: &Key) -> Key {
     }
     key.iter()
         .map(|v| match v {
-            Value::Cidr(c) if c.range().0 == c.range().1 => Value::Addr(c.addr()),
+            Value::Cidr(c) if *c == Cidr::host(c.addr()) => Value::Addr(c.addr()),
             v => *v,
         })
         .collect()
@@ -275,21 +275,13 @@ fn canonical(def: &SetDef, key: &Key) -> Key {
 fn spans(key: &[Value]) -> Vec<(u128, u128)> {
     key.iter()
         .map(|v| match v {
-            Value::Addr(a) => {
-                let (lo, _) = host_range(a);
-                (lo, lo)
-            }
+            Value::Addr(a) => Cidr::host(*a).range(),
             Value::Cidr(c) => c.range(),
             Value::Proto(p) => (u128::from(p.number()), u128::from(p.number())),
             Value::Port(p) => (u128::from(*p), u128::from(*p)),
             Value::Int(i) => (u128::from(*i), u128::from(*i)),
         })
         .collect()
-}
-
-fn host_range(a: &std::net::IpAddr) -> (u128, u128) {
-    let bits = if a.is_ipv4() { 32 } else { 128 };
-    Cidr::new(*a, bits).map(|c| c.range()).unwrap_or_default()
 }
 
 /// The element of `set` that a new `key` runs into, as the kernel's concatenated interval
@@ -317,10 +309,13 @@ fn overlapping<'a>(set: &'a Set, key: &Key) -> Option<&'a Key> {
             .take_while(move |(k, _)| k.first() == Some(&Value::Addr(a)))
             .map(|(k, _)| k)
     });
+    // Keys led by a prefix sort after every key led by an address (Value's variant order):
+    // start at the smallest prefix rather than walking the address-led keys.
+    let smallest = Cidr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0).expect("a prefix");
     let led_by_ranges = set
         .elements
-        .keys()
-        .skip_while(|k| !matches!(k.first(), Some(Value::Cidr(_))))
+        .range(vec![Value::Cidr(smallest)]..)
+        .map(|(k, _)| k)
         .take_while(|k| matches!(k.first(), Some(Value::Cidr(_))));
     match by_first {
         Some(exact) => exact.chain(led_by_ranges).find(hit),

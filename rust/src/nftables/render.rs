@@ -198,11 +198,6 @@ fn loopback(f: IpFamily) -> Cidr {
     }
 }
 
-fn host(ip: IpAddr) -> Cidr {
-    let bits = if ip.is_ipv4() { 32 } else { 128 };
-    format!("{ip}/{bits}").parse().expect("valid")
-}
-
 fn lookup(fields: &[Field], set: &str, neg: bool) -> Match {
     Match::Lookup {
         fields: fields.to_vec(),
@@ -619,7 +614,7 @@ fn render_port(
         for ip in &sp.load_balancer_ips {
             out.element(FIREWALL_IPS, vip(*ip), None);
             // A node reaching its own LB IP may see that IP as its source.
-            let from_self = admits_node.then(|| host(*ip));
+            let from_self = admits_node.then(|| Cidr::host(*ip));
             for r in aggregate(sp.source_ranges.iter().copied().chain(from_self)) {
                 let mut k = vip(*ip);
                 k.push(Value::Cidr(r));
