@@ -19,6 +19,8 @@
 //! * [`error::Error`] is the one error type; `py/` maps it onto `kproxy.errors`.
 //! * Only `py/` uses pyo3: `cargo test --no-default-features` builds without libpython.
 
+pub mod cleanup;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod exec;
@@ -29,6 +31,7 @@ pub mod model;
 pub mod naming;
 pub mod netlink;
 pub mod nftables;
+pub mod program;
 pub mod state;
 pub mod topology;
 

@@ -172,6 +172,31 @@ pub fn categorize<'a>(
     out
 }
 
+/// What a set of Service ports adds up to: the counters a sync reports (every mode).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub service_ports: usize,
+    pub endpoints: usize,
+    pub no_local_internal: usize,
+    pub no_local_external: usize,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.service_ports += o.service_ports;
+        self.endpoints += o.endpoints;
+        self.no_local_internal += o.no_local_internal;
+        self.no_local_external += o.no_local_external;
+    }
+
+    pub fn sub(&mut self, o: &Counts) {
+        self.service_ports -= o.service_ports;
+        self.endpoints -= o.endpoints;
+        self.no_local_internal -= o.no_local_internal;
+        self.no_local_external -= o.no_local_external;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

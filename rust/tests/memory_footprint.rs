@@ -5,10 +5,12 @@
 //! with a counting allocator, so a change that makes the engine's bookkeeping fatter fails
 //! here, deterministically, instead of showing up as a benchmark figure weeks later.
 
-use _core::engine::{Engine, EngineConfig};
+use _core::config::EngineConfig;
+use _core::engine::Engine;
 use _core::error::Result;
 use _core::model::{ChangeSet, IpFamily};
 use _core::nftables::ast::{Key, Op};
+use _core::nftables::program::NftablesProgram;
 use _core::nftables::{Backend, Model};
 use _core::state::State;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -107,11 +109,14 @@ fn retained_per_service(mode: &str, n: usize) -> usize {
     let before = LIVE.load(Ordering::Relaxed);
     let changes = ChangeSet::from_json(&json).unwrap();
     let mut engine = match mode {
-        "nftables" => Engine::with_nft_backend(config, Box::new(Null)),
+        "nftables" => {
+            let program = NftablesProgram::new(&config, Box::new(Null));
+            Engine::with_program(config, Box::new(program))
+        }
         _ => Engine::new(config),
     };
     let report = engine.sync(changes, true).unwrap();
-    eprintln!("{mode}: {} elements", report.elements_total);
+    eprintln!("{mode}: {} service ports", report.service_ports);
     let retained = (LIVE.load(Ordering::Relaxed) - before) as usize;
     drop(engine);
     retained / n

@@ -9,6 +9,7 @@ pub mod balance;
 pub mod budget;
 pub mod portals;
 pub mod ports;
+pub mod program;
 mod relay;
 pub mod routes;
 pub mod stats;

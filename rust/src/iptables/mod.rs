@@ -12,9 +12,10 @@
 pub mod backend;
 pub mod chains;
 pub mod dispatch;
+pub mod program;
 pub mod render;
 pub mod trace;
 pub mod writer;
 
 pub use backend::{Backend, Fake, Kernel};
-pub use render::{render, RenderConfig, Ruleset};
+pub use render::{render, Ruleset};

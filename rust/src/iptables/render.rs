@@ -11,65 +11,14 @@
 
 use super::chains::*;
 use super::dispatch::{Key, Root};
-use crate::model::{Cidr, IpFamily, Protocol, ServiceKey};
+use crate::config::RenderConfig;
+use crate::model::{IpFamily, Protocol, ServiceKey};
 use crate::naming::{endpoint_chain, join_host_port, ServiceChains};
 use crate::state::{ServicePortView, State};
+use crate::topology::Counts;
 use crate::topology::{categorize, NodeView};
 use std::collections::BTreeSet;
 use std::fmt::Write;
-use std::net::IpAddr;
-
-/// Everything about the node and the configuration that shapes the rules.
-#[derive(Clone, Debug)]
-pub struct RenderConfig {
-    pub family: IpFamily,
-    pub node_name: String,
-    /// How traffic from this node's pods is recognized (upstream's `detectLocalMode`).
-    pub local: LocalDetector,
-    pub masquerade_all: bool,
-    /// `1 << masqueradeBit`.
-    pub masquerade_mark: u32,
-    /// `None`: NodePorts on every local address; `Some(ips)`: only on these node addresses.
-    pub nodeport_ips: Option<Vec<IpAddr>>,
-    /// Skip the conntrack INVALID drop because `nf_conntrack_tcp_be_liberal` is set.
-    pub conntrack_tcp_be_liberal: bool,
-    /// The node's addresses of this family.
-    pub node_ips: Vec<IpAddr>,
-    /// NodePorts answer on 127.0.0.0/8 too (IPv4 only; needs `route_localnet`).
-    pub localhost_nodeports: bool,
-}
-
-/// Recognizes traffic that comes from pods (upstream's local traffic detectors).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LocalDetector {
-    /// Detection off: nothing is treated as pod traffic.
-    None,
-    /// Sources in this CIDR (`ClusterCIDR` and `NodeCIDR` modes).
-    Cidr(Cidr),
-    /// Arriving on an interface: an exact name (`BridgeInterface`) or a prefix written with a
-    /// trailing `+` (`InterfaceNamePrefix`), as iptables spells it. Validated by the caller.
-    Interface(String),
-}
-
-impl LocalDetector {
-    /// Match arguments for "comes from a pod", if detection is on.
-    fn if_local(&self) -> Option<String> {
-        match self {
-            LocalDetector::None => None,
-            LocalDetector::Cidr(c) => Some(format!("-s {c}")),
-            LocalDetector::Interface(i) => Some(format!("-i {i}")),
-        }
-    }
-
-    /// Match arguments for "does not come from a pod", if detection is on.
-    pub(crate) fn if_not_local(&self) -> Option<String> {
-        match self {
-            LocalDetector::None => None,
-            LocalDetector::Cidr(c) => Some(format!("! -s {c}")),
-            LocalDetector::Interface(i) => Some(format!("! -i {i}")),
-        }
-    }
-}
 
 impl RenderConfig {
     fn mark(&self) -> String {
@@ -112,31 +61,6 @@ pub struct Entry {
     pub key: Key,
     /// The rule's arguments (what follows `-A <chain> `).
     pub rule: String,
-}
-
-/// Counters a sync reports.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    pub service_ports: usize,
-    pub endpoints: usize,
-    pub no_local_internal: usize,
-    pub no_local_external: usize,
-}
-
-impl Counts {
-    pub fn add(&mut self, o: &Counts) {
-        self.service_ports += o.service_ports;
-        self.endpoints += o.endpoints;
-        self.no_local_internal += o.no_local_internal;
-        self.no_local_external += o.no_local_external;
-    }
-
-    pub fn sub(&mut self, o: &Counts) {
-        self.service_ports -= o.service_ports;
-        self.endpoints -= o.endpoints;
-        self.no_local_internal -= o.no_local_internal;
-        self.no_local_external -= o.no_local_external;
-    }
 }
 
 /// Everything one Service owns: its own nat chains and its rules in shared chains.
@@ -670,6 +594,7 @@ fn write_policy_chain(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::LocalDetector;
     use crate::model::ChangeSet;
 
     pub(crate) fn cfg() -> RenderConfig {

@@ -1120,9 +1120,10 @@ impl Walk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RenderConfig;
     use crate::iptables::backend::{Backend, Fake};
     use crate::iptables::chains;
-    use crate::iptables::render::{render, RenderConfig};
+    use crate::iptables::render::render;
     use crate::model::{ChangeSet, IpFamily};
     use crate::state::State;
     use std::collections::BTreeSet;
@@ -1145,7 +1146,7 @@ mod tests {
         RenderConfig {
             family,
             node_name: "node-a".into(),
-            local: crate::iptables::render::LocalDetector::Cidr(cidr.parse().unwrap()),
+            local: crate::config::LocalDetector::Cidr(cidr.parse().unwrap()),
             masquerade_all: false,
             masquerade_mark: 0x4000,
             nodeport_ips: None,

@@ -10,11 +10,11 @@
 
 use super::chains::{is_dynamic_chain, CANARY, FILTER_CHAINS, NAT_CHAINS};
 use super::dispatch::{Dispatch, EntryId, Path, Root};
-use super::render::{
-    fixed_chains, render_service, root_tail, write_table, Counts, RenderConfig, Ruleset, Table,
-};
+use super::render::{fixed_chains, render_service, root_tail, write_table, Ruleset, Table};
+use crate::config::RenderConfig;
 use crate::model::ServiceKey;
 use crate::state::State;
+use crate::topology::Counts;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Default, Clone)]

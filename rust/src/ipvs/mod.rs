@@ -13,6 +13,7 @@
 //! * [`plan`] orders the difference between two tables: virtual servers before their real
 //!   servers on the way in, real servers before their virtual server on the way out.
 
+pub mod apply;
 pub mod desired;
 pub mod fake;
 pub mod index;

@@ -1,415 +1,339 @@
-//! The ipvs mode's half of an engine: what was applied last, and the sync that moves the
-//! kernel's table to the wanted one.
-//!
-//! A partial sync plans against the table it applied last (no dump); a full sync, or the
-//! first after a failure, reads the kernel's table first. When the kernel refuses some
-//! operations, the rest stay applied (each message commits alone): the table is read back so
-//! the next plan starts from the truth, the refusals are reported naming their Service ports,
-//! and the next sync is full.
+//! The ipvs mode's program: the wanted table per Service ([`Index`]), and the [`Applier`]
+//! that moves the kernel's IPVS table, ipsets and companion rules to it.
 
-use super::desired::Wanted;
-use super::index::Delta;
-use super::ipset::{self, Sets};
-use super::plan::{draining, plan};
+use super::apply::{Applier, Companions};
+use super::desired::{self, Node, Wanted};
+use super::index::Index;
 use super::rules::{self, RuleConfig};
-use super::{Backend, Table, VirtualKey};
-use crate::error::{Error, Result};
-use crate::iptables;
-use crate::model::Cidr;
-use std::collections::{BTreeMap, BTreeSet};
+use super::{fake, ipset, kernel};
+use crate::config::{BackendKind, EngineConfig};
+use crate::error::Result;
+use crate::iptables::chains;
+use crate::iptables::trace::{NodeFacts, Packet, Ruleset, Trace};
+use crate::model::{Cidr, IpFamily, ServiceKey};
+use crate::program::{ModeReport, Program, SyncReport};
+use crate::state::State;
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Instant;
 
-/// What one sync sent.
-#[derive(Debug, Default)]
-pub struct Written {
+/// What one ipvs sync sent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// IPVS operations (virtual and real servers added, edited, deleted).
     pub operations: usize,
-    pub sends: usize,
     /// ipset members added and deleted (a full sync rewrites every member).
     pub set_members: usize,
     /// Whether the companion iptables rules were rewritten.
     pub rules_written: bool,
 }
 
-/// The companions of the IPVS table: ipsets and the iptables rules that match them.
-pub struct Companions {
-    pub sets: Box<dyn ipset::Backend>,
-    pub rules: Box<dyn iptables::Backend>,
-    pub config: RuleConfig,
-}
-
-pub struct Program {
-    backend: Box<dyn Backend>,
-    companions: Companions,
-    v6: bool,
-    /// Virtual servers on these addresses belong to someone else (`ipvs.excludeCIDRs`).
+/// The ipvs mode's settings, of this engine's family.
+struct Settings {
+    family: IpFamily,
+    node_name: String,
+    /// Where NodePorts are served: the nodePortAddresses, else every node address (as
+    /// upstream), loopback left out.
+    nodeport_ips: Vec<IpAddr>,
+    /// The node's own addresses (never bound on kube-ipvs0).
+    own_ips: Vec<IpAddr>,
+    scheduler: String,
     exclude: Vec<Cidr>,
-    /// What the kernel holds, as far as we know; `None`: read it before planning.
-    applied: Option<Table>,
-    applied_sets: Option<Sets>,
-    /// The out-filter rules last written (`None`: rewrite the rules).
-    applied_out_filter: Option<BTreeSet<String>>,
+    /// The kernel's IPVS connection timeouts (tcp, tcpfin, udp; all 0: left alone).
+    timeouts: (u32, u32, u32),
+    rules: RuleConfig,
 }
 
-impl Program {
-    pub fn new(backend: Box<dyn Backend>, companions: Companions, exclude: Vec<Cidr>) -> Program {
-        let v6 = companions.config.family == crate::model::IpFamily::V6;
-        Program {
-            backend,
-            companions,
-            v6,
-            exclude,
-            applied: None,
-            applied_sets: None,
-            applied_out_filter: None,
-        }
-    }
-
-    /// Bring the kernel to `want`: ipsets first (the rules match them), then the rules, then
-    /// the IPVS table. The addresses on kube-ipvs0 are the caller's.
-    pub fn sync(&mut self, want: Wanted, full: bool) -> Result<Written> {
-        let mut written = Written::default();
-        let fam = self.companions.config.family;
-        let sets_text = match self.applied_sets.take() {
-            Some(have) if !full => ipset::partial_text(fam, &want.sets, &have),
-            _ => {
-                let names = self.companions.sets.names()?;
-                ipset::full_text(fam, &want.sets, &names)
-            }
+impl Settings {
+    fn of(config: &EngineConfig) -> Settings {
+        let v6 = config.family == IpFamily::V6;
+        let of_family = |ips: &mut dyn Iterator<Item = &IpAddr>| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = ips.copied().filter(|ip| ip.is_ipv6() == v6).collect();
+            v.sort();
+            v.dedup();
+            v
         };
-        if !sets_text.is_empty() {
-            self.companions.sets.restore(&sets_text)?;
-            written.set_members = sets_text
-                .lines()
-                .filter(|l| l.starts_with("add ") || l.starts_with("del "))
-                .count();
-        }
-        self.applied_sets = Some(want.sets);
-
-        let rules_stale = full || self.applied_out_filter.as_ref() != Some(&want.out_filter);
-        if rules_stale {
-            self.applied_out_filter = None;
-            let out: Vec<String> = want.out_filter.iter().cloned().collect();
-            let text = rules::restore_text(&self.companions.config, &out);
-            self.companions.rules.restore(&text)?;
-            if full {
-                self.companions.rules.ensure_jumps(rules::JUMPS)?;
-            }
-            self.applied_out_filter = Some(want.out_filter);
-            written.rules_written = true;
-        }
-
-        let have = match self.applied.take() {
-            Some(t) if !full => t,
-            _ => self.dump()?,
+        let own_ips = of_family(&mut config.node_ips.iter().chain(&config.host_ips));
+        let mut nodeport_ips = match &config.nodeport_ips {
+            Some(ips) => of_family(&mut ips.iter()),
+            None => own_ips.clone(),
         };
-        let (operations, sends, exact) =
-            self.program_table(&want.table, have, &want.names, !full)?;
-        written.operations = operations;
-        written.sends = sends;
-        // Real servers left draining at weight 0: the kernel's table is not the wanted one;
-        // read it back so the next plan starts from what is there.
-        self.applied = Some(if exact { want.table } else { self.dump()? });
-        Ok(written)
-    }
-
-    /// A partial sync from an [`Index`](super::index::Index) delta: only the changed
-    /// Services' virtual servers, set members and (when they changed) rules.
-    pub fn sync_delta(&mut self, d: Delta) -> Result<Written> {
-        let mut written = Written::default();
-        let fam = self.companions.config.family;
-        // Taken: any failure below leaves it unknown, so the next sync is full.
-        let (Some(mut applied), Some(mut sets)) = (self.applied.take(), self.applied_sets.take())
-        else {
-            return Err(Error::Apply {
-                op: "ipvs",
-                code: None,
-                stderr: "nothing applied yet: a full sync is needed".into(),
-            });
-        };
-        let text = ipset::delta_text(fam, &d.add, &d.del);
-        if !text.is_empty() {
-            self.companions.sets.restore(&text)?;
-            written.set_members = d.add.len() + d.del.len();
-        }
-        for (set, m) in &d.del {
-            sets.entry(*set).or_default().remove(m);
-        }
-        for (set, m) in &d.add {
-            sets.entry(*set).or_default().insert(m.clone());
-        }
-        if let Some(out_filter) = d.out_filter {
-            let out: Vec<String> = out_filter.iter().cloned().collect();
-            let text = rules::restore_text(&self.companions.config, &out);
-            self.companions.rules.restore(&text)?;
-            self.applied_out_filter = Some(out_filter);
-            written.rules_written = true;
-        }
-        let have: Table = d
-            .keys
-            .iter()
-            .filter_map(|k| applied.get(k).map(|v| (*k, v.clone())))
-            .collect();
-        let (operations, sends, exact) = self.program_table(&d.table, have, &d.names, true)?;
-        written.operations = operations;
-        written.sends = sends;
-        for k in &d.keys {
-            match d.table.get(k) {
-                Some(v) => applied.insert(*k, v.clone()),
-                None => applied.remove(k),
-            };
-        }
-        if !exact {
-            for (k, v) in applied.iter_mut().filter(|(k, _)| d.keys.contains(k)) {
-                v.dests = self.backend.dests(k)?;
-            }
-        }
-        self.applied = Some(applied);
-        self.applied_sets = Some(sets);
-        Ok(written)
-    }
-
-    /// Plan `have` to `want` (the same virtual servers, or all of them), apply it, and say
-    /// whether the kernel now holds exactly `want` (not so while real servers drain).
-    /// `read_leaving`: `have` came from memory, so read the kernel's connection counts of
-    /// the TCP real servers that leave (graceful termination needs them).
-    fn program_table(
-        &mut self,
-        want: &Table,
-        mut have: Table,
-        names: &BTreeMap<VirtualKey, String>,
-        read_leaving: bool,
-    ) -> Result<(usize, usize, bool)> {
-        if read_leaving {
-            for (k, h) in have.iter_mut() {
-                let leaving = want.get(k).is_some_and(|w| {
-                    k.protocol == crate::model::Protocol::Tcp
-                        && h.dests.keys().any(|d| !w.dests.contains_key(d))
-                });
-                if leaving {
-                    h.dests = self.backend.dests(k)?;
-                }
-            }
-        }
-        let ops = plan(want, &have);
-        let out = self.backend.apply(&ops)?;
-        if out.refused.is_empty() {
-            let exact = draining(want, &have).is_empty();
-            return Ok((ops.len(), out.messages_per_send.len(), exact));
-        }
-        // Each message commits on its own: the rest is applied. The table is unknown now;
-        // the next sync (full) reads it.
-        self.applied = None;
-        let lines: Vec<String> = out
-            .refused
-            .iter()
-            .map(|(i, errno)| {
-                let op = &ops[*i];
-                let owner = names.get(&op.key()).map_or("?", String::as_str);
-                let e = std::io::Error::from_raw_os_error(*errno);
-                format!("{owner}: {op}: {e}")
-            })
-            .collect();
-        Err(Error::Apply {
-            op: "ipvs",
-            code: out.refused.first().map(|(_, e)| *e),
-            stderr: format!(
-                "the kernel refused {} of {} operations (the others are applied):\n{}",
-                lines.len(),
-                ops.len(),
-                lines.join("\n")
+        nodeport_ips.retain(|ip| !ip.is_loopback());
+        let r = config.render_config();
+        Settings {
+            family: config.family,
+            node_name: config.node_name.clone(),
+            nodeport_ips,
+            own_ips,
+            scheduler: config.ipvs_scheduler.clone().unwrap_or_else(|| "rr".into()),
+            exclude: config.ipvs_exclude_cidrs.clone(),
+            timeouts: (
+                config.ipvs_tcp_timeout_s,
+                config.ipvs_tcp_fin_timeout_s,
+                config.ipvs_udp_timeout_s,
             ),
-        })
-    }
-
-    /// The kernel's table as it is now, without the virtual servers of excluded addresses.
-    pub fn dump(&mut self) -> Result<Table> {
-        let mut t = self.backend.dump(self.v6)?;
-        if !self.exclude.is_empty() {
-            t.retain(|k, _| !self.exclude.iter().any(|c| c.contains(&k.addr)));
+            rules: RuleConfig {
+                family: r.family,
+                local: r.local,
+                masquerade_all: r.masquerade_all,
+                masquerade_mark: r.masquerade_mark,
+            },
         }
-        Ok(t)
     }
 
-    /// Whether our chains are still there (someone flushing them calls for a full sync).
-    pub fn intact(&mut self) -> Result<bool> {
-        let r = &mut self.companions.rules;
-        Ok(r.chain_exists("nat", rules::KUBE_SERVICES)?
-            && r.chain_exists("filter", rules::KUBE_IPVS_FILTER)?)
+    fn node(&self) -> Node<'_> {
+        Node {
+            name: &self.node_name,
+            nodeport_ips: &self.nodeport_ips,
+            own_ips: &self.own_ips,
+        }
+    }
+
+    /// The kernel's IPVS, its timeouts set, with the ipset and iptables tools beside it.
+    fn kernel(&self) -> Result<Applier> {
+        let mut client = kernel::Client::open()?;
+        let (tcp, fin, udp) = self.timeouts;
+        if tcp + fin + udp > 0 {
+            client.set_timeouts(tcp, fin, udp)?;
+        }
+        let companions = Companions {
+            sets: Box::new(ipset::Kernel),
+            rules: Box::new(crate::iptables::Kernel::new(self.family)),
+            config: self.rules.clone(),
+        };
+        Ok(Applier::new(
+            Box::new(client),
+            companions,
+            self.exclude.clone(),
+        ))
+    }
+
+    fn fake(&self) -> Applier {
+        let companions = Companions {
+            sets: Box::new(ipset::Fake::default()),
+            rules: Box::new(crate::iptables::Fake::new()),
+            config: self.rules.clone(),
+        };
+        Applier::new(
+            Box::new(fake::Fake::default()),
+            companions,
+            self.exclude.clone(),
+        )
+    }
+}
+
+pub struct IpvsProgram {
+    settings: Settings,
+    /// Connected on the first sync (a kernel without ip_vs fails there, with a clear error).
+    applier: Option<Applier>,
+    /// What is wanted, per Service (built by full syncs, updated by partial ones).
+    index: Option<Index>,
+}
+
+impl IpvsProgram {
+    pub fn new(config: &EngineConfig) -> IpvsProgram {
+        let settings = Settings::of(config);
+        let applier = (config.backend == BackendKind::Fake).then(|| settings.fake());
+        IpvsProgram {
+            settings,
+            applier,
+            index: None,
+        }
+    }
+
+    /// The IPVS table, sets and companion rules `state` calls for.
+    fn wanted(&self, state: &State) -> Wanted {
+        desired::table(state, &self.settings.node(), &self.settings.scheduler)
+    }
+
+    fn out_filter(w: &Wanted) -> Vec<String> {
+        w.out_filter.iter().cloned().collect()
+    }
+
+    /// What the mode wants, as `kproxy diff` compares it: one line per virtual server and
+    /// per set member; the companion rules and their jumps as `iptables-restore` input for an
+    /// empty namespace; the sets as `ipset restore` input.
+    pub fn parts(&self, state: &State) -> (Vec<String>, String, String) {
+        let w = self.wanted(state);
+        let fam = self.settings.family;
+        let mut text = rules::restore_text(&self.settings.rules, &Self::out_filter(&w));
+        text.push_str(&chains::restore_text(rules::JUMPS));
+        let sets = ipset::named(fam, &w.sets);
+        (
+            super::trace::lines(&w.table, &sets),
+            text,
+            ipset::full_text(fam, &w.sets, &BTreeSet::new()),
+        )
+    }
+
+    /// The addresses kube-ipvs0 should hold (the last sync's; none before it).
+    pub fn bind(&self) -> Vec<IpAddr> {
+        self.index
+            .as_ref()
+            .map(|ix| ix.bind().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Program for IpvsProgram {
+    fn sync(
+        &mut self,
+        state: &State,
+        changed: &BTreeSet<ServiceKey>,
+        full: bool,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let s = &self.settings;
+        let applier = match &mut self.applier {
+            Some(a) => a,
+            None => self.applier.insert(s.kernel()?),
+        };
+        let node = s.node();
+        let t0 = Instant::now();
+        // A partial sync costs what changed; a full one (or a contested virtual server)
+        // rebuilds the whole wanted state.
+        let delta = match (&mut self.index, full) {
+            (Some(ix), false) => ix.update(state, changed, &node, &s.scheduler),
+            _ => None,
+        };
+        let (result, t1) = match delta {
+            Some(d) => {
+                report.render_seconds = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                (applier.sync_delta(d), t1)
+            }
+            None => {
+                let (ix, wanted) = Index::build(state, &node, &s.scheduler);
+                self.index = Some(ix);
+                report.render_seconds = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                (applier.sync(wanted, full), t1)
+            }
+        };
+        let w = result?;
+        report.apply_seconds = t1.elapsed().as_secs_f64();
+        if let Some(ix) = &self.index {
+            (report.service_ports, report.endpoints) = ix.totals();
+        }
+        report.wrote = w.operations + w.set_members > 0 || w.rules_written;
+        report.transactions = w.sends;
+        report.mode = ModeReport::Ipvs(Report {
+            operations: w.operations,
+            set_members: w.set_members,
+            rules_written: w.rules_written,
+        });
+        Ok(())
+    }
+
+    fn intact(&mut self) -> Result<bool> {
+        match &mut self.applier {
+            Some(a) => a.intact(),
+            None => Ok(true),
+        }
+    }
+
+    /// The IPVS table, then the companion rules and the sets as their tools' input.
+    fn render(&self, state: &State) -> String {
+        let w = self.wanted(state);
+        let mut text = desired::describe(&w.table);
+        text.push_str("# iptables-restore --noflush\n");
+        text.push_str(&rules::restore_text(
+            &self.settings.rules,
+            &Self::out_filter(&w),
+        ));
+        text.push_str("# ipset restore\n");
+        text.push_str(&ipset::full_text(
+            self.settings.family,
+            &w.sets,
+            &BTreeSet::new(),
+        ));
+        text
+    }
+
+    /// The IPVS table the kernel holds (nothing before the first sync).
+    fn dump(&mut self) -> Result<String> {
+        match &mut self.applier {
+            Some(a) => Ok(desired::describe(&a.dump()?)),
+            None => Ok(String::new()),
+        }
+    }
+
+    fn trace(&mut self, state: &State, packet: &Packet, node: &NodeFacts) -> Result<Trace> {
+        let w = self.wanted(state);
+        let text = rules::restore_text(&self.settings.rules, &Self::out_filter(&w));
+        let mut ruleset = Ruleset::parse(&text)?;
+        ruleset.add_jumps(rules::JUMPS)?;
+        let mut facts = node.clone();
+        facts.local_ips.extend(w.bind.iter().copied());
+        facts.sets = ipset::named(self.settings.family, &w.sets);
+        Ok(super::trace::trace(&ruleset, &w.table, packet, &facts))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fake::Fake;
-    use super::super::{Dest, DestKey, Service, Virtual, VirtualKey};
     use super::*;
-    use crate::iptables::render::LocalDetector;
-    use crate::model::{IpFamily, Protocol};
-    use std::collections::BTreeMap;
+    use crate::engine::tests::cluster;
+    use crate::engine::Engine;
+    use crate::model::ChangeSet;
 
-    fn companions() -> Companions {
-        Companions {
-            sets: Box::new(ipset::Fake::default()),
-            rules: Box::new(iptables::Fake::new()),
-            config: RuleConfig {
-                family: IpFamily::V4,
-                local: LocalDetector::None,
-                masquerade_all: false,
-                masquerade_mark: 0x4000,
-            },
-        }
-    }
-
-    fn wanted(table: &Table, names: &BTreeMap<VirtualKey, String>) -> Wanted {
-        Wanted {
-            table: table.clone(),
-            names: names.clone(),
-            ..Wanted::default()
-        }
-    }
-
-    fn vk(i: u8) -> VirtualKey {
-        VirtualKey {
-            addr: format!("10.96.0.{i}").parse().unwrap(),
-            protocol: Protocol::Tcp,
-            port: 80,
-        }
-    }
-
-    fn one(dests: &[u8]) -> Virtual {
-        Virtual {
-            service: Service {
-                scheduler: "rr".into(),
-                flags: 0,
-                timeout: 0,
-            },
-            dests: dests
-                .iter()
-                .map(|d| {
-                    let k = DestKey {
-                        addr: format!("10.244.0.{d}").parse().unwrap(),
-                        port: 8080,
-                    };
-                    (k, Dest::weighted(1))
-                })
-                .collect(),
-        }
-    }
-
-    /// A shared Fake the test can inspect while the program owns a handle to it.
-    struct Shared(std::sync::Arc<std::sync::Mutex<Fake>>);
-
-    impl Backend for Shared {
-        fn apply(&mut self, ops: &[super::super::Op]) -> Result<super::super::Outcome> {
-            self.0.lock().unwrap().apply(ops)
-        }
-        fn dump(&mut self, v6: bool) -> Result<Table> {
-            self.0.lock().unwrap().dump(v6)
-        }
-        fn dests(&mut self, k: &VirtualKey) -> Result<std::collections::BTreeMap<DestKey, Dest>> {
-            self.0.lock().unwrap().dests(k)
-        }
+    fn bind(e: &Engine) -> Vec<IpAddr> {
+        e.program::<IpvsProgram>().unwrap().bind()
     }
 
     #[test]
-    fn a_refusal_names_the_service_port_and_the_rest_is_applied_then_reconciled() {
-        let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
-        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), vec![]);
-        let names: BTreeMap<_, _> = [(vk(1), "ns/a:http".to_owned()), (vk(2), "ns/b:http".into())]
-            .into_iter()
-            .collect();
-        let want = Table::from([(vk(1), one(&[1, 2])), (vk(2), one(&[3]))]);
-        fake.lock().unwrap().refuse.insert(vk(2));
-        let err = p
-            .sync(wanted(&want, &names), false)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("ns/b:http: add virtual server 10.96.0.2:80/tcp"),
-            "{err}"
+    fn the_ipvs_mode_programs_one_virtual_server_per_service_address() {
+        let cfg = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","backend":"fake","mode":"ipvs","ipvs_scheduler":"wrr"}"#,
+        )
+        .unwrap();
+        let mut engine = Engine::new(cfg);
+        let r = engine.sync(cluster(20, 3), true).unwrap();
+        assert_eq!((r.service_ports, r.endpoints), (20, 60));
+        let dump = engine.dump().unwrap();
+        let render = engine.render();
+        assert!(render.starts_with(&dump), "{render}");
+        assert!(render.contains("\nadd KPROXY-IPVS-SWAP 172.30.0.19,tcp:80\n"));
+        assert_eq!(dump.lines().count(), 20);
+        assert!(dump.starts_with("172.30.0.0:80/tcp wrr -> "), "{dump}");
+        // A change of one Service's endpoints: a partial sync, a handful of operations.
+        let r = engine.sync(cluster(1, 1), false).unwrap();
+        assert!(!r.full && r.wrote);
+        assert_eq!(r.transactions, 1);
+        assert!(engine
+            .dump()
+            .unwrap()
+            .contains("172.30.0.0:80/tcp wrr -> 10.0.0.0:8080\n"));
+        // Partial syncs (deltas per Service) end where one full sync of the same state does.
+        engine
+            .sync(
+                ChangeSet::from_json(
+                    br#"{"services":[{"namespace":"ns","name":"s3","service":null}],
+                        "endpoints":[{"namespace":"ns","name":"s3","ports":[]}]}"#,
+                )
+                .unwrap(),
+                false,
+            )
+            .unwrap();
+        engine.sync(cluster(2, 4), false).unwrap();
+        let mut fresh = Engine::new(engine.config().clone());
+        let mut all = cluster(20, 3);
+        all.services.retain(|c| c.key.name.as_str() != "s3");
+        all.endpoints.retain(|c| c.key.name.as_str() != "s3");
+        fresh.sync(all, true).unwrap();
+        fresh.sync(cluster(2, 4), false).unwrap();
+        assert_eq!(engine.dump().unwrap(), fresh.dump().unwrap());
+        assert_eq!(bind(&engine), bind(&fresh));
+        assert_eq!(bind(&engine).len(), 19);
+        // A bad scheduler name never reaches the kernel.
+        let bad = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","mode":"ipvs","ipvs_scheduler":"rr; x"}"#,
         );
-        assert!(err.contains("refused 2 of 5"), "{err}");
-        assert_eq!(fake.lock().unwrap().table[&vk(1)], want[&vk(1)]); // applied despite b
-                                                                      // The kernel accepts again: the next sync (full, after the failure) completes it,
-                                                                      // sending only what is missing.
-        fake.lock().unwrap().refuse.clear();
-        let before = fake.lock().unwrap().log.len();
-        p.sync(wanted(&want, &names), true).unwrap();
-        assert_eq!(fake.lock().unwrap().table, want);
-        assert_eq!(fake.lock().unwrap().log.len() - before, 2);
-        // Nothing changed: nothing sent, and no dump needed for a partial sync.
-        let w = p.sync(wanted(&want, &names), false).unwrap();
-        assert_eq!(w.operations, 0);
-    }
-
-    #[test]
-    fn something_else_removing_our_servers_is_repaired_by_a_full_sync() {
-        let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
-        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), vec![]);
-        let want = Table::from([(vk(1), one(&[1, 2]))]);
-        p.sync(wanted(&want, &BTreeMap::new()), true).unwrap();
-        fake.lock().unwrap().table.clear(); // ipvsadm -C
-        p.sync(wanted(&want, &BTreeMap::new()), true).unwrap();
-        assert_eq!(fake.lock().unwrap().table, want);
-    }
-
-    #[test]
-    fn partial_syncs_read_only_the_virtual_servers_losing_tcp_real_servers() {
-        let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
-        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), vec![]);
-        let want = Table::from([(vk(1), one(&[1, 2])), (vk(2), one(&[3]))]);
-        p.sync(wanted(&want, &BTreeMap::new()), true).unwrap();
-        // Real server 2 carries a connection when it leaves: it drains at weight 0.
-        let d2 = DestKey {
-            addr: "10.244.0.2".parse().unwrap(),
-            port: 8080,
-        };
-        let connections = |n: u32| {
-            let mut f = fake.lock().unwrap();
-            f.table
-                .get_mut(&vk(1))
-                .unwrap()
-                .dests
-                .get_mut(&d2)
-                .unwrap()
-                .active = n;
-        };
-        connections(1);
-        let less = Table::from([(vk(1), one(&[1])), (vk(2), one(&[3]))]);
-        p.sync(wanted(&less, &BTreeMap::new()), false).unwrap();
-        assert_eq!(fake.lock().unwrap().table[&vk(1)].dests[&d2].weight, 0);
-        // The connection ends; the next full sync deletes the drained server.
-        connections(0);
-        p.sync(wanted(&less, &BTreeMap::new()), true).unwrap();
-        assert_eq!(fake.lock().unwrap().table, less);
-    }
-
-    #[test]
-    fn excluded_addresses_are_left_alone_and_sets_change_by_difference() {
-        let fake = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
-        let foreign = VirtualKey {
-            addr: "192.0.2.1".parse().unwrap(),
-            protocol: Protocol::Udp,
-            port: 53,
-        };
-        fake.lock().unwrap().table.insert(foreign, one(&[9]));
-        let exclude = vec!["192.0.2.0/24".parse().unwrap()];
-        let mut p = Program::new(Box::new(Shared(fake.clone())), companions(), exclude);
-        let want = Table::from([(vk(1), one(&[1]))]);
-        let mut w = wanted(&want, &BTreeMap::new());
-        w.sets
-            .entry(ipset::Set::ClusterIp)
-            .or_default()
-            .insert("10.96.0.1,tcp:80".into());
-        let r = p.sync(w, true).unwrap();
-        assert!(r.rules_written && r.set_members == 1);
-        assert!(fake.lock().unwrap().table.contains_key(&foreign));
-        // Nothing changed: no set member, no rule, no operation.
-        let mut w = wanted(&want, &BTreeMap::new());
-        w.sets
-            .entry(ipset::Set::ClusterIp)
-            .or_default()
-            .insert("10.96.0.1,tcp:80".into());
-        let r = p.sync(w, false).unwrap();
-        assert!(!r.rules_written && r.set_members == 0 && r.operations == 0);
+        assert!(bad.is_err());
     }
 }

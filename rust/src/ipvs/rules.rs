@@ -7,8 +7,8 @@
 //! load balancers whose source ranges exclude the node, passed in as `out_filter`.
 
 use super::ipset::Set;
+use crate::config::LocalDetector;
 use crate::iptables::chains::{jump, Jump};
-use crate::iptables::render::LocalDetector;
 use crate::model::IpFamily;
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";

@@ -109,7 +109,7 @@ pub fn trace(rules: &Ruleset, table: &Table, packet: &Packet, node: &NodeFacts) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iptables::render::LocalDetector;
+    use crate::config::LocalDetector;
     use crate::iptables::trace::Origin;
     use crate::ipvs::desired::{table as wanted, Node};
     use crate::ipvs::ipset::named;

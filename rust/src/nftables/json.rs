@@ -10,8 +10,8 @@
 use super::ast::{Data, Field, Hook, Key, Match, Rule, SetDef, Stmt, Value};
 use super::backend::{Chain, Model, Set};
 use super::render::{self, Pool};
+use crate::config::{LocalDetector, RenderConfig};
 use crate::error::{Error, Result};
-use crate::iptables::render::{LocalDetector, RenderConfig};
 use crate::model::{Cidr, IpFamily, Protocol};
 use serde_json::Value as J;
 use std::net::IpAddr;

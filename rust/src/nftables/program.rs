@@ -1,74 +1,97 @@
-//! The engine's nftables side: turn a sync into one transaction (plus a cleanup transaction
+//! The nftables mode's program: turn a sync into one transaction (plus a cleanup transaction
 //! for what nothing references any more) and keep the writer in step with the kernel.
 
 use super::ast::{Fmt, Op};
 use super::backend::{Backend, Fake, Model};
 use super::render::{self, ServiceObjects};
 use super::writer::{Plan, Writer};
+use crate::config::{EngineConfig, RenderConfig};
 use crate::error::Result;
-use crate::iptables::render::RenderConfig;
-use crate::model::{IpFamily, ServiceKey};
+use crate::iptables::trace::{NodeFacts, Packet, Trace};
+use crate::model::{ChangeSet, IpFamily, ServiceKey};
+use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
+use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
-/// What one nftables sync wrote.
+/// What one nftables sync wrote, and what the table holds after it.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Written {
-    pub transactions: usize,
-    pub bytes: usize,
+pub struct Report {
     pub chains_written: usize,
     pub rules_written: usize,
     pub elements_added: usize,
     pub elements_deleted: usize,
+    /// Set and map elements the table holds after this sync.
+    pub elements_total: usize,
     pub stale_chains_deleted: usize,
     /// The cleanup transaction was refused (retried by the next sync).
     pub cleanup_failed: bool,
-    pub render_seconds: f64,
-    pub apply_seconds: f64,
 }
 
-pub struct Program {
+pub struct NftablesProgram {
     family: IpFamily,
+    render_config: RenderConfig,
     backend: Box<dyn Backend>,
     writer: Writer,
     /// What the Services a change set touches rendered to before it was applied.
     before: BTreeMap<ServiceKey, ServiceObjects>,
 }
 
-impl Program {
-    pub fn new(family: IpFamily, backend: Box<dyn Backend>) -> Program {
-        Program {
-            family,
+impl NftablesProgram {
+    pub fn new(config: &EngineConfig, backend: Box<dyn Backend>) -> NftablesProgram {
+        NftablesProgram {
+            family: config.family,
+            render_config: config.render_config(),
             backend,
             writer: Writer::default(),
             before: BTreeMap::new(),
         }
     }
 
-    pub fn writer(&self) -> &Writer {
-        &self.writer
+    fn apply(&mut self, ops: &[Op]) -> Result<usize> {
+        self.backend.apply(ops)
     }
 
-    /// Call before applying a change set to `state`: remember what the Services in `keys`
-    /// render to now (the kernel's content for them), for the partial sync that follows.
-    pub fn remember(&mut self, state: &State, cfg: &RenderConfig, keys: &BTreeSet<ServiceKey>) {
-        self.before = keys
-            .iter()
+    /// The table `state` programs, in memory (for the tracer and `kproxy diff`): the Fake's
+    /// own table, or the rendered one.
+    pub fn model(&self, state: &State) -> Result<Model> {
+        if let Some(m) = self.backend.model() {
+            return Ok(m.clone());
+        }
+        let mut fake = Fake::new(self.family);
+        fake.apply(&Writer::default().full(state, &self.render_config, &[]).ops)?;
+        Ok(fake.model)
+    }
+}
+
+impl Program for NftablesProgram {
+    /// Remember what the Services the change set touches render to now (the kernel's content
+    /// for them): the partial sync that follows diffs against it.
+    fn prepare(&mut self, state: &State, changes: &ChangeSet) {
+        let cfg = &self.render_config;
+        self.before = state
+            .affected(changes)
+            .into_iter()
             .filter(|k| state.has_service(k))
-            .map(|k| (k.clone(), render::render_service(state, cfg, k)))
+            .map(|k| {
+                let objects = render::render_service(state, cfg, &k);
+                (k, objects)
+            })
             .collect();
     }
 
     /// Write `changed` (or everything, when `full`). On failure nothing was changed in the
-    /// kernel (a transaction is atomic) and the caller must make the next sync full.
-    pub fn sync(
+    /// kernel (a transaction is atomic) and the next sync is full.
+    fn sync(
         &mut self,
         state: &State,
-        cfg: &RenderConfig,
         changed: &BTreeSet<ServiceKey>,
         full: bool,
-    ) -> Result<Written> {
-        let t0 = std::time::Instant::now();
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let cfg = &self.render_config;
         let plan: Plan = if full {
             // Sessions survive a resync: carry the affinity entries into the new table.
             let affinity = self.backend.affinity()?;
@@ -77,64 +100,67 @@ impl Program {
             self.writer.partial(state, cfg, changed, &mut self.before)
         };
         self.before.clear();
-        let mut w = Written {
+        let mut r = Report {
             chains_written: plan.chains_written,
             rules_written: plan.rules_written,
             elements_added: plan.elements_added,
             elements_deleted: plan.elements_deleted,
-            render_seconds: t0.elapsed().as_secs_f64(),
-            ..Written::default()
+            ..Report::default()
         };
-        let t1 = std::time::Instant::now();
+        report.render_seconds = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
         if !plan.ops.is_empty() {
-            w.bytes += self.apply(&plan.ops)?;
-            w.transactions += 1;
+            report.bytes += self.apply(&plan.ops)?;
+            report.transactions += 1;
         }
         if !plan.cleanup.is_empty() {
             // Failing here loses nothing: the stale objects are retried next time.
             match self.apply(&plan.cleanup) {
                 Ok(bytes) => {
-                    w.bytes += bytes;
-                    w.transactions += 1;
-                    w.stale_chains_deleted = plan
+                    report.bytes += bytes;
+                    report.transactions += 1;
+                    r.stale_chains_deleted = plan
                         .cleanup
                         .iter()
                         .filter(|o| matches!(o, Op::DeleteChain(_)))
                         .count();
                     self.writer.cleaned();
                 }
-                Err(_) => w.cleanup_failed = true,
+                Err(_) => r.cleanup_failed = true,
             }
         }
-        w.apply_seconds = t1.elapsed().as_secs_f64();
-        Ok(w)
+        report.apply_seconds = t1.elapsed().as_secs_f64();
+        let totals = self.writer.totals();
+        report.wrote = report.transactions > 0;
+        report.service_ports = totals.service_ports;
+        report.endpoints = totals.endpoints;
+        report.no_local_internal = totals.no_local_internal;
+        report.no_local_external = totals.no_local_external;
+        r.elements_total = self.writer.element_total();
+        report.mode = ModeReport::Nftables(r);
+        Ok(())
     }
 
-    fn apply(&mut self, ops: &[Op]) -> Result<usize> {
-        self.backend.apply(ops)
-    }
-
-    /// The complete transaction for `state` (nothing is applied).
-    pub fn render(&self, state: &State, cfg: &RenderConfig) -> String {
-        Fmt(self.family).script(&Writer::default().full(state, cfg, &[]).ops)
-    }
-
-    /// The table `state` programs, in memory (for the tracer).
-    pub fn model(&self, state: &State, cfg: &RenderConfig) -> Result<Model> {
-        if let Some(m) = self.backend.model() {
-            return Ok(m.clone());
-        }
-        let mut fake = Fake::new(self.family);
-        fake.apply(&Writer::default().full(state, cfg, &[]).ops)?;
-        Ok(fake.model)
-    }
-
-    pub fn intact(&mut self) -> Result<bool> {
+    fn intact(&mut self) -> Result<bool> {
         self.backend.intact()
     }
 
-    pub fn dump(&mut self) -> Result<String> {
+    /// The complete transaction for `state` (nothing is applied).
+    fn render(&self, state: &State) -> String {
+        Fmt(self.family).script(&Writer::default().full(state, &self.render_config, &[]).ops)
+    }
+
+    fn dump(&mut self) -> Result<String> {
         self.backend.dump()
+    }
+
+    fn trace(&mut self, state: &State, packet: &Packet, node: &NodeFacts) -> Result<Trace> {
+        let model = self.model(state)?;
+        Ok(super::trace::trace(&model, self.family, packet, node))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -146,7 +172,8 @@ pub fn cleanup(backend: &mut dyn Backend) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Engine, EngineConfig};
+    use crate::config::EngineConfig;
+    use crate::engine::Engine;
     use crate::model::ChangeSet;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -189,6 +216,10 @@ mod tests {
         }
     }
 
+    fn cleanup_failed(r: &SyncReport) -> bool {
+        matches!(&r.mode, ModeReport::Nftables(n) if n.cleanup_failed)
+    }
+
     fn changes(eps_of_s1: &[&str]) -> ChangeSet {
         let eps: Vec<String> = eps_of_s1
             .iter()
@@ -218,7 +249,8 @@ mod tests {
             fail: fail.clone(),
             refuse_set_deletes: Arc::default(),
         };
-        let mut engine = Engine::with_nft_backend(cfg, Box::new(backend));
+        let program = NftablesProgram::new(&cfg, Box::new(backend));
+        let mut engine = Engine::with_program(cfg, Box::new(program));
         engine
             .sync(changes(&["10.1.0.1", "10.1.0.2"]), false)
             .unwrap();
@@ -247,7 +279,8 @@ mod tests {
             fail: Arc::default(),
             refuse_set_deletes: refuse.clone(),
         };
-        let mut engine = Engine::with_nft_backend(cfg, Box::new(backend));
+        let program = NftablesProgram::new(&cfg, Box::new(backend));
+        let mut engine = Engine::with_program(cfg, Box::new(program));
         engine
             .sync(changes(&["10.1.0.1", "10.1.0.2"]), false)
             .unwrap();
@@ -257,7 +290,7 @@ mod tests {
         let r = engine
             .sync(changes(&["10.1.0.1", "10.1.0.2", "10.1.0.3"]), false)
             .unwrap();
-        assert!(r.cleanup_failed && !r.full);
+        assert!(cleanup_failed(&r) && !r.full);
         let dump = engine.dump().unwrap();
         assert!(
             dump.contains("endpoints-2") && dump.contains("10.1.0.2"),
@@ -268,7 +301,7 @@ mod tests {
         let r = engine
             .sync(changes(&["10.1.0.4", "10.1.0.5"]), false)
             .unwrap();
-        assert!(!r.full && !r.cleanup_failed);
+        assert!(!r.full && !cleanup_failed(&r));
         let dump = engine.dump().unwrap();
         for gone in ["10.1.0.1", "10.1.0.2", "10.1.0.3", "endpoints-3"] {
             assert!(!dump.contains(gone), "{gone} in {dump}");

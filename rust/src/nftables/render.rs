@@ -21,10 +21,11 @@
 //!   affinity Services keep per-endpoint chains (they must record the choice).
 
 use super::ast::{Data, Field, Hook, Key, Match, Rule, SetDef, SetSpec, Stmt, Value};
-use crate::iptables::render::{Counts, LocalDetector, RenderConfig};
+use crate::config::{LocalDetector, RenderConfig};
 use crate::model::{aggregate, Cidr, Endpoint, IpFamily, Protocol, ServiceKey, ServicePortName};
 use crate::naming::{endpoint_id, nft_endpoint_base, nft_service_base};
 use crate::state::{ServicePortView, State};
+use crate::topology::Counts;
 use crate::topology::{categorize, NodeView};
 use std::collections::BTreeMap;
 use std::net::IpAddr;

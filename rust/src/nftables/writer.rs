@@ -12,9 +12,10 @@
 use super::ast::{Data, Hook, Key, Op, Rule};
 use super::packed::PackedKey;
 use super::render::{self, Fixed, Pool, ServiceObjects, SetId, AFFINITY, NODEPORT_IPS};
-use crate::iptables::render::{Counts, RenderConfig};
+use crate::config::RenderConfig;
 use crate::model::ServiceKey;
 use crate::state::State;
+use crate::topology::Counts;
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

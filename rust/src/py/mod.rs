@@ -5,9 +5,14 @@
 
 mod errors;
 
-use crate::engine::{self, EngineConfig, SyncReport as CoreReport};
+use crate::config::{EngineConfig, Mode};
+use crate::engine;
+use crate::forward::program::UserspaceProgram;
 use crate::iptables::{self, trace};
+use crate::ipvs::program::IpvsProgram;
 use crate::model::{ChangeSet, IpFamily};
+use crate::nftables::program::NftablesProgram;
+use crate::program::{ModeReport, SyncReport as CoreReport};
 use errors::to_py;
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -60,33 +65,59 @@ impl SyncReport {
     fn endpoints(&self) -> usize {
         self.0.endpoints
     }
+    /// Rules written: iptables' nat table, nftables' rules.
     #[getter]
     fn nat_rules(&self) -> usize {
-        self.0.nat_rules
+        match &self.0.mode {
+            ModeReport::Iptables(r) => r.nat_rules,
+            ModeReport::Nftables(r) => r.rules_written,
+            _ => 0,
+        }
     }
     #[getter]
     fn filter_rules(&self) -> usize {
-        self.0.filter_rules
+        match &self.0.mode {
+            ModeReport::Iptables(r) => r.filter_rules,
+            _ => 0,
+        }
     }
     #[getter]
     fn nat_rules_total(&self) -> usize {
-        self.0.nat_rules_total
+        match &self.0.mode {
+            ModeReport::Iptables(r) => r.nat_rules_total,
+            _ => 0,
+        }
     }
     #[getter]
     fn filter_rules_total(&self) -> usize {
-        self.0.filter_rules_total
+        match &self.0.mode {
+            ModeReport::Iptables(r) => r.filter_rules_total,
+            _ => 0,
+        }
     }
     #[getter]
     fn transactions(&self) -> usize {
         self.0.transactions
     }
+    /// Chains written (userspace: listeners opened or re-pointed).
     #[getter]
     fn chains_written(&self) -> usize {
-        self.0.chains_written
+        match &self.0.mode {
+            ModeReport::Iptables(r) => r.chains_written,
+            ModeReport::Nftables(r) => r.chains_written,
+            ModeReport::Userspace(r) => r.opened + r.changed,
+            _ => 0,
+        }
     }
+    /// Chains deleted (userspace: listeners closed).
     #[getter]
     fn stale_chains_deleted(&self) -> usize {
-        self.0.stale_chains_deleted
+        match &self.0.mode {
+            ModeReport::Iptables(r) => r.stale_chains_deleted,
+            ModeReport::Nftables(r) => r.stale_chains_deleted,
+            ModeReport::Userspace(r) => r.closed,
+            _ => 0,
+        }
     }
     #[getter]
     fn bytes(&self) -> usize {
@@ -100,25 +131,39 @@ impl SyncReport {
     fn no_local_external(&self) -> usize {
         self.0.no_local_external
     }
+    /// Set and map elements added (ipvs: ipset members written).
     #[getter]
     fn elements_added(&self) -> usize {
-        self.0.elements_added
+        match &self.0.mode {
+            ModeReport::Nftables(r) => r.elements_added,
+            ModeReport::Ipvs(r) => r.set_members,
+            _ => 0,
+        }
     }
     #[getter]
     fn elements_deleted(&self) -> usize {
-        self.0.elements_deleted
+        match &self.0.mode {
+            ModeReport::Nftables(r) => r.elements_deleted,
+            _ => 0,
+        }
     }
     #[getter]
     fn elements_total(&self) -> usize {
-        self.0.elements_total
+        match &self.0.mode {
+            ModeReport::Nftables(r) => r.elements_total,
+            _ => 0,
+        }
     }
     #[getter]
     fn cleanup_failed(&self) -> bool {
-        self.0.cleanup_failed
+        matches!(&self.0.mode, ModeReport::Nftables(r) if r.cleanup_failed)
     }
     #[getter]
     fn listen_errors(&self) -> Vec<String> {
-        self.0.listen_errors.clone()
+        match &self.0.mode {
+            ModeReport::Userspace(r) => r.listen_errors.clone(),
+            _ => Vec::new(),
+        }
     }
     /// (namespace, name, address, owner "namespace/name") of every externalIP or LB IP left
     /// out because it is another Service's cluster IP.
@@ -211,20 +256,33 @@ impl Engine {
 
     /// The userspace forwarder's counters by name (empty in the other modes).
     fn forward_stats(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        self.lock().forward_stats().into_iter().collect()
+        let engine = self.lock();
+        let program = engine.program::<UserspaceProgram>();
+        program
+            .map(|p| p.stats())
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
     }
 
     /// ipvs mode: (one line per virtual server and set member, the companion rules and their
     /// jumps as iptables-restore input for an empty namespace, the sets as ipset restore
     /// input) for the current state.
     fn ipvs_parts(&self, py: Python<'_>) -> (Vec<String>, String, String) {
-        py.detach(|| self.lock().ipvs_parts())
+        py.detach(|| {
+            let engine = self.lock();
+            let program = engine.program::<IpvsProgram>();
+            program.map(|p| p.parts(engine.state())).unwrap_or_default()
+        })
     }
 
     /// ipvs mode: the addresses kube-ipvs0 should hold after the last sync (empty otherwise).
     fn ipvs_addresses(&self) -> Vec<String> {
-        self.lock()
-            .ipvs_bind()
+        let engine = self.lock();
+        engine
+            .program::<IpvsProgram>()
+            .map(|p| p.bind())
+            .unwrap_or_default()
             .iter()
             .map(ToString::to_string)
             .collect()
@@ -240,10 +298,10 @@ impl Engine {
     #[getter]
     fn mode(&self) -> &'static str {
         match self.lock().mode() {
-            engine::Mode::Iptables => "iptables",
-            engine::Mode::Nftables => "nftables",
-            engine::Mode::Userspace => "userspace",
-            engine::Mode::Ipvs => "ipvs",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+            Mode::Userspace => "userspace",
+            Mode::Ipvs => "ipvs",
         }
     }
 
@@ -261,9 +319,13 @@ impl Engine {
     /// The nftables table this engine programs (None in the iptables mode).
     fn nft_table(&self, py: Python<'_>) -> PyResult<Option<NftTable>> {
         let family = self.family;
-        py.detach(|| self.lock().nft_model())
-            .map(|m| m.map(|model| NftTable { model, family }))
-            .map_err(to_py)
+        py.detach(|| {
+            let engine = self.lock();
+            let program = engine.program::<NftablesProgram>();
+            program.map(|p| p.model(engine.state())).transpose()
+        })
+        .map(|m| m.map(|model| NftTable { model, family }))
+        .map_err(to_py)
     }
 
     /// Trace the first packet of a connection through the rules this engine programs (see
@@ -548,7 +610,7 @@ fn ipvs_live_lines(py: Python<'_>, family: &str) -> PyResult<Vec<String>> {
 #[pyfunction]
 fn cleanup_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
     let fam = family_of(family).map_err(to_py)?;
-    py.detach(|| engine::cleanup(&mut iptables::Kernel::new(fam)))
+    py.detach(|| crate::cleanup::iptables_tables(&mut iptables::Kernel::new(fam)))
         .map_err(to_py)
 }
 
