@@ -3,8 +3,9 @@
 //! may hold either).
 
 use crate::error::Result;
-use crate::iptables::{chains, Backend};
+use crate::iptables::chains;
 use crate::ipvs;
+use crate::xtables::Backend;
 
 /// Remove everything the iptables and ipvs modes create in one family's iptables tables: the
 /// jump rules from the built-in chains, then every chain of ours. Safe to run twice and on a

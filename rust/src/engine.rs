@@ -6,10 +6,10 @@
 
 use crate::config::{EngineConfig, Mode};
 use crate::error::Result;
-use crate::iptables::trace::{NodeFacts, Packet, Trace};
 use crate::model::ChangeSet;
 use crate::program::{self, Program, SyncReport};
 use crate::state::State;
+use crate::trace::{NodeFacts, Packet, Trace};
 
 pub struct Engine {
     config: EngineConfig,

@@ -5,19 +5,29 @@
 //!
 //! ```text
 //! ChangeSet --state::State::apply--> merged services and endpoints (per engine, one IP family)
-//!           --topology::categorize--> which endpoints serve cluster, local and external traffic
-//!           --iptables::render--------> each changed Service's rules (deterministic order)
-//!           --iptables::dispatch------> shared-chain entries placed in bounded bucket chains
-//!           --iptables::writer--------> only what changed (partial) or everything (full)
-//!           --iptables::Backend-------> the kernel (iptables-restore --noflush) or a Fake
+//!           --engine::Engine-------> the mode's program::Program (one per engine):
+//!               iptables/program.rs   render per Service, write what changed, iptables-restore
+//!               nftables/program.rs   one nft transaction per sync (plus a cleanup one)
+//!               ipvs/program.rs       IPVS over netlink, ipsets, companion iptables rules
+//!               forward/program.rs    userspace listeners (and nftables redirects to them)
 //! ```
+//!
+//! The shared layer every mode reads:
 //!
 //! * [`model`] holds normalized, validated values; nothing user-controlled reaches rule text
 //!   without having passed validation there (names) or being hashed (chain names).
-//! * [`engine::Engine`] owns merged state and what was last applied, so a resync never sends the
-//!   world across the language boundary again. Any failed apply makes the next sync full.
+//! * [`config`]: what an engine is configured with ([`config::EngineConfig`], validated once)
+//!   and the settings every renderer reads ([`config::RenderConfig`]).
+//! * [`state`] and [`topology`]: merged Services and endpoints, and which endpoints serve
+//!   cluster, local and external traffic.
+//! * [`trace`]: the packet tracer's types, and the iptables-rule walker ([`trace::xtables`]);
+//!   [`xtables`]: the iptables tools both the iptables mode and the ipvs mode program through.
+//! * [`engine::Engine`] owns merged state and the full-resync flag, so a resync never sends
+//!   the world across the language boundary again. Any failed apply makes the next sync full.
+//!   It knows no mode: [`program::build`] picks the program.
 //! * [`error::Error`] is the one error type; `py/` maps it onto `kproxy.errors`.
 //! * Only `py/` uses pyo3: `cargo test --no-default-features` builds without libpython.
+//! * No mode folder imports another's.
 
 pub mod cleanup;
 pub mod config;
@@ -34,6 +44,8 @@ pub mod nftables;
 pub mod program;
 pub mod state;
 pub mod topology;
+pub mod trace;
+pub mod xtables;
 
 #[cfg(feature = "python")]
 mod py;

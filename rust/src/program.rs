@@ -12,10 +12,10 @@
 
 use crate::config::{BackendKind, EngineConfig, Mode};
 use crate::error::Result;
-use crate::iptables::trace::{NodeFacts, Packet, Trace};
 use crate::model::{ChangeSet, ServiceKey};
 use crate::state::{AddressConflict, State};
-use crate::{forward, iptables, ipvs, nftables};
+use crate::trace::{NodeFacts, Packet, Trace};
+use crate::{forward, iptables, ipvs, nftables, xtables};
 use std::any::Any;
 use std::collections::BTreeSet;
 
@@ -61,9 +61,9 @@ pub fn build(config: &EngineConfig) -> Box<dyn Program> {
         Mode::Iptables => Box::new(iptables::program::IptablesProgram::new(
             config,
             if fake {
-                Box::new(iptables::Fake::new())
+                Box::new(xtables::Fake::new())
             } else {
-                Box::new(iptables::Kernel::new(config.family))
+                Box::new(xtables::Kernel::new(config.family))
             },
         )),
         Mode::Nftables => Box::new(nftables::program::NftablesProgram::new(

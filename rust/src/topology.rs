@@ -7,6 +7,7 @@
 //!   ones. A Local policy wins over topology for its traffic type.
 
 use crate::model::Endpoint;
+use crate::state::{ServicePortView, State};
 
 /// Inputs that decide which policies a service port uses.
 #[derive(Clone, Copy, Debug)]
@@ -170,6 +171,92 @@ pub fn categorize<'a>(
         })
         .collect();
     out
+}
+
+/// What one Service port's traffic goes to on this node: computed once per port, read by
+/// every mode (the policy prologue each renderer used to spell out for itself).
+#[derive(Debug)]
+pub struct Serving<'a> {
+    pub policies: Policies,
+    pub endpoints: Categorized<'a>,
+}
+
+impl<'a> Serving<'a> {
+    /// The endpoints of `sp` in `state`, categorized for this node.
+    pub fn of(state: &'a State, sp: &ServicePortView<'_>, node: NodeView<'_>) -> Serving<'a> {
+        let policies = sp.policies();
+        let all = state.endpoints(&sp.name);
+        Serving {
+            policies,
+            endpoints: categorize(&all, policies, node),
+        }
+    }
+
+    /// Whether any usable endpoint exists anywhere in the cluster.
+    pub fn has_any(&self) -> bool {
+        self.endpoints.has_any
+    }
+
+    /// Internal traffic (cluster IP) has an endpoint to go to: a local one under a Local
+    /// internal policy, any one otherwise.
+    pub fn has_internal(&self) -> bool {
+        if self.policies.internal_local {
+            !self.endpoints.local.is_empty()
+        } else {
+            self.endpoints.has_any
+        }
+    }
+
+    /// External traffic (NodePorts, externalIPs, LB IPs) has an endpoint to go to.
+    pub fn has_external(&self) -> bool {
+        if self.policies.external_local {
+            !self.endpoints.local.is_empty()
+        } else {
+            self.endpoints.has_any
+        }
+    }
+
+    /// The endpoints internal traffic is spread over.
+    pub fn internal(&self) -> &[&'a Endpoint] {
+        self.pick(self.policies.internal_local)
+    }
+
+    /// The endpoints external traffic is spread over.
+    pub fn external(&self) -> &[&'a Endpoint] {
+        self.pick(self.policies.external_local)
+    }
+
+    /// The ipvs mode's choice, as upstream's (kubernetes#97081): a Local policy with no local
+    /// endpoint falls back to the cluster's endpoints when the port has them, so pods on a
+    /// node without one still reach the Service (external clients' replies are lost, as
+    /// upstream accepts).
+    pub fn with_cluster_fallback(&self, local: bool) -> &[&'a Endpoint] {
+        if local && self.endpoints.local.is_empty() {
+            &self.endpoints.cluster
+        } else {
+            self.pick(local)
+        }
+    }
+
+    fn pick(&self, local: bool) -> &[&'a Endpoint] {
+        if local {
+            &self.endpoints.local
+        } else {
+            &self.endpoints.cluster
+        }
+    }
+
+    /// What this port adds to a sync's counters: itself, the endpoints rules may reach, and
+    /// whether a Local policy finds no endpoint here while others exist.
+    pub fn counts(&self) -> Counts {
+        let any = self.endpoints.has_any;
+        Counts {
+            service_ports: 1,
+            endpoints: self.endpoints.all_reachable.len(),
+            no_local_internal: usize::from(any && !self.has_internal()),
+            no_local_external: usize::from(any && !self.has_external()),
+        }
+    }
 }
 
 /// What a set of Service ports adds up to: the counters a sync reports (every mode).

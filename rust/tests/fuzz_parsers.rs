@@ -1,13 +1,13 @@
 //! Property tests: the parsers that read outside input never panic, whatever they are fed,
 //! and only valid names ever come out of a change set.
 
-use _core::iptables::trace::Ruleset;
 use _core::ipvs::message::{decode_dest, decode_service, encode};
 use _core::ipvs::{DestKey, Op, Service, VirtualKey};
 use _core::model::Protocol;
 use _core::model::{ChangeSet, IpFamily};
 use _core::nftables::json::model_from_json;
 use _core::nftables::netlink::read_acks;
+use _core::trace::xtables::Ruleset;
 use proptest::prelude::*;
 use std::net::IpAddr;
 

@@ -4,10 +4,10 @@
 use super::{portals, routes, ForwardConfig, Forwarder};
 use crate::config::{BackendKind, EngineConfig};
 use crate::error::{Error, Result};
-use crate::iptables::trace::{NodeFacts, Packet, Trace};
 use crate::model::{IpFamily, ServiceKey};
 use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
+use crate::trace::{NodeFacts, Packet, Trace};
 use std::any::Any;
 use std::collections::BTreeSet;
 use std::net::IpAddr;

@@ -14,7 +14,7 @@
 use super::{Listen, Route};
 use crate::model::{Protocol, ServiceKey};
 use crate::state::{ServicePortView, State};
-use crate::topology::{categorize, NodeView};
+use crate::topology::{NodeView, Serving};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -58,24 +58,14 @@ fn routes_of<'a>(
             continue;
         }
         let svc = sp.service;
-        let endpoints = state.endpoints(&sp.name);
-        let policies = sp.policies();
-        let cat = categorize(&endpoints, policies, node);
+        let serving = Serving::of(state, &sp, node);
         let to_addrs = |eps: &[&crate::model::Endpoint]| -> Vec<SocketAddr> {
             eps.iter()
                 .map(|e| SocketAddr::new(e.ip, e.port.get()))
                 .collect()
         };
-        let internal = to_addrs(if policies.internal_local {
-            &cat.local
-        } else {
-            &cat.cluster
-        });
-        let external = to_addrs(if policies.external_local {
-            &cat.local
-        } else {
-            &cat.cluster
-        });
+        let internal = to_addrs(serving.internal());
+        let external = to_addrs(serving.external());
         let route = |endpoints: &Vec<SocketAddr>, portal_ips: Vec<IpAddr>| Route {
             owner: sp.name.service.clone(),
             service: sp.name.to_string(),

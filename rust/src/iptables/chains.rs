@@ -1,11 +1,12 @@
 //! Fixed chain names and the jump rules from the built-in chains, as upstream has them.
 
-pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+use crate::xtables::jumps::{
+    jump, Jump, FORWARD, PORTALS_FROM_OUTPUT, PORTALS_FROM_PREROUTING, POSTROUTING,
+};
+use crate::xtables::{KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, KUBE_SERVICES};
+
 pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
 pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
-pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
-pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
-pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 /// Anti-martian drop for localhost NodePorts (a copy of kubelet's chain, as upstream).
 pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
@@ -32,18 +33,6 @@ pub const NAT_CHAINS: &[&str] = &[
     KUBE_SERVICES,
 ];
 
-/// Targets that are not chains (the ones kproxy's rules use).
-pub const BUILTIN_TARGETS: &[&str] = &[
-    "ACCEPT",
-    "DROP",
-    "REJECT",
-    "RETURN",
-    "DNAT",
-    "SNAT",
-    "MASQUERADE",
-    "MARK",
-];
-
 /// Prefixes of per-service and per-endpoint nat chains (what a stale-chain sweep may delete).
 pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
     "KUBE-SVC-",
@@ -64,48 +53,6 @@ pub fn is_dynamic_chain(name: &str) -> bool {
             .iter()
             .any(|p| name.starts_with(p))
 }
-
-/// A rule in a built-in chain that sends traffic into one of ours.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Jump {
-    pub table: &'static str,
-    pub from: &'static str,
-    pub to: &'static str,
-    /// Match arguments before `-j`, including the comment (fixed text, never user input).
-    pub args: &'static [&'static str],
-}
-
-const NEW: &[&str] = &["-m", "conntrack", "--ctstate", "NEW"];
-
-/// A [`Jump`] with a comment (and, with `new`, only for new connections).
-macro_rules! jump {
-    ($table:expr, $from:expr, $to:expr, $comment:expr, new) => {
-        $crate::iptables::chains::Jump {
-            table: $table,
-            from: $from,
-            to: $to,
-            args: &[
-                "-m",
-                "comment",
-                "--comment",
-                $comment,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW",
-            ],
-        }
-    };
-    ($table:expr, $from:expr, $to:expr, $comment:expr) => {
-        $crate::iptables::chains::Jump {
-            table: $table,
-            from: $from,
-            to: $to,
-            args: &["-m", "comment", "--comment", $comment],
-        }
-    };
-}
-pub(crate) use jump;
 
 /// Upstream's `iptablesJumpChains`, in the order it ensures them.
 pub const JUMPS: &[Jump] = &[
@@ -143,12 +90,7 @@ pub const JUMPS: &[Jump] = &[
         "kubernetes service portals",
         new
     ),
-    jump!(
-        "filter",
-        "FORWARD",
-        KUBE_FORWARD,
-        "kubernetes forwarding rules"
-    ),
+    FORWARD,
     jump!(
         "filter",
         "INPUT",
@@ -170,19 +112,9 @@ pub const JUMPS: &[Jump] = &[
         "kubernetes load balancer firewall",
         new
     ),
-    jump!("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
-    jump!(
-        "nat",
-        "PREROUTING",
-        KUBE_SERVICES,
-        "kubernetes service portals"
-    ),
-    jump!(
-        "nat",
-        "POSTROUTING",
-        KUBE_POSTROUTING,
-        "kubernetes postrouting rules"
-    ),
+    PORTALS_FROM_OUTPUT,
+    PORTALS_FROM_PREROUTING,
+    POSTROUTING,
 ];
 
 /// Jumps to the anti-martian chain, present only with localhost NodePorts (IPv4).
@@ -200,52 +132,3 @@ pub const FIREWALL_JUMPS: &[Jump] = &[
         "kubernetes firewall for dropping marked packets"
     ),
 ];
-
-impl Jump {
-    /// The rule as iptables arguments after the chain name: `<args> -j <to>`.
-    pub fn rule_args(&self) -> Vec<&'static str> {
-        let mut v = self.args.to_vec();
-        v.push("-j");
-        v.push(self.to);
-        v
-    }
-
-    /// The rule as iptables-save prints it after the chain name (arguments with spaces
-    /// quoted).
-    pub fn rule_text(&self) -> String {
-        self.rule_args()
-            .iter()
-            .map(|a| {
-                if a.contains(' ') {
-                    format!("\"{a}\"")
-                } else {
-                    (*a).to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// Whether the rule matches on conntrack state NEW (for the tracer and tests).
-    pub fn new_only(&self) -> bool {
-        self.args.windows(NEW.len()).any(|w| w == NEW)
-    }
-}
-
-/// `jumps` as `iptables-restore --noflush` input appending them to the built-in chains (for
-/// an empty namespace: `ensure_jumps` is what keeps them unique on a node).
-pub fn restore_text(jumps: &[Jump]) -> String {
-    let mut out = String::new();
-    for table in ["nat", "filter"] {
-        let mine: Vec<&Jump> = jumps.iter().filter(|j| j.table == table).collect();
-        if mine.is_empty() {
-            continue;
-        }
-        out.push_str(&format!("*{table}\n"));
-        for j in mine {
-            out.push_str(&format!("-A {} {}\n", j.from, j.rule_text()));
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
-}

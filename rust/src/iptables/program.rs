@@ -1,14 +1,16 @@
 //! The iptables mode's program: render what changed, apply it with `iptables-restore
 //! --noflush` (in batches when large), and keep the writer in step with the kernel.
 
-use super::trace::{self, NodeFacts, Packet, Trace};
+use super::chains;
 use super::writer::Writer;
-use super::{chains, Backend};
 use crate::config::{BackendKind, EngineConfig, RenderConfig};
 use crate::error::Result;
 use crate::model::{IpFamily, ServiceKey};
 use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
+use crate::trace::xtables as trace;
+use crate::trace::{NodeFacts, Packet, Trace};
+use crate::xtables::Backend;
 use std::any::Any;
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -155,7 +157,7 @@ mod tests {
     use super::*;
     use crate::engine::tests::cluster;
     use crate::engine::Engine;
-    use crate::iptables::Fake;
+    use crate::xtables::Fake;
 
     fn config() -> EngineConfig {
         EngineConfig::from_json(

@@ -16,7 +16,8 @@ use crate::model::{IpFamily, Protocol, ServiceKey};
 use crate::naming::{endpoint_chain, join_host_port, ServiceChains};
 use crate::state::{ServicePortView, State};
 use crate::topology::Counts;
-use crate::topology::{categorize, NodeView};
+use crate::topology::{NodeView, Serving};
+use crate::xtables::{KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING};
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
@@ -242,32 +243,32 @@ fn render_service_port(
     let Some(cluster_ip) = sp.cluster_ip else {
         return;
     };
-    out.counts.service_ports += 1;
+    let serving = Serving::of(state, sp, node);
+    out.counts.add(&serving.counts());
     let name = sp.name.to_string();
     let chains = ServiceChains::new(&sp.name);
     let p = proto(sp.name.protocol);
     let port = sp.port.port;
     let svc = sp.service;
 
-    let endpoints = state.endpoints(&sp.name);
-    let policies = sp.policies();
-    let cat = categorize(&endpoints, policies, node);
-    out.counts.endpoints += cat.all_reachable.len();
-
+    let (policies, cat) = (serving.policies, &serving.endpoints);
     let uses_cluster_chain = !cat.cluster.is_empty() && policies.uses_cluster();
     let uses_local_chain = !cat.local.is_empty() && policies.uses_local();
 
-    let has_endpoints = cat.has_any;
-    let (internal_chain, has_internal) = if policies.internal_local {
-        (&chains.local, !cat.local.is_empty())
-    } else {
-        (&chains.cluster, has_endpoints)
+    let (has_endpoints, has_internal, has_external) = (
+        serving.has_any(),
+        serving.has_internal(),
+        serving.has_external(),
+    );
+    let chain_of = |local: bool| {
+        if local {
+            &chains.local
+        } else {
+            &chains.cluster
+        }
     };
-    let (external_policy_chain, has_external) = if policies.external_local {
-        (&chains.local, !cat.local.is_empty())
-    } else {
-        (&chains.cluster, has_endpoints)
-    };
+    let internal_chain = chain_of(policies.internal_local);
+    let external_policy_chain = chain_of(policies.external_local);
     let uses_external_chain = has_endpoints && policies.externally_accessible;
     let uses_fw_chain =
         has_endpoints && !sp.load_balancer_ips.is_empty() && !sp.source_ranges.is_empty();
@@ -291,12 +292,6 @@ fn render_service_port(
         (reject, c.clone(), reject, c)
     } else {
         let c = format!("{name} has no local endpoints");
-        if !has_internal {
-            out.counts.no_local_internal += 1;
-        }
-        if !has_external {
-            out.counts.no_local_external += 1;
-        }
         ("DROP", c.clone(), "DROP", c)
     };
 
@@ -596,6 +591,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::LocalDetector;
     use crate::model::ChangeSet;
+    use crate::xtables::KUBE_SERVICES;
 
     pub(crate) fn cfg() -> RenderConfig {
         RenderConfig {

@@ -42,7 +42,7 @@ pub struct Plan {
     pub fixed_nat: Table,
     pub filter: Table,
     /// Partial syncs: the rewritten filter chains holding their new rules and the old ones
-    /// still wanted nowhere else, written before the nat table (see [`Plan::shared_text`]).
+    /// still wanted nowhere else, written before the nat table (see `Plan::shared_text`).
     pub filter_bridge: Table,
     /// Shared nat chains.
     pub nat: Table,
@@ -409,7 +409,8 @@ mod tests {
     #[test]
     fn partial_syncs_bridge_the_filter_and_nat_commits() {
         use crate::iptables::chains::JUMPS;
-        use crate::iptables::trace::{trace, NodeFacts, Origin, Packet, Ruleset, Verdict};
+        use crate::trace::xtables::{trace, Ruleset};
+        use crate::trace::{NodeFacts, Origin, Packet, Verdict};
         let mut state = State::new(IpFamily::V4);
         let svc = br#"{"services":[{"namespace":"ns","name":"svc","service":{"cluster_ips":["172.30.0.1"],"ports":[{"name":"p","protocol":"TCP","port":80}]}}]}"#;
         state.apply(ChangeSet::from_json(svc).unwrap());

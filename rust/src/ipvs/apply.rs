@@ -14,8 +14,8 @@ use super::plan::{draining, plan};
 use super::rules::{self, RuleConfig};
 use super::{Backend, Table, VirtualKey};
 use crate::error::{Error, Result};
-use crate::iptables;
 use crate::model::Cidr;
+use crate::xtables;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What one sync sent.
@@ -32,7 +32,7 @@ pub struct Written {
 /// The companions of the IPVS table: ipsets and the iptables rules that match them.
 pub struct Companions {
     pub sets: Box<dyn ipset::Backend>,
-    pub rules: Box<dyn iptables::Backend>,
+    pub rules: Box<dyn xtables::Backend>,
     pub config: RuleConfig,
 }
 
@@ -232,7 +232,7 @@ impl Applier {
     /// Whether our chains are still there (someone flushing them calls for a full sync).
     pub fn intact(&mut self) -> Result<bool> {
         let r = &mut self.companions.rules;
-        Ok(r.chain_exists("nat", rules::KUBE_SERVICES)?
+        Ok(r.chain_exists("nat", crate::xtables::KUBE_SERVICES)?
             && r.chain_exists("filter", rules::KUBE_IPVS_FILTER)?)
     }
 }
@@ -249,7 +249,7 @@ mod tests {
     fn companions() -> Companions {
         Companions {
             sets: Box::new(ipset::Fake::default()),
-            rules: Box::new(iptables::Fake::new()),
+            rules: Box::new(xtables::Fake::new()),
             config: RuleConfig {
                 family: IpFamily::V4,
                 local: LocalDetector::None,

@@ -12,7 +12,7 @@ use super::ipset::{ip_port, Set, Sets};
 use super::{Dest, DestKey, Service, Table, Virtual, VirtualKey, F_PERSISTENT, F_SCHED2};
 use crate::model::{Endpoint, Protocol, ServiceKey};
 use crate::state::State;
-use crate::topology::{categorize, NodeView};
+use crate::topology::{NodeView, Serving};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -73,18 +73,9 @@ fn add_port(
         zone: state.node().zone.as_deref(),
     };
     let svc = sp.service;
-    let endpoints = state.endpoints(&sp.name);
-    let policies = sp.policies();
-    let cat = categorize(&endpoints, policies, view);
-    let pick = |local: bool| -> &[&Endpoint] {
-        if local && !cat.local.is_empty() {
-            &cat.local
-        } else if local && !policies.uses_cluster() {
-            &[]
-        } else {
-            &cat.cluster
-        }
-    };
+    let serving = Serving::of(state, sp, view);
+    let policies = serving.policies;
+    let pick = |local: bool| serving.with_cluster_fallback(local);
     let scheduler = svc
         .ipvs_scheduler
         .as_deref()
@@ -132,7 +123,7 @@ fn add_port(
         }
     }
     let mut sets = std::mem::take(&mut out.sets);
-    companions(sp, &endpoints, node, &mut sets, out);
+    companions(sp, &state.endpoints(&sp.name), node, &mut sets, out);
     out.sets = sets;
 }
 

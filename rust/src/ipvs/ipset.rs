@@ -9,6 +9,7 @@
 use crate::error::Result;
 use crate::exec;
 use crate::model::{IpFamily, Protocol};
+use crate::trace::{Contents, Named};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -135,62 +136,6 @@ impl Set {
             Protocol::Udp => (Set::NodePortUdp, Set::NodePortLocalUdp),
             Protocol::Sctp => (Set::NodePortSctp, Set::NodePortLocalSctp),
         }
-    }
-}
-
-/// One set's type and members, as the tracer sees them: what kproxy would write, or what
-/// `ipset save` lists.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Contents {
-    pub kind: String,
-    pub members: BTreeSet<String>,
-}
-
-/// Sets by name.
-pub type Named = BTreeMap<String, Contents>;
-
-/// What a packet offers a set lookup (`--match-set NAME dims`).
-#[derive(Clone, Copy, Debug)]
-pub struct Lookup {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub protocol: Protocol,
-    pub dport: u16,
-}
-
-impl Contents {
-    /// Whether the packet is in the set, each dimension taken from the source (`true`) or the
-    /// destination. A source port is never known to the tracer: such a lookup fails.
-    pub fn matches(&self, from_src: &[bool], p: &Lookup) -> bool {
-        let ip =
-            |i: usize| -> Option<IpAddr> { Some(if *from_src.get(i)? { p.src } else { p.dst }) };
-        let port = |i: usize| -> Option<u16> { (!*from_src.get(i)?).then_some(p.dport) };
-        let proto = p.protocol.lower();
-        let found = match self.kind.as_str() {
-            "hash:ip" => ip(0).map(|a| a.to_string()),
-            "bitmap:port" => port(0).map(|n| n.to_string()),
-            "hash:ip,port" => ip(0).zip(port(1)).map(|(a, n)| format!("{a},{proto}:{n}")),
-            "hash:ip,port,ip" => ip(0)
-                .zip(port(1))
-                .zip(ip(2))
-                .map(|((a, n), b)| format!("{a},{proto}:{n},{b}")),
-            "hash:ip,port,net" => {
-                let (Some(a), Some(n), Some(b)) = (ip(0), port(1), ip(2)) else {
-                    return false;
-                };
-                let prefix = format!("{a},{proto}:{n},");
-                return self.members.iter().any(|m| {
-                    m.strip_prefix(&prefix).is_some_and(|net| {
-                        net.parse::<crate::model::Cidr>()
-                            .map(|c| c.contains(&b))
-                            .or_else(|_| net.parse::<IpAddr>().map(|x| x == b))
-                            .unwrap_or(false)
-                    })
-                });
-            }
-            _ => None,
-        };
-        found.is_some_and(|m| self.members.contains(&m))
     }
 }
 
@@ -461,6 +406,7 @@ mod tests {
 
     #[test]
     fn lookups_follow_each_sets_type_and_dimensions() {
+        use crate::trace::Lookup;
         let saved = "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024\n\
             add KUBE-CLUSTER-IP 10.96.0.1,tcp:80\n\
             create KUBE-NODE-PORT-TCP bitmap:port range 0-65535\nadd KUBE-NODE-PORT-TCP 30080\n\

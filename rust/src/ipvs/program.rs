@@ -8,11 +8,12 @@ use super::rules::{self, RuleConfig};
 use super::{fake, ipset, kernel};
 use crate::config::{BackendKind, EngineConfig};
 use crate::error::Result;
-use crate::iptables::chains;
-use crate::iptables::trace::{NodeFacts, Packet, Ruleset, Trace};
 use crate::model::{Cidr, IpFamily, ServiceKey};
 use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
+use crate::trace::xtables::Ruleset;
+use crate::trace::{NodeFacts, Packet, Trace};
+use crate::xtables::jumps;
 use std::any::Any;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -99,7 +100,7 @@ impl Settings {
         }
         let companions = Companions {
             sets: Box::new(ipset::Kernel),
-            rules: Box::new(crate::iptables::Kernel::new(self.family)),
+            rules: Box::new(crate::xtables::Kernel::new(self.family)),
             config: self.rules.clone(),
         };
         Ok(Applier::new(
@@ -112,7 +113,7 @@ impl Settings {
     fn fake(&self) -> Applier {
         let companions = Companions {
             sets: Box::new(ipset::Fake::default()),
-            rules: Box::new(crate::iptables::Fake::new()),
+            rules: Box::new(crate::xtables::Fake::new()),
             config: self.rules.clone(),
         };
         Applier::new(
@@ -158,7 +159,7 @@ impl IpvsProgram {
         let w = self.wanted(state);
         let fam = self.settings.family;
         let mut text = rules::restore_text(&self.settings.rules, &Self::out_filter(&w));
-        text.push_str(&chains::restore_text(rules::JUMPS));
+        text.push_str(&jumps::restore_text(rules::JUMPS));
         let sets = ipset::named(fam, &w.sets);
         (
             super::trace::lines(&w.table, &sets),

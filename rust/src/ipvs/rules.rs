@@ -8,15 +8,14 @@
 
 use super::ipset::Set;
 use crate::config::LocalDetector;
-use crate::iptables::chains::{jump, Jump};
 use crate::model::IpFamily;
+use crate::xtables::jumps::{
+    jump, Jump, FORWARD, PORTALS_FROM_OUTPUT, PORTALS_FROM_PREROUTING, POSTROUTING,
+};
+use crate::xtables::{KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, KUBE_SERVICES};
 
-pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
-pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
 pub const KUBE_NODE_PORT: &str = "KUBE-NODE-PORT";
 pub const KUBE_LOAD_BALANCER: &str = "KUBE-LOAD-BALANCER";
-pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
-pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 pub const KUBE_SOURCE_RANGES_FIREWALL: &str = "KUBE-SOURCE-RANGES-FIREWALL";
 pub const KUBE_IPVS_FILTER: &str = "KUBE-IPVS-FILTER";
@@ -41,25 +40,10 @@ pub const FILTER_CHAINS: &[&str] = &[
 
 /// Upstream's `iptablesJumpChain` for the ipvs mode.
 pub const JUMPS: &[Jump] = &[
-    jump!("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
-    jump!(
-        "nat",
-        "PREROUTING",
-        KUBE_SERVICES,
-        "kubernetes service portals"
-    ),
-    jump!(
-        "nat",
-        "POSTROUTING",
-        KUBE_POSTROUTING,
-        "kubernetes postrouting rules"
-    ),
-    jump!(
-        "filter",
-        "FORWARD",
-        KUBE_FORWARD,
-        "kubernetes forwarding rules"
-    ),
+    PORTALS_FROM_OUTPUT,
+    PORTALS_FROM_PREROUTING,
+    POSTROUTING,
+    FORWARD,
     jump!(
         "filter",
         "INPUT",
@@ -253,7 +237,7 @@ pub fn restore_text(cfg: &RuleConfig, out_filter: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iptables::{Backend, Fake};
+    use crate::xtables::{Backend, Fake};
 
     fn cfg(local: LocalDetector) -> RuleConfig {
         RuleConfig {
@@ -295,7 +279,7 @@ mod tests {
                 &cfg(LocalDetector::Cidr("10.244.0.0/16".parse().unwrap())),
                 &[]
             ),
-            crate::iptables::chains::restore_text(JUMPS)
+            crate::xtables::jumps::restore_text(JUMPS)
         );
         direct.restore(&with_jumps).unwrap();
         // (ensure_jumps prepends, so only the built-in chains' order differs.)

@@ -1,19 +1,20 @@
 //! Where a packet goes in the ipvs mode: the companion iptables rules (with their ipsets),
 //! then IPVS.
 //!
-//! The iptables walk ([`crate::iptables::trace`]) runs first, with the sets' contents: it
+//! The iptables walk ([`crate::trace::xtables`]) runs first, with the sets' contents: it
 //! decides the masquerade mark and any filter verdict (source ranges, KUBE-IPVS-FILTER). A
 //! packet to a local address and port that has a virtual server, and that the filter let
 //! through, is then forwarded by IPVS to one of the virtual server's real servers of nonzero
 //! weight; with none, the kernel answers "port unreachable". A real server reached from
 //! itself is masqueraded by KUBE-POSTROUTING's KUBE-LOOP-BACK rule (hairpin).
 
-use super::ipset::{Lookup, Named, Set};
+use super::ipset::Set;
 use super::{Table, VirtualKey, F_PERSISTENT};
 use crate::error::Result;
-use crate::iptables::trace::{self, NodeFacts, Packet, Ruleset, Trace, Verdict};
-use crate::iptables::Backend as _;
 use crate::model::IpFamily;
+use crate::trace::xtables::{self, Ruleset};
+use crate::trace::{Lookup, Named, NodeFacts, Packet, Trace, Verdict};
+use crate::xtables::Backend as _;
 
 /// What the ipvs mode has in one family's kernel: the rules, kproxy's sets, the IPVS table.
 pub struct Live {
@@ -24,7 +25,7 @@ pub struct Live {
 
 /// Read it (root; the kernel needs ip_vs).
 pub fn read_live(family: IpFamily) -> Result<Live> {
-    let rules = Ruleset::parse(&crate::iptables::Kernel::new(family).dump()?)?;
+    let rules = Ruleset::parse(&crate::xtables::Kernel::new(family).dump()?)?;
     let ours: std::collections::BTreeSet<String> =
         Set::ALL.iter().map(|s| s.name(family)).collect();
     let mut sets = super::ipset::read_kernel()?;
@@ -48,7 +49,7 @@ pub fn lines(table: &Table, sets: &Named) -> Vec<String> {
 }
 
 pub fn trace(rules: &Ruleset, table: &Table, packet: &Packet, node: &NodeFacts) -> Trace {
-    let mut t = trace::trace(rules, packet, node);
+    let mut t = xtables::trace(rules, packet, node);
     let key = VirtualKey {
         addr: packet.dst,
         protocol: packet.protocol,
@@ -110,12 +111,12 @@ pub fn trace(rules: &Ruleset, table: &Table, packet: &Packet, node: &NodeFacts) 
 mod tests {
     use super::*;
     use crate::config::LocalDetector;
-    use crate::iptables::trace::Origin;
     use crate::ipvs::desired::{table as wanted, Node};
     use crate::ipvs::ipset::named;
     use crate::ipvs::rules::{restore_text, RuleConfig, JUMPS};
     use crate::model::{ChangeSet, Protocol};
     use crate::state::State;
+    use crate::trace::Origin;
     use std::net::IpAddr;
 
     const CLUSTER: &str = r#"{"services":[

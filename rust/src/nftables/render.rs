@@ -26,7 +26,7 @@ use crate::model::{aggregate, Cidr, Endpoint, IpFamily, Protocol, ServiceKey, Se
 use crate::naming::{endpoint_id, nft_endpoint_base, nft_service_base};
 use crate::state::{ServicePortView, State};
 use crate::topology::Counts;
-use crate::topology::{categorize, NodeView};
+use crate::topology::{NodeView, Serving};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -524,29 +524,17 @@ fn render_port(
     let Some(cluster_ip) = sp.cluster_ip else {
         return;
     };
-    out.counts.service_ports += 1;
+    let serving = Serving::of(state, sp, node);
+    out.counts.add(&serving.counts());
     let svc = sp.service;
     let proto = sp.name.protocol;
     let port = sp.port.port.get();
-    let endpoints = state.endpoints(&sp.name);
-    let policies = sp.policies();
-    let cat = categorize(&endpoints, policies, node);
-    out.counts.endpoints += cat.all_reachable.len();
-    let has_endpoints = cat.has_any;
-    let has_internal = if policies.internal_local {
-        !cat.local.is_empty()
-    } else {
-        has_endpoints
-    };
-    let has_external = if policies.external_local {
-        !cat.local.is_empty()
-    } else {
-        has_endpoints
-    };
-    if has_endpoints {
-        out.counts.no_local_internal += usize::from(!has_internal);
-        out.counts.no_local_external += usize::from(!has_external);
-    }
+    let (policies, cat) = (serving.policies, &serving.endpoints);
+    let (has_endpoints, has_internal, has_external) = (
+        serving.has_any(),
+        serving.has_internal(),
+        serving.has_external(),
+    );
     // No usable endpoint: reject (none at all) or drop (none on this node for a Local policy).
     let refuse = if has_endpoints {
         Data::Drop

@@ -20,9 +20,9 @@
 
 use super::ast::{Data, Field, Match, Rule, Stmt, Value};
 use super::backend::Model;
-use crate::iptables::trace::{NodeFacts, Origin, Packet, Trace, Verdict};
 use crate::model::{IpFamily, Protocol};
 use crate::naming::join_host_port;
+use crate::trace::{NodeFacts, Origin, Packet, Trace, Verdict};
 use std::net::IpAddr;
 
 const MAX_DEPTH: usize = 64;

@@ -8,11 +8,11 @@ mod errors;
 use crate::config::{EngineConfig, Mode};
 use crate::engine;
 use crate::forward::program::UserspaceProgram;
-use crate::iptables::{self, trace};
 use crate::ipvs::program::IpvsProgram;
 use crate::model::{ChangeSet, IpFamily};
 use crate::nftables::program::NftablesProgram;
 use crate::program::{ModeReport, SyncReport as CoreReport};
+use crate::trace::{self, xtables};
 use errors::to_py;
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -564,7 +564,7 @@ fn trace_iptables(
 ) -> PyResult<Trace> {
     let (packet, node) = packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
     let result =
-        py.detach(|| trace::Ruleset::parse(rules).map(|rs| trace::trace(&rs, &packet, &node)));
+        py.detach(|| xtables::Ruleset::parse(rules).map(|rs| xtables::trace(&rs, &packet, &node)));
     result.map(Trace).map_err(to_py)
 }
 
@@ -610,7 +610,7 @@ fn ipvs_live_lines(py: Python<'_>, family: &str) -> PyResult<Vec<String>> {
 #[pyfunction]
 fn cleanup_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
     let fam = family_of(family).map_err(to_py)?;
-    py.detach(|| crate::cleanup::iptables_tables(&mut iptables::Kernel::new(fam)))
+    py.detach(|| crate::cleanup::iptables_tables(&mut crate::xtables::Kernel::new(fam)))
         .map_err(to_py)
 }
 

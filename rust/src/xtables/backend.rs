@@ -1,6 +1,6 @@
 //! Applying rules: the kernel through the iptables tools, or an in-memory Fake.
 
-use super::chains::Jump;
+use super::jumps::{Jump, BUILTIN_TARGETS};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::model::IpFamily;
@@ -255,9 +255,7 @@ impl Fake {
         for (chain, rules) in chains.iter() {
             for rule in rules {
                 if let Some(target) = jump_target(rule) {
-                    if !super::chains::BUILTIN_TARGETS.contains(&target)
-                        && !chains.contains_key(target)
-                    {
+                    if !BUILTIN_TARGETS.contains(&target) && !chains.contains_key(target) {
                         return Err(fail(0, format!("{chain}: jump to missing chain {target}")));
                     }
                 }
