@@ -19,7 +19,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +72,8 @@ class Daemon:
         self._listen_errors: set[str] = set()
         # Addresses left out for being another Service's cluster IP, as last reported.
         self._conflicts: set[tuple[str, str, str, str]] = set()
+        # (family, namespace, name) -> the kernel's message, for Services held by the core.
+        self._refused: dict[tuple[Family, str, str], str] = {}
         self._last_full: float | None = None
         self._last_trim = float("-inf")
         self._waiting_logged = False
@@ -163,6 +165,34 @@ class Daemon:
                     InvalidObjectError("Service", namespace, name, "externalIPs/ingress", note)
                 )
         self._conflicts = now
+
+    def _report_refused(self, reports: Mapping[Family, _core.SyncReport]) -> None:
+        """Log and post an Event once for each Service the kernel refuses (kept at its last
+        good rules, tried again by the core), log when it is programmed again, and keep the
+        gauge of refused Services per family."""
+        now: dict[tuple[Family, str, str], str] = {}
+        for fam, r in reports.items():
+            self.metrics.refused_services.labels(ip_family=fam, mode=self.cfg.mode).set(
+                len(r.refused)
+            )
+            for namespace, name, reason in r.refused:
+                now[(fam, namespace, name)] = reason
+            if r.probes:
+                log.info("%s: %d full syncs to find the refused Services", fam, r.probes)
+        for fam, namespace, name in sorted(now.keys() - self._refused.keys()):
+            reason = now[(fam, namespace, name)]
+            log.error(
+                "Service %s/%s (%s): the kernel refused its rules; it keeps its last good "
+                "rules and is tried again on its next change and every full sync: %s",
+                namespace, name, fam, reason,
+            )  # fmt: skip
+            if self.events is not None:
+                self.events.not_programmed(
+                    InvalidObjectError("Service", namespace, name, "spec", f"{fam}: {reason}")
+                )
+        for fam, namespace, name in sorted(self._refused.keys() - now.keys()):
+            log.info("Service %s/%s (%s): programmed after all", namespace, name, fam)
+        self._refused = now
 
     def _log_listen_errors(self, errors: list[str]) -> None:
         """Log each listener failure when it first happens (it is retried every sync, and
@@ -290,6 +320,7 @@ class Daemon:
             )  # fmt: skip
         self.service_health.sync(self._health_checks())
         self._report_conflicts(reports.values())
+        self._report_refused(reports)
         if self.cfg.mode == "userspace":
             # Connections end at the forwarder: no conntrack entries of ours to reconcile.
             self._log_listen_errors([e for r in reports.values() for e in r.listen_errors])

@@ -153,6 +153,11 @@ class Metrics:
         self.nft_sync_failures = counter(
             "sync_proxy_rules_nftables_sync_failures", "Cumulative nftables sync failures"
         )
+        self.refused_services = gauge(
+            "sync_proxy_rules_refused_services",
+            "Services whose rules the kernel refused (kept at their last good rules)",
+            ("ip_family", "mode"),
+        )
         self.nft_cleanup_failures = counter(
             "sync_proxy_rules_nftables_cleanup_failures", "Cumulative nftables cleanup failures"
         )

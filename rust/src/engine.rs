@@ -5,10 +5,18 @@
 //! only on request. Nothing here knows a mode: that is each `<mode>/program.rs`.
 
 use crate::config::{EngineConfig, Mode};
-use crate::error::Result;
-use crate::model::ChangeSet;
+use crate::contain::{self, Refused};
+use crate::error::{Error, Result};
+use crate::model::{ChangeSet, ServiceKey};
 use crate::program::{self, Program, SyncReport};
-use crate::state::State;
+use crate::state::{Entry, State};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A Service the kernel refused: what it wants (the engine's state has its fallback).
+struct Held {
+    wanted: Entry,
+    reason: String,
+}
 use crate::trace::{NodeFacts, Packet, Trace};
 
 pub struct Engine {
@@ -17,6 +25,8 @@ pub struct Engine {
     program: Box<dyn Program>,
     /// Set at start and after any failure: the kernel's content is unknown.
     need_full: bool,
+    /// Services the kernel refused, by key.
+    held: BTreeMap<ServiceKey, Held>,
 }
 
 impl Engine {
@@ -33,6 +43,7 @@ impl Engine {
             config,
             program,
             need_full: true,
+            held: BTreeMap::new(),
         }
     }
 
@@ -61,32 +72,51 @@ impl Engine {
     /// Apply `changes` and bring the kernel in line with the resulting state.
     ///
     /// `full` asks for everything to be rewritten and the hooks re-ensured (periodic
-    /// resyncs). A sync with nothing changed and no full request writes nothing. On failure
-    /// the kernel keeps what it had (each mode's apply is all-or-nothing, or reads the kernel
-    /// back) and the next sync is full.
+    /// resyncs). A sync with nothing changed and no full request writes nothing.
+    ///
+    /// When the kernel refuses the sync, the Services responsible are found and held at
+    /// their last good rules, everything else is programmed, and the sync succeeds with
+    /// them listed in [`SyncReport::refused`] (see [`crate::contain`]). Any other failure
+    /// leaves the kernel as it was (each mode's apply is all-or-nothing, or reads the kernel
+    /// back) and makes the next sync full.
     pub fn sync(&mut self, changes: ChangeSet, full: bool) -> Result<SyncReport> {
-        if !(full || self.need_full) {
+        let full_request = full || self.need_full;
+        let changes = self.retry_held(changes, full_request);
+        if !full_request {
             self.program.prepare(&self.state, &changes);
         }
+        // What the touched Services had: their fallback if the kernel refuses them now.
+        let mut before: BTreeMap<ServiceKey, Entry> = BTreeMap::new();
+        for key in changes.services.iter().map(|c| &c.key) {
+            before.insert(key.clone(), self.state.entry(key));
+        }
+        for key in changes.endpoints.iter().map(|c| &c.key) {
+            before.insert(key.clone(), self.state.entry(key));
+        }
         let applied = self.state.apply(changes);
-        let full = full || self.need_full || applied.topology;
+        let full = full_request || applied.topology;
         let mut report = SyncReport {
             full,
             services_changed: applied.services.len(),
             ..SyncReport::default()
         };
         if !full && applied.services.is_empty() {
+            report.refused = self.refused();
             return Ok(report);
         }
         report.address_conflicts = self.state.address_conflicts();
-        match self
+        let result = self
             .program
-            .sync(&self.state, &applied.services, full, &mut report)
-        {
+            .sync(&self.state, &applied.services, full, &mut report);
+        match result {
             Ok(()) => {
                 self.need_full = false;
+                // Whatever was held and tried again here is programmed now.
+                self.held.retain(|k, _| !before.contains_key(k));
+                report.refused = self.refused();
                 Ok(report)
             }
+            Err(e) if contain::applies(&e) => self.contain(e, before, report),
             Err(e) => {
                 if e.needs_full_sync() {
                     self.need_full = true;
@@ -94,6 +124,84 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// The change set with the held Services' wanted input added: all of it on a full
+    /// sync, and for the Services `changes` touches the parts it does not carry itself.
+    fn retry_held(&mut self, mut changes: ChangeSet, full: bool) -> ChangeSet {
+        let has_service: BTreeSet<ServiceKey> =
+            changes.services.iter().map(|c| c.key.clone()).collect();
+        let has_endpoints: BTreeSet<ServiceKey> =
+            changes.endpoints.iter().map(|c| c.key.clone()).collect();
+        for (key, held) in &self.held {
+            let (s, e) = (has_service.contains(key), has_endpoints.contains(key));
+            if !(full || s || e) {
+                continue;
+            }
+            let cs = Entry::changes([(key, &held.wanted)]);
+            if !s {
+                changes.services.extend(cs.services);
+            }
+            if !e {
+                changes.endpoints.extend(cs.endpoints);
+            }
+        }
+        changes
+    }
+
+    /// The kernel refused the sync of the current state: program it without the changed
+    /// Services responsible (see [`crate::contain`]).
+    fn contain(
+        &mut self,
+        error: Error,
+        before: BTreeMap<ServiceKey, Entry>,
+        report: SyncReport,
+    ) -> Result<SyncReport> {
+        // Candidates: the Services this sync changed, each falling back to what it had (so
+        // no probe takes away a rule the kernel held). When the state with all of them back
+        // is refused too, the failure is not theirs (a Service that did not change, a tool
+        // or the kernel itself): the kernel keeps what it had, as without containment.
+        let fallback = before;
+        let outcome = if fallback.is_empty() {
+            None
+        } else {
+            contain::contain(&mut *self.program, &self.state, &fallback)
+        };
+        let Some(c) = outcome else {
+            self.need_full = true;
+            return Err(error);
+        };
+        for r in c.refused {
+            let wanted = self.state.entry(&r.service);
+            self.held.insert(
+                r.service,
+                Held {
+                    wanted,
+                    reason: r.reason,
+                },
+            );
+        }
+        self.state = c.state;
+        self.need_full = false;
+        Ok(SyncReport {
+            full: report.full,
+            services_changed: report.services_changed,
+            address_conflicts: self.state.address_conflicts(),
+            refused: self.refused(),
+            probes: c.probes,
+            ..c.report
+        })
+    }
+
+    /// The Services held at their last good rules, and why.
+    fn refused(&self) -> Vec<Refused> {
+        self.held
+            .iter()
+            .map(|(k, h)| Refused {
+                service: k.clone(),
+                reason: h.reason.clone(),
+            })
+            .collect()
     }
 
     /// Whether what the mode programmed is all still there. When not, someone flushed our

@@ -31,6 +31,7 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod contain;
 pub mod engine;
 pub mod error;
 pub mod exec;

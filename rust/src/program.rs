@@ -11,6 +11,7 @@
 //! | userspace | [`crate::forward::program::UserspaceProgram`] |
 
 use crate::config::{BackendKind, EngineConfig, Mode};
+use crate::contain::Refused;
 use crate::error::Result;
 use crate::model::{ChangeSet, ServiceKey};
 use crate::state::{AddressConflict, State};
@@ -99,6 +100,11 @@ pub struct SyncReport {
     pub bytes: usize,
     /// externalIPs and LB IPs left out: another Service's cluster IP (every sync that writes).
     pub address_conflicts: Vec<AddressConflict>,
+    /// Services the kernel refused, held at their last good rules (every sync reports all
+    /// of them; each is tried again on its next change and on every full sync).
+    pub refused: Vec<Refused>,
+    /// Full syncs this sync ran to find the refused Services (0 when nothing was refused).
+    pub probes: usize,
     pub render_seconds: f64,
     pub apply_seconds: f64,
     pub mode: ModeReport,

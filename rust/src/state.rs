@@ -7,8 +7,8 @@
 //! reported as changed by [`State::apply`], so partial syncs rewrite it.
 
 use crate::model::{
-    ChangeSet, Cidr, Endpoint, EndpointPort, IpFamily, NodeInfo, PortSpec, Service, ServiceChange,
-    ServiceKey, ServicePortName,
+    ChangeSet, Cidr, Endpoint, EndpointPort, EndpointsChange, IpFamily, NodeInfo, PortSpec,
+    Service, ServiceChange, ServiceKey, ServicePortName,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -52,7 +52,34 @@ impl ServicePortView<'_> {
     }
 }
 
-#[derive(Debug, Default)]
+/// One Service's whole input (`None` and no endpoints: absent).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Entry {
+    pub service: Option<Service>,
+    pub endpoints: Vec<EndpointPort>,
+}
+
+impl Entry {
+    /// A change set that sets each key to its entry.
+    pub fn changes<'a>(
+        entries: impl IntoIterator<Item = (&'a ServiceKey, &'a Entry)>,
+    ) -> ChangeSet {
+        let mut cs = ChangeSet::default();
+        for (key, e) in entries {
+            cs.services.push(ServiceChange {
+                key: key.clone(),
+                service: e.service.clone(),
+            });
+            cs.endpoints.push(EndpointsChange {
+                key: key.clone(),
+                ports: e.endpoints.clone(),
+            });
+        }
+        cs
+    }
+}
+
+#[derive(Clone, Debug, Default)]
 pub struct State {
     family: Option<IpFamily>,
     services: BTreeMap<ServiceKey, Service>,
@@ -116,6 +143,21 @@ impl State {
 
     pub fn service_count(&self) -> usize {
         self.services.len()
+    }
+
+    /// Everything one Service contributes: its spec and its merged endpoints.
+    pub fn entry(&self, key: &ServiceKey) -> Entry {
+        Entry {
+            service: self.services.get(key).cloned(),
+            endpoints: self.endpoints.get(key).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Every key with a spec or endpoints, in order.
+    pub fn entry_keys(&self) -> BTreeSet<ServiceKey> {
+        let mut keys: BTreeSet<ServiceKey> = self.services.keys().cloned().collect();
+        keys.extend(self.endpoints.keys().cloned());
+        keys
     }
 
     /// The Services whose rules `changes` may change: those it names, and those claiming

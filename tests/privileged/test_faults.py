@@ -73,7 +73,9 @@ def test_a_failed_restore_keeps_the_previous_rules_and_is_retried(
     client = lab.lab.pod("client")
     assert client.tcp_probe(ECHO_IP, 80).server == "pod1"
 
-    count.write_text("2")  # the next two writes fail
+    # The next three writes fail: the change (the sync, then its contained retry with the
+    # changed Service back as it was), then the full sync after backoff.
+    count.write_text("3")
     # Two endpoints: in the nftables mode this needs a new endpoint pool, so the change goes
     # through `nft -f` (element-only changes go over netlink: test_nftables_kernel.py).
     lab.put(echo_slice(["10.244.2.2", "10.244.3.2"]))

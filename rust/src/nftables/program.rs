@@ -255,7 +255,9 @@ mod tests {
             .sync(changes(&["10.1.0.1", "10.1.0.2"]), false)
             .unwrap();
         let before = engine.dump().unwrap();
-        fail.store(1, Ordering::SeqCst);
+        // Refused twice: the sync, and its contained retry with the change undone (so the
+        // refusal is not the changed Service's).
+        fail.store(2, Ordering::SeqCst);
         assert!(engine.sync(changes(&["10.1.0.3"]), false).is_err());
         assert!(engine.needs_full_sync());
         assert_eq!(engine.dump().unwrap(), before);

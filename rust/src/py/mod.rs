@@ -182,6 +182,28 @@ impl SyncReport {
             })
             .collect()
     }
+    /// (namespace, name, the kernel's message) of every Service the kernel refused: each
+    /// keeps its last good rules (none if it is new) and is tried again on its next change
+    /// and on every full sync. Every sync reports all of them.
+    #[getter]
+    fn refused(&self) -> Vec<(String, String, String)> {
+        self.0
+            .refused
+            .iter()
+            .map(|r| {
+                (
+                    r.service.namespace.to_string(),
+                    r.service.name.to_string(),
+                    r.reason.clone(),
+                )
+            })
+            .collect()
+    }
+    /// Full syncs this sync ran to find the refused Services (0 when none was refused).
+    #[getter]
+    fn probes(&self) -> usize {
+        self.0.probes
+    }
     #[getter]
     fn render_seconds(&self) -> f64 {
         self.0.render_seconds
