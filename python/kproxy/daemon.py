@@ -284,7 +284,7 @@ class Daemon:
         triggers = c.endpoints.take_triggers()
         self._pending_metrics()
         try:
-            reports = await self._on_engine(self.proxier.sync, changes, full)
+            reports = await self._on_engine(self.proxier.sync, changes, full, due.periodic)
         except ApplyError as e:
             self.failures += 1
             fam = e.family or "IPv4"

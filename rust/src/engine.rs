@@ -27,6 +27,8 @@ pub struct Engine {
     need_full: bool,
     /// Services the kernel refused, by key.
     held: BTreeMap<ServiceKey, Held>,
+    /// The next sync tries every held Service again (set by [`Engine::retry_refused`]).
+    retry: bool,
 }
 
 impl Engine {
@@ -44,6 +46,7 @@ impl Engine {
             program,
             need_full: true,
             held: BTreeMap::new(),
+            retry: false,
         }
     }
 
@@ -81,7 +84,8 @@ impl Engine {
     /// back) and makes the next sync full.
     pub fn sync(&mut self, changes: ChangeSet, full: bool) -> Result<SyncReport> {
         let full_request = full || self.need_full;
-        let changes = self.retry_held(changes, full_request);
+        let retry = full_request || std::mem::take(&mut self.retry);
+        let changes = self.retry_held(changes, retry);
         if !full_request {
             self.program.prepare(&self.state, &changes);
         }
@@ -126,16 +130,22 @@ impl Engine {
         }
     }
 
+    /// Make the next sync try every refused Service again (the daemon asks on each periodic
+    /// sync; full syncs always do).
+    pub fn retry_refused(&mut self) {
+        self.retry = !self.held.is_empty();
+    }
+
     /// The change set with the held Services' wanted input added: all of it on a full
-    /// sync, and for the Services `changes` touches the parts it does not carry itself.
-    fn retry_held(&mut self, mut changes: ChangeSet, full: bool) -> ChangeSet {
+    /// sync or a retry, and for the Services `changes` touches the parts it does not carry itself.
+    fn retry_held(&mut self, mut changes: ChangeSet, all: bool) -> ChangeSet {
         let has_service: BTreeSet<ServiceKey> =
             changes.services.iter().map(|c| c.key.clone()).collect();
         let has_endpoints: BTreeSet<ServiceKey> =
             changes.endpoints.iter().map(|c| c.key.clone()).collect();
         for (key, held) in &self.held {
             let (s, e) = (has_service.contains(key), has_endpoints.contains(key));
-            if !(full || s || e) {
+            if !(all || s || e) {
                 continue;
             }
             let cs = Entry::changes([(key, &held.wanted)]);

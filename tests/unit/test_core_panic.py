@@ -27,7 +27,7 @@ class Proxier:
         self.calls: list[tuple[set[ServiceKey], bool]] = []
         self.panic = True
 
-    def sync(self, changes: Any, full: bool) -> dict[str, Any]:
+    def sync(self, changes: Any, full: bool, retry_refused: bool = False) -> dict[str, Any]:
         self.calls.append((set(changes.services), full))
         if self.panic:
             raise PanicException("index out of bounds")
@@ -64,7 +64,7 @@ def test_other_base_exceptions_still_propagate() -> None:
     class Stop:
         mode = "iptables"
 
-        def sync(self, changes: Any, full: bool) -> dict[str, Any]:
+        def sync(self, changes: Any, full: bool, retry_refused: bool = False) -> dict[str, Any]:
             raise KeyboardInterrupt
 
     d.proxier = Stop()  # type: ignore[assignment]

@@ -174,15 +174,18 @@ class Proxier:
             else:
                 log.warning("cannot set %s: localhost NodePorts will not work", localnet)
 
-    def sync(self, changes: ChangeSet, full: bool) -> dict[Family, _core.SyncReport]:
+    def sync(
+        self, changes: ChangeSet, full: bool, retry_refused: bool = False
+    ) -> dict[Family, _core.SyncReport]:
         """Program every family. Blocking (run it in a thread). Raises the first ApplyError
-        after every family had its try, so one family's failure never holds the other back."""
+        after every family had its try, so one family's failure never holds the other back.
+        ``retry_refused``: try the Services the kernel refused again (periodic syncs)."""
         data = changes.to_json()
         reports: dict[Family, _core.SyncReport] = {}
         failures: list[ApplyError] = []
         for fam, engine in self.engines.items():
             try:
-                reports[fam] = engine.sync(data, full)
+                reports[fam] = engine.sync(data, full, retry_refused)
             except ApplyError as e:
                 log.error("%s %s sync failed: %s", self.mode, fam, e)
                 e.family = fam

@@ -260,11 +260,23 @@ impl Engine {
 
     /// Apply a JSON change set and program the kernel. Raises `kproxy.errors.ApplyError` when
     /// the kernel refused (previous rules stay), `CoreInputError` for a malformed change set.
-    #[pyo3(signature = (changes, full = false))]
-    fn sync(&self, py: Python<'_>, changes: &[u8], full: bool) -> PyResult<SyncReport> {
+    /// `retry_refused` tries the Services the kernel refused before again (a full sync
+    /// always does).
+    #[pyo3(signature = (changes, full = false, retry_refused = false))]
+    fn sync(
+        &self,
+        py: Python<'_>,
+        changes: &[u8],
+        full: bool,
+        retry_refused: bool,
+    ) -> PyResult<SyncReport> {
         let result = py.detach(|| {
             let cs = ChangeSet::from_json(changes)?;
-            let report = self.lock().sync(cs, full);
+            let mut engine = self.lock();
+            if retry_refused {
+                engine.retry_refused();
+            }
+            let report = engine.sync(cs, full);
             // A large sync allocated and freed its whole transaction: hand those pages back
             // now rather than keep them until this thread allocates again.
             match &report {
