@@ -178,6 +178,8 @@ pub fn categorize<'a>(
 #[derive(Debug)]
 pub struct Serving<'a> {
     pub policies: Policies,
+    /// Every endpoint of the port, usable or not (sorted by address and port).
+    pub all: Vec<&'a Endpoint>,
     pub endpoints: Categorized<'a>,
 }
 
@@ -189,6 +191,7 @@ impl<'a> Serving<'a> {
         Serving {
             policies,
             endpoints: categorize(&all, policies, node),
+            all,
         }
     }
 

@@ -123,7 +123,7 @@ fn add_port(
         }
     }
     let mut sets = std::mem::take(&mut out.sets);
-    companions(sp, &state.endpoints(&sp.name), node, &mut sets, out);
+    companions(sp, &serving.all, node, &mut sets, out);
     out.sets = sets;
 }
 
