@@ -52,7 +52,7 @@ class Cluster:
         """Objects as the API returns them (dicts). ``settings`` are :class:`ProxyConfig`
         fields (``masquerade_all=True``, ``nodeport_addresses=("primary",)``, ...)."""
         cfg = build(
-            {}, {"hostname_override": node, "cluster_cidrs": tuple(cluster_cidrs), **settings}
+            None, {"hostname_override": node, "cluster_cidrs": tuple(cluster_cidrs), **settings}
         )
         return cls(cfg, objects)
 

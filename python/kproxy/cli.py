@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from kproxy import __version__, _core, tools
-from kproxy.config import MODES, ProxyConfig, build, load_file, parse_duration
+from kproxy.config import MODES, ProxyConfig, build, load_file
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
+from kproxy.goduration import parse_duration
 from kproxy.lifecycle import cleanup
 
 log = logging.getLogger("kproxy")
@@ -169,12 +170,13 @@ def setup_logging(verbosity: int) -> None:
 
 
 def load_config(args: argparse.Namespace) -> ProxyConfig:
-    warnings: list[str] = []
-    file_values = load_file(args.config, warnings) if args.config else {}
     tool_args = ("command", "config", "src", "dst", "from_node", "live", "node_ip", "as_json")
     flags = {k: v for k, v in vars(args).items() if k not in tool_args}
-    cfg = build(file_values, flags)
-    for w in warnings:
+    if args.config:
+        flags["config_file"] = args.config
+    file = load_file(args.config, flags.get("mode")) if args.config else None
+    cfg = build(file, flags)
+    for w in file.warnings if file is not None else ():
         log.warning("%s", w)
     return cfg
 

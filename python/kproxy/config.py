@@ -11,18 +11,16 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kproxy import v1alpha1
 from kproxy.errors import ConfigError
 from kproxy.model import IPVS_SCHEDULERS
 from kproxy.normalize import DEFAULT_MAX_SERVICE_DESTINATIONS
+from kproxy.v1alpha1 import Decoded
 
-API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
-KIND = "KubeProxyConfiguration"
 MODES = ("iptables", "nftables", "ipvs", "userspace")
 # The modes this build can run; the others are refused with a clear error.
 AVAILABLE_MODES = MODES
@@ -53,6 +51,22 @@ class ProxyConfig:
     masquerade_bit: int = 14
     localhost_nodeports: bool = True
     conntrack_tcp_be_liberal: bool = False
+    # Node setup (upstream's conntrack section): nf_conntrack_max is max(per core x CPUs, min)
+    # and never lowered (0 per core: leave it); a timeout of 0 leaves the kernel's.
+    conntrack_max_per_core: int = 32768
+    conntrack_min: int = 131072
+    conntrack_tcp_close_wait_timeout: float = 3600.0
+    conntrack_udp_timeout: float = 0.0
+    conntrack_udp_stream_timeout: float = 0.0
+    # The process's oom_score_adj (upstream's default keeps kube-proxy alive under memory
+    # pressure); None leaves it.
+    oom_score_adj: int | None = -999
+    # Exit when the health or metrics server cannot bind (upstream's bindAddressHardFail).
+    bind_address_hard_fail: bool = False
+    # featureGates / --feature-gates, as given (kproxy.v1alpha1.GATES says which it reads).
+    feature_gates: Mapping[str, bool] = field(default_factory=dict)
+    # The --config file: the daemon exits when it changes, so that its restart reads it.
+    config_file: str | None = None
     # Userspace mode: a relayed TCP connection idle this long is closed (the kernel modes'
     # conntrack entry would expire); 0 means the kernel's own default, five days.
     conntrack_tcp_established_timeout: float = 86400.0
@@ -77,53 +91,6 @@ class ProxyConfig:
     def node_name(self) -> str:
         """The Node this proxy serves: ``--hostname-override`` or the hostname, lower-cased."""
         return (self.hostname_override or socket.gethostname()).strip().lower()
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-_UNIT_NS = {
-    "ns": 1,
-    "us": 1_000,
-    "\u00b5s": 1_000,  # micro sign
-    "\u03bcs": 1_000,  # Greek small letter mu; Go accepts both
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
-
-
-def parse_duration(field: str, value: object) -> float:
-    """A Go duration (``1s``, ``500ms``, ``1m30s``, ``0``) in seconds.
-
-    Parsed as whole nanoseconds, as Go does, so ``30s`` and ``30000000000`` compare equal.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(field, f"invalid duration {value!r}")
-    if isinstance(value, int | float):
-        # A bare number in a config file is nanoseconds (Go's JSON encoding of a Duration).
-        nanos = round(value)
-    elif isinstance(value, str):
-        s = value.strip()
-        sign = 1
-        if s[:1] in ("+", "-"):
-            sign = -1 if s[0] == "-" else 1
-            s = s[1:]
-        if s == "0":
-            return 0.0
-        pos, nanos = 0, 0
-        for m in _DURATION_PART.finditer(s):
-            if m.start() != pos:
-                break
-            nanos += round(float(m.group(1)) * _UNIT_NS[m.group(2)])
-            pos = m.end()
-        if pos != len(s) or pos == 0:
-            raise ConfigError(field, f"invalid duration {value!r} (examples: 1s, 500ms, 1m30s)")
-        nanos *= sign
-    else:
-        raise ConfigError(field, f"invalid duration {value!r}")
-    if nanos < 0:
-        raise ConfigError(field, "must not be negative")
-    return nanos / 1e9
 
 
 def _cidr(field: str, value: str) -> str:
@@ -207,8 +174,22 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         )
     if cfg.sync_period <= 0:
         raise ConfigError("--sync-period", "must be greater than 0")
-    if cfg.conntrack_tcp_established_timeout < 0:
-        raise ConfigError("--conntrack-tcp-timeout-established", "must not be negative")
+    for flag, seconds in (
+        ("--conntrack-tcp-timeout-established", cfg.conntrack_tcp_established_timeout),
+        ("--conntrack-tcp-timeout-close-wait", cfg.conntrack_tcp_close_wait_timeout),
+        ("--conntrack-udp-timeout", cfg.conntrack_udp_timeout),
+        ("--conntrack-udp-timeout-stream", cfg.conntrack_udp_stream_timeout),
+    ):
+        if seconds < 0:
+            raise ConfigError(flag, "must not be negative")
+    for flag, count in (
+        ("--conntrack-max-per-core", cfg.conntrack_max_per_core),
+        ("--conntrack-min", cfg.conntrack_min),
+    ):
+        if count < 0:
+            raise ConfigError(flag, f"{count} is negative")
+    if cfg.oom_score_adj is not None and not -1000 <= cfg.oom_score_adj <= 1000:
+        raise ConfigError("--oom-score-adj", f"{cfg.oom_score_adj} is not in -1000..1000")
     if cfg.udp_idle_timeout <= 0:
         raise ConfigError("--udp-timeout", "must be greater than 0")
     port_range = parse_port_range("--proxy-port-range", cfg.proxy_port_range)
@@ -251,123 +232,60 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
     )
 
 
-def _get(m: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> Any:
-    """The value at a dotted ``path`` (None if absent), type-checked."""
-    cur: Any = m
-    walked: list[str] = []
-    for part in path.split("."):
-        if not isinstance(cur, Mapping):
-            raise ConfigError(".".join(walked), f"expected a mapping, got {cur!r}")
-        cur = cur.get(part)
-        walked.append(part)
-        if cur is None:
-            return None
-    if cur is not None and (not isinstance(cur, kind) or (isinstance(cur, bool) and kind is int)):
-        raise ConfigError(path, f"expected {getattr(kind, '__name__', kind)}, got {cur!r}")
-    return cur
+def load_file(path: str, mode: str | None = None) -> Decoded:
+    """Read a KubeProxyConfiguration file (``kproxy.v1alpha1``) into ProxyConfig values, each
+    with the field it came from. ``mode``: the mode to convert for, when a flag chose it."""
+    return v1alpha1.load(path, mode)
 
 
-# Fields of the file this version reads; the rest of the schema is accepted and ignored.
-_KNOWN_TOP_LEVEL = {
-    "apiVersion", "kind", "bindAddress", "bindAddressHardFail", "clientConnection", "clusterCIDR",
-    "configSyncPeriod", "conntrack", "detectLocal", "detectLocalMode", "enableProfiling",
-    "featureGates", "healthzBindAddress", "hostnameOverride", "iptables", "ipvs", "logging",
-    "metricsBindAddress", "mode", "nftables", "nodePortAddresses", "oomScoreAdj", "portRange",
-    "showHiddenMetricsForVersion", "syncPeriod", "minSyncPeriod", "winkernel",
-    "windowsRunAsService", "udpIdleTimeout", "linux",
-}  # fmt: skip
-
-
-def load_file(path: str, warnings: list[str]) -> dict[str, Any]:
-    """Read a KubeProxyConfiguration file into ProxyConfig field overrides."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("--config", f"{path} is not valid YAML: {first}") from None
-    if not isinstance(doc, Mapping):
-        raise ConfigError("--config", f"{path} does not hold a {KIND}")
-    if doc.get("kind") != KIND or doc.get("apiVersion") != API_VERSION:
-        raise ConfigError("--config", f"{path}: expected kind {KIND}, apiVersion {API_VERSION}")
-    for k in doc:
-        if k not in _KNOWN_TOP_LEVEL:
-            warnings.append(f"{path}: unknown field {k!r} ignored")
-
-    out: dict[str, Any] = {}
-    mode = _get(doc, "mode", str)
-    if mode:
-        out["mode"] = mode
-    if (v := _get(doc, "clientConnection.kubeconfig", str)) is not None and v:
-        out["kubeconfig"] = v
-    if (v := _get(doc, "hostnameOverride", str)) is not None and v:
-        out["hostname_override"] = v
-    if (v := _get(doc, "bindAddress", str)) is not None and v:
-        out["bind_address"] = v
-    if (v := _get(doc, "clusterCIDR", str)) is not None and v:
-        out["cluster_cidrs"] = tuple(c for c in v.split(",") if c.strip())
-    if (v := _get(doc, "detectLocalMode", str)) is not None:
-        out["detect_local_mode"] = v
-    if (v := _get(doc, "detectLocal.bridgeInterface", str)) is not None:
-        out["pod_bridge_interface"] = v
-    if (v := _get(doc, "detectLocal.interfaceNamePrefix", str)) is not None:
-        out["pod_interface_name_prefix"] = v
-    if (v := _get(doc, "iptables.localhostNodePorts", bool)) is not None:
-        out["localhost_nodeports"] = v
-    for key, fname in (("healthzBindAddress", "healthz_bind_address"),
-                       ("metricsBindAddress", "metrics_bind_address")):  # fmt: skip
-        if (v := _get(doc, key, str)) is not None:
-            out[fname] = v
-    if (v := _get(doc, "nodePortAddresses", list)) is not None:
-        if not all(isinstance(x, str) for x in v):
-            raise ConfigError("nodePortAddresses", "must be a list of strings")
-        out["nodeport_addresses"] = tuple(v)
-    # Sync periods: the mode's own section, then the top-level fields of newer versions.
-    section = "ipvs" if mode == "ipvs" else "iptables"
-    for key, fname in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
-        for path_ in (f"{section}.{key}", key):
-            raw = _get(doc, path_, (str, int, float))
-            if raw is not None:
-                out[fname] = parse_duration(path_, raw)
-    if (v := _get(doc, "configSyncPeriod", (str, int, float))) is not None:
-        out["config_sync_period"] = parse_duration("configSyncPeriod", v)
-    for path_ in ("iptables.masqueradeAll", "linux.masqueradeAll"):
-        if (v := _get(doc, path_, bool)) is not None:
-            out["masquerade_all"] = v
-    if (v := _get(doc, "iptables.masqueradeBit", int)) is not None:
-        out["masquerade_bit"] = v
-    if (v := _get(doc, "conntrack.tcpBeLiberal", bool)) is not None:
-        out["conntrack_tcp_be_liberal"] = v
-    for path_, fname in (("conntrack.tcpEstablishedTimeout", "conntrack_tcp_established_timeout"),
-                         ("udpIdleTimeout", "udp_idle_timeout")):  # fmt: skip
-        if (raw := _get(doc, path_, (str, int, float))) is not None:
-            out[fname] = parse_duration(path_, raw)
-    if (v := _get(doc, "portRange", str)) is not None:
-        out["proxy_port_range"] = v
-    if (v := _get(doc, "ipvs.scheduler", str)) is not None:
-        out["ipvs_scheduler"] = v
-    if (v := _get(doc, "ipvs.strictARP", bool)) is not None:
-        out["ipvs_strict_arp"] = v
-    if (v := _get(doc, "ipvs.excludeCIDRs", list)) is not None:
-        if not all(isinstance(x, str) for x in v):
-            raise ConfigError("ipvs.excludeCIDRs", "must be a list of strings")
-        out["ipvs_exclude_cidrs"] = tuple(v)
-    ipvs_timeouts = (("tcpTimeout", "ipvs_tcp_timeout"), ("tcpFinTimeout", "ipvs_tcp_fin_timeout"),
-                     ("udpTimeout", "ipvs_udp_timeout"))  # fmt: skip
-    for key, fname in ipvs_timeouts:
-        if (raw := _get(doc, f"ipvs.{key}", (str, int, float))) is not None:
-            out[fname] = parse_duration(f"ipvs.{key}", raw)
-    if (v := _get(doc, "logging.verbosity", int)) is not None:
-        out["verbosity"] = v
-    return out
-
-
-def build(file_overrides: Mapping[str, Any], flag_overrides: Mapping[str, Any]) -> ProxyConfig:
-    """Defaults < file < flags, then validation."""
+def build(file: Decoded | None, flag_overrides: Mapping[str, Any]) -> ProxyConfig:
+    """Defaults < file < flags, then validation. An invalid value that came from the file is
+    reported with the file's field name, one from a flag with the flag's."""
     names = {f.name for f in fields(ProxyConfig)}
-    merged = {**file_overrides, **flag_overrides}
+    file_values = file.values if file is not None else {}
+    merged = {**file_values, **flag_overrides}
     unknown = set(merged) - names
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown setting")
-    return validate(ProxyConfig(**merged))
+    try:
+        return validate(ProxyConfig(**merged))
+    except ConfigError as e:
+        attr = FLAG_ATTRS.get(e.field)
+        if file is not None and attr in file.origins and attr not in flag_overrides:
+            raise ConfigError(file.origins[attr], e.message, file.source) from None
+        raise
+
+
+# The flag validate() names for each ProxyConfig attribute it checks.
+FLAG_ATTRS = {
+    "--proxy-mode": "mode",
+    "--detect-local-mode": "detect_local_mode",
+    "--pod-bridge-interface": "pod_bridge_interface",
+    "--pod-interface-name-prefix": "pod_interface_name_prefix",
+    "--cluster-cidr": "cluster_cidrs",
+    "--iptables-masquerade-bit": "masquerade_bit",
+    "--max-service-destinations": "max_service_destinations",
+    "--sync-period": "sync_period",
+    "--min-sync-period": "min_sync_period",
+    "--conntrack-tcp-timeout-established": "conntrack_tcp_established_timeout",
+    "--conntrack-tcp-timeout-close-wait": "conntrack_tcp_close_wait_timeout",
+    "--conntrack-udp-timeout": "conntrack_udp_timeout",
+    "--conntrack-udp-timeout-stream": "conntrack_udp_timeout_stream",
+    "--conntrack-max-per-core": "conntrack_max_per_core",
+    "--conntrack-min": "conntrack_min",
+    "--oom-score-adj": "oom_score_adj",
+    "--udp-timeout": "udp_idle_timeout",
+    "--proxy-port-range": "proxy_port_range",
+    "--ipvs-scheduler": "ipvs_scheduler",
+    "--ipvs-tcp-timeout": "ipvs_tcp_timeout",
+    "--ipvs-tcpfin-timeout": "ipvs_tcp_fin_timeout",
+    "--ipvs-udp-timeout": "ipvs_udp_timeout",
+    "--ipvs-exclude-cidrs": "ipvs_exclude_cidrs",
+    "-v": "verbosity",
+    "--bind-address": "bind_address",
+    "--hostname-override": "hostname_override",
+    "--kubeconfig": "kubeconfig",
+    "--healthz-bind-address": "healthz_bind_address",
+    "--metrics-bind-address": "metrics_bind_address",
+    "--nodeport-addresses": "nodeport_addresses",
+}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 import threading
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kproxy import _core, conntrack, memory
+from kproxy import _core, conntrack, memory, nodesetup
 from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
@@ -37,7 +38,7 @@ from kproxy.k8s.client import ClientFactory
 from kproxy.k8s.events import Recorder
 from kproxy.metrics import Metrics
 from kproxy.model import Family, Service, ServiceKey
-from kproxy.netinfo import iptables_families
+from kproxy.netinfo import has_net_admin, iptables_families
 from kproxy.runner import Due, Runner
 from kproxy.service_health import ServiceHealthServers, Wanted
 from kproxy.sources.manifests import ManifestSource
@@ -53,6 +54,16 @@ T = TypeVar("T")
 FULL_SYNC_PERIOD = 3600.0
 # Hand freed heap back to the system at most this often (see kproxy.memory).
 TRIM_PERIOD = 10.0
+# How often the --config file is checked for changes.
+CONFIG_POLL_PERIOD = 1.0
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def is_core_panic(e: BaseException) -> bool:
@@ -108,6 +119,8 @@ class Daemon:
         # Services as of the last successful sync, to find the deleted ones' addresses.
         self._synced_services: dict[ServiceKey, Service] = {}
         self.stop = asyncio.Event()
+        # What run() returns: 1 when it stopped for a reason other than a signal.
+        self.exit_code = 0
 
     def _changed(self, resource: str) -> None:
         self.health.queued()
@@ -395,6 +408,8 @@ class Daemon:
                 health_server.start()
             except OSError as e:
                 log.error("cannot serve health checks on %s: %s", self.cfg.healthz_bind_address, e)
+                if self.cfg.bind_address_hard_fail:
+                    return 1
         metrics_server: Server | None = None
         if self.cfg.metrics_bind_address:
             try:
@@ -402,10 +417,16 @@ class Daemon:
                 metrics_server.start()
             except OSError as e:
                 log.error("cannot serve metrics on %s: %s", self.cfg.metrics_bind_address, e)
+                if self.cfg.bind_address_hard_fail:
+                    if health_server is not None:
+                        health_server.close()
+                    return 1
 
         thread_stop = threading.Event()
         tasks: list[asyncio.Task[Any]] = []
         informers: list[informer.Informer] = []
+        if self.cfg.config_file is not None:
+            tasks.append(asyncio.create_task(self._watch_config_file(self.cfg.config_file)))
         if self.cfg.manifests is not None:
             source = ManifestSource(self.cfg.manifests, self.controller.replace)
             tasks.append(asyncio.create_task(source.run(self.stop)))
@@ -436,7 +457,22 @@ class Daemon:
             self.service_health.close()
             self._engine_thread.shutdown(wait=False, cancel_futures=True)
         log.info("kproxy stopped; rules left in place")
-        return 0
+        return self.exit_code
+
+    async def _watch_config_file(self, path: str) -> None:
+        """Stop (exit code 1) when the --config file changes, as upstream: the restart reads
+        it. A ConfigMap volume swaps a symlink, which changes what ``stat`` (following it)
+        sees."""
+        seen = _file_identity(path)
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), CONFIG_POLL_PERIOD)
+            now = _file_identity(path)
+            if now != seen:
+                log.error("the configuration file %s changed; exiting so that it is read", path)
+                self.exit_code = 1
+                self.stop.set()
+                return
 
 
 class _LoopSink:
@@ -503,6 +539,8 @@ def _raise_fd_limit() -> None:
 
 def run(cfg: ProxyConfig) -> int:
     memory.configure()
+    # The userspace mode without NET_ADMIN relays in userspace only: conntrack is not its.
+    nodesetup.apply(cfg, conntrack=cfg.mode != "userspace" or has_net_admin())
     if cfg.mode == "userspace":
         _raise_fd_limit()
     return asyncio.run(Daemon(cfg).run())

@@ -12,12 +12,14 @@ class KproxyError(Exception):
 
 
 class ConfigError(KproxyError):
-    """A flag or configuration-file field is invalid. ``field`` names it."""
+    """A flag or configuration-file field is invalid. ``field`` names it (a flag, or a file's
+    dotted field path), ``source`` the file it is in."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, message: str, source: str | None = None) -> None:
+        super().__init__(f"{source}: {field}: {message}" if source else f"{field}: {message}")
         self.field = field
         self.message = message
+        self.source = source
 
 
 class InvalidObjectError(KproxyError):

@@ -99,6 +99,10 @@ class ProxyLab:
             "--proxy-mode", self.mode,
             *extra,
         ]  # fmt: skip
+        return self.spawn(args, path=path)
+
+    def spawn(self, args: Sequence[str], *, path: str | None = None) -> subprocess.Popen[str]:
+        """Run ``args`` in the node namespace as the lab's daemon (its output to the log)."""
         env = dict(os.environ)
         if path is not None:
             env["PATH"] = f"{path}:{env.get('PATH', '')}"

@@ -175,8 +175,8 @@ def test_config_file_that_does_not_exist(
         ("apiVersion: v1\nkind: ConfigMap\n", "--config"),
         (HEADER + 'iptables:\n  masqueradeAll: "yes"\n', "iptables.masqueradeAll"),
         (HEADER + "iptables:\n  minSyncPeriod: soon\n", "iptables.minSyncPeriod"),
-        (HEADER + "mode: ipvs\nipvs:\n  scheduler: fifo\n", "--ipvs-scheduler"),
-        (HEADER + "clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n", "--cluster-cidr"),
+        (HEADER + "mode: ipvs\nipvs:\n  scheduler: fifo\n", "config.yaml: ipvs.scheduler: "),
+        (HEADER + "clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n", "config.yaml: clusterCIDR: "),
     ],
     ids=["wrong-kind", "wrong-type", "bad-duration", "unknown-ipvs-scheduler", "two-v4-cidrs"],
 )
@@ -322,9 +322,11 @@ logging:
 
 
 def test_config_file_values_reach_the_daemon(tmp_path: Path, daemon: list[ProxyConfig]) -> None:
-    assert invoke(["daemon", "--config", write(tmp_path, CONFIG)]) == 0
+    path = write(tmp_path, CONFIG)
+    assert invoke(["daemon", "--config", path]) == 0
     assert daemon == [
         ProxyConfig(
+            config_file=path,
             hostname_override="From-File",
             cluster_cidrs=("10.244.0.0/16",),
             masquerade_all=True,
@@ -367,8 +369,9 @@ def test_flags_override_the_config_file(tmp_path: Path, daemon: list[ProxyConfig
 def test_unknown_config_field_is_only_a_warning(
     tmp_path: Path, daemon: list[ProxyConfig], caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert invoke(["daemon", "--config", write(tmp_path, HEADER + "futureField: 1\n")]) == 0
-    assert daemon == [ProxyConfig()]
+    path = write(tmp_path, HEADER + "futureField: 1\n")
+    assert invoke(["daemon", "--config", path]) == 0
+    assert daemon == [ProxyConfig(config_file=path)]
     assert "futureField" in caplog.text
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from kproxy.config import ProxyConfig, build, load_file, parse_duration, validate
+from kproxy.config import ProxyConfig, build, load_file, validate
 from kproxy.errors import ConfigError
+from kproxy.goduration import parse_duration
 
 HEADER = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
 
@@ -27,9 +28,12 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
 
 
 def load(tmp_path: Path, body: str) -> tuple[dict[str, Any], list[str]]:
-    """``load_file`` of a file holding the standard header and ``body``."""
-    warnings: list[str] = []
-    return load_file(write(tmp_path, HEADER + body), warnings), warnings
+    """``load_file`` of a file holding the standard header and ``body``: the values it sets
+    that differ from an empty file's (upstream's defaults), and its warnings."""
+    defaults = load_file(write(tmp_path, HEADER, "empty.yaml")).values
+    file = load_file(write(tmp_path, HEADER + body))
+    changed = {k: v for k, v in file.values.items() if defaults.get(k, object()) != v}
+    return changed, file.warnings
 
 
 def config_error(cfg: ProxyConfig) -> ConfigError:
@@ -139,7 +143,7 @@ def test_detect_local_modes(tmp_path: Path) -> None:
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
         "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: veth\n"
     )
-    cfg = build(load_file(write(tmp_path, doc), []), {})
+    cfg = build(load_file(write(tmp_path, doc)), {})
     assert cfg.detect_local_mode == "InterfaceNamePrefix"
     assert cfg.pod_interface_name_prefix == "veth"
     for flags, field in (
@@ -151,16 +155,15 @@ def test_detect_local_modes(tmp_path: Path) -> None:
         ({"udp_idle_timeout": 0.0}, "--udp-timeout"),
     ):
         with pytest.raises(ConfigError) as info:
-            build({}, flags)
+            build(None, flags)
         assert info.value.field == field
 
 
 def test_load_full_file(tmp_path: Path) -> None:
     kubeconfig = write(tmp_path, "apiVersion: v1\nkind: Config\n", "kubeconfig")
-    warnings: list[str] = []
-    values = load_file(write(tmp_path, FULL_CONFIG.format(kubeconfig=kubeconfig)), warnings)
-    assert warnings == []
-    assert values == {
+    file = load_file(write(tmp_path, FULL_CONFIG.format(kubeconfig=kubeconfig)))
+    assert file.warnings == []
+    expected = {
         "mode": "iptables",
         "kubeconfig": kubeconfig,
         "hostname_override": "Worker-1",
@@ -169,7 +172,6 @@ def test_load_full_file(tmp_path: Path) -> None:
         "detect_local_mode": "ClusterCIDR",
         "healthz_bind_address": "0.0.0.0:10256",
         "metrics_bind_address": "127.0.0.1:10249",
-        "config_sync_period": 900.0,
         "masquerade_all": True,
         "masquerade_bit": 15,
         "localhost_nodeports": True,
@@ -180,45 +182,54 @@ def test_load_full_file(tmp_path: Path) -> None:
         "conntrack_tcp_established_timeout": 7200.0,
         "udp_idle_timeout": 1.0,
         "verbosity": 4,
+        "oom_score_adj": -999,
     }
-    cfg = build(values, {})
+    assert {k: file.values[k] for k in expected} == expected
+    assert file.origins["sync_period"] == "iptables.syncPeriod"
+    cfg = build(file, {})
     assert cfg.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/56")
     assert cfg.node_name == "worker-1"
     assert cfg.masquerade_bit == 15
     assert cfg.sync_period == 45.0
 
 
-def test_load_minimal_file(tmp_path: Path) -> None:
-    assert load(tmp_path, "") == ({}, [])
+def test_a_minimal_file_is_upstreams_defaults(tmp_path: Path) -> None:
+    file = load_file(write(tmp_path, HEADER))
+    assert file.warnings == []
+    assert build(file, {}) == ProxyConfig(config_file=None)
 
 
-def test_durations_in_file_as_nanoseconds(tmp_path: Path) -> None:
-    values, _ = load(
-        tmp_path, "iptables:\n  syncPeriod: 30000000000\n  minSyncPeriod: 1500000000\n"
-    )
-    assert values == {"sync_period": pytest.approx(30.0), "min_sync_period": pytest.approx(1.5)}
+def test_bare_numbers_are_not_durations_in_the_file(tmp_path: Path) -> None:
+    # metav1.Duration decodes from a string only; upstream refuses `syncPeriod: 30000000000`.
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "iptables:\n  syncPeriod: 30000000000\n")
+    assert info.value.field == "iptables.syncPeriod"
+    assert "30s" in info.value.message
 
 
-def test_equal_periods_in_nanoseconds_and_units_are_accepted(tmp_path: Path) -> None:
-    values, _ = load(tmp_path, "iptables:\n  syncPeriod: 30s\n  minSyncPeriod: 30000000000\n")
-    cfg = build(values, {})
-    assert cfg.min_sync_period == cfg.sync_period == 30.0
-
-
-def test_top_level_sync_periods_and_linux_section(tmp_path: Path) -> None:
-    values, _ = load(
+def test_fields_of_other_versions_are_unknown(tmp_path: Path) -> None:
+    # The internal type's top-level syncPeriod and linux section are not v1alpha1 fields.
+    values, warnings = load(
         tmp_path,
         "iptables: {syncPeriod: 10s}\nsyncPeriod: 20s\nminSyncPeriod: 2s\n"
         "linux: {masqueradeAll: true}\n",
     )
-    assert values == {"sync_period": 20.0, "min_sync_period": 2.0, "masquerade_all": True}
-
-
-def test_unknown_top_level_field_is_a_warning(tmp_path: Path) -> None:
-    values, warnings = load(tmp_path, "mode: iptables\nnoSuchField: 1\n")
-    assert values == {"mode": "iptables"}
+    assert values == {"sync_period": 10.0}
     assert len(warnings) == 1
-    assert "noSuchField" in warnings[0]
+    assert "syncPeriod, minSyncPeriod, linux" in warnings[0]
+
+
+def test_unknown_fields_at_any_depth_are_warned_with_their_path(tmp_path: Path) -> None:
+    values, warnings = load(
+        tmp_path,
+        "mode: iptables\nnoSuchField: 1\niptables:\n  masqueradeAl: true\n"
+        "logging:\n  options:\n    text:\n      colour: true\n",
+    )
+    assert values == {}
+    assert len(warnings) == 1
+    assert warnings[0].endswith(
+        "unknown fields ignored: noSuchField, iptables.masqueradeAl, logging.options.text.colour"
+    )
 
 
 @pytest.mark.parametrize(
@@ -236,20 +247,20 @@ def test_unknown_top_level_field_is_a_warning(tmp_path: Path) -> None:
 )
 def test_not_a_kube_proxy_configuration(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_file(write(tmp_path, text), [])
+        load_file(write(tmp_path, text))
     assert info.value.field == "--config"
 
 
 @pytest.mark.parametrize("text", ["mode: [iptables\n", "mode: iptables\n\tbad: tab\n", "a: b: c\n"])
 def test_invalid_yaml(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_file(write(tmp_path, HEADER + text), [])
+        load_file(write(tmp_path, HEADER + text))
     assert info.value.field == "--config"
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_file(str(tmp_path / "absent.yaml"), [])
+        load_file(str(tmp_path / "absent.yaml"))
     assert info.value.field == "--config"
 
 
@@ -261,7 +272,10 @@ def test_missing_file(tmp_path: Path) -> None:
         ('iptables:\n  masqueradeBit: "14"\n', "iptables.masqueradeBit"),
         ("iptables:\n  syncPeriod: true\n", "iptables.syncPeriod"),
         ("iptables:\n  minSyncPeriod: fast\n", "iptables.minSyncPeriod"),
-        ("configSyncPeriod: -1\n", "configSyncPeriod"),
+        ("configSyncPeriod: -1s\n", "configSyncPeriod"),
+        ("iptables:\n  syncPeriod: 30\n", "iptables.syncPeriod"),
+        ("oomScoreAdj: 1.5\n", "oomScoreAdj"),
+        ("featureGates: {A: yes-please}\n", "featureGates"),
         ("mode: 1\n", "mode"),
         ("clusterCIDR: [10.0.0.0/8]\n", "clusterCIDR"),
         ("hostnameOverride: 7\n", "hostnameOverride"),
@@ -276,7 +290,7 @@ def test_wrong_type_names_the_field(tmp_path: Path, body: str, field: str) -> No
     with pytest.raises(ConfigError) as info:
         load(tmp_path, body)
     assert info.value.field == field
-    assert str(info.value).startswith(f"{field}: ")
+    assert str(info.value).startswith(f"{tmp_path / 'config.yaml'}: {field}: ")
 
 
 def test_section_of_wrong_type_is_an_error(tmp_path: Path) -> None:
@@ -290,16 +304,18 @@ def test_section_of_wrong_type_is_an_error(tmp_path: Path) -> None:
 
 
 def test_build_defaults() -> None:
-    cfg = build({}, {})
+    cfg = build(None, {})
     assert cfg == ProxyConfig()
     assert (cfg.mode, cfg.min_sync_period, cfg.sync_period) == ("iptables", 1.0, 30.0)
     assert (cfg.masquerade_bit, cfg.healthz_bind_address) == (14, "0.0.0.0:10256")
 
 
-def test_build_file_overrides_defaults_and_flags_override_file() -> None:
-    file_values = {"masquerade_bit": 12, "sync_period": 10.0, "hostname_override": "from-file"}
-    flag_values = {"masquerade_bit": 13, "min_sync_period": 5.0}
-    cfg = build(file_values, flag_values)
+def test_build_file_overrides_defaults_and_flags_override_file(tmp_path: Path) -> None:
+    file = load_file(
+        write(tmp_path, HEADER + "iptables: {masqueradeBit: 12, syncPeriod: 10s}\n"
+              "hostnameOverride: from-file\n")
+    )  # fmt: skip
+    cfg = build(file, {"masquerade_bit": 13, "min_sync_period": 5.0})
     assert cfg.masquerade_bit == 13  # flag
     assert cfg.min_sync_period == 5.0  # flag
     assert cfg.sync_period == 10.0  # file
@@ -307,15 +323,32 @@ def test_build_file_overrides_defaults_and_flags_override_file() -> None:
     assert cfg.verbosity == 0  # default
 
 
-def test_build_validates_the_merged_result() -> None:
+def test_build_validates_the_merged_result(tmp_path: Path) -> None:
+    file = load_file(write(tmp_path, HEADER + "iptables: {syncPeriod: 10s}\n"))
     with pytest.raises(ConfigError) as info:
-        build({"sync_period": 10.0}, {"min_sync_period": 20.0})
+        build(file, {"min_sync_period": 20.0})
     assert info.value.field == "--min-sync-period"
+
+
+def test_an_invalid_file_value_is_named_by_its_field(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + "iptables: {minSyncPeriod: 1m}\n")
+    with pytest.raises(ConfigError) as info:
+        build(load_file(path), {})
+    assert (info.value.source, info.value.field) == (path, "iptables.minSyncPeriod")
+    assert str(info.value).startswith(f"{path}: iptables.minSyncPeriod: must not be greater")
+    # Given by a flag, the same value is the flag's error.
+    with pytest.raises(ConfigError) as info:
+        build(load_file(path), {"min_sync_period": 40.0})
+    assert (info.value.source, info.value.field) == (None, "--min-sync-period")
+    path = write(tmp_path, HEADER + "oomScoreAdj: 2000\n", "oom.yaml")
+    with pytest.raises(ConfigError) as info:
+        build(load_file(path), {})
+    assert info.value.field == "oomScoreAdj"
 
 
 def test_build_unknown_setting() -> None:
     with pytest.raises(ConfigError) as info:
-        build({}, {"no_such_setting": 1})
+        build(None, {"no_such_setting": 1})
     assert info.value.field == "no_such_setting"
 
 
@@ -373,9 +406,9 @@ def test_the_ipvs_section_from_file_and_flags(tmp_path: Path) -> None:
         "  excludeCIDRs: ['192.0.2.0/24']\n  tcpTimeout: 15m\n  tcpFinTimeout: 30s\n"
         "  udpTimeout: 5s\n"
     )
-    warnings: list[str] = []
-    cfg = build(load_file(str(f), warnings), {"ipvs_udp_timeout": 7.0})
-    assert not warnings
+    file = load_file(str(f))
+    cfg = build(file, {"ipvs_udp_timeout": 7.0})
+    assert not file.warnings
     assert (cfg.mode, cfg.ipvs_scheduler, cfg.ipvs_strict_arp) == ("ipvs", "wlc", True)
     assert cfg.sync_period == 45.0  # the ipvs section's, in ipvs mode (as upstream)
     assert cfg.ipvs_exclude_cidrs == ("192.0.2.0/24",)
@@ -405,9 +438,9 @@ def test_port_range_from_the_file(tmp_path: Path) -> None:
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
         "mode: userspace\nportRange: 40000+9\n"
     )
-    warnings: list[str] = []
-    cfg = build(load_file(str(f), warnings), {})
-    assert (warnings, cfg.proxy_port_range) == ([], "40000-40009")
+    file = load_file(str(f))
+    cfg = build(file, {})
+    assert (file.warnings, cfg.proxy_port_range) == ([], "40000-40009")
 
 
 def test_validate_canonicalizes() -> None:

@@ -16,50 +16,53 @@ def docs(name: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
 
 
-def granted(role: dict[str, Any], group: str, resource: str, verb: str) -> bool:
-    return any(
-        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
-        for r in role["rules"]
-    )
+KUBEADM_DS = Path(__file__).resolve().parents[1] / "fixtures" / "kubeadm-kube-proxy-daemonset.yaml"
 
 
-def test_rbac_grants_what_the_daemon_uses() -> None:
+def test_the_daemonset_is_kubeadms_with_only_the_image_swapped() -> None:
+    (ds,) = docs("daemonset.yaml")
+    kubeadm = yaml.safe_load(KUBEADM_DS.read_text())
+    (ours,) = ds["spec"]["template"]["spec"]["containers"]
+    (theirs,) = kubeadm["spec"]["template"]["spec"]["containers"]
+    assert ours["image"] != theirs["image"]
+    theirs["image"] = ours["image"]
+    assert ds == kubeadm
+    assert ours["command"] == [
+        "/usr/local/bin/kube-proxy",
+        "--config=/var/lib/kube-proxy/config.conf",
+        "--hostname-override=$(NODE_NAME)",
+    ]
+
+
+def test_rbac_is_kubeadms_binding_to_system_node_proxier() -> None:
     objs = {d["kind"]: d for d in docs("rbac.yaml")}
-    role = objs["ClusterRole"]
-    for group, resource, verbs in (
-        ("", "services", ("list", "watch")),
-        ("discovery.k8s.io", "endpointslices", ("list", "watch")),
-        ("", "nodes", ("get", "list", "watch")),
-        ("", "events", ("create", "patch", "update")),
-        ("events.k8s.io", "events", ("create", "patch", "update")),
-    ):
-        for verb in verbs:
-            assert granted(role, group, resource, verb), (group, resource, verb)
-    # Nothing that writes Services, EndpointSlices or Nodes.
-    for resource in ("services", "endpointslices", "nodes"):
-        for verb in ("create", "update", "patch", "delete"):
-            assert not any(granted(role, g, resource, verb) for g in ("", "discovery.k8s.io"))
-    binding = objs["ClusterRoleBinding"]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (ds,) = docs("daemonset.yaml")
     sa = objs["ServiceAccount"]["metadata"]
+    assert (sa["name"], sa["namespace"]) == ("kube-proxy", "kube-system")
+    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == sa["name"]
+    binding = objs["ClusterRoleBinding"]
+    # The built-in role kube-proxy runs with: Services, EndpointSlices, Nodes, Events.
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "system:node-proxier",
+    }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}
     ]
 
 
-def test_daemonset_runs_on_the_host_network_with_what_the_modes_need() -> None:
+def test_the_configmap_is_the_one_the_daemonset_mounts() -> None:
+    (cm,) = docs("configmap.yaml")
     (ds,) = docs("daemonset.yaml")
     spec = ds["spec"]["template"]["spec"]
-    assert spec["hostNetwork"] is True
-    (c,) = spec["containers"]
-    assert "NET_ADMIN" in c["securityContext"]["capabilities"]["add"]
-    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    lock = volumes[mounts["/run/xtables.lock"]["name"]]["hostPath"]
-    assert lock == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
-    assert mounts["/lib/modules"]["readOnly"] is True
-    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # not /healthz: draining nodes fail it
-    assert "--config=/var/lib/kproxy/config.conf" in c["command"]
+    (c,) = spec["containers"]
+    mount = next(m for m in c["volumeMounts"] if "configMap" in volumes[m["name"]])
+    assert volumes[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
+    config_flag = next(a for a in c["command"] if a.startswith("--config="))
+    assert config_flag == f"--config={mount['mountPath']}/config.conf"
+    assert set(cm["data"]) == {"config.conf", "kubeconfig.conf"}
 
 
 def test_the_configmap_config_loads(tmp_path: Path) -> None:
@@ -68,11 +71,10 @@ def test_the_configmap_config_loads(tmp_path: Path) -> None:
     conf.write_text(cm["data"]["config.conf"])
     kubeconfig = yaml.safe_load(cm["data"]["kubeconfig.conf"])
     assert kubeconfig["users"][0]["user"]["tokenFile"].endswith("/token")
-    warnings: list[str] = []
-    values = load_file(str(conf), warnings)
-    assert warnings == []
-    values.pop("kubeconfig")  # the path exists only inside the pod
-    cfg = build(values, {"hostname_override": "node-a"})
+    file = load_file(str(conf))
+    assert file.warnings == []
+    file.values.pop("kubeconfig")  # the path exists only inside the pod
+    cfg = build(file, {"hostname_override": "node-a"})
     assert cfg.mode == "iptables" and cfg.cluster_cidrs == ("10.244.0.0/16",)
     assert cfg.sync_period == 30.0 and cfg.min_sync_period == 1.0
     assert cfg.metrics_bind_address == "127.0.0.1:10249"

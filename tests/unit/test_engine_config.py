@@ -11,23 +11,23 @@ LOCAL = ["192.168.0.2", "192.168.1.2", "10.9.0.1", "127.0.0.1", "fd00::2"]
 
 
 def test_node_port_addresses_primary_and_cidrs() -> None:
-    cfg = build({}, {"hostname_override": "node-a", "nodeport_addresses": ("primary",)})
+    cfg = build(None, {"hostname_override": "node-a", "nodeport_addresses": ("primary",)})
     assert engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["nodeport_ips"] == [
         "192.168.0.2",
         "fd00::2",
     ]
-    cfg = build({}, {"hostname_override": "node-a", "nodeport_addresses": ("192.168.0.0/16",)})
+    cfg = build(None, {"hostname_override": "node-a", "nodeport_addresses": ("192.168.0.0/16",)})
     assert engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["nodeport_ips"] == [
         "192.168.0.2",
         "192.168.1.2",
     ]
-    cfg = build({}, {"hostname_override": "node-a"})
+    cfg = build(None, {"hostname_override": "node-a"})
     assert engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["nodeport_ips"] is None  # all
 
 
 def test_local_detection_modes() -> None:
     def local(**flags: object) -> tuple[object, object]:
-        cfg = build({}, {"hostname_override": "node-a", **flags})
+        cfg = build(None, {"hostname_override": "node-a", **flags})
         c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)
         return c["cluster_cidrs"], c["local_interface"]
 
@@ -42,9 +42,9 @@ def test_local_detection_modes() -> None:
 
 
 def test_localhost_node_ports_need_loopback_in_node_port_addresses() -> None:
-    assert localhost_allowed(build({}, {}))
-    assert localhost_allowed(build({}, {"nodeport_addresses": ("127.0.0.0/8",)}))
-    assert not localhost_allowed(build({}, {"nodeport_addresses": ("192.168.0.0/16", "primary")}))
+    assert localhost_allowed(build(None, {}))
+    assert localhost_allowed(build(None, {"nodeport_addresses": ("127.0.0.0/8",)}))
+    assert not localhost_allowed(build(None, {"nodeport_addresses": ("192.168.0.0/16", "primary")}))
 
 
 def test_net_admin_is_read_from_the_effective_capabilities() -> None:
@@ -58,7 +58,7 @@ def test_net_admin_is_read_from_the_effective_capabilities() -> None:
 
 def test_userspace_timeouts_come_from_the_conntrack_and_udp_settings() -> None:
     def timeouts(**flags: object) -> tuple[object, object]:
-        cfg = build({}, {"hostname_override": "node-a", "mode": "userspace", **flags})
+        cfg = build(None, {"hostname_override": "node-a", "mode": "userspace", **flags})
         c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)
         return c["tcp_idle_timeout_ms"], c["udp_idle_timeout_ms"]
 
@@ -70,7 +70,7 @@ def test_userspace_timeouts_come_from_the_conntrack_and_udp_settings() -> None:
 
 def test_userspace_portal_port_range_reaches_the_engine() -> None:
     def port_range(**flags: object) -> object:
-        cfg = build({}, {"hostname_override": "node-a", "mode": "userspace", **flags})
+        cfg = build(None, {"hostname_override": "node-a", "mode": "userspace", **flags})
         return engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["proxy_port_range"]
 
     assert port_range() is None  # the kernel's ephemeral range

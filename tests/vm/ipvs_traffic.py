@@ -351,7 +351,7 @@ def main() -> int:
     for ns in PODS:
         serve(ns, ns)
     cfg = build(
-        {},
+        None,
         {
             "mode": "ipvs",
             "hostname_override": NODE,
