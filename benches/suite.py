@@ -265,7 +265,8 @@ def measure(
 
 
 _REFUSED_IN_ALL = re.compile(r"more listeners could not be opened \((\d+) in all\)")
-_REFUSED = re.compile(r"^.* E kproxy\.daemon: (.*cannot listen on .*)$", re.M)
+# klog's header for an error line of the daemon (kproxy.logs): "E1202 03:07:48.642123 ...".
+_REFUSED = re.compile(r"^E\d{4} [\d:.]+ +\d+ \w+\.py:\d+\] (.*cannot listen on .*)$", re.M)
 
 
 def listeners_refused(text: str) -> int:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kproxy import __version__, _core, tools
+from kproxy import __version__, _core, logs, tools
 from kproxy.config import MODES, ProxyConfig, build, load_file
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
@@ -148,6 +148,7 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
         help="most ports x addresses one Service may have; larger ones are skipped (0: no limit)",
     )  # fmt: skip
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
+    d.add_argument("--logging-format", choices=logs.FORMATS, default=S, help="klog's formats")
 
 
 def _bool(value: str) -> bool:
@@ -159,14 +160,9 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
 
 
-def setup_logging(verbosity: int) -> None:
-    # klog levels: 0-1 info, 2-3 more info, 4+ debug.
-    level = logging.DEBUG if verbosity >= 4 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(verbosity: int, fmt: str = "text") -> None:
+    """klog's text (or JSON) lines on stderr; details from -v=4 on."""
+    logs.setup(verbosity, fmt)
 
 
 def load_config(args: argparse.Namespace) -> ProxyConfig:
@@ -194,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"kproxy: error: {e}\n")
         return 2
-    setup_logging(cfg.verbosity)
+    setup_logging(cfg.verbosity, cfg.logging_format)
     try:
         if args.command == "render":
             return tools.render_command(cfg)

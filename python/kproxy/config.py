@@ -86,6 +86,8 @@ class ProxyConfig:
     # The most ports x addresses one Service may have; one over it is skipped (0: no limit).
     max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS
     verbosity: int = 0
+    # klog's "text" or "json".
+    logging_format: str = "text"
 
     @property
     def node_name(self) -> str:
@@ -207,6 +209,8 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
             raise ConfigError(flag, "must not be negative")
     if cfg.min_sync_period > cfg.sync_period:
         raise ConfigError("--min-sync-period", "must not be greater than --sync-period")
+    if cfg.logging_format not in ("text", "json"):
+        raise ConfigError("--logging-format", f"{cfg.logging_format!r} is not text or json")
     if not 0 <= cfg.verbosity <= 10:
         raise ConfigError("-v", f"{cfg.verbosity} is not in 0..10")
     try:
@@ -282,6 +286,7 @@ FLAG_ATTRS = {
     "--ipvs-udp-timeout": "ipvs_udp_timeout",
     "--ipvs-exclude-cidrs": "ipvs_exclude_cidrs",
     "-v": "verbosity",
+    "--logging-format": "logging_format",
     "--bind-address": "bind_address",
     "--hostname-override": "hostname_override",
     "--kubeconfig": "kubeconfig",

@@ -138,7 +138,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--metrics-port", "int", None, "deprecated: the port of --metrics-bind-address"),
     Flag("--v", "int", "verbosity", with_config=True),
     Flag("--vmodule", "string", None, "per-file verbosity", with_config=True),
-    Flag("--logging-format", "string", None, "kproxy writes its own text format", with_config=True),
+    Flag("--logging-format", "string", "logging_format", with_config=True),
     Flag("--log-flush-frequency", "duration", None, "", with_config=True),
     Flag("--log-text-split-stream", "bool", None, "info to stdout, errors to stderr",
          with_config=True),
@@ -151,7 +151,6 @@ BY_NAME = {f.name: f for f in FLAGS}
 # Flags kproxy accepts without effect or warning: writing every line at once satisfies any
 # flush period and buffer size; text is kproxy's format.
 _HARMLESS = {"--log-flush-frequency", "--log-text-info-buffer-size", "--log-json-info-buffer-size"}
-_DEFAULT_VALUES = {"--logging-format": "text"}
 
 
 def _dest(name: str) -> str:
@@ -195,10 +194,10 @@ def resolve(argv: Sequence[str]) -> Invocation:
     args = vars(make_parser().parse_args(argv))
     given = {f.name: args[_dest(f.name)] for f in FLAGS if _dest(f.name) in args}
     warnings: list[str] = []
-    for name, value in given.items():
+    for name in given:
         f = BY_NAME[name]
         unimplemented = f.attr is None and name not in _LIFECYCLE and name not in _HARMLESS
-        if unimplemented and _DEFAULT_VALUES.get(name) != value:
+        if unimplemented:
             warnings.append(f"flag {name} is not implemented ({f.note}); ignored")
     config_file = given.get("--config")
     if config_file:
@@ -258,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"Kubernetes {UPSTREAM_VERSION} (kproxy {__version__})")
         return 0
-    cli.setup_logging(inv.cfg.verbosity)  # one logging setup for both commands
+    cli.setup_logging(inv.cfg.verbosity, inv.cfg.logging_format)  # one setup for both commands
     for w in inv.warnings:
         log.warning("%s", w)
     cfg = inv.cfg

@@ -130,8 +130,9 @@ FIELDS: tuple[Field, ...] = (
         "logging.format",
         Kind.STR,
         "text",
-        WARN,
-        "kproxy writes Python's log format",
+        IMPL,
+        "klog's text or json",
+        attr="logging_format",
         zero_defaults=True,
     ),
     _f(

@@ -41,7 +41,7 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> list[ProxyConfig]:
         return 0
 
     monkeypatch.setattr(cli, "run", run)
-    monkeypatch.setattr(cli, "setup_logging", lambda verbosity: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda verbosity, fmt="text": None)
     return started
 
 
@@ -377,5 +377,5 @@ def test_unknown_config_field_is_only_a_warning(
 
 def test_daemon_exit_status_is_returned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "run", lambda cfg: 3)
-    monkeypatch.setattr(cli, "setup_logging", lambda verbosity: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda verbosity, fmt="text": None)
     assert invoke(["daemon"]) == 3
