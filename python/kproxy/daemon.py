@@ -38,7 +38,7 @@ from kproxy.k8s.client import ClientFactory
 from kproxy.k8s.events import Recorder
 from kproxy.metrics import Metrics
 from kproxy.model import Family, Service, ServiceKey
-from kproxy.netinfo import has_net_admin, iptables_families
+from kproxy.netinfo import iptables_families
 from kproxy.runner import Due, Runner
 from kproxy.service_health import ServiceHealthServers, Wanted
 from kproxy.sources.manifests import ManifestSource
@@ -105,6 +105,7 @@ class Daemon:
         self.events: Recorder | None = None
         if cfg.manifests is None:
             self.factory = ClientFactory(cfg.kubeconfig, cfg.master)
+            self.factory.check()  # an unusable kubeconfig stops the daemon here, at once
             self.events = Recorder(self.factory, cfg.node_name)
         self.service_health = ServiceHealthServers(
             lambda: self.health.status()[0], on_bind_error=self._health_check_failed
@@ -539,8 +540,10 @@ def _raise_fd_limit() -> None:
 
 def run(cfg: ProxyConfig) -> int:
     memory.configure()
-    # The userspace mode without NET_ADMIN relays in userspace only: conntrack is not its.
-    nodesetup.apply(cfg, conntrack=cfg.mode != "userspace" or has_net_admin())
+    daemon = Daemon(cfg)  # refuses an unusable kubeconfig before the node is touched
+    # The userspace mode relays connections itself (with its own idle timeouts): conntrack's
+    # table and timeouts are the kernel modes' business.
+    nodesetup.apply(cfg, conntrack=cfg.mode != "userspace")
     if cfg.mode == "userspace":
         _raise_fd_limit()
-    return asyncio.run(Daemon(cfg).run())
+    return asyncio.run(daemon.run())

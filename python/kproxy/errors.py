@@ -22,6 +22,16 @@ class ConfigError(KproxyError):
         self.source = source
 
 
+class ApiConnectionError(KproxyError):
+    """The kubeconfig cannot be used, or the API server cannot be reached. ``source`` names
+    the kubeconfig or the server."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.message = message
+
+
 class InvalidObjectError(KproxyError):
     """A Kubernetes object cannot be proxied as it is; it is skipped, nothing else is."""
 

@@ -16,11 +16,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from urllib3.exceptions import HTTPError
+
 from kproxy import _core, netns
 from kproxy.backends.proxier import Proxier, engine_config
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
-from kproxy.errors import ConfigError, KproxyError
+from kproxy.errors import ApiConnectionError, ConfigError, KproxyError
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
 from kproxy.model import Family
@@ -51,10 +53,16 @@ def snapshot(cfg: ProxyConfig) -> Controller:
         ManifestSource(cfg.manifests, c.replace).load()
         return c
     factory = ClientFactory(cfg.kubeconfig, cfg.master)
+    factory.check()
     sink = _Collect(c)
     for res in (informer.services(), informer.endpoint_slices(), informer.node(cfg.node_name)):
         # One list per resource, through the informer's own list path.
-        informer.Informer(res, factory, sink, threading.Event())._list()
+        try:
+            informer.Informer(res, factory, sink, threading.Event())._list()
+        except (OSError, HTTPError, informer.ApiStatusError, informer.MalformedReply) as e:
+            server = factory.get().configuration.host
+            cause = getattr(e, "reason", None) or e
+            raise ApiConnectionError(f"API server {server}", f"cannot list: {cause}") from None
     return c
 
 

@@ -17,6 +17,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from urllib3.util.retry import Retry
 
+from kproxy.errors import ApiConnectionError
+
 log = logging.getLogger(__name__)
 
 IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
@@ -64,6 +66,17 @@ class ClientFactory:
         # 99999999999 s included.
         cfg.retries = Retry(total=3, redirect=0, respect_retry_after_header=False)
         return k8s_client.ApiClient(cfg)
+
+    def check(self) -> None:
+        """Build a client now: an unreadable or invalid kubeconfig (or missing in-cluster
+        configuration) raises :class:`ApiConnectionError`, in one line, before anything else
+        runs; retrying could not fix it."""
+        try:
+            self.get()
+        except Exception as e:  # the kubernetes package raises many types for a bad file
+            source = f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "in-cluster config"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ApiConnectionError(source, first) from None
 
     def get(self) -> k8s_client.ApiClient:
         with self._lock:
