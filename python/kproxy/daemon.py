@@ -304,7 +304,8 @@ class Daemon:
             fam = e.family or "IPv4"
             if self.cfg.mode == "nftables":
                 self.metrics.nft_sync_failures.labels(ip_family=fam).inc()
-            else:
+            elif e.op.endswith("tables-restore"):
+                # Only what iptables-restore refused (ipvs mode: not IPVS or ipset failures).
                 self.metrics.restore_failures.labels(ip_family=fam).inc()
                 if not full:
                     self.metrics.partial_restore_failures.labels(ip_family=fam).inc()

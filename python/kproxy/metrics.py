@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -23,6 +30,8 @@ NPL_BUCKETS = (
     *(float(120 + 30 * i) for i in range(7)),
 )
 FAM = ("ip_family",)
+# Upstream's Prometheus client exports no `<name>_created` series.
+disable_created_metrics()
 
 # The userspace forwarder's counters (kproxy's own; upstream removed its userspace mode
 # before it had metrics): core counter name -> (metric name, is a gauge, help).
@@ -92,19 +101,38 @@ class _ForwarderCollector:
             yield m
 
 
+# The families only some modes export, as upstream's RegisterMetrics(mode) registers them
+# (pkg/proxy/metrics/metrics.go); every other family is exported in every mode.
+MODE_ONLY = {
+    "sync_full_proxy_rules_duration_seconds": ("iptables", "nftables"),
+    "sync_partial_proxy_rules_duration_seconds": ("iptables", "nftables"),
+    "sync_proxy_rules_iptables_restore_failures": ("iptables", "ipvs"),
+    "sync_proxy_rules_iptables_partial_restore_failures": ("iptables",),
+    "sync_proxy_rules_iptables_total": ("iptables",),
+    "sync_proxy_rules_iptables_last": ("iptables",),
+    "sync_proxy_rules_nftables_sync_failures": ("nftables",),
+    "sync_proxy_rules_nftables_cleanup_failures": ("nftables",),
+}
+
+
 class Metrics:
     def __init__(self, mode: str, registry: CollectorRegistry | None = None) -> None:
         self.mode = mode
-        r = self.registry = registry or CollectorRegistry()
+        self.registry = registry or CollectorRegistry()
+
+        def reg(name: str) -> CollectorRegistry | None:
+            # A family of another mode still exists (the daemon's code stays mode-blind) but
+            # is never exported.
+            return self.registry if mode in MODE_ONLY.get(name, (mode,)) else None
 
         def hist(name: str, doc: str, buckets: tuple[float, ...] = SYNC_BUCKETS) -> Histogram:
-            return Histogram(name, doc, FAM, namespace=NS, buckets=buckets, registry=r)
+            return Histogram(name, doc, FAM, namespace=NS, buckets=buckets, registry=reg(name))
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = FAM) -> Gauge:
-            return Gauge(name, doc, labels, namespace=NS, registry=r)
+            return Gauge(name, doc, labels, namespace=NS, registry=reg(name))
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = FAM) -> Counter:
-            return Counter(name, doc, labels, namespace=NS, registry=r)
+            return Counter(name, doc, labels, namespace=NS, registry=reg(name))
 
         self.sync_duration = hist(
             "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds"
@@ -171,7 +199,7 @@ class Metrics:
             "Time to reconcile stale conntrack entries",
             namespace=NS,
             buckets=SYNC_BUCKETS,
-            registry=r,
+            registry=self.registry,
         )
         self.conntrack_deleted = counter(
             "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted", ()

@@ -6,6 +6,7 @@ import socket
 import time
 import urllib.request
 
+import pytest
 from prometheus_client import generate_latest
 
 from kproxy.metrics import Metrics
@@ -78,3 +79,53 @@ def test_forwarder_counters_are_read_at_scrape_time() -> None:
     assert 'kubeproxy_userspace_tcp_connections_active{ip_family="IPv4"} 1.0' in text
     stats["IPv4"]["tcp_accepted"] = 7
     assert 'connections_total{ip_family="IPv4"} 7.0' in generate_latest(m.registry).decode()
+
+
+# Upstream's families (kube-proxy-features.md §1.8, RegisterMetrics(mode)): in every mode...
+COMMON = {
+    "sync_proxy_rules_duration_seconds", "sync_proxy_rules_last_timestamp_seconds",
+    "sync_proxy_rules_last_queued_timestamp_seconds", "network_programming_duration_seconds",
+    "sync_proxy_rules_endpoint_changes_pending", "sync_proxy_rules_endpoint_changes_total",
+    "sync_proxy_rules_service_changes_pending", "sync_proxy_rules_service_changes_total",
+    "sync_proxy_rules_no_local_endpoints_total", "proxy_healthz_total", "proxy_livez_total",
+    "conntrack_reconciler_sync_duration_seconds", "conntrack_reconciler_deleted_entries_total",
+    # kproxy's own: skipped objects, and Services held at their last good rules.
+    "invalid_objects_total", "sync_proxy_rules_refused_services",
+}  # fmt: skip
+# ...and per mode.
+PER_MODE = {
+    "iptables": {
+        "sync_full_proxy_rules_duration_seconds", "sync_partial_proxy_rules_duration_seconds",
+        "sync_proxy_rules_iptables_restore_failures_total",
+        "sync_proxy_rules_iptables_partial_restore_failures_total",
+        "sync_proxy_rules_iptables_total", "sync_proxy_rules_iptables_last",
+    },
+    "ipvs": {"sync_proxy_rules_iptables_restore_failures_total"},
+    "nftables": {
+        "sync_full_proxy_rules_duration_seconds", "sync_partial_proxy_rules_duration_seconds",
+        "sync_proxy_rules_nftables_sync_failures_total",
+        "sync_proxy_rules_nftables_cleanup_failures_total",
+    },
+    "userspace": set(),
+}  # fmt: skip
+
+
+def families(m: Metrics) -> set[str]:
+    text = generate_latest(m.registry).decode()
+    return {
+        line.split()[2].removeprefix("kubeproxy_")
+        for line in text.splitlines()
+        if line.startswith("# TYPE ")
+    }
+
+
+@pytest.mark.parametrize("mode", sorted(PER_MODE))
+def test_each_mode_exports_upstreams_families_for_it(mode: str) -> None:
+    assert families(Metrics(mode)) == COMMON | PER_MODE[mode]
+
+
+def test_no_created_series() -> None:
+    m = Metrics("iptables")
+    m.service_changes.inc()
+    m.sync_duration.labels(ip_family="IPv4").observe(0.1)
+    assert "_created" not in generate_latest(m.registry).decode()
