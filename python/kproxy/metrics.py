@@ -31,7 +31,7 @@ NPL_BUCKETS = (
 )
 FAM = ("ip_family",)
 # Upstream's Prometheus client exports no `<name>_created` series.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # The userspace forwarder's counters (kproxy's own; upstream removed its userspace mode
 # before it had metrics): core counter name -> (metric name, is a gauge, help).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -302,3 +303,18 @@ def test_oversized_watch_lines_and_list_bodies_are_errors(api: FakeApiServer) ->
         stop.set()
         api.drop_watches()
         inf.join(5)
+
+
+def test_a_long_list_logs_its_progress(
+    api: FakeApiServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(informer, "LIST_PROGRESS_PERIOD", 0.0)  # every page
+    for i in range(5):
+        api.put(svc(f"s{i}"))
+    rec = Recorder()
+    with caplog.at_level(logging.INFO, "kproxy.k8s.informer"), run(api, rec):
+        rec.wait(lambda: rec.replaces == 1 and len(rec.names) == 5)
+    progress = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
+    # Pages of 2: after 2 and 4 objects (the last page ends the list instead).
+    assert [p.split(",")[1].split("(")[0].strip() for p in progress] == ["2 so far", "4 so far"]
+    assert all(p.startswith("services: listing, ") and "per second)" in p for p in progress)

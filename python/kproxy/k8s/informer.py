@@ -79,6 +79,10 @@ class Sink(Protocol):
     def event(self, resource: str, kind: str, obj: dict[str, Any]) -> None: ...
 
 
+# How often a long list logs its progress.
+LIST_PROGRESS_PERIOD = 5.0
+
+
 class ApiStatusError(Exception):
     def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -209,6 +213,7 @@ class Informer:
         count = 0
         cont: str | None = None
         rv = ""
+        started = last_report = time.monotonic()
         for page in range(1_000_000):  # bounded: a page always advances or the loop ends
             q = [*self._selectors(), ("limit", str(self._timing.page_size))]
             if cont:
@@ -235,6 +240,14 @@ class Informer:
             count += len(items)
             if not cont:
                 break
+            now = time.monotonic()
+            if now - last_report >= LIST_PROGRESS_PERIOD:
+                # A first list of tens of thousands of objects takes a while: say it moves.
+                last_report = now
+                rate = count / max(now - started, 1e-6)
+                log.info(
+                    "%s: listing, %d so far (%.0f per second)", self.resource.name, count, rate
+                )
         self.lists += 1
         self._sink.list_done(self.resource.name)
         log.info("%s: listed %d at resourceVersion %s", self.resource.name, count, rv)
