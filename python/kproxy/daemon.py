@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kproxy import _core, conntrack, memory, nodesetup
+from kproxy import _core, conntrack, lifecycle, memory, nodesetup
 from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
@@ -122,6 +122,8 @@ class Daemon:
         self.stop = asyncio.Event()
         # What run() returns: 1 when it stopped for a reason other than a signal.
         self.exit_code = 0
+        # After the first sync, remove the other modes' leftovers (run() sets it: the node's).
+        self.cleanup_other_modes = False
 
     def _changed(self, resource: str) -> None:
         self.health.queued()
@@ -333,6 +335,8 @@ class Daemon:
                 "first sync done %.3fs after start (lists received after %.3fs)",
                 time.monotonic() - self._born, self._lists_at or 0.0,
             )  # fmt: skip
+            if self.cleanup_other_modes:
+                await self._on_engine(lifecycle.cleanup_other_modes, self.cfg.mode)
         self.service_health.sync(self._health_checks())
         self._report_conflicts(reports.values())
         self._report_refused(reports)
@@ -547,4 +551,5 @@ def run(cfg: ProxyConfig) -> int:
     nodesetup.apply(cfg, conntrack=cfg.mode != "userspace")
     if cfg.mode == "userspace":
         _raise_fd_limit()
+    daemon.cleanup_other_modes = True
     return asyncio.run(daemon.run())

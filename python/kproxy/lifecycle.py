@@ -32,16 +32,38 @@ def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 
 def cleanup() -> int:
     """Remove every rule kproxy creates, in every mode. Safe to run twice or on a clean node."""
+    return max(_cleanup_iptables(), _cleanup_nftables(), _cleanup_ipvs())
+
+
+def cleanup_other_modes(mode: str) -> int:
+    """Remove what the other modes left on the node (kube-proxy's or kproxy's), as upstream's
+    platformCleanup does when it starts: an iptables-based mode removes the nftables tables,
+    the nftables mode removes the iptables chains and the ipvs mode's interface and sets.
+    The daemon calls it once its own rules are in place, so traffic never meets neither."""
+    if mode in ("iptables", "ipvs"):
+        return _cleanup_nftables()
+    if mode == "nftables":
+        return max(_cleanup_iptables(), _cleanup_ipvs())
+    return 0  # userspace: its portals live beside whatever else is there
+
+
+def _cleanup_iptables() -> int:
     status = 0
     for family, tool in (("IPv4", "iptables"), ("IPv6", "ip6tables")):
         if shutil.which(f"{tool}-restore") is None:
             continue
         try:
             n = _core.cleanup_iptables(family)
-            log.info("%s: removed %d chains", tool, n)
+            if n:
+                log.info("%s: removed %d chains", tool, n)
         except KproxyError as e:
             log.error("%s cleanup failed: %s", tool, e)
             status = 1
+    return status
+
+
+def _cleanup_nftables() -> int:
+    status = 0
     if shutil.which("nft") is not None:
         for fam, table in NFT_TABLES:
             # add-then-delete in one transaction: idempotent, and no listing of a table that
@@ -51,6 +73,11 @@ def cleanup() -> int:
             if r is not None and r.returncode != 0:
                 log.error("nft delete table %s %s: %s", fam, table, r.stderr.strip())
                 status = 1
+    return status
+
+
+def _cleanup_ipvs() -> int:
+    status = 0
     if os.path.exists(f"/sys/class/net/{IPVS_INTERFACE}"):
         # Flush IPVS first (if the module is loaded), then the dummy interface holding the VIPs.
         if os.path.exists("/proc/net/ip_vs"):

@@ -141,3 +141,30 @@ def test_the_daemon_exits_when_its_config_file_changes(tmp_path: Path) -> None:
         assert f"the configuration file {conf} changed" in lab.log()
         # The rules stay while it restarts, as on SIGTERM.
         assert lab.nat() == nat
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_the_other_modes_leftovers_are_removed_once_the_rules_are_in(
+    tmp_path: Path, mode: str
+) -> None:
+    with proxy_lab(tmp_path, [echo_service(), echo_slice(PODS)], mode=mode) as lab:
+        node = lab.lab.node
+        # What kube-proxy left behind in the other mode.
+        if mode == "iptables":
+            leftover = "add table ip kube-proxy\nadd chain ip kube-proxy services\n"
+            node.exec(["nft", "-f", "-"], input=leftover, timeout=10, check=True)
+        else:
+            for cmd in (["-N", "KUBE-SERVICES"], ["-A", "PREROUTING", "-j", "KUBE-SERVICES"]):
+                node.exec(["iptables", "-t", "nat", *cmd], timeout=10, check=True)
+        lab.start_daemon()
+        lab.wait_synced()
+
+        def gone() -> bool:
+            if mode == "iptables":
+                r = node.exec(["nft", "list", "table", "ip", "kube-proxy"], timeout=10)
+                return r.returncode != 0
+            return "KUBE-SERVICES" not in lab.nat()
+
+        lab.wait(gone, 10, "the other mode's leftovers to be removed")
+        results = lab.lab.pod("client").tcp_probe_many(ECHO_IP, 80, 10)
+        assert all(r.ok for r in results), results
