@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kproxy import _core, conntrack, lifecycle, memory, nodesetup
+from kproxy import _core, conntrack, lifecycle, memory, nodesetup, v1alpha1
 from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
@@ -91,7 +91,7 @@ class Daemon:
         # For the first sync's log line: when the daemon started, when the lists were in.
         self._born = time.monotonic()
         self._lists_at: float | None = None
-        self.metrics = Metrics(cfg.mode)
+        self.metrics = Metrics(cfg.mode, configz=lambda: v1alpha1.encode(cfg))
         self.controller = Controller(
             cfg.node_name,
             self._changed,

@@ -23,11 +23,9 @@ from kproxy import __version__, cli, daemon, lifecycle, nodesetup, v1alpha1
 from kproxy.config import ProxyConfig, build, load_file
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.goduration import parse_duration
+from kproxy.upstream import UPSTREAM_VERSION
 
 log = logging.getLogger("kproxy")
-
-# The upstream release whose behaviour and flags kproxy follows (`--version` reports it).
-UPSTREAM_VERSION = "v1.37.0"
 
 
 def _bool(value: str) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
@@ -10,13 +11,16 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from kproxy import __version__
 from kproxy.http import Response, Route, Server
+from kproxy.upstream import UPSTREAM_VERSION
 
 NS = "kubeproxy"
 # Upstream: ExponentialBuckets(0.001, 2, 15).
@@ -116,9 +120,25 @@ MODE_ONLY = {
 
 
 class Metrics:
-    def __init__(self, mode: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        registry: CollectorRegistry | None = None,
+        configz: Callable[[], object] | None = None,
+    ) -> None:
+        """``configz``: the configuration served on /configz (upstream's, as JSON)."""
         self.mode = mode
         self.registry = registry or CollectorRegistry()
+        self._configz = configz
+        # process_* (CPU, memory, open files, start time), as every Go component exports.
+        ProcessCollector(registry=self.registry)
+        build = Gauge(
+            "kubernetes_build_info",
+            "The build kproxy follows (upstream's release) and kproxy's own version",
+            ("git_version", "kproxy_version"),
+            registry=self.registry,
+        )
+        build.labels(git_version=UPSTREAM_VERSION, kproxy_version=__version__).set(1)
 
         def reg(name: str) -> CollectorRegistry | None:
             # A family of another mode still exists (the daemon's code stays mode-blind) but
@@ -232,7 +252,12 @@ class Metrics:
         def ok() -> Response:
             return 200, "text/plain; charset=utf-8", b"ok"
 
-        return {"/metrics": metrics, "/proxyMode": proxy_mode, "/healthz": ok}
+        def configz() -> Response:
+            cfg = self._configz() if self._configz is not None else {}
+            body = json.dumps({"kubeproxy.config.k8s.io": cfg}, default=str)
+            return 200, "application/json", body.encode()
+
+        return {"/metrics": metrics, "/proxyMode": proxy_mode, "/healthz": ok, "/configz": configz}
 
     def server(self, address: str) -> Server:
         return Server(address, self.routes(), name="metrics")

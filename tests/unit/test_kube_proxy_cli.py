@@ -16,6 +16,7 @@ import yaml
 from kproxy import kube_proxy, nodesetup
 from kproxy.config import ProxyConfig
 from kproxy.kube_proxy import BY_NAME, FLAGS, resolve
+from kproxy.upstream import UPSTREAM_VERSION
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "kubeadm-kube-proxy-configmap.yaml"
 
@@ -197,9 +198,9 @@ def vars_of(cfg: ProxyConfig) -> dict[str, Any]:
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert kube_proxy.main(["--version"]) == 0
-    assert capsys.readouterr().out.startswith(f"Kubernetes {kube_proxy.UPSTREAM_VERSION} (kproxy ")
+    assert capsys.readouterr().out.startswith(f"Kubernetes {UPSTREAM_VERSION} (kproxy ")
     assert kube_proxy.main(["--version=raw"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["gitVersion"] == kube_proxy.UPSTREAM_VERSION
+    assert yaml.safe_load(capsys.readouterr().out)["gitVersion"] == UPSTREAM_VERSION
 
 
 @pytest.mark.parametrize(
