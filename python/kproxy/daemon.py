@@ -106,6 +106,7 @@ class Daemon:
         if cfg.manifests is None:
             self.factory = ClientFactory(cfg.kubeconfig, cfg.master)
             self.factory.check()  # an unusable kubeconfig stops the daemon here, at once
+            self.factory.on_request = self.metrics.rest_request
             self.events = Recorder(self.factory, cfg.node_name)
         self.service_health = ServiceHealthServers(
             lambda: self.health.status()[0], on_bind_error=self._health_check_failed

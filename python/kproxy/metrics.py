@@ -34,6 +34,8 @@ NPL_BUCKETS = (
     *(float(120 + 30 * i) for i in range(7)),
 )
 FAM = ("ip_family",)
+# client-go's request latency buckets.
+REST_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 # Upstream's Prometheus client exports no `<name>_created` series.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -139,6 +141,20 @@ class Metrics:
             registry=self.registry,
         )
         build.labels(git_version=UPSTREAM_VERSION, kproxy_version=__version__).set(1)
+        # client-go's, for the informers' requests to the API server.
+        self.rest_requests = Counter(
+            "rest_client_requests",
+            "Number of HTTP requests, partitioned by status code, method, and host",
+            ("code", "host", "method"),
+            registry=self.registry,
+        )
+        self.rest_duration = Histogram(
+            "rest_client_request_duration_seconds",
+            "Request latency in seconds, broken down by verb and host",
+            ("verb", "host"),
+            buckets=REST_BUCKETS,
+            registry=self.registry,
+        )
 
         def reg(name: str) -> CollectorRegistry | None:
             # A family of another mode still exists (the daemon's code stays mode-blind) but
@@ -238,6 +254,10 @@ class Metrics:
     def watch_forwarder(self, source: ForwardStats) -> None:
         """Export the userspace forwarder's counters: ``source`` gives them per IP family."""
         self.registry.register(_ForwarderCollector(source))
+
+    def rest_request(self, method: str, host: str, code: str, seconds: float) -> None:
+        self.rest_requests.labels(code=code, host=host, method=method).inc()
+        self.rest_duration.labels(verb=method, host=host).observe(seconds)
 
     def health_answered(self, path: str, code: int) -> None:
         (self.healthz if path == "/healthz" else self.livez).labels(code=str(code)).inc()

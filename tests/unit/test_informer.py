@@ -318,3 +318,26 @@ def test_a_long_list_logs_its_progress(
     # Pages of 2: after 2 and 4 objects (the last page ends the list instead).
     assert [p.split(",")[1].split("(")[0].strip() for p in progress] == ["2 so far", "4 so far"]
     assert all(p.startswith("services: listing, ") and "per second)" in p for p in progress)
+
+
+def test_every_request_is_reported_for_the_rest_client_metrics(api: FakeApiServer) -> None:
+    api.put(svc("s0"))
+    rec = Recorder()
+    factory = ClientFactory(None, api.api_url)
+    seen: list[tuple[str, str, str, float]] = []
+    factory.on_request = lambda *request: seen.append(request)
+    stop = threading.Event()
+    inf = informer.Informer(informer.services(), factory, rec, stop, FAST)
+    inf.start()
+    try:
+        rec.wait(lambda: rec.replaces == 1)
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:  # the list, then the watch
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        api.drop_watches()
+        inf.join(5)
+    host = api.api_url.split("//")[1]
+    assert [(m, h, c) for m, h, c, _ in seen[:2]] == [("GET", host, "200")] * 2
+    assert all(0 <= s < 10 for *_, s in seen)

@@ -101,6 +101,7 @@ COMMON = {
     # Every component's: the process, and the build.
     "process_virtual_memory_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "kubernetes_build_info",
+    "rest_client_requests_total", "rest_client_request_duration_seconds",
 }  # fmt: skip
 # ...and per mode.
 PER_MODE = {

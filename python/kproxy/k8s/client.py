@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
@@ -40,6 +41,9 @@ class ClientFactory:
         self._lock = threading.Lock()
         self._client: k8s_client.ApiClient | None = None
         self._built_at = 0.0
+        # Told of every request the informers make: (method, host, status code or "<error>",
+        # seconds to the response's headers), for client-go's rest_client_* metrics.
+        self.on_request: Callable[[str, str, str, float], None] | None = None
         if kubeconfig is None and master is None and os.environ.get(IN_CLUSTER_ENV):
             # The in-cluster address is a ClusterIP this very proxy programs: a node coming up
             # cold cannot reach it. Upstream's manifests pass a kubeconfig instead.
@@ -66,6 +70,11 @@ class ClientFactory:
         # 99999999999 s included.
         cfg.retries = Retry(total=3, redirect=0, respect_retry_after_header=False)
         return k8s_client.ApiClient(cfg)
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        if self.on_request is not None:
+            host = urlsplit(self._client.configuration.host).netloc if self._client else ""
+            self.on_request(method, host, code, seconds)
 
     def check(self) -> None:
         """Build a client now: an unreadable or invalid kubeconfig (or missing in-cluster

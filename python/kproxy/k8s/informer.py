@@ -187,10 +187,16 @@ class Informer:
             header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        resp = api.call_api(
-            method, url, header_params=headers,
-            _request_timeout=(self._timing.connect_timeout, read_timeout),
-        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            resp = api.call_api(
+                method, url, header_params=headers,
+                _request_timeout=(self._timing.connect_timeout, read_timeout),
+            )  # fmt: skip
+        except Exception:
+            self._factory.observe(method, "<error>", time.monotonic() - started)  # client-go's
+            raise
+        self._factory.observe(method, str(resp.status), time.monotonic() - started)
         raw = resp.response
         if not 200 <= resp.status < 300:
             body = raw.read()
