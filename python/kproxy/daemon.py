@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kproxy import _core, conntrack, lifecycle, memory, nodesetup, v1alpha1
+from kproxy import _core, conntrack, lifecycle, logs, memory, nodesetup, v1alpha1
 from kproxy.backends.proxier import Proxier, userspace_families
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
@@ -377,8 +377,10 @@ class Daemon:
             m.rules_last.labels(ip_family=fam, table="filter").set(r.filter_rules)
             m.rules_total.labels(ip_family=fam, table="nat").set(r.nat_rules_total)
             m.rules_total.labels(ip_family=fam, table="filter").set(r.filter_rules_total)
+            # Per-sync lines at klog's V(2), as upstream's "SyncProxyRules complete".
             if r.wrote and self.cfg.mode == "nftables":
-                log.info(
+                log.log(
+                    logs.V2,
                     "synced %s %s: %d service ports, %d endpoints; wrote %d chains, +%d -%d "
                     "elements, %d held (render %.1fms, apply %.1fms, total %.1fms)",
                     fam, "full" if r.full else "partial", r.service_ports, r.endpoints,
@@ -387,7 +389,8 @@ class Daemon:
                     (time.monotonic() - started) * 1e3,
                 )  # fmt: skip
             elif r.wrote:
-                log.info(
+                log.log(
+                    logs.V2,
                     "synced %s %s: %d service ports, %d endpoints; wrote %d chains, %d nat and "
                     "%d filter rules (render %.1fms, apply %.1fms, total %.1fms)",
                     fam, "full" if r.full else "partial", r.service_ports, r.endpoints,

@@ -19,7 +19,16 @@ import time
 from typing import Any
 
 FORMATS = ("text", "json")
-_SEVERITY = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E"}
+# klog's V(2): per-sync lines, shown from -v=2 on (DEBUG is V(4): details).
+V2 = 15
+logging.addLevelName(V2, "V2")
+_SEVERITY = {
+    logging.DEBUG: "I",
+    V2: "I",
+    logging.INFO: "I",
+    logging.WARNING: "W",
+    logging.ERROR: "E",
+}
 
 
 def _kv(record: logging.LogRecord) -> dict[str, Any]:
@@ -28,8 +37,9 @@ def _kv(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _verbosity(record: logging.LogRecord) -> int:
-    # kproxy logs its details at DEBUG, shown from -v=4 on (klog's V(4)).
-    return 4 if record.levelno < logging.INFO else 0
+    if record.levelno <= logging.DEBUG:
+        return 4
+    return 2 if record.levelno < logging.INFO else 0
 
 
 class TextFormatter(logging.Formatter):
@@ -66,11 +76,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(verbosity: int, fmt: str = "text") -> None:
-    """Log to stderr in klog's ``fmt`` at ``verbosity`` (klog's -v: details from 4 on)."""
+    """Log to stderr in klog's ``fmt`` at ``verbosity`` (klog's -v: per-sync lines from 2 on,
+    details from 4 on)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbosity >= 4 else logging.INFO)
+    root.setLevel(logging.DEBUG if verbosity >= 4 else V2 if verbosity >= 2 else logging.INFO)

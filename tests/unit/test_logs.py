@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kproxy.logs import JsonFormatter, TextFormatter
+import pytest
+
+from kproxy.logs import V2, JsonFormatter, TextFormatter, setup
 
 # klog: Lmmdd hh:mm:ss.uuuuuu threadid file:line] msg
 KLOG = re.compile(
@@ -64,3 +66,26 @@ def test_the_commands_log_in_the_chosen_format(tmp_path: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 2, r.stderr
         assert all(parse(line) for line in lines), lines
+
+
+def test_verbosity_levels_follow_klog(capsys: pytest.CaptureFixture[str]) -> None:
+    log = logging.getLogger("kproxy.test_levels")
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    shown = {}
+    try:
+        for v in (0, 2, 4):
+            setup(v)
+            log.info("info")
+            log.log(V2, "per-sync")
+            log.debug("detail")
+            err = capsys.readouterr().err
+            shown[v] = [m for m in ("info", "per-sync", "detail") if f"] {m}" in err]
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[1]:
+            root.addHandler(h)
+        root.setLevel(saved[0])
+    assert shown == {0: ["info"], 2: ["info", "per-sync"], 4: ["info", "per-sync", "detail"]}
+    assert json.loads(JsonFormatter().format(record(V2, "per-sync")))["v"] == 2
