@@ -38,12 +38,15 @@ def cleanup() -> int:
 def cleanup_other_modes(mode: str) -> int:
     """Remove what the other modes left on the node (kube-proxy's or kproxy's), as upstream's
     platformCleanup does when it starts: an iptables-based mode removes the nftables tables,
-    the nftables mode removes the iptables chains and the ipvs mode's interface and sets.
+    the nftables mode removes the iptables chains, the ipvs mode's interface and sets, and
+    kube-proxy's own nftables table.
     The daemon calls it once its own rules are in place, so traffic never meets neither."""
     if mode in ("iptables", "ipvs"):
         return _cleanup_nftables()
     if mode == "nftables":
-        return max(_cleanup_iptables(), _cleanup_ipvs())
+        # kube-proxy's own nftables tables too: kproxy's mode writes its table, "kproxy".
+        others = tuple(t for t in NFT_TABLES if t[1] != "kproxy")
+        return max(_cleanup_iptables(), _cleanup_ipvs(), _cleanup_nftables(others))
     return 0  # userspace: its portals live beside whatever else is there
 
 
@@ -62,10 +65,10 @@ def _cleanup_iptables() -> int:
     return status
 
 
-def _cleanup_nftables() -> int:
+def _cleanup_nftables(tables: tuple[tuple[str, str], ...] = NFT_TABLES) -> int:
     status = 0
     if shutil.which("nft") is not None:
-        for fam, table in NFT_TABLES:
+        for fam, table in tables:
             # add-then-delete in one transaction: idempotent, and no listing of a table that
             # may hold a million elements.
             script = f"add table {fam} {table}\ndelete table {fam} {table}\n"

@@ -14,22 +14,14 @@ pub fn iptables_tables(backend: &mut dyn Backend) -> Result<usize> {
     backend.remove_jumps(chains::JUMPS)?;
     backend.remove_jumps(chains::FIREWALL_JUMPS)?;
     backend.remove_jumps(ipvs::rules::JUMPS)?;
+    remove_stray_jumps(backend)?;
     let mut removed = 0;
     let mut text = String::new();
     for table in ["mangle", "filter", "nat"] {
-        let fixed: &[&[&str]] = match table {
-            "nat" => &[chains::NAT_CHAINS, ipvs::rules::NAT_CHAINS],
-            "filter" => &[chains::FILTER_CHAINS, ipvs::rules::FILTER_CHAINS],
-            _ => &[],
-        };
         let ours: Vec<String> = backend
             .chains(table)?
             .into_iter()
-            .filter(|c| {
-                fixed.iter().any(|f| f.contains(&c.as_str()))
-                    || c == chains::CANARY
-                    || chains::is_dynamic_chain(c)
-            })
+            .filter(|c| is_ours(table, c))
             .collect();
         if ours.is_empty() {
             continue;
@@ -59,4 +51,69 @@ pub fn iptables_tables(backend: &mut dyn Backend) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Whether `chain` in `table` is one the iptables or ipvs mode creates (kproxy's or
+/// kube-proxy's: the names are the same).
+fn is_ours(table: &str, chain: &str) -> bool {
+    let fixed: &[&[&str]] = match table {
+        "nat" => &[chains::NAT_CHAINS, ipvs::rules::NAT_CHAINS],
+        "filter" => &[chains::FILTER_CHAINS, ipvs::rules::FILTER_CHAINS],
+        _ => &[],
+    };
+    fixed.iter().any(|f| f.contains(&chain))
+        || chain == chains::CANARY
+        || chains::is_dynamic_chain(chain)
+}
+
+/// Delete the rules in the built-in chains that jump to one of our chains but are not among
+/// the jumps kproxy knows (another kube-proxy version's, or one made by hand): left there,
+/// they keep the chain busy and its deletion fails.
+fn remove_stray_jumps(backend: &mut dyn Backend) -> Result<()> {
+    let dump = backend.dump()?;
+    let mut text = String::new();
+    let mut table = "";
+    let mut stray = Vec::new();
+    for line in dump.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t;
+        } else if line == "COMMIT" {
+            if !stray.is_empty() {
+                text.push_str(&format!("*{table}\n{}COMMIT\n", stray.concat()));
+                stray.clear();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            let builtin = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+            let target = crate::xtables::backend::jump_target(rule).unwrap_or("");
+            if builtin.contains(&chain) && is_ours(table, target) {
+                stray.push(format!("-D {rule}\n"));
+            }
+        }
+    }
+    if !text.is_empty() {
+        backend.restore(&text)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xtables::Fake;
+
+    #[test]
+    fn jumps_of_another_kube_proxy_version_do_not_keep_the_chains() {
+        let mut fake = Fake::new();
+        let setup = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]\n\
+                     :DOCKER - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n\
+                     -A OUTPUT -m addrtype --dst-type LOCAL -j KUBE-SERVICES\n\
+                     -A PREROUTING -j DOCKER\n\
+                     -A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-ABCDEFGHIJKLMNOP\nCOMMIT\n";
+        fake.restore(setup).unwrap();
+        assert_eq!(iptables_tables(&mut fake).unwrap(), 2);
+        let left = fake.dump().unwrap();
+        assert!(!left.contains("KUBE-"), "{left}");
+        assert!(left.contains("-A PREROUTING -j DOCKER"), "{left}");
+    }
 }

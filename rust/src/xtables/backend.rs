@@ -243,6 +243,20 @@ impl Fake {
                     .get_mut(chain)
                     .ok_or_else(|| fail(n, format!("chain {chain} does not exist")))?;
                 r.push(rule.to_owned());
+            } else if let Some(rest) = line.strip_prefix("-D ") {
+                // Delete the first rule that matches (iptables compares the rule's meaning;
+                // the Fake, the text iptables-save printed).
+                let (chain, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+                let rules = chains
+                    .get_mut(chain)
+                    .ok_or_else(|| fail(n, format!("chain {chain} does not exist")))?;
+                let at = rules.iter().position(|r| r == rule).ok_or_else(|| {
+                    fail(
+                        n,
+                        "Bad rule (does a matching rule exist in that chain?)".into(),
+                    )
+                })?;
+                rules.remove(at);
             } else if let Some(name) = line.strip_prefix("-X ") {
                 if chains.remove(name.trim()).is_none() {
                     return Err(fail(n, format!("chain {name} does not exist")));

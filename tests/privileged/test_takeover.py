@@ -1,0 +1,177 @@
+"""Taking a node over from kube-proxy without dropping a connection, in namespaces.
+
+The node starts as kube-proxy left it: in the iptables mode upstream's flat layout (what
+kproxy renders, with its buckets flattened back as ``benches/iptables_sync.py`` does) and
+upstream's jump rules; in the nftables mode upstream's ``kube-proxy`` table. A client holds an
+established TCP connection through a Service while another opens a new connection every
+20 ms; kproxy starts, programs its own rules, then removes kube-proxy's. Every connection
+must succeed, the established one must survive, kube-proxy's rules must be gone, and what
+belongs to other agents (Docker, Calico) must stay.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benches.iptables_sync import parse, upstream_text
+from tests import k8sobjects as k
+from tests.privileged.harness import (
+    CLUSTER_CIDR,
+    ECHO_IP,
+    NODE,
+    ProxyLab,
+    echo_service,
+    echo_slice,
+    proxy_lab,
+)
+
+pytestmark = pytest.mark.privileged
+
+PODS = ["10.244.1.2", "10.244.2.2", "10.244.3.2"]
+# The Service port of the held connection, to echo servers that keep it open.
+LONG_PORT, LONG_TARGET = 90, 8090
+# Opens a connection every 20 ms for a while; one JSON line per try.
+PROBER = r"""
+import json, socket, sys, time
+ip, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    s = socket.socket(); s.settimeout(1.0)
+    try:
+        s.connect((ip, 80)); s.sendall(b"ping\n"); out = ["ok", s.recv(256).decode().split(" ")[0]]
+    except OSError as e:
+        out = [type(e).__name__, ""]
+    finally:
+        s.close()
+    print(json.dumps(out), flush=True)
+    time.sleep(0.02)
+"""
+# Other agents' objects, which a takeover must leave alone.
+FOREIGN_IPTABLES = (
+    ["-t", "filter", "-N", "DOCKER-USER"],
+    ["-t", "filter", "-A", "DOCKER-USER", "-j", "RETURN"],
+    ["-t", "filter", "-N", "cali-FORWARD"],
+    ["-t", "filter", "-A", "cali-FORWARD", "-m", "mark", "--mark", "0x10000/0x10000", "-j",
+     "ACCEPT"],
+)  # fmt: skip
+FOREIGN_NFT = "add table ip cilium-test\nadd chain ip cilium-test keep\n"
+
+
+def upstream_iptables(lab: ProxyLab) -> str:
+    """kube-proxy's iptables rules for the lab's Services: kproxy's render (upstream's chains
+    and hashes) with its dispatch buckets flattened into upstream's single KUBE-SERVICES."""
+    r = lab.lab.node.exec(
+        [sys.executable, "-m", "kproxy", "render", "--master", lab.api.api_url,
+         "--hostname-override", NODE, "--cluster-cidr", CLUSTER_CIDR],
+        timeout=60, check=True,
+    )  # fmt: skip
+    v4 = r.stdout.split("# iptables rules for IPv6")[0]
+    text = upstream_text(parse(v4), None)
+    # Upstream's jumps from the built-in chains.
+    jumps = {
+        "nat": ["-A PREROUTING -j KUBE-SERVICES", "-A OUTPUT -j KUBE-SERVICES",
+                "-A POSTROUTING -j KUBE-POSTROUTING"],
+        "filter": ["-A FORWARD -j KUBE-FORWARD",
+                   "-A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES",
+                   "-A OUTPUT -m conntrack --ctstate NEW -j KUBE-SERVICES"],
+    }  # fmt: skip
+    out: list[str] = []
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        if line == "COMMIT":
+            out += jumps.get(table, [])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def upstream_nftables() -> str:
+    """kube-proxy's nftables table for the echo Service's TCP ports (upstream's names)."""
+    lines = [
+        "add table ip kube-proxy",
+        "add map ip kube-proxy service-ips"
+        " { type ipv4_addr . inet_proto . inet_service : verdict ; }",
+        "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }",
+        "add chain ip kube-proxy nat-output { type nat hook output priority -100 ; }",
+        "add chain ip kube-proxy services",
+        "add rule ip kube-proxy nat-prerouting jump services",
+        "add rule ip kube-proxy nat-output jump services",
+        "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+    ]  # fmt: skip
+    for name, port, target in (("tcp", 80, 8080), ("long", LONG_PORT, LONG_TARGET)):
+        service = f"service-ABCDEFGH-default/echo/tcp/{name}"
+        lines.append(f"add chain ip kube-proxy {service}")
+        targets = []
+        for i, ip in enumerate(PODS):
+            chain = f"endpoint-ABCDEFGH-default/echo/tcp/{name}__{ip}/{target}"
+            lines.append(f"add chain ip kube-proxy {chain}")
+            lines.append(f"add rule ip kube-proxy {chain} meta l4proto tcp dnat to {ip}:{target}")
+            targets.append(f"{i} : goto {chain}")
+        lines.append(
+            f"add rule ip kube-proxy {service} numgen random mod 3 vmap {{ {', '.join(targets)} }}"
+        )
+        lines.append(
+            f"add element ip kube-proxy service-ips {{ {ECHO_IP} . tcp . {port} : goto {service} }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def long_lived_service() -> tuple[k.Obj, k.Obj]:
+    """The echo Service and slice with a port for long-lived connections (echo servers)."""
+    svc = echo_service()
+    svc["spec"]["ports"].append(
+        {"name": "long", "port": LONG_PORT, "protocol": "TCP", "targetPort": LONG_TARGET}
+    )
+    sl = echo_slice(PODS)
+    sl["ports"].append({"name": "long", "port": LONG_TARGET, "protocol": "TCP"})
+    return svc, sl
+
+
+def kube_proxy_gone(lab: ProxyLab, mode: str) -> bool:
+    node = lab.lab.node
+    if mode == "nftables":
+        return node.exec(["nft", "list", "table", "ip", "kube-proxy"], timeout=10).returncode != 0
+    # kube-proxy's flat KUBE-SERVICES dispatch (a rule per Service port) is replaced by
+    # kproxy's buckets.
+    return not any(r.startswith(f"-A KUBE-SERVICES -d {ECHO_IP}") for r in lab.nat().splitlines())
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_takeover_from_kube_proxy_drops_no_connection(tmp_path: Path, mode: str) -> None:
+    with proxy_lab(tmp_path, long_lived_service(), mode=mode) as lab:
+        node, client = lab.lab.node, lab.lab.pod("client")
+        for pod in ("pod1", "pod2", "pod3"):
+            lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+        for args in FOREIGN_IPTABLES:
+            node.exec(["iptables", *args], timeout=10, check=True)
+        node.exec(["nft", "-f", "-"], input=FOREIGN_NFT, timeout=10, check=True)
+        ruleset = upstream_iptables(lab) if mode == "iptables" else upstream_nftables()
+        tool = ["iptables-restore", "--noflush"] if mode == "iptables" else ["nft", "-f", "-"]
+        node.exec(tool, input=ruleset, timeout=30, check=True)
+        assert not kube_proxy_gone(lab, mode)
+        # The node serves the Service through kube-proxy's rules alone.
+        assert client.tcp_probe(ECHO_IP, 80).ok
+        with client.tcp_session(ECHO_IP, LONG_PORT) as held:
+            assert held.send("before").ok
+            prober = client.popen(
+                [sys.executable, "-c", PROBER, ECHO_IP, "12"],
+                stdout=open(tmp_path / "probes", "w"),  # noqa: SIM115 (the lab owns it)
+            )
+            lab.start_daemon()
+            lab.wait(lambda: "first sync done" in lab.log(), 30, "kproxy's first sync")
+            lab.wait(lambda: kube_proxy_gone(lab, mode), 15, "kube-proxy's rules to go")
+            prober.wait(timeout=30)
+            after = held.send("after")
+            assert after.ok, after
+        probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
+        assert len(probes) > 100
+        bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
+        assert not bad, (len(bad), bad[:5])
+        # Other agents' chains and tables are untouched.
+        filt = lab.filter()
+        assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
+        assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0
