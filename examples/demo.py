@@ -53,7 +53,8 @@ def main() -> int:
                 [sys.executable, "-m", "kproxy", "daemon",
                  "--manifests", str(REPO / "examples" / "manifests"),
                  "--hostname-override", NODE_NAME, "--cluster-cidr", "10.244.0.0/16",
-                 "--min-sync-period", "0", "--healthz-bind-address", "127.0.0.1:10256"],
+                 "--min-sync-period", "0", "--healthz-bind-address", "127.0.0.1:10256",
+                 "-v", "2"],  # per-sync lines (klog V(2))
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
