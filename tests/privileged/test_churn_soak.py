@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -61,7 +61,7 @@ def test_churn_soak(lab: ProxyLab, tmp_path: Path) -> None:
 LEAK_MIB_PER_ITERATION = 4.0
 
 
-def theil_sen(ys: list[float]) -> float:
+def theil_sen(ys: Sequence[float]) -> float:
     """The median slope over every pair of points (x = the iteration)."""
     return statistics.median(
         (ys[j] - ys[i]) / (j - i) for i in range(len(ys)) for j in range(i + 1, len(ys))
