@@ -336,8 +336,6 @@ class Daemon:
                 "first sync done %.3fs after start (lists received after %.3fs)",
                 time.monotonic() - self._born, self._lists_at or 0.0,
             )  # fmt: skip
-            if self.cleanup_other_modes:
-                await self._on_engine(lifecycle.cleanup_other_modes, self.cfg.mode)
         self.service_health.sync(self._health_checks())
         self._report_conflicts(reports.values())
         self._report_refused(reports)
@@ -397,6 +395,9 @@ class Daemon:
                     r.chains_written, r.nat_rules, r.filter_rules, r.render_seconds * 1e3,
                     r.apply_seconds * 1e3, (time.monotonic() - started) * 1e3,
                 )  # fmt: skip
+        if self.syncs == 1 and self.cleanup_other_modes:
+            # After the first sync is reported (its timings are the sync's alone).
+            await self._on_engine(lifecycle.cleanup_other_modes, self.cfg.mode)
         return True
 
     async def run(self) -> int:
