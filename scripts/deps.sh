@@ -21,6 +21,11 @@ if [ "${1:-run}" = test ]; then
   have iperf3 || need+=(iperf3)
   have haproxy || need+=(haproxy)
   have socat || need+=(socat)
+  # The image tier: a root filesystem from Debian's packages, packed as an OCI image and run
+  # with crun (scripts/image.sh, tests/privileged/test_image.py).
+  have mmdebstrap || need+=(mmdebstrap)
+  have umoci || need+=(umoci)
+  have crun || need+=(crun)
 fi
 have cargo || need+=(cargo rustc)
 have cc || need+=(gcc)
@@ -34,4 +39,14 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Building the core needs the Rust that Cargo.toml names (Debian 12's own rustc is 1.63).
+want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml")
+got=$(rustc --version 2>/dev/null | cut -d' ' -f2)
+if [ "$(printf '%s\n%s\n' "$want" "$got" | sort -V | head -n1)" != "$want" ]; then
+  echo "kproxy's core needs Rust $want or newer to build; this machine has rustc ${got:-none}." >&2
+  echo "Install a current toolchain with rustup (https://rustup.rs), or install a prebuilt" >&2
+  echo "kproxy wheel, which needs no Rust (scripts/release.sh builds them)." >&2
+  exit 1
 fi

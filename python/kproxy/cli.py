@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kproxy import __version__, _core, logs, tools
+from kproxy import __version__, _core, logs, tools, xtables_backend
 from kproxy.config import MODES, ProxyConfig, build, load_file
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "cleanup":
             setup_logging(args.verbosity)
+            xtables_backend.configure()
             return cleanup()
         cfg = load_config(args)
     except ConfigError as e:
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(cfg.verbosity, cfg.logging_format)
     try:
+        xtables_backend.configure()
         if args.command == "render":
             return tools.render_command(cfg)
         if args.command == "diff":

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from kproxy import __version__, cli, daemon, lifecycle, nodesetup, v1alpha1
+from kproxy import __version__, cli, daemon, lifecycle, nodesetup, v1alpha1, xtables_backend
 from kproxy.config import ProxyConfig, build, load_file
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.goduration import parse_duration
@@ -260,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", w)
     cfg = inv.cfg
     try:
+        xtables_backend.configure()
         if path := inv.given.get("--write-config-to"):
             with open(path, "w") as out:
                 yaml.safe_dump(v1alpha1.encode(cfg), out, sort_keys=True)

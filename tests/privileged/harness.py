@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 from kproxy.netns import NetnsExecutor
 from tests import k8sobjects as k
 from tests.fakeapi import FakeApiServer
+from tests.fakeapi.server import write_kubeconfig
 from tests.netlab import NetNs, NodeLab, netlab_unavailable_reason
 
 T = TypeVar("T")
@@ -39,6 +41,7 @@ _DNAT = re.compile(r"--to-destination (\S+)")
 # nftables: endpoint pool elements (`... : 10.244.1.2 . 8080`) and single DNATs.
 _NFT_DNAT = re.compile(r": ([0-9a-f.:]+) \. (\d+)\b|dnat (?:ip6? )?to ([0-9a-f.:\[\]]+:\d+)")
 MODES = ("iptables", "nftables")
+KUBEADM_CONFIGMAP = Path(__file__).parents[1] / "fixtures" / "kubeadm-kube-proxy-configmap.yaml"
 
 
 def echo_service(**spec: Any) -> k.Obj:
@@ -220,3 +223,27 @@ def http_get(ns: NetNs, url: str) -> tuple[int, str]:
     out = ns.exec([sys.executable, "-c", _HTTP_GET, url], timeout=15, check=True).stdout
     status, body = json.loads(out)
     return int(status), str(body)
+
+
+def kubeadm_conf(lab: ProxyLab, tmp_path: Path, **changes: Any) -> str:
+    """kubeadm's config.conf, with its kubeconfig pointed at the lab's API server and the
+    given top-level ``changes`` (a section's dict is merged)."""
+    cm = yaml.safe_load(KUBEADM_CONFIGMAP.read_text())
+    doc = yaml.safe_load(cm["data"]["config.conf"])
+    assert doc["clusterCIDR"] == CLUSTER_CIDR
+    kubeconfig = tmp_path / "kubeconfig.conf"
+    write_kubeconfig(kubeconfig, lab.api.api_url)
+    doc["clientConnection"]["kubeconfig"] = str(kubeconfig)
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            doc[key].update(value)
+        else:
+            doc[key] = value
+    path = tmp_path / "config.conf"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def first_sync(lab: ProxyLab) -> None:
+    # At kubeadm's verbosity (0) the per-sync lines are not logged (V(2)), the first one is.
+    lab.wait(lambda: "first sync done" in lab.log(), 30, "the first sync")

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.fakeapi.server import write_kubeconfig
 from tests.privileged.harness import (
     CLUSTER_CIDR,
     ECHO_IP,
@@ -25,39 +23,16 @@ from tests.privileged.harness import (
     ProxyLab,
     echo_service,
     echo_slice,
+    first_sync,
     http_get,
+    kubeadm_conf,
     proxy_lab,
 )
 
 pytestmark = pytest.mark.privileged
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "kubeadm-kube-proxy-configmap.yaml"
 KUBE_PROXY = str(Path(sys.executable).parent / "kube-proxy")
 PODS = ["10.244.1.2", "10.244.2.2", "10.244.3.2"]
-
-
-def kubeadm_conf(lab: ProxyLab, tmp_path: Path, **changes: Any) -> str:
-    """kubeadm's config.conf, with its kubeconfig pointed at the lab's API server and the
-    given top-level ``changes`` (a section's dict is merged)."""
-    cm = yaml.safe_load(FIXTURE.read_text())
-    doc = yaml.safe_load(cm["data"]["config.conf"])
-    assert doc["clusterCIDR"] == CLUSTER_CIDR
-    kubeconfig = tmp_path / "kubeconfig.conf"
-    write_kubeconfig(kubeconfig, lab.api.api_url)
-    doc["clientConnection"]["kubeconfig"] = str(kubeconfig)
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            doc[key].update(value)
-        else:
-            doc[key] = value
-    path = tmp_path / "config.conf"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
-
-
-def first_sync(lab: ProxyLab) -> None:
-    # At kubeadm's verbosity (0) the per-sync lines are not logged (V(2)), the first one is.
-    lab.wait(lambda: "first sync done" in lab.log(), 30, "the first sync")
 
 
 @pytest.mark.parametrize(
