@@ -32,6 +32,18 @@ class ApiConnectionError(KproxyError):
         self.message = message
 
 
+class KubeconfigError(ApiConnectionError, ValueError):
+    """A kubeconfig (or the in-cluster configuration) holds something that cannot be used.
+    ``source`` names the file (``kubeconfig PATH``, or ``in-cluster config``), ``field`` the
+    field in it (``clusters[NAME].cluster.server``; empty for the file as a whole), ``message``
+    what is wrong with it."""
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        super().__init__(source, f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
 class InvalidObjectError(KproxyError):
     """A Kubernetes object cannot be proxied as it is; it is skipped, nothing else is."""
 

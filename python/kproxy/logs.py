@@ -87,5 +87,5 @@ def setup(verbosity: int, fmt: str = "text") -> None:
     root.setLevel(logging.DEBUG if verbosity >= 4 else V2 if verbosity >= 2 else logging.INFO)
     # The libraries' own debug lines (every netlink message, every HTTP request) only from
     # -v=8 on, as klog shows request details from V(8).
-    for name in ("pyroute2", "urllib3", "kubernetes", "asyncio"):
+    for name in ("pyroute2", "urllib3", "asyncio"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 8 else logging.INFO)

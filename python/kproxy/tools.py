@@ -60,7 +60,7 @@ def snapshot(cfg: ProxyConfig) -> Controller:
         try:
             informer.Informer(res, factory, sink, threading.Event())._list()
         except (OSError, HTTPError, informer.ApiStatusError, informer.MalformedReply) as e:
-            server = factory.get().configuration.host
+            server = factory.get().host
             cause = getattr(e, "reason", None) or e
             raise ApiConnectionError(f"API server {server}", f"cannot list: {cause}") from None
     return c

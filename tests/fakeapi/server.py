@@ -1205,7 +1205,8 @@ def load_objects(path: str | Path) -> list[Obj]:
 def write_kubeconfig(path: str | Path, api_url: str, token: str = "fakeapi-token") -> None:
     """Write a kubeconfig for `api_url` (plain HTTP, dummy bearer token).
 
-    JSON is valid YAML, so kubernetes.config.load_kube_config reads it as is."""
+    JSON is valid YAML, so kproxy's loader (kproxy.k8s.kubeconfig) and the official client's
+    kubernetes.config.load_kube_config read it as is."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",

@@ -80,11 +80,14 @@ def svc(name: str, **kw: Any) -> dict[str, Any]:
 
 @contextmanager
 def run(
-    api: FakeApiServer, rec: Recorder, res: informer.Resource | None = None
+    api: FakeApiServer,
+    rec: Recorder,
+    res: informer.Resource | None = None,
+    factory: ClientFactory | None = None,
 ) -> Iterator[informer.Informer]:
     stop = threading.Event()
     inf = informer.Informer(
-        res or informer.services(), ClientFactory(None, api.api_url), rec, stop, FAST
+        res or informer.services(), factory or ClientFactory(None, api.api_url), rec, stop, FAST
     )
     inf.start()
     try:
@@ -106,6 +109,25 @@ def test_lists_in_pages_then_watches(api: FakeApiServer) -> None:
         rec.wait(lambda: rec.names == {"s1", "s2", "s3", "s4", "s5"})
         assert inf.lists == 1
         assert api.stats()["lists_by_path"]["/api/v1/services"] == 3  # 5 objects, 2 a page
+
+
+def test_lists_and_watches_through_the_fake_servers_kubeconfig(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "kubeconfig"
+    write_kubeconfig(cfg, api.api_url, token="kubeconfig-token")
+    factory = ClientFactory(str(cfg), None)
+    factory.check()
+    assert factory.get().host == api.api_url
+    assert factory.get().authorization == "Bearer kubeconfig-token"
+    api.put(svc("a"))
+    rec = Recorder()
+    with run(api, rec, factory=factory) as inf:
+        rec.wait(lambda: rec.replaces == 1 and rec.names == {"a"})
+        api.put(svc("b"))
+        api.delete("Service", "default", "a")
+        rec.wait(lambda: rec.names == {"b"})
+        assert (inf.lists, inf.errors) == (1, 0) and inf.watches >= 1
 
 
 def test_objects_labelled_for_another_proxy_are_not_seen(api: FakeApiServer) -> None:
@@ -204,7 +226,7 @@ def test_client_factory_rereads_rotated_tokens(tmp_path: Path) -> None:
     factory = ClientFactory(str(cfg), None, max_age=60.0, clock=lambda: now[0])
 
     def auth() -> str:
-        return str(factory.get().configuration.api_key.get("BearerToken", ""))
+        return str(factory.get().authorization)
 
     assert "first" in auth()
     token.write_text("second")

@@ -6,6 +6,7 @@ happen on a worker thread so the event loop never waits for the API server.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -61,16 +62,16 @@ class Recorder:
         ns = ev["metadata"]["namespace"]
         try:
             api = self._factory.get()
-            method, url, headers, body, _ = api.param_serialize(
-                method="POST",
-                resource_path=f"/apis/events.k8s.io/v1/namespaces/{ns}/events",
-                header_params={"Content-Type": "application/json", "Accept": "application/json"},
-                body=ev,
-                auth_settings=["BearerToken"],
+            resp = api.request(
+                "POST",
+                f"/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                body=json.dumps(ev).encode(),
+                timeout=10,
             )
-            resp = api.call_api(method, url, header_params=headers, body=body, _request_timeout=10)
             status: int = resp.status
-            resp.response.release_conn()
+            resp.drain_conn()  # the small reply, so the connection is reused
+            resp.release_conn()
             ok = 200 <= status < 300
         except Exception as e:
             log.warning("cannot record event %s: %s", ev.get("reason"), e)

@@ -33,6 +33,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from urllib3 import BaseHTTPResponse
+
 from kproxy.k8s.client import ClientFactory
 
 log = logging.getLogger(__name__)
@@ -178,33 +180,25 @@ class Informer:
                 backoff = min(backoff * 2, self._timing.backoff_max)
                 self._stop.wait(delay)
 
-    def _request(self, query: list[tuple[str, str]], read_timeout: float) -> Any:
+    def _request(self, query: list[tuple[str, str]], read_timeout: float) -> BaseHTTPResponse:
         api = self._factory.get()
-        method, url, headers, _body, _post = api.param_serialize(
-            method="GET",
-            resource_path=self.resource.path,
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
         started = time.monotonic()
         try:
-            resp = api.call_api(
-                method, url, header_params=headers,
-                _request_timeout=(self._timing.connect_timeout, read_timeout),
+            raw = api.request(
+                "GET", self.resource.path, query, {"Accept": "application/json"},
+                timeout=(self._timing.connect_timeout, read_timeout),
             )  # fmt: skip
         except Exception:
-            self._factory.observe(method, "<error>", time.monotonic() - started)  # client-go's
+            self._factory.observe("GET", "<error>", time.monotonic() - started)  # client-go's
             raise
-        self._factory.observe(method, str(resp.status), time.monotonic() - started)
-        raw = resp.response
-        if not 200 <= resp.status < 300:
+        self._factory.observe("GET", str(raw.status), time.monotonic() - started)
+        if not 200 <= raw.status < 300:
             body = raw.read()
             raw.release_conn()
             msg = _status_message(body)
-            if resp.status == 410:
+            if raw.status == 410:
                 raise Gone(msg)
-            raise ApiStatusError(resp.status, msg, _retry_after(raw.headers.get("Retry-After")))
+            raise ApiStatusError(raw.status, msg, _retry_after(raw.headers.get("Retry-After")))
         return raw
 
     def _selectors(self) -> list[tuple[str, str]]:
@@ -317,7 +311,9 @@ def _retry_after(value: str | None) -> float | None:
     return float(value.strip())
 
 
-def _read_capped(raw: Any, limit: int, deadline: float, stop: threading.Event) -> bytes:
+def _read_capped(
+    raw: BaseHTTPResponse, limit: int, deadline: float, stop: threading.Event
+) -> bytes:
     """A whole response body, refused past ``limit`` bytes or the ``deadline``."""
     parts: list[bytes] = []
     size = 0
@@ -334,7 +330,10 @@ def _read_capped(raw: Any, limit: int, deadline: float, stop: threading.Event) -
 
 
 def _lines(
-    raw: Any, stop: threading.Event, limit: int = 16 << 20, deadline: float = float("inf")
+    raw: BaseHTTPResponse,
+    stop: threading.Event,
+    limit: int = 16 << 20,
+    deadline: float = float("inf"),
 ) -> Iterator[bytes]:
     """Newline-delimited JSON from a streaming response, however the chunks are cut; a line
     over ``limit`` bytes, or a stream still open past ``deadline``, is an error."""
