@@ -21,8 +21,7 @@ version=$(basename "$wheel" | cut -d- -f2)
 mirror=${KPROXY_DEBIAN_MIRROR:-http://deb.debian.org}
 python=${PYTHON:-python3}
 packages=$(grep -v '^\s*#' deploy/image/packages.txt | xargs | tr ' ' ,)
-# The same sources give the same packages the same bytes: the layer is reproducible for a
-# given commit and mirror state.
+# File times in the layer and the archive are the commit's, not the build's.
 SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
 export SOURCE_DATE_EPOCH
 
@@ -43,8 +42,8 @@ mmdebstrap --quiet --mode=root --variant=essential --include="$packages" \
   --dpkgopt='path-exclude=/usr/share/doc/*' \
   --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --customize-hook="copy-in $work/wheels /tmp" \
-  --customize-hook='chroot "$1" python3 -m venv /opt/kproxy' \
-  --customize-hook='chroot "$1" /opt/kproxy/bin/pip install -q --no-index --no-cache-dir --no-compile --find-links /tmp/wheels kproxy' \
+  --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin python3 -m venv /opt/kproxy' \
+  --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin /opt/kproxy/bin/pip install -q --no-index --no-cache-dir --no-compile --find-links /tmp/wheels kproxy' \
   --customize-hook='ln -s /opt/kproxy/bin/kproxy "$1/usr/local/bin/kproxy"' \
   --customize-hook='ln -s /opt/kproxy/bin/kube-proxy "$1/usr/local/bin/kube-proxy"' \
   --customize-hook='rm -rf "$1/tmp/wheels" "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*' \

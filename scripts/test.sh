@@ -19,5 +19,7 @@ step "cargo test (core without libpython)"; cargo test --no-default-features
 step "ruff";     ruff check . && ruff format --check .
 step "mypy --strict"; mypy
 step "stubtest _core.pyi"; python -m mypy.stubtest kproxy._core
+step "release build: wheels, sdist and the image (tests/release installs and runs them)"
+if [ "$(id -u)" = 0 ]; then scripts/release.sh; else scripts/release.sh --no-image; fi
 step "pytest"
 python -m pytest "$@"

@@ -104,13 +104,21 @@ class ProxyLab:
         ]  # fmt: skip
         return self.spawn(args, path=path)
 
-    def spawn(self, args: Sequence[str], *, path: str | None = None) -> subprocess.Popen[str]:
-        """Run ``args`` in the node namespace as the lab's daemon (its output to the log)."""
+    def spawn(
+        self, args: Sequence[str], *, path: str | None = None, in_node: bool = True
+    ) -> subprocess.Popen[str]:
+        """Run ``args`` in the node namespace as the lab's daemon (its output to the log);
+        ``in_node=False`` starts it in the host's namespaces, for a container runtime that
+        puts the container into the node namespace itself."""
         env = dict(os.environ)
         if path is not None:
             env["PATH"] = f"{path}:{env.get('PATH', '')}"
         log = self.log_path.open("a")
-        self.daemon = self.lab.node.popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        out = {"stdout": log, "stderr": subprocess.STDOUT, "env": env}
+        if in_node:
+            self.daemon = self.lab.node.popen(args, **out)
+        else:
+            self.daemon = subprocess.Popen(args, text=True, start_new_session=True, **out)  # type: ignore[call-overload]
         log.close()
         return self.daemon
 

@@ -8,6 +8,7 @@ legacy rules, and nothing in iptables-nft).
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +28,9 @@ from tests.privileged.harness import (
     kubeadm_conf,
     proxy_lab,
 )
-from tests.privileged.image import Image, unpack
+from tests.release.image import Image, unpack
 
-pytestmark = [pytest.mark.privileged, pytest.mark.image]
+pytestmark = [pytest.mark.privileged, pytest.mark.release]
 
 PODS = ["10.244.1.2", "10.244.2.2", "10.244.3.2"]
 BACKENDS = {"pod1", "pod2", "pod3"}
@@ -45,7 +46,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
 
 
 def run_in_image(image: Image, lab: ProxyLab, *args: str) -> tuple[int, str]:
-    r = lab.lab.node.exec(image.command(args), timeout=60)
+    argv = image.command(args, lab.lab.node.ns)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     return r.returncode, r.stdout + r.stderr
 
 
@@ -53,7 +55,7 @@ def start_in_image(image: Image, lab: ProxyLab, tmp_path: Path, mode: str) -> No
     """kubeadm's command and ConfigMap (its kubeconfig pointed at the lab's API server)."""
     conf = kubeadm_conf(lab, tmp_path, mode=mode)
     argv = ["/usr/local/bin/kube-proxy", f"--config={conf}", f"--hostname-override={NODE}"]
-    lab.spawn(image.command(argv, binds=[tmp_path]))
+    lab.spawn(image.command(argv, lab.lab.node.ns, binds=[tmp_path]), in_node=False)
     first_sync(lab)
 
 

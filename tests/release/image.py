@@ -27,8 +27,8 @@ import pytest
 REPO = Path(__file__).parents[2]
 LAYOUT_ENV = "KPROXY_IMAGE_LAYOUT"
 TAG = "latest"
-# Every capability a privileged container gets (crun drops those the kernel lacks).
-CAPS = [
+# Capabilities by number (linux/capability.h), 0 to 31.
+CAP_NAMES = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
     "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
     "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
@@ -38,6 +38,25 @@ CAPS = [
     "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP",
 ]  # fmt: skip
 _ids = itertools.count()
+
+
+def privileged_caps() -> list[str]:
+    """What a privileged container gets: every capability the runtime itself holds (a
+    sandbox may hold fewer than the kernel knows, and asking for more fails in capset)."""
+    status = Path("/proc/self/status").read_text()
+    bounding = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapBnd")), 16)
+    return [name for bit, name in enumerate(CAP_NAMES) if bounding >> bit & 1]
+
+
+# crun (1.8, Debian 12's) refuses a host with cgroup v1 controllers beside a v2 tree (hybrid,
+# as on these machines) even with its cgroup manager disabled: it runs in a mount namespace
+# of its own where /sys/fs/cgroup is the v2 tree alone. Nothing else changes for it.
+_UNIFIED = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t cgroup2 none /sys/fs/cgroup && exec "$@"', "crun"]  # fmt: skip
+
+
+def crun(*args: str) -> list[str]:
+    return [*_UNIFIED, "crun", "--cgroup-manager=disabled", *args]
 
 
 def layout_path() -> Path:
@@ -69,8 +88,11 @@ class Image:
     env: list[str]
     work: Path  # bundles and crun's state
 
-    def bundle(self, args: Sequence[str], binds: Sequence[Path] = ()) -> tuple[Path, str]:
-        """A bundle running ``args``; each of ``binds`` is mounted read-only at its own path."""
+    def bundle(
+        self, args: Sequence[str], netns: str, binds: Sequence[Path] = ()
+    ) -> tuple[Path, str]:
+        """A bundle running ``args`` in network namespace ``netns`` (a name under
+        /run/netns); each of ``binds`` is mounted read-only at its own path."""
         cid = f"kproxy-test-{os.getpid()}-{next(_ids)}"
         bundle = self.work / cid
         bundle.mkdir(parents=True)
@@ -103,15 +125,21 @@ class Image:
                 "args": list(args),
                 "env": self.env,
                 "cwd": "/",
-                "capabilities": {k: CAPS for k in ("bounding", "effective", "permitted")},
+                "capabilities": {
+                    k: privileged_caps() for k in ("bounding", "effective", "permitted")
+                },
                 "noNewPrivileges": False,
             },
             "root": {"path": str(self.rootfs), "readonly": True},
             "hostname": "kproxy-image-test",
             "mounts": mounts,
             "linux": {
-                # No "network" namespace: hostNetwork, the namespace crun is started in.
-                "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+                # The lab node's namespace, joined by path as a runtime joins a pod's (for
+                # hostNetwork, the node's own).
+                "namespaces": [
+                    *({"type": t} for t in ("pid", "mount", "ipc", "uts")),
+                    {"type": "network", "path": f"/run/netns/{netns}"},
+                ],
                 "maskedPaths": [],
                 "readonlyPaths": [],
             },
@@ -119,11 +147,13 @@ class Image:
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
         return bundle, cid
 
-    def command(self, args: Sequence[str], binds: Sequence[Path] = ()) -> list[str]:
-        """``crun run`` of ``args`` in the foreground (for ``ProxyLab.spawn``, or an exec in
-        a lab namespace); :meth:`reap` removes what is left of it."""
-        bundle, cid = self.bundle(args, binds)
-        return ["crun", "--root", str(self.work / "state"), "run", "--bundle", str(bundle), cid]
+    def command(self, args: Sequence[str], netns: str, binds: Sequence[Path] = ()) -> list[str]:
+        """``crun run`` of ``args`` in the foreground, to be started in the host's namespaces
+        (the container joins ``netns`` itself); :meth:`reap` removes what is left of it."""
+        bundle, cid = self.bundle(args, netns, binds)
+        # No cgroup of its own (a kubelet would give the pod one; nothing here depends on it).
+        state = str(self.work / "state")
+        return crun("--root", state, "run", "--bundle", str(bundle), cid)
 
     def reap(self) -> None:
         """Kill and delete every container this image started (the lab's teardown signals
@@ -133,7 +163,7 @@ class Image:
             return
         for entry in state.iterdir():
             subprocess.run(
-                ["crun", "--root", str(state), "delete", "--force", entry.name],
+                crun("--root", str(state), "delete", "--force", entry.name),
                 capture_output=True, timeout=30, check=False,
             )  # fmt: skip
 

@@ -1,0 +1,1 @@
+"""What scripts/release.sh builds (wheels, the container image), installed and run."""
