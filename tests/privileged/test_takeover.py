@@ -175,3 +175,46 @@ def test_takeover_from_kube_proxy_drops_no_connection(tmp_path: Path, mode: str)
         filt = lab.filter()
         assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
         assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0
+
+
+def rules_of(lab: ProxyLab, mode: str) -> bool:
+    """Whether kproxy's rules of ``mode`` for the echo Service are in the kernel."""
+    if mode == "nftables":
+        return ECHO_IP in lab.nft()
+    return f"-d {ECHO_IP}/32" in lab.nat()
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("iptables", "nftables"), ("nftables", "iptables")], ids=["to-nft", "to-ipt"]
+)
+def test_switching_modes_on_a_running_node_drops_no_connection(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    with proxy_lab(tmp_path, long_lived_service(), mode=old) as lab:
+        client = lab.lab.pod("client")
+        for pod in ("pod1", "pod2", "pod3"):
+            lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+        first = lab.start_daemon()
+        lab.wait_synced()
+        with client.tcp_session(ECHO_IP, LONG_PORT) as held:
+            assert held.send("before").ok
+            prober = client.popen(
+                [sys.executable, "-c", PROBER, ECHO_IP, "12"],
+                stdout=open(tmp_path / "probes", "w"),  # noqa: SIM115 (the lab owns it)
+            )
+            # The DaemonSet's rollout: the old pod stops (its rules stay), the new one starts.
+            first.terminate()
+            assert first.wait(timeout=20) == 0
+            assert rules_of(lab, old)
+            lab.mode = new
+            lab.start_daemon()
+            lab.wait(lambda: lab.log().count("first sync done") >= 2, 30, "the new first sync")
+            lab.wait(lambda: not rules_of(lab, old), 15, f"the {old} rules to go")
+            assert rules_of(lab, new)
+            prober.wait(timeout=30)
+            after = held.send("after")
+            assert after.ok, after
+        probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
+        assert len(probes) > 100
+        bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
+        assert not bad, (len(bad), bad[:5])

@@ -19,19 +19,53 @@ def docs(name: str) -> list[dict[str, Any]]:
 KUBEADM_DS = Path(__file__).resolve().parents[1] / "fixtures" / "kubeadm-kube-proxy-daemonset.yaml"
 
 
-def test_the_daemonset_is_kubeadms_with_only_the_image_swapped() -> None:
+# What the DaemonSet may add to kubeadm's (the container's keys, and the update strategy's).
+ADDED_CONTAINER_KEYS = {"resources", "readinessProbe", "livenessProbe"}
+
+
+def test_the_daemonset_is_kubeadms_with_the_image_swapped_and_production_settings() -> None:
     (ds,) = docs("daemonset.yaml")
     kubeadm = yaml.safe_load(KUBEADM_DS.read_text())
     (ours,) = ds["spec"]["template"]["spec"]["containers"]
     (theirs,) = kubeadm["spec"]["template"]["spec"]["containers"]
     assert ours["image"] != theirs["image"]
     theirs["image"] = ours["image"]
+    added = {k: ours.pop(k) for k in ADDED_CONTAINER_KEYS}
+    rolling = ds["spec"]["updateStrategy"].pop("rollingUpdate")
     assert ds == kubeadm
     assert ours["command"] == [
         "/usr/local/bin/kube-proxy",
         "--config=/var/lib/kube-proxy/config.conf",
         "--hostname-override=$(NODE_NAME)",
     ]
+    # kubeadm's own settings the issue list asks for are there as they are.
+    spec = ds["spec"]["template"]["spec"]
+    assert ours["securityContext"] == {"privileged": True}
+    assert ours["imagePullPolicy"] == "IfNotPresent"
+    assert spec["hostNetwork"] is True and "dnsPolicy" not in spec  # the node's resolver
+    # The additions: not BestEffort, probes on the health server's port, a bounded rollout.
+    res = added["resources"]
+    assert set(res["requests"]) == {"cpu", "memory"} and set(res["limits"]) == {"memory"}
+    assert added["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert added["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 10256}
+    assert rolling == {"maxUnavailable": "10%"}
+
+
+def test_the_probes_use_the_health_servers_default_port() -> None:
+    from kproxy.v1alpha1 import FIELDS
+
+    healthz = next(f for f in FIELDS if f.path == "healthzBindAddress")
+    assert str(healthz.default).endswith(":10256")
+
+
+def test_the_kustomization_lists_every_manifest_and_names_the_image() -> None:
+    (k,) = docs("kustomization.yaml")
+    assert k["kind"] == "Kustomization"
+    manifests = sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(k["resources"]) == manifests
+    (ds,) = docs("daemonset.yaml")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    assert [i["name"] for i in k["images"]] == [c["image"].split(":")[0]]
 
 
 def test_rbac_is_kubeadms_binding_to_system_node_proxier() -> None:
