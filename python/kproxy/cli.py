@@ -13,7 +13,7 @@ from kproxy.config import MODES, ProxyConfig, build, load_file
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.goduration import parse_duration
-from kproxy.lifecycle import cleanup
+from kproxy.lifecycle import cleanup, hand_back
 
 log = logging.getLogger("kproxy")
 
@@ -83,6 +83,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
     c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
+    c.add_argument(
+        "--hand-back", action="store_true",
+        help="kube-proxy runs here now: remove only what kproxy alone created",
+    )  # fmt: skip
 
     sub.add_parser("version", help="print the version")
     return p
@@ -186,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cleanup":
             setup_logging(args.verbosity)
             xtables_backend.configure()
-            return cleanup()
+            return hand_back() if args.hand_back else cleanup()
         cfg = load_config(args)
     except ConfigError as e:
         sys.stderr.write(f"kproxy: error: {e}\n")

@@ -50,6 +50,28 @@ def cleanup_other_modes(mode: str) -> int:
     return 0  # userspace: its portals live beside whatever else is there
 
 
+def hand_back() -> int:
+    """Leave the node to kube-proxy, once it runs there: remove what only kproxy creates and
+    kube-proxy would not remove or rewrite, never what the two share.
+
+    The shared parts have upstream's names (the iptables and ipvs modes' chains, the ipvs
+    mode's interface and sets): kube-proxy rewrites them as it starts. kproxy's own are its
+    nftables tables (``kproxy``, ``kproxy-userspace``; kube-proxy's nftables mode writes
+    ``kube-proxy`` and knows nothing of them) and the iptables mode's dispatch buckets, which
+    are removed only once nothing of kube-proxy's jumps to them."""
+    status = _cleanup_nftables(tuple(t for t in NFT_TABLES if t[1] != "kube-proxy"))
+    for family, tool in (("IPv4", "iptables"), ("IPv6", "ip6tables")):
+        if shutil.which(f"{tool}-restore") is None:
+            continue
+        try:
+            n = _core.hand_back_iptables(family)
+            log.info("%s: removed %d of kproxy's own chains", tool, n)
+        except KproxyError as e:
+            log.error("%s: %s", tool, e)
+            status = 1
+    return status
+
+
 def _cleanup_iptables() -> int:
     status = 0
     for family, tool in (("IPv4", "iptables"), ("IPv6", "ip6tables")):

@@ -2,8 +2,9 @@
 //! ipvs mode's companion chains (both live in the same tables, and a node that switched modes
 //! may hold either).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::iptables::chains;
+use crate::iptables::dispatch::BUCKET_PREFIXES;
 use crate::ipvs;
 use crate::xtables::Backend;
 
@@ -97,6 +98,56 @@ fn remove_stray_jumps(backend: &mut dyn Backend) -> Result<()> {
     Ok(())
 }
 
+/// Hand a node back to kube-proxy (iptables mode): remove what only kproxy creates, its
+/// dispatch buckets, once kube-proxy has taken the shared chains over. The other chains have
+/// upstream's names and are kube-proxy's now. While a chain that is not one of the buckets
+/// still jumps to one (kube-proxy has not rewritten `KUBE-SERVICES` yet), nothing is removed
+/// and the error says so: removing them would cut the node's Service traffic.
+pub fn hand_back_iptables(backend: &mut dyn Backend) -> Result<usize> {
+    let is_bucket = |c: &str| BUCKET_PREFIXES.iter().any(|p| c.starts_with(p));
+    let dump = backend.dump()?;
+    let mut text = String::new();
+    let mut removed = 0;
+    let mut table = "";
+    let mut buckets: Vec<&str> = Vec::new();
+    for line in dump.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t;
+            buckets.clear();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or("");
+            if is_bucket(chain) {
+                buckets.push(chain);
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            let target = crate::xtables::backend::jump_target(rule).unwrap_or("");
+            if !is_bucket(chain) && is_bucket(target) {
+                return Err(Error::InvalidInput(format!(
+                    "{table} table: {chain} still jumps to kproxy's {target}: kube-proxy has \
+                     not taken this node over yet (start it, then hand back)"
+                )));
+            }
+        } else if line == "COMMIT" && !buckets.is_empty() {
+            // Declaring a chain flushes it, so buckets that jump to each other go together.
+            text.push_str(&format!("*{table}\n"));
+            for b in &buckets {
+                text.push_str(&format!(":{b} - [0:0]\n"));
+            }
+            for b in &buckets {
+                text.push_str(&format!("-X {b}\n"));
+            }
+            text.push_str("COMMIT\n");
+            removed += buckets.len();
+            buckets.clear();
+        }
+    }
+    if !text.is_empty() {
+        backend.restore(&text)?;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +166,39 @@ mod tests {
         let left = fake.dump().unwrap();
         assert!(!left.contains("KUBE-"), "{left}");
         assert!(left.contains("-A PREROUTING -j DOCKER"), "{left}");
+    }
+
+    const KPROXY_LEFT: &str = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVCS-A - [0:0]\n\
+        :KUBE-SVCS-A0 - [0:0]\n:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]\n\
+        -A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -j KUBE-SVCS-A\n\
+        -A KUBE-SVCS-A -j KUBE-SVCS-A0\n\
+        -A KUBE-SVCS-A0 -d 10.96.0.10/32 -j KUBE-SVC-ABCDEFGHIJKLMNOP\nCOMMIT\n";
+
+    #[test]
+    fn hand_back_waits_for_kube_proxy_to_rewrite_the_shared_chains() {
+        let mut fake = Fake::new();
+        fake.restore(KPROXY_LEFT).unwrap();
+        let err = hand_back_iptables(&mut fake).unwrap_err().to_string();
+        assert!(
+            err.contains("KUBE-SERVICES still jumps to kproxy's KUBE-SVCS-A"),
+            "{err}"
+        );
+        assert!(fake.dump().unwrap().contains(":KUBE-SVCS-A0"));
+    }
+
+    #[test]
+    fn hand_back_removes_only_the_buckets_once_kube_proxy_owns_the_chains() {
+        let mut fake = Fake::new();
+        fake.restore(KPROXY_LEFT).unwrap();
+        // kube-proxy's full restore: its declared chains are flushed and rewritten flat.
+        let upstream = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]\n\
+                        -A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-ABCDEFGHIJKLMNOP\nCOMMIT\n";
+        fake.restore(upstream).unwrap();
+        assert_eq!(hand_back_iptables(&mut fake).unwrap(), 2);
+        let left = fake.dump().unwrap();
+        assert!(!left.contains("KUBE-SVCS-"), "{left}");
+        assert!(left.contains("-A KUBE-SERVICES -d 10.96.0.10/32"), "{left}");
+        assert!(left.contains("-A PREROUTING -j KUBE-SERVICES"), "{left}");
+        assert_eq!(hand_back_iptables(&mut fake).unwrap(), 0); // idempotent
     }
 }

@@ -218,3 +218,60 @@ def test_switching_modes_on_a_running_node_drops_no_connection(
         assert len(probes) > 100
         bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
         assert not bad, (len(bad), bad[:5])
+
+
+def hand_back(lab: ProxyLab) -> tuple[int, str]:
+    r = lab.lab.node.exec([sys.executable, "-m", "kproxy", "cleanup", "--hand-back"], timeout=60)
+    return r.returncode, r.stdout + r.stderr
+
+
+BUCKETS = ("KUBE-SVCS-", "KUBE-NPS-", "KUBE-SVCR-", "KUBE-EXTS-", "KUBE-FWS-", "KUBE-HCS-")
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path, mode: str) -> None:
+    with proxy_lab(tmp_path, long_lived_service(), mode=mode) as lab:
+        node, client = lab.lab.node, lab.lab.pod("client")
+        for pod in ("pod1", "pod2", "pod3"):
+            lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+        for args in FOREIGN_IPTABLES:
+            node.exec(["iptables", *args], timeout=10, check=True)
+        node.exec(["nft", "-f", "-"], input=FOREIGN_NFT, timeout=10, check=True)
+        daemon = lab.start_daemon()
+        lab.wait_synced()
+        upstream = upstream_iptables(lab) if mode == "iptables" else upstream_nftables()
+        with client.tcp_session(ECHO_IP, LONG_PORT) as held:
+            assert held.send("before").ok
+            prober = client.popen(
+                [sys.executable, "-c", PROBER, ECHO_IP, "10"],
+                stdout=open(tmp_path / "probes", "w"),  # noqa: SIM115 (the lab owns it)
+            )
+            daemon.terminate()
+            assert daemon.wait(timeout=20) == 0
+            if mode == "iptables":
+                # Before kube-proxy runs, the hand-back refuses and removes nothing: the
+                # node's Services still go through kproxy's buckets.
+                rc, out = hand_back(lab)
+                assert rc == 1 and "has not taken this node over yet" in out, out
+                assert any(f":{b}" in lab.nat() for b in BUCKETS)
+            # kube-proxy starts and writes its rules (its full first sync).
+            tool = ["iptables-restore", "--noflush"] if mode == "iptables" else ["nft", "-f", "-"]
+            node.exec(tool, input=upstream, timeout=30, check=True)
+            rc, out = hand_back(lab)
+            assert rc == 0, out
+            prober.wait(timeout=30)
+            after = held.send("after")
+            assert after.ok, after
+        probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
+        assert len(probes) > 100
+        bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
+        assert not bad, (len(bad), bad[:5])
+        # kube-proxy's rules serve the node; nothing of kproxy's own is left.
+        assert not kube_proxy_gone(lab, mode)
+        assert lab.nft() == ""
+        saved = lab.nat() + lab.filter()
+        assert not any(f":{b}" in saved for b in BUCKETS), saved
+        assert client.tcp_probe(ECHO_IP, 80).ok
+        filt = lab.filter()
+        assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
+        assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0

@@ -648,6 +648,15 @@ fn cleanup_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
         .map_err(to_py)
 }
 
+/// Remove kproxy's own iptables chains (its dispatch buckets) in one family once kube-proxy
+/// has taken the node over. Returns the number of chains removed.
+#[pyfunction]
+fn hand_back_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
+    let fam = family_of(family).map_err(to_py)?;
+    py.detach(|| crate::cleanup::hand_back_iptables(&mut crate::xtables::Kernel::new(fam)))
+        .map_err(to_py)
+}
+
 /// Remove kproxy's nftables table in one family (nothing happens when there is none).
 #[pyfunction]
 fn cleanup_nftables(py: Python<'_>, family: &str) -> PyResult<()> {
@@ -683,6 +692,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(trace_ipvs_live, m)?)?;
     m.add_function(wrap_pyfunction!(ipvs_live_lines, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
+    m.add_function(wrap_pyfunction!(hand_back_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_nftables, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())
