@@ -336,6 +336,13 @@ class Daemon:
                 "first sync done %.3fs after start (lists received after %.3fs)",
                 time.monotonic() - self._born, self._lists_at or 0.0,
             )  # fmt: skip
+            # A takeover: what kube-proxy (or an earlier kproxy) left that this sync removed.
+            stale = {fam: r.stale_chains_deleted for fam, r in reports.items()}
+            if any(stale.values()):
+                log.info(
+                    "removed chains left by an earlier proxy: %s",
+                    ", ".join(f"{fam} {n}" for fam, n in stale.items() if n),
+                )
         self.service_health.sync(self._health_checks())
         self._report_conflicts(reports.values())
         self._report_refused(reports)

@@ -19,7 +19,6 @@ NFT_TABLES = tuple(
     (fam, table) for table in ("kproxy", "kproxy-userspace", "kube-proxy") for fam in ("ip", "ip6")
 )
 IPVS_INTERFACE = "kube-ipvs0"
-IPSET_PREFIXES = ("KUBE-",)
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str] | None:
@@ -64,11 +63,16 @@ def hand_back() -> int:
         if shutil.which(f"{tool}-restore") is None:
             continue
         try:
-            n = _core.hand_back_iptables(family)
-            log.info("%s: removed %d of kproxy's own chains", tool, n)
+            n, blocked = _core.hand_back_iptables(family)
         except KproxyError as e:
             log.error("%s: %s", tool, e)
             status = 1
+            continue
+        if blocked is not None:
+            log.error("%s: nothing removed: %s", tool, blocked)
+            status = 1
+        else:
+            log.info("%s: removed %d of kproxy's own chains", tool, n)
     return status
 
 
@@ -113,8 +117,10 @@ def _cleanup_ipvs() -> int:
             status = 1
     names = _run(["ipset", "list", "-n"])
     if names is not None and names.returncode == 0:
+        # Only the ipvs mode's own names: kube-router's sets share the KUBE- prefix.
+        ours = set(_core.ipvs_set_names())
         for name in names.stdout.split():
-            if name.startswith(IPSET_PREFIXES):
+            if name in ours:
                 r = _run(["ipset", "destroy", name])
                 if r is not None and r.returncode != 0:  # still referenced by someone's rule
                     log.warning("ipset %s kept: %s", name, r.stderr.strip())

@@ -2,7 +2,7 @@
 //! ipvs mode's companion chains (both live in the same tables, and a node that switched modes
 //! may hold either).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::iptables::chains;
 use crate::iptables::dispatch::BUCKET_PREFIXES;
 use crate::ipvs;
@@ -102,8 +102,8 @@ fn remove_stray_jumps(backend: &mut dyn Backend) -> Result<()> {
 /// dispatch buckets, once kube-proxy has taken the shared chains over. The other chains have
 /// upstream's names and are kube-proxy's now. While a chain that is not one of the buckets
 /// still jumps to one (kube-proxy has not rewritten `KUBE-SERVICES` yet), nothing is removed
-/// and the error says so: removing them would cut the node's Service traffic.
-pub fn hand_back_iptables(backend: &mut dyn Backend) -> Result<usize> {
+/// and the answer says why: removing them would cut the node's Service traffic.
+pub fn hand_back_iptables(backend: &mut dyn Backend) -> Result<HandBack> {
     let is_bucket = |c: &str| BUCKET_PREFIXES.iter().any(|p| c.starts_with(p));
     let dump = backend.dump()?;
     let mut text = String::new();
@@ -123,7 +123,7 @@ pub fn hand_back_iptables(backend: &mut dyn Backend) -> Result<usize> {
             let chain = rule.split_whitespace().next().unwrap_or("");
             let target = crate::xtables::backend::jump_target(rule).unwrap_or("");
             if !is_bucket(chain) && is_bucket(target) {
-                return Err(Error::InvalidInput(format!(
+                return Ok(HandBack::Blocked(format!(
                     "{table} table: {chain} still jumps to kproxy's {target}: kube-proxy has \
                      not taken this node over yet (start it, then hand back)"
                 )));
@@ -145,7 +145,16 @@ pub fn hand_back_iptables(backend: &mut dyn Backend) -> Result<usize> {
     if !text.is_empty() {
         backend.restore(&text)?;
     }
-    Ok(removed)
+    Ok(HandBack::Removed(removed))
+}
+
+/// What [`hand_back_iptables`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandBack {
+    /// This many of kproxy's own chains were removed (0: there were none).
+    Removed(usize),
+    /// Nothing was removed: why not.
+    Blocked(String),
 }
 
 #[cfg(test)]
@@ -178,7 +187,9 @@ mod tests {
     fn hand_back_waits_for_kube_proxy_to_rewrite_the_shared_chains() {
         let mut fake = Fake::new();
         fake.restore(KPROXY_LEFT).unwrap();
-        let err = hand_back_iptables(&mut fake).unwrap_err().to_string();
+        let HandBack::Blocked(err) = hand_back_iptables(&mut fake).unwrap() else {
+            panic!("removed chains kube-proxy's rules still use");
+        };
         assert!(
             err.contains("KUBE-SERVICES still jumps to kproxy's KUBE-SVCS-A"),
             "{err}"
@@ -194,11 +205,12 @@ mod tests {
         let upstream = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]\n\
                         -A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-ABCDEFGHIJKLMNOP\nCOMMIT\n";
         fake.restore(upstream).unwrap();
-        assert_eq!(hand_back_iptables(&mut fake).unwrap(), 2);
+        assert_eq!(hand_back_iptables(&mut fake).unwrap(), HandBack::Removed(2));
         let left = fake.dump().unwrap();
         assert!(!left.contains("KUBE-SVCS-"), "{left}");
         assert!(left.contains("-A KUBE-SERVICES -d 10.96.0.10/32"), "{left}");
         assert!(left.contains("-A PREROUTING -j KUBE-SERVICES"), "{left}");
-        assert_eq!(hand_back_iptables(&mut fake).unwrap(), 0); // idempotent
+        assert_eq!(hand_back_iptables(&mut fake).unwrap(), HandBack::Removed(0));
+        // idempotent
     }
 }

@@ -275,3 +275,70 @@ def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path,
         filt = lab.filter()
         assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
         assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0
+
+
+# What kube-proxy left half done: a Service chain with no endpoints' chains behind it, an
+# orphaned endpoint chain, a chain without its jump, and in the nftables mode a table holding
+# one empty chain. And the ipvs mode's interface and one of its sets.
+HALF_IPTABLES = (
+    ["-t", "nat", "-N", "KUBE-SERVICES"],
+    ["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+    ["-t", "nat", "-N", "KUBE-SVC-HALFHALFHALFHALF"],
+    ["-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.96.0.99/32", "-p", "tcp", "--dport", "80",
+     "-j", "KUBE-SVC-HALFHALFHALFHALF"],
+    ["-t", "nat", "-N", "KUBE-SEP-ORPHANORPHANORPH"],
+    ["-t", "filter", "-N", "KUBE-FORWARD"],
+)  # fmt: skip
+HALF_NFT = "add table ip kube-proxy\nadd chain ip kube-proxy services\n"
+# kube-router's objects, which share kube-proxy's KUBE- prefix and must stay.
+KUBE_ROUTER_IPTABLES = (
+    ["-t", "filter", "-N", "KUBE-ROUTER-INPUT"],
+    ["-t", "filter", "-A", "INPUT", "-j", "KUBE-ROUTER-INPUT"],
+)
+KUBE_ROUTER_SETS = ("KUBE-DST-ROUTERSET", "kube-router-local-ips")
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_a_half_programmed_node_is_taken_over_and_only_kube_proxys_objects_go(
+    tmp_path: Path, mode: str
+) -> None:
+    with proxy_lab(tmp_path, [echo_service(), echo_slice(PODS)], mode=mode) as lab:
+        node, client = lab.lab.node, lab.lab.pod("client")
+        for args in (*HALF_IPTABLES, *KUBE_ROUTER_IPTABLES, *FOREIGN_IPTABLES):
+            node.exec(["iptables", *args], timeout=10, check=True)
+        node.exec(["nft", "-f", "-"], input=HALF_NFT + FOREIGN_NFT, timeout=10, check=True)
+        # kube-ipvs0 is a dummy device; this kernel has no dummy driver, a veth stands in.
+        ipvs_if = ["ip", "link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "ipvs0-peer"]
+        node.exec(ipvs_if, timeout=10, check=True)
+        for name in ("KUBE-CLUSTER-IP", *KUBE_ROUTER_SETS):
+            node.exec(["ipset", "create", name, "hash:ip"], timeout=10, check=True)
+        lab.start_daemon()
+        lab.wait(lambda: "first sync done" in lab.log(), 30, "kproxy's first sync")
+
+        def half_gone() -> bool:
+            nat = lab.nat()
+            gone = "KUBE-SVC-HALF" not in nat and "KUBE-SEP-ORPHAN" not in nat
+            if mode == "nftables":
+                r = node.exec(["nft", "list", "table", "ip", "kube-proxy"], timeout=10)
+                gone = gone and r.returncode != 0 and "KUBE-FORWARD" not in lab.filter()
+            return gone
+
+        lab.wait(half_gone, 15, "kube-proxy's half-made rules to go")
+        results = client.tcp_probe_many(ECHO_IP, 80, 10)
+        assert all(r.ok for r in results), results
+        sets = node.exec(["ipset", "list", "-n"], timeout=10, check=True).stdout.split()
+        if mode == "iptables":
+            # The two stale chains (the Service's and the orphaned endpoint's), reported.
+            assert "removed chains left by an earlier proxy: IPv4 2" in lab.log(), lab.log()
+        if mode == "nftables":
+            # The nftables mode takes the ipvs mode's leftovers too, and says how much.
+            assert "KUBE-CLUSTER-IP" not in sets
+            links = node.exec(["ip", "link", "show"], timeout=10, check=True).stdout
+            assert "kube-ipvs0" not in links
+            assert "iptables: removed" in lab.log(), lab.log()[-3000:]
+        # kube-router's and the other agents' objects are all there.
+        assert set(KUBE_ROUTER_SETS) <= set(sets), sets
+        filt = lab.filter()
+        assert ":KUBE-ROUTER-INPUT" in filt and "-A INPUT -j KUBE-ROUTER-INPUT" in filt, filt
+        assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
+        assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0

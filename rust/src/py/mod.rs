@@ -649,12 +649,29 @@ fn cleanup_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
 }
 
 /// Remove kproxy's own iptables chains (its dispatch buckets) in one family once kube-proxy
-/// has taken the node over. Returns the number of chains removed.
+/// has taken the node over. Returns (chains removed, None), or (0, why nothing was removed).
 #[pyfunction]
-fn hand_back_iptables(py: Python<'_>, family: &str) -> PyResult<usize> {
+fn hand_back_iptables(py: Python<'_>, family: &str) -> PyResult<(usize, Option<String>)> {
+    use crate::cleanup::HandBack;
     let fam = family_of(family).map_err(to_py)?;
-    py.detach(|| crate::cleanup::hand_back_iptables(&mut crate::xtables::Kernel::new(fam)))
-        .map_err(to_py)
+    let done = py
+        .detach(|| crate::cleanup::hand_back_iptables(&mut crate::xtables::Kernel::new(fam)))
+        .map_err(to_py)?;
+    Ok(match done {
+        HandBack::Removed(n) => (n, None),
+        HandBack::Blocked(why) => (0, Some(why)),
+    })
+}
+
+/// The names of every ipset the ipvs mode creates (upstream's names, both families): the
+/// only sets a cleanup may destroy (kube-router's `KUBE-SRC-*`/`KUBE-DST-*` share the prefix).
+#[pyfunction]
+fn ipvs_set_names() -> Vec<String> {
+    use crate::ipvs::ipset::Set;
+    [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .flat_map(|fam| Set::ALL.iter().map(move |s| s.name(fam)))
+        .collect()
 }
 
 /// Remove kproxy's nftables table in one family (nothing happens when there is none).
@@ -693,6 +710,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ipvs_live_lines, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_iptables, m)?)?;
     m.add_function(wrap_pyfunction!(hand_back_iptables, m)?)?;
+    m.add_function(wrap_pyfunction!(ipvs_set_names, m)?)?;
     m.add_function(wrap_pyfunction!(cleanup_nftables, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())
