@@ -345,6 +345,97 @@ def tools_on_the_live_kernel(cfg: ProxyConfig, p: Proxier) -> None:
     check("a full sync repairs the rules, the table and the sets", diff == [], diff)
 
 
+# The node as kube-proxy's ipvs mode leaves it for the web Service (10.96.0.10:80 to pod1 and
+# pod2 on 8080): upstream's names and set-driven rules (its layout: kube-proxy-features.md).
+KUBE_PROXY_IPVS_RULES = """*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A KUBE-SERVICES ! -s 10.244.0.0/16 -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ
+-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -j MASQUERADE
+COMMIT
+"""
+
+
+def kube_proxy_ipvs_node() -> None:
+    sh("ip", "link", "add", "kube-ipvs0", "type", "dummy")
+    sh("ip", "addr", "add", "10.96.0.10/32", "dev", "kube-ipvs0")
+    sh("ipvsadm", "-A", "-t", "10.96.0.10:80", "-s", "rr")
+    for pod in ("pod1", "pod2"):
+        sh("ipvsadm", "-a", "-t", "10.96.0.10:80", "-r", f"{PODS[pod][0]}:8080", "-m")
+    sh("ipset", "create", "KUBE-CLUSTER-IP", "hash:ip,port")
+    sh("ipset", "add", "KUBE-CLUSTER-IP", "10.96.0.10,tcp:80")
+    r = subprocess.run(
+        ["iptables-restore", "--noflush"], input=KUBE_PROXY_IPVS_RULES, text=True,
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    check("kube-proxy's ipvs rules load", r.returncode == 0, r.stderr)
+
+
+def probe_once(ip: str, port: int) -> str:
+    """One new connection from the client: the answering pod, or what went wrong."""
+    with netns("client"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(1.0)
+        try:
+            s.connect((ip, port))
+            s.sendall(b"who\n")
+            return s.recv(256).decode().split(" ")[0] or "empty"
+        except OSError as e:
+            return type(e).__name__
+
+
+def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
+    """kproxy starts on a node kube-proxy's ipvs mode programmed: a held connection survives,
+    a new connection every 20 ms succeeds throughout, and the node ends with kproxy's rules
+    alone (the live diff against what kproxy wants is empty)."""
+    kube_proxy_ipvs_node()
+    check("kube-proxy's rules serve the Service", tcp("client", "10.96.0.10", 80)[0] in PODS)
+    held = Conn("client", "10.96.0.10", 80)
+    pinned = held.ask()[0]
+    results: list[str] = []
+    stop = threading.Event()
+
+    def prober() -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline and len(results) < 5000:
+            results.append(probe_once("10.96.0.10", 80))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=prober, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    c = Controller(NODE, wait_for_node=False)
+    c.replace("services", services())
+    c.replace("endpointslices", slices(["pod1", "pod2"]))
+    p = Proxier(cfg, ["IPv4"], None)
+    p.sync(c.drain(), True)
+    time.sleep(1.0)
+    stop.set()
+    t.join(timeout=30)
+    failed = Counter(r for r in results if r not in PODS)
+    check(
+        "no new connection failed while kproxy took over from kube-proxy's ipvs mode",
+        len(results) > 20 and not failed,
+        (len(results), failed),
+    )
+    check("the connection held across the takeover still answers", held.ask()[0] == pinned)
+    held.close()
+    # The manifests tools_on_the_live_kernel wrote: the same objects as this sync's.
+    diff = tools.ipvs_differences(replace(cfg, manifests="/tmp/kproxy-manifests"), "IPv4")
+    check("after the takeover the node holds kproxy's rules, table and sets alone", not diff, diff)
+    p.close()
+    check("kproxy cleanup after the takeover succeeds", lifecycle.cleanup() == 0)
+
+
 def main() -> int:
     sh("modprobe", "ip_vs")
     topology()
@@ -472,6 +563,7 @@ def main() -> int:
     check("cleanup removed kube-ipvs0", not os.path.exists("/sys/class/net/kube-ipvs0"))
     check("cleanup removed the chains", "KUBE-IPVS-FILTER" not in sh("iptables-save"))
     check("cleanup removed the ipsets", "KUBE-" not in sh("ipset", "list", "-n"))
+    takeover_from_kube_proxy(cfg)
     print("IPVS-TRAFFIC-DONE", flush=True)
     return 0
 
