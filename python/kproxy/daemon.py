@@ -404,7 +404,11 @@ class Daemon:
                 )  # fmt: skip
         if self.syncs == 1 and self.cleanup_other_modes:
             # After the first sync is reported (its timings are the sync's alone).
-            await self._on_engine(lifecycle.cleanup_other_modes, self.cfg.mode)
+            status = await self._on_engine(lifecycle.cleanup_other_modes, self.cfg.mode)
+            log.info(
+                "the other modes' leftovers: %s",
+                "removed" if status == 0 else "not all removed (see above; retried at restart)",
+            )
         return True
 
     async def run(self) -> int:

@@ -70,6 +70,9 @@ def test_a_failed_restore_keeps_the_previous_rules_and_is_retried(
     shim.chmod(0o755)
     lab.start_daemon("--metrics-bind-address", "127.0.0.1:10249", path=str(shim_dir))
     lab.wait_synced()
+    # After its first sync the daemon removes the other modes' leftovers with the same tool:
+    # the failures are injected once that is done.
+    lab.wait(lambda: "the other modes' leftovers: removed" in lab.log(), 15, "the leftovers")
     client = lab.lab.pod("client")
     assert client.tcp_probe(ECHO_IP, 80).server == "pod1"
 
