@@ -82,7 +82,7 @@ class Cluster:
 
     def controller(self) -> Controller:
         """The daemon's controller, fed with these objects."""
-        c = Controller(self.config.node_name, wait_for_node=False)
+        c = Controller.for_config(self.config)
         for resource, objs in self._objects.items():
             c.replace(resource, objs)
         return c

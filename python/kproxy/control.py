@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kproxy.errors import InvalidObjectError
 from kproxy.model import NodeInfo, ServiceKey
@@ -25,6 +25,12 @@ from kproxy.normalize import (
     normalize_service,
 )
 from kproxy.tracker import ChangeSet, EndpointsTracker, ServiceTracker
+
+if TYPE_CHECKING:
+    from kproxy.config import ProxyConfig
+
+# The feature gate (KEP-5707, on by default since 1.36) that lets externalIPs be served.
+ALLOW_EXTERNAL_IPS = "AllowServiceExternalIPs"
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +62,11 @@ class Controller:
         on_invalid: Callable[[str], None] = lambda kind: None,
         on_skipped: Callable[[InvalidObjectError], None] = lambda error: None,
         max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS,
+        allow_external_ips: bool = True,
     ) -> None:
         self.node_name = node_name
         self._max_destinations = max_service_destinations
+        self._allow_external_ips = allow_external_ips
         self._on_change = on_change
         self._on_invalid = on_invalid
         # Called once per object and distinct error (an Event), as the log line is.
@@ -72,6 +80,8 @@ class Controller:
             self._synced["nodes"] = True
         # Last error logged per object, so a relist does not repeat the same line.
         self._errors: dict[tuple[str, str, str], str] = {}
+        # Services told about the externalIPs deprecation (once each, until they drop them).
+        self._external_noted: set[tuple[str, str]] = set()
         # Identities seen by the list in progress, per resource.
         self._listed: dict[str, set[Any]] = {}
         self.invalid_objects = 0
@@ -119,6 +129,28 @@ class Controller:
     def pending(self) -> int:
         return self.services.pending + self.endpoints.pending + int(self._node_dirty)
 
+    @classmethod
+    def for_config(
+        cls,
+        cfg: ProxyConfig,
+        on_change: Callable[[str], None] = lambda resource: None,
+        *,
+        wait_for_node: bool = False,
+        on_invalid: Callable[[str], None] = lambda kind: None,
+        on_skipped: Callable[[InvalidObjectError], None] = lambda error: None,
+    ) -> Controller:
+        """The controller the daemon runs with ``cfg``'s object limits and gates (the tools
+        and the library use it too, so they see what the daemon sees)."""
+        return cls(
+            cfg.node_name,
+            on_change,
+            wait_for_node=wait_for_node,
+            on_invalid=on_invalid,
+            on_skipped=on_skipped,
+            max_service_destinations=cfg.max_service_destinations,
+            allow_external_ips=cfg.feature_gates.get(ALLOW_EXTERNAL_IPS, True),
+        )
+
     def drain(self) -> ChangeSet:
         node = self.node if self._node_dirty else None
         self._node_dirty = False
@@ -142,6 +174,7 @@ class Controller:
     def _delete(self, resource: str, ident: tuple[str, str]) -> None:
         self._errors.pop((resource, *ident), None)
         if resource == "services":
+            self._external_noted.discard(ident)
             self.services.update(ServiceKey(*ident), None)
         elif resource == "endpointslices":
             self.endpoints.update(ident[0], ident[1], None)
@@ -155,8 +188,11 @@ class Controller:
             return
         try:
             if resource == "services":
-                svc = normalize_service(obj, self._max_destinations)
+                svc = normalize_service(
+                    obj, self._max_destinations, allow_external_ips=self._allow_external_ips
+                )
                 self._report(resource, ident, svc.warnings)
+                self._note_external_ips(ident, svc.value is not None and svc.value.external_ips)
                 self.services.update(ServiceKey(*ident), svc.value)
             elif resource == "endpointslices":
                 sl = normalize_endpoint_slice(obj)
@@ -177,6 +213,18 @@ class Controller:
                 self._errors[key] = str(e)
                 log.error("skipping invalid object: %s", e)
                 self._on_skipped(e)
+
+    def _note_external_ips(self, ident: tuple[str, str], programmed: object) -> None:
+        """externalIPs are deprecated (KEP-5707): say so once per Service that has them."""
+        if not programmed:
+            self._external_noted.discard(ident)
+        elif ident not in self._external_noted:
+            self._external_noted.add(ident)
+            log.warning(
+                "Service %s/%s: spec.externalIPs are programmed, but deprecated (KEP-5707): "
+                "the %s feature gate turns them off, and upstream plans to stop serving them",
+                ident[0], ident[1], ALLOW_EXTERNAL_IPS,
+            )  # fmt: skip
 
     def _report(self, resource: str, ident: tuple[str, str], warnings: tuple[str, ...]) -> None:
         key = (resource, *ident)

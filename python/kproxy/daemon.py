@@ -92,13 +92,12 @@ class Daemon:
         self._born = time.monotonic()
         self._lists_at: float | None = None
         self.metrics = Metrics(cfg.mode, configz=lambda: v1alpha1.encode(cfg))
-        self.controller = Controller(
-            cfg.node_name,
+        self.controller = Controller.for_config(
+            cfg,
             self._changed,
             wait_for_node=cfg.manifests is None,
             on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind=kind).inc(),
             on_skipped=self._skipped,
-            max_service_destinations=cfg.max_service_destinations,
         )
         self.runner = Runner(self._sync, cfg.min_sync_period, cfg.sync_period)
         self.factory: ClientFactory | None = None

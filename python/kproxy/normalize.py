@@ -173,9 +173,14 @@ def _check_names(o: _Obj) -> None:
 
 
 def normalize_service(
-    obj: Mapping[str, Any], max_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS
+    obj: Mapping[str, Any],
+    max_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS,
+    *,
+    allow_external_ips: bool = True,
 ) -> Normalized[Service]:
-    """``max_destinations``: the most ports x addresses a Service may have (0: no limit)."""
+    """``max_destinations``: the most ports x addresses a Service may have (0: no limit).
+    ``allow_external_ips``: the AllowServiceExternalIPs feature gate (KEP-5707); off, a
+    Service's externalIPs are not programmed (with a warning)."""
     o = _Obj("Service", obj)
     _check_names(o)
     if not is_dns_label(o.name):
@@ -223,6 +228,9 @@ def normalize_service(
             o.warn(f"spec.externalIPs[{i}]", f"{raw!r} is not an IP address; ignored")
         else:
             external_ips.append(ip)
+    if external_ips and not allow_external_ips:
+        o.warn("spec.externalIPs", "not programmed: the AllowServiceExternalIPs gate is off")
+        external_ips = []
 
     lb_ips: list[str] = []
     if svc_type == "LoadBalancer":

@@ -48,7 +48,7 @@ class _Collect:
 
 def snapshot(cfg: ProxyConfig) -> Controller:
     """The cluster state as the daemon would see it right now (listed once, not watched)."""
-    c = Controller(cfg.node_name, wait_for_node=False)
+    c = Controller.for_config(cfg)
     if cfg.manifests is not None:
         ManifestSource(cfg.manifests, c.replace).load()
         return c

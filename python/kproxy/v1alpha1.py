@@ -532,6 +532,12 @@ GATES: tuple[Gate, ...] = (
     Gate("KubeProxyIPVS", True, "the ipvs mode is available", honoured=True),
     Gate("PreferSameTrafficDistribution", True, "trafficDistribution PreferSameNode"),
     Gate("MultiCIDRServiceAllocator", True, "ServiceCIDRs"),
+    Gate(
+        "AllowServiceExternalIPs",
+        True,
+        "off, externalIPs are not programmed (a warning per Service)",
+        honoured=True,
+    ),
 )
 GATES_BY_NAME = {g.name: g for g in GATES}
 

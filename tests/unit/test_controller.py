@@ -135,7 +135,8 @@ def test_a_service_over_the_destination_limit_is_skipped_and_keeps_its_last_vers
         ServiceKey("default", "b"): c.services.get(ServiceKey("default", "b"))
     }
     assert c.services.get(ServiceKey("default", "a")) == good
-    (line,) = [r.getMessage() for r in caplog.records if "default/a" in r.getMessage()]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    (line,) = [r.getMessage() for r in errors if "default/a" in r.getMessage()]
     assert "1240 destinations, over the limit of 1000" in line and "spec.ports" in line
     unlimited = Controller(NODE, wait_for_node=False, max_service_destinations=0)
     unlimited.event("services", "ADDED", hostile)
