@@ -1,4 +1,5 @@
-"""The command line: ``kproxy daemon|cleanup|version`` with kube-proxy's flag names."""
+"""The command line: ``kproxy daemon|render|trace|diff|doctor|cleanup|version`` with
+kube-proxy's flag names."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kproxy import __version__, _core, logs, tools, xtables_backend
+from kproxy import __version__, _core, doctor, logs, tools, xtables_backend
 from kproxy.config import MODES, ProxyConfig, build, load_file
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
@@ -80,6 +81,13 @@ def make_parser() -> argparse.ArgumentParser:
     df.add_argument("--live", action="store_true", required=True, help="compare with the kernel")
     df.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
     add_proxy_flags(df)
+
+    dr = sub.add_parser(
+        "doctor", allow_abbrev=False,
+        help="what will go wrong on this node in the chosen mode, before it does",
+    )  # fmt: skip
+    dr.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
+    add_proxy_flags(dr)
 
     c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
     c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
@@ -200,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         xtables_backend.configure()
         if args.command == "render":
             return tools.render_command(cfg)
+        if args.command == "doctor":
+            return doctor.doctor_command(cfg, as_json=args.as_json)
         if args.command == "diff":
             return tools.diff_command(cfg, as_json=args.as_json)
         if args.command == "trace":

@@ -432,8 +432,36 @@ def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
     # The manifests tools_on_the_live_kernel wrote: the same objects as this sync's.
     diff = tools.ipvs_differences(replace(cfg, manifests="/tmp/kproxy-manifests"), "IPv4")
     check("after the takeover the node holds kproxy's rules, table and sets alone", not diff, diff)
+
+    # And back: kproxy stops (its rules stay), kube-proxy's ipvs mode writes its own (the same
+    # names), then `kproxy cleanup --hand-back` removes only what is kproxy's alone.
+    held = Conn("client", "10.96.0.10", 80)
+    pinned = held.ask()[0]
+    results.clear()
+    stop.clear()
+    t = threading.Thread(target=prober, daemon=True)
+    t.start()
+    time.sleep(1.0)
     p.close()
-    check("kproxy cleanup after the takeover succeeds", lifecycle.cleanup() == 0)
+    r = subprocess.run(
+        ["iptables-restore", "--noflush"], input=KUBE_PROXY_IPVS_RULES, text=True,
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    check("kube-proxy's ipvs rules load over kproxy's", r.returncode == 0, r.stderr)
+    check("the hand-back to kube-proxy's ipvs mode succeeds", lifecycle.hand_back() == 0)
+    time.sleep(1.0)
+    stop.set()
+    t.join(timeout=30)
+    failed = Counter(r for r in results if r not in PODS)
+    check(
+        "no new connection failed while the node went back to kube-proxy",
+        len(results) > 20 and not failed,
+        (len(results), failed),
+    )
+    check("the connection held across the hand-back still answers", held.ask()[0] == pinned)
+    held.close()
+    check("kube-proxy's virtual server is still there", "10.96.0.10:80/tcp" in table(), ipvsadm())
+    check("kproxy cleanup after the hand-back succeeds", lifecycle.cleanup() == 0)
 
 
 def main() -> int:

@@ -7,7 +7,8 @@ software emulation) runs, in order:
 * pyroute2's independent reading of the table they leave (``ipvs_reader.py``);
 * real TCP and UDP through the whole mode (``ipvs_traffic.py``): ClusterIP, NodePort,
   affinity, eTP Local, the node-port filter, graceful termination, cleanup, and a takeover
-  from kube-proxy's ipvs mode with a 20 ms prober and a held connection.
+  from kube-proxy's ipvs mode and the hand-back to it, each with a 20 ms prober and a held
+  connection.
 
 One boot for the whole tier: about 30-60 s here, plus the tests.
 """
@@ -69,5 +70,5 @@ def test_ipvs_mode_on_a_real_kernel(tmp_path: Path) -> None:
     assert "test result: ok. 1 passed" in out, out[-4000:]  # the fixture
     assert "pyroute2 lists the 12 virtual servers kproxy wrote" in out
     assert "IPVS-TRAFFIC-DONE" in out, out[-4000:]
-    assert out.count("\nok: ") == 45, out[-4000:]  # every check of ipvs_traffic.py
+    assert out.count("\nok: ") == 50, out[-4000:]  # every check of ipvs_traffic.py
     assert "VM-TIER-DONE" in out
