@@ -1,7 +1,8 @@
 """``kproxy doctor``: what will go wrong on this node, before it does.
 
 Each check reads the node (tools on ``PATH``, ``/proc``, ``/sys``, the rules already in the
-kernel) for the mode about to run and answers ``ok``, ``warn`` (kproxy runs, with a caveat the
+kernel, and with ``--manifests`` or an API server the cluster's objects) for the mode about to
+run and answers ``ok``, ``warn`` (kproxy runs, with a caveat the
 detail names) or ``fail`` (the mode cannot work here as configured). Nothing is changed. The
 exit status is 1 when any check fails, so a provisioning script can gate on it.
 """
@@ -18,8 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kproxy import xtables_backend
+from kproxy import tools, xtables_backend
 from kproxy.config import ProxyConfig
+from kproxy.control import Controller
+from kproxy.errors import KproxyError
+from kproxy.model import IPVS_SCHEDULER_ANNOTATION
 from kproxy.nodesetup import Proc, conntrack_max
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -237,6 +241,85 @@ def check_open_files(cfg: ProxyConfig, node: Node) -> Check:
     return Check("open-files", OK, f"limit {soft}/{hard}")
 
 
+def _names(keys: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def check_deprecations(cfg: ProxyConfig, cluster: Controller) -> Check:
+    """What in use depends on what upstream is removing: externalIPs (KEP-5707) and the ipvs
+    mode (KEP-5495) with its per-Service schedulers."""
+    services = [(k, cluster.services.get(k)) for k in cluster.services.keys()]  # noqa: SIM118
+    external = sorted(f"{k.namespace}/{k.name}" for k, s in services if s and s.external_ips)
+    sched = sorted(f"{k.namespace}/{k.name}" for k, s in services if s and s.ipvs_scheduler)
+    notes = []
+    if external:
+        notes.append(
+            f"{len(external)} Services use externalIPs, deprecated upstream (KEP-5707; the "
+            f"AllowServiceExternalIPs gate turns them off): {_names(external)}"
+        )
+    if cfg.mode == "ipvs":
+        notes.append(
+            "the ipvs mode is deprecated upstream (KEP-5495; refused from 1.40): kproxy keeps "
+            "it (docs/ipvs.md)"
+        )
+    if sched:
+        notes.append(
+            f"{len(sched)} Services pick an IPVS scheduler ({IPVS_SCHEDULER_ANNOTATION}), which "
+            f"only the ipvs mode honours: {_names(sched)}"
+        )
+    if not notes:
+        return Check("deprecations", OK, f"none in use by {len(services)} Services")
+    return Check("deprecations", WARN, "; ".join(notes))
+
+
+def check_ipset_sizes(cfg: ProxyConfig, cluster: Controller) -> Check:
+    """Each ipset against the members this cluster gives it (the ipvs mode's sets are created
+    with a fixed maxelem; a set over it refuses the sync)."""
+    engine = tools.programmed(cfg, cluster, ("IPv4",)).engines["IPv4"]
+    _, _, restore = engine.ipvs_parts()
+    maxelem: dict[str, int] = {}
+    members: dict[str, int] = {}
+    for line in restore.splitlines():
+        words = line.split()
+        if words[:1] == ["create"] and "maxelem" in words:
+            maxelem[words[1]] = int(words[words.index("maxelem") + 1])
+        elif words[:1] == ["add"]:
+            members[words[1]] = members.get(words[1], 0) + 1
+        elif words[:1] == ["flush"] and len(words) > 1:
+            members[words[1]] = 0
+        elif words[:1] == ["swap"]:  # a full sync fills a scratch set and swaps it in
+            a, b = words[1], words[2]
+            members[a], members[b] = members.get(b, 0), members.get(a, 0)
+            limits = maxelem.pop(a, None), maxelem.pop(b, None)  # bitmap sets have none
+            for name, limit in ((a, limits[1]), (b, limits[0])):
+                if limit is not None:
+                    maxelem[name] = limit
+        elif words[:1] == ["destroy"]:
+            members.pop(words[1], None)
+            maxelem.pop(words[1], None)
+    over = [f"{n} ({members[n]} > {maxelem[n]})" for n in sorted(members) if
+            n in maxelem and members[n] > maxelem[n]]  # fmt: skip
+    if over:
+        return Check("ipset-sizes", FAIL, f"over maxelem: {', '.join(over)}")
+    largest = max(members.items(), key=lambda kv: kv[1], default=("none", 0))
+    return Check("ipset-sizes", OK, f"largest {largest[0]} with {largest[1]} members")
+
+
+def cluster_checks(
+    cfg: ProxyConfig, snapshot: Callable[[ProxyConfig], Controller] | None = None
+) -> list[Check]:
+    """The checks that need the cluster's objects (from --manifests or the API server)."""
+    try:
+        cluster = (snapshot or tools.snapshot)(cfg)
+    except KproxyError as e:
+        return [Check("cluster", FAIL, f"cannot read the cluster's objects: {e}")]
+    out = [check_deprecations(cfg, cluster)]
+    if cfg.mode == "ipvs":
+        out.append(check_ipset_sizes(cfg, cluster))
+    return out
+
+
 def checks(cfg: ProxyConfig, node: Node | None = None) -> list[Check]:
     node = node or Node()
     out = [Check("kernel", OK, node.kernel), check_tools(cfg, node)]
@@ -251,6 +334,8 @@ def checks(cfg: ProxyConfig, node: Node | None = None) -> list[Check]:
         out.append(check_other_proxies(cfg, node))
     else:
         out.append(check_open_files(cfg, node))
+    if cfg.manifests is not None or cfg.kubeconfig is not None or cfg.master is not None:
+        out += cluster_checks(cfg)
     return out
 
 

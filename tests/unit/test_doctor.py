@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from kproxy import doctor
+from kproxy import doctor, tools
 from kproxy.config import ProxyConfig, build
 from kproxy.doctor import FAIL, OK, WARN, Node, Result
+from kproxy.model import IPVS_SCHEDULER_ANNOTATION
 from kproxy.nodesetup import Proc
+from tests import k8sobjects as k
 
 ALL_TOOLS = {"iptables", "iptables-restore", "iptables-save", "ip6tables-restore", "ip", "nft",
              "ipset", "conntrack", "modinfo"}  # fmt: skip
@@ -176,3 +178,65 @@ def test_json_report_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert doc["mode"] == "ipvs" and doc["ready"] is False
     statuses = {c["name"]: c["status"] for c in doc["checks"]}
     assert statuses["ipvs"] == FAIL and statuses["kernel"] == OK
+
+
+def write_manifests(tmp_path: Path) -> Path:
+    d = tmp_path / "manifests"
+    d.mkdir()
+    sched = k.service("sched", "10.96.0.11", [k.port("http", 80)])
+    sched["metadata"]["annotations"] = {IPVS_SCHEDULER_ANNOTATION: "wrr"}
+    objs = [
+        k.service("old", "10.96.0.10", [k.port("http", 80)], externalIPs=["198.51.100.7"]),
+        sched,
+        k.service("plain", "10.96.0.12", [k.port("http", 80)]),
+    ]
+    (d / "all.json").write_text(json.dumps({"kind": "List", "items": objs}))
+    return d
+
+
+def test_the_cluster_section_lists_what_upstream_is_removing(tmp_path: Path) -> None:
+    d = str(write_manifests(tmp_path))
+    (c,) = doctor.cluster_checks(cfg("iptables", manifests=d))
+    assert (
+        c.status == WARN and "1 Services use externalIPs" in c.detail and "default/old" in c.detail
+    )
+    assert "1 Services pick an IPVS scheduler" in c.detail and "default/sched" in c.detail
+    checks = doctor.cluster_checks(cfg("ipvs", manifests=d))
+    assert "the ipvs mode is deprecated upstream" in find(checks, "deprecations").detail
+    assert find(checks, "ipset-sizes").status == OK
+    (tmp_path / "empty").mkdir()
+    (plain,) = doctor.cluster_checks(cfg("nftables", manifests=str(tmp_path / "empty")))
+    assert plain.status == OK and plain.detail == "none in use by 0 Services"
+
+
+def test_a_set_over_its_maxelem_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The restore text of a full sync: a scratch set filled, then swapped in (a bitmap set,
+    # which has no maxelem, in between).
+    restore = "\n".join([
+        "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 2",
+        "create SWAP hash:ip,port family inet hashsize 1024 maxelem 2",
+        *(f"add SWAP 10.96.0.{i},tcp:80" for i in range(3)),
+        "swap SWAP KUBE-CLUSTER-IP", "destroy SWAP",
+        "create KUBE-NODE-PORT-TCP bitmap:port range 0-65535",
+        "create SWAP bitmap:port range 0-65535", "add SWAP 30080",
+        "swap SWAP KUBE-NODE-PORT-TCP", "destroy SWAP",
+    ])  # fmt: skip
+
+    class Engine:
+        def ipvs_parts(self) -> tuple[list[str], str, str]:
+            return [], "", restore
+
+    class Programmed:
+        def __init__(self) -> None:
+            self.engines = {"IPv4": Engine()}
+
+    monkeypatch.setattr(tools, "programmed", lambda *a: Programmed())
+    d = str(write_manifests(tmp_path))
+    c = find(doctor.cluster_checks(cfg("ipvs", manifests=d)), "ipset-sizes")
+    assert c.status == FAIL and c.detail == "over maxelem: KUBE-CLUSTER-IP (3 > 2)", c
+
+
+def test_an_unreachable_api_server_is_a_failed_check_not_a_traceback() -> None:
+    (c,) = doctor.cluster_checks(cfg("nftables", master="http://127.0.0.1:1"))
+    assert c.name == "cluster" and c.status == FAIL
+    assert "cannot read the cluster's objects" in c.detail and "127.0.0.1:1" in c.detail
