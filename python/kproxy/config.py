@@ -124,8 +124,23 @@ def _node_port_addresses(field: str, values: tuple[str, ...]) -> tuple[str, ...]
         v = raw.strip()
         if v == "primary":
             out.append(v)
+        elif v == "localhost":
+            # Upstream 1.38's nftables mode serves TCP NodePorts on 127.0.0.1 through a small
+            # userspace proxy for this keyword (KEP-6032); kproxy does not do that yet.
+            raise ConfigError(
+                field,
+                "'localhost' (KEP-6032's nftables localhost NodePorts) is not supported yet; "
+                "the iptables mode serves NodePorts on 127.0.0.1 (--iptables-localhost-nodeports)",
+            )
         elif v:
-            out.append(_cidr(field, v))
+            try:
+                out.append(str(ipaddress.ip_network(v, strict=False)))
+            except ValueError:
+                raise ConfigError(
+                    field,
+                    f"{raw!r} is neither 'primary' nor a CIDR (leave it empty for every "
+                    "address of the node)",
+                ) from None
     return tuple(out)
 
 

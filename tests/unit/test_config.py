@@ -7,6 +7,7 @@ YAML, durations are Go durations (a bare number in the file is nanoseconds), and
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -484,3 +485,15 @@ def test_node_name_is_the_lower_cased_hostname_override(override: str, expected:
 def test_node_name_defaults_to_the_lower_cased_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "gethostname", lambda: "My-Host")
     assert ProxyConfig().node_name == "my-host"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("all", "'all' is neither 'primary' nor a CIDR (leave it empty for every address"),
+        ("localhost", "'localhost' (KEP-6032's nftables localhost NodePorts) is not supported"),
+    ],
+)
+def test_node_port_address_keywords_say_what_is_accepted(value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        build(None, {"nodeport_addresses": (value,)})
