@@ -86,3 +86,28 @@ def test_tcp_flows_are_untouched_and_a_restart_deletes_nothing_that_serves(lab: 
         assert session.send("two").ok
     finally:
         session.close()
+
+
+def test_a_udp_flow_to_a_service_scaled_to_zero_is_cut(lab: ProxyLab) -> None:
+    # Upstream since 1.36: the flow must not keep reaching the pod that served it (its IP may
+    # be given to another pod by then); the client is refused, as for any endpoint-less port.
+    assert udp_server(lab) == "pod1"
+    assert len(conntrack_udp(lab)) == 1
+    lab.put(echo_slice([]))
+    lab.wait(lambda: not lab.dnat_targets(), 5, "the endpoints' rules to go")
+    lab.wait(lambda: "deleted 1 stale UDP conntrack entries" in lab.log(), 5, "the reconciler")
+    r = lab.lab.pod("client").udp_probe(ECHO_IP, 80, timeout=1.0, src_port=SRC_PORT)
+    assert r.error == "refused" and r.server is None, r
+
+
+def test_a_udp_flow_to_a_deleted_service_is_cut(lab: ProxyLab) -> None:
+    assert udp_server(lab) == "pod1"
+    (entry,) = conntrack_udp(lab)
+    assert "src=10.244.1.2" in entry
+    lab.delete("Service", "echo")
+    lab.wait(lambda: ECHO_IP not in lab.nat(), 5, "the Service's rules to go")
+    lab.wait(lambda: "deleted 1 stale UDP conntrack entries" in lab.log(), 5, "the reconciler")
+    # The next datagram makes a new entry that no DNAT rewrites: it never reaches pod1.
+    r = lab.lab.pod("client").udp_probe(ECHO_IP, 80, timeout=1.0, src_port=SRC_PORT)
+    assert r.server is None, r
+    assert all("src=10.244.1.2" not in e for e in conntrack_udp(lab)), conntrack_udp(lab)
