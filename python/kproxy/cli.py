@@ -159,6 +159,10 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
         "--max-service-destinations", type=int, default=S,
         help="most ports x addresses one Service may have; larger ones are skipped (0: no limit)",
     )  # fmt: skip
+    d.add_argument(
+        "--external-ip-cidrs", type=_comma_list, default=S, metavar="CIDRS",
+        help="where Services may put externalIPs; others are not programmed (default: anywhere)",
+    )  # fmt: skip
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
     d.add_argument("--logging-format", choices=logs.FORMATS, default=S, help="klog's formats")
 

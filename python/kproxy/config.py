@@ -85,6 +85,10 @@ class ProxyConfig:
     ipvs_udp_timeout: float = 0.0
     # The most ports x addresses one Service may have; one over it is skipped (0: no limit).
     max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS
+    # kproxy's own: where Services may put externalIPs (empty: anywhere, as upstream). An
+    # externalIP outside these CIDRs is not programmed: a namespace user cannot claim an
+    # address of the node's networks (the CVE-2020-8554 class) even with the gate on.
+    external_ip_cidrs: tuple[str, ...] = ()
     verbosity: int = 0
     # klog's "text" or "json".
     logging_format: str = "text"
@@ -247,6 +251,9 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
         ipvs_exclude_cidrs=tuple(
             _cidr("--ipvs-exclude-cidrs", c) for c in cfg.ipvs_exclude_cidrs if c.strip()
         ),
+        external_ip_cidrs=tuple(
+            _cidr("--external-ip-cidrs", c) for c in cfg.external_ip_cidrs if c.strip()
+        ),
         proxy_port_range="" if port_range is None else "{}-{}".format(*port_range),
     )
 
@@ -284,6 +291,7 @@ FLAG_ATTRS = {
     "--cluster-cidr": "cluster_cidrs",
     "--iptables-masquerade-bit": "masquerade_bit",
     "--max-service-destinations": "max_service_destinations",
+    "--external-ip-cidrs": "external_ip_cidrs",
     "--sync-period": "sync_period",
     "--min-sync-period": "min_sync_period",
     "--conntrack-tcp-timeout-established": "conntrack_tcp_established_timeout",

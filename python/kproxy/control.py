@@ -12,8 +12,9 @@ down. Deletions always apply.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kproxy.errors import InvalidObjectError
@@ -63,10 +64,12 @@ class Controller:
         on_skipped: Callable[[InvalidObjectError], None] = lambda error: None,
         max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS,
         allow_external_ips: bool = True,
+        external_ip_cidrs: Sequence[str] = (),
     ) -> None:
         self.node_name = node_name
         self._max_destinations = max_service_destinations
         self._allow_external_ips = allow_external_ips
+        self._external_ip_cidrs = tuple(ipaddress.ip_network(c) for c in external_ip_cidrs)
         self._on_change = on_change
         self._on_invalid = on_invalid
         # Called once per object and distinct error (an Event), as the log line is.
@@ -149,6 +152,7 @@ class Controller:
             on_skipped=on_skipped,
             max_service_destinations=cfg.max_service_destinations,
             allow_external_ips=cfg.feature_gates.get(ALLOW_EXTERNAL_IPS, True),
+            external_ip_cidrs=cfg.external_ip_cidrs,
         )
 
     def drain(self) -> ChangeSet:
@@ -189,7 +193,10 @@ class Controller:
         try:
             if resource == "services":
                 svc = normalize_service(
-                    obj, self._max_destinations, allow_external_ips=self._allow_external_ips
+                    obj,
+                    self._max_destinations,
+                    allow_external_ips=self._allow_external_ips,
+                    external_ip_cidrs=self._external_ip_cidrs,
                 )
                 self._report(resource, ident, svc.warnings)
                 self._note_external_ips(ident, svc.value is not None and svc.value.external_ips)

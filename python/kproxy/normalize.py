@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
@@ -167,6 +167,14 @@ def _shared(s: str) -> str:
     return sys.intern(s)
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _within(ip: str, networks: Sequence[IPNetwork]) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
 def _check_names(o: _Obj) -> None:
     if not is_dns_label(o.namespace):
         raise o.fail("metadata.namespace", f"{o.namespace!r} is not a DNS label")
@@ -177,10 +185,12 @@ def normalize_service(
     max_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS,
     *,
     allow_external_ips: bool = True,
+    external_ip_cidrs: Sequence[IPNetwork] = (),
 ) -> Normalized[Service]:
     """``max_destinations``: the most ports x addresses a Service may have (0: no limit).
     ``allow_external_ips``: the AllowServiceExternalIPs feature gate (KEP-5707); off, a
-    Service's externalIPs are not programmed (with a warning)."""
+    Service's externalIPs are not programmed (with a warning). ``external_ip_cidrs``: where
+    externalIPs may be (empty: anywhere); one outside them is dropped with a warning."""
     o = _Obj("Service", obj)
     _check_names(o)
     if not is_dns_label(o.name):
@@ -226,6 +236,11 @@ def normalize_service(
         ip = canonical_ip(raw)
         if ip is None:
             o.warn(f"spec.externalIPs[{i}]", f"{raw!r} is not an IP address; ignored")
+        elif external_ip_cidrs and not _within(ip, external_ip_cidrs):
+            o.warn(
+                f"spec.externalIPs[{i}]",
+                f"{ip} is outside the allowed CIDRs (--external-ip-cidrs); not programmed",
+            )
         else:
             external_ips.append(ip)
     if external_ips and not allow_external_ips:

@@ -503,6 +503,14 @@ FIELDS: tuple[Field, ...] = (
         attr="udp_idle_timeout",
         zero_defaults=True,
     ),
+    _f(
+        "externalIPCIDRs",
+        Kind.STR_LIST,
+        [],
+        Use.KPROXY,
+        "where Services may put externalIPs; others are not programmed (empty: anywhere)",
+        attr="external_ip_cidrs",
+    ),
 )
 BY_PATH = {f.path: f for f in FIELDS}
 # Every mapping in the type, by dotted path ("" is the document).

@@ -12,6 +12,7 @@ import pytest
 from kproxy import api
 from kproxy.config import build
 from kproxy.control import ALLOW_EXTERNAL_IPS, Controller
+from kproxy.errors import ConfigError
 from kproxy.model import ServiceKey
 from kproxy.v1alpha1 import gate_warnings
 from tests import k8sobjects as k
@@ -21,7 +22,8 @@ EXTERNAL = "198.51.100.7"
 
 
 def svc(**spec: Any) -> k.Obj:
-    return k.service("web", "10.96.0.10", [k.port("http", 80)], externalIPs=[EXTERNAL], **spec)
+    spec.setdefault("externalIPs", [EXTERNAL])
+    return k.service("web", "10.96.0.10", [k.port("http", 80)], **spec)
 
 
 def endpoints() -> k.Obj:
@@ -82,3 +84,36 @@ def test_off_no_mode_renders_the_external_ip(mode: str) -> None:
 
 def test_the_gate_is_read_so_setting_it_is_not_warned() -> None:
     assert gate_warnings({ALLOW_EXTERNAL_IPS: False}, "--feature-gates") == []
+
+
+def test_the_allow_list_keeps_external_ips_inside_its_cidrs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = build(
+        None,
+        {"hostname_override": NODE, "external_ip_cidrs": ("203.0.113.0/24", "2001:db8::/64")},
+    )
+    c = Controller.for_config(cfg)
+    ips = ["203.0.113.5", EXTERNAL, "2001:db8::5", "2001:db9::5"]
+    with caplog.at_level(logging.WARNING):
+        c.event("services", "ADDED", svc(externalIPs=ips))
+    value = c.drain().services[ServiceKey("default", "web")]
+    assert value is not None and value.external_ips == ("203.0.113.5", "2001:db8::5")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"spec.externalIPs[1]: {EXTERNAL} is outside the allowed CIDRs" in text
+    assert "spec.externalIPs[3]: 2001:db9::5 is outside the allowed CIDRs" in text
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables", "ipvs"])
+def test_an_external_ip_outside_the_allow_list_is_rendered_nowhere(mode: str) -> None:
+    objects = [svc(externalIPs=["203.0.113.5", EXTERNAL]), endpoints()]
+    cluster = api.Cluster.from_objects(
+        objects, node=NODE, mode=mode, external_ip_cidrs=("203.0.113.0/24",)
+    )
+    rendered = cluster.render()["IPv4"]
+    assert "203.0.113.5" in rendered and EXTERNAL not in rendered
+
+
+def test_a_bad_allow_list_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--external-ip-cidrs: 'nope' is not a CIDR"):
+        build(None, {"external_ip_cidrs": ("nope",)})

@@ -160,6 +160,7 @@ SAMPLES: dict[str, Any] = {
     "portRange": "40000-40099",
     "windowsRunAsService": True,
     "udpIdleTimeout": "1s",
+    "externalIPCIDRs": ["203.0.113.0/24"],
 }
 
 
