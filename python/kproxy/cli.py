@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from kproxy import __version__, _core, doctor, logs, tools, xtables_backend
+from kproxy import __version__, _core, doctor, logs, tools, v1alpha1, xtables_backend
 from kproxy.config import MODES, ProxyConfig, build, load_file
 from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
@@ -37,8 +37,19 @@ def _duration_flag(name: str) -> Any:
     return parse
 
 
-def _comma_list(value: str) -> tuple[str, ...]:
+def comma_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def gates_arg(value: str) -> dict[str, bool]:
+    """``--feature-gates``: ``Name=true,Other=false``."""
+    out: dict[str, bool] = {}
+    for item in comma_list(value):
+        name, sep, on = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=true|false")
+        out[name.strip()] = bool_arg(on.strip())
+    return out
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -114,12 +125,12 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument("--proxy-mode", dest="mode", choices=MODES, default=S)
     d.add_argument("--hostname-override", default=S)
     d.add_argument("--bind-address", default=S)
-    d.add_argument("--cluster-cidr", dest="cluster_cidrs", type=_comma_list, default=S)
+    d.add_argument("--cluster-cidr", dest="cluster_cidrs", type=comma_list, default=S)
     d.add_argument("--detect-local-mode", default=S)
     d.add_argument("--pod-bridge-interface", default=S)
     d.add_argument("--pod-interface-name-prefix", default=S)
     d.add_argument(
-        "--iptables-localhost-nodeports", dest="localhost_nodeports", type=_bool, nargs="?",
+        "--iptables-localhost-nodeports", dest="localhost_nodeports", type=bool_arg, nargs="?",
         const=True, default=S, metavar="BOOL",
     )  # fmt: skip
     for flag in ("--min-sync-period", "--iptables-min-sync-period", "--ipvs-min-sync-period"):
@@ -129,11 +140,18 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument("--config-sync-period", type=_duration_flag("--config-sync-period"), default=S)
     d.add_argument("--healthz-bind-address", default=S)
     d.add_argument("--metrics-bind-address", default=S)
-    d.add_argument("--nodeport-addresses", type=_comma_list, default=S)
-    d.add_argument("--masquerade-all", type=_bool, nargs="?", const=True, default=S, metavar="BOOL")
+    d.add_argument("--nodeport-addresses", type=comma_list, default=S)
+    d.add_argument(
+        "--masquerade-all", type=bool_arg, nargs="?", const=True, default=S, metavar="BOOL"
+    )
     d.add_argument("--iptables-masquerade-bit", dest="masquerade_bit", type=int, default=S)
     d.add_argument(
-        "--conntrack-tcp-be-liberal", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
+        "--conntrack-tcp-be-liberal",
+        type=bool_arg,
+        nargs="?",
+        const=True,
+        default=S,
+        metavar="BOOL",
     )
     flag = "--conntrack-tcp-timeout-established"
     d.add_argument(
@@ -147,9 +165,9 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
         help="userspace mode: ports for portal listeners (first-last; the kernel's when unset)",
     )  # fmt: skip
     d.add_argument("--ipvs-scheduler", default=S, help="IPVS scheduler (rr when empty)")
-    d.add_argument("--ipvs-exclude-cidrs", type=_comma_list, default=S)
+    d.add_argument("--ipvs-exclude-cidrs", type=comma_list, default=S)
     d.add_argument(
-        "--ipvs-strict-arp", type=_bool, nargs="?", const=True, default=S, metavar="BOOL"
+        "--ipvs-strict-arp", type=bool_arg, nargs="?", const=True, default=S, metavar="BOOL"
     )
     for flag, dest in (("--ipvs-tcp-timeout", "ipvs_tcp_timeout"),
                        ("--ipvs-tcpfin-timeout", "ipvs_tcp_fin_timeout"),
@@ -160,14 +178,18 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
         help="most ports x addresses one Service may have; larger ones are skipped (0: no limit)",
     )  # fmt: skip
     d.add_argument(
-        "--external-ip-cidrs", type=_comma_list, default=S, metavar="CIDRS",
+        "--feature-gates", dest="feature_gates", type=gates_arg, default=S, metavar="GATES",
+        help="Name=true|false,... (the gates kproxy reads: docs/configuration.md)",
+    )  # fmt: skip
+    d.add_argument(
+        "--external-ip-cidrs", type=comma_list, default=S, metavar="CIDRS",
         help="where Services may put externalIPs; others are not programmed (default: anywhere)",
     )  # fmt: skip
     d.add_argument("-v", "--v", dest="verbosity", type=int, default=S, help="log verbosity (0-10)")
     d.add_argument("--logging-format", choices=logs.FORMATS, default=S, help="klog's formats")
 
 
-def _bool(value: str) -> bool:
+def bool_arg(value: str) -> bool:
     v = value.lower()
     if v in ("true", "1", "t"):
         return True
@@ -189,6 +211,8 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
     file = load_file(args.config, flags.get("mode")) if args.config else None
     cfg = build(file, flags)
     for w in file.warnings if file is not None else ():
+        log.warning("%s", w)
+    for w in v1alpha1.gate_warnings(flags.get("feature_gates", {}), "--feature-gates"):
         log.warning("%s", w)
     return cfg
 

@@ -28,15 +28,6 @@ from kproxy.upstream import UPSTREAM_VERSION
 log = logging.getLogger("kproxy")
 
 
-def _bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("true", "1", "t"):
-        return True
-    if v in ("false", "0", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
-
-
 def _duration(value: str) -> float:
     try:
         return parse_duration("", value)
@@ -44,28 +35,14 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(e.message) from None
 
 
-def _list(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _gates(value: str) -> dict[str, bool]:
-    out: dict[str, bool] = {}
-    for item in _list(value):
-        name, sep, on = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=true|false")
-        out[name.strip()] = _bool(on.strip())
-    return out
-
-
 KINDS: dict[str, Callable[[str], Any]] = {
-    "bool": _bool,
+    "bool": cli.bool_arg,
     "string": str,
     "int": int,
     "float": float,
     "duration": _duration,
-    "list": _list,
-    "map": _gates,
+    "list": cli.comma_list,
+    "map": cli.gates_arg,
 }
 
 

@@ -117,3 +117,15 @@ def test_an_external_ip_outside_the_allow_list_is_rendered_nowhere(mode: str) ->
 def test_a_bad_allow_list_names_the_flag() -> None:
     with pytest.raises(ConfigError, match="--external-ip-cidrs: 'nope' is not a CIDR"):
         build(None, {"external_ip_cidrs": ("nope",)})
+
+
+def test_kproxys_own_command_takes_the_gate_as_kube_proxy_does() -> None:
+    from kproxy import cli
+
+    args = cli.make_parser().parse_args(
+        ["render", "--feature-gates", f"{ALLOW_EXTERNAL_IPS}=false,Other=true"]
+    )
+    cfg = cli.load_config(args)
+    assert cfg.feature_gates == {ALLOW_EXTERNAL_IPS: False, "Other": True}
+    with pytest.raises(SystemExit):
+        cli.make_parser().parse_args(["render", "--feature-gates", ALLOW_EXTERNAL_IPS])
