@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import k8sobjects as k
 from tests.privileged.harness import (
+    CLUSTER_CIDR,
     ECHO_IP,
     MODES,
+    NODE,
     ProxyLab,
     echo_service,
     echo_slice,
@@ -161,3 +165,70 @@ def test_a_held_xtables_lock_is_waited_for(lab: ProxyLab, tmp_path: Path) -> Non
     assert took >= 1.0, f"programmed after {took:.2f}s: the lock was not waited for"
     assert "sync failed" not in lab.log()
     assert lab.lab.pod("client").tcp_probe(ECHO_IP, 80).server == "pod2"
+
+
+KILL_SHIM = """#!/bin/sh
+# Once {armed} exists: SIGKILL the daemon (this tool's parent) in the middle of its apply,
+# then (variant "after") let the write land anyway, or (variant "before") drop it.
+case "{tool} $*" in
+    iptables-restore*|*" -f "*)
+        if [ -e {armed} ]; then
+            rm -f {armed}
+            kill -9 $PPID
+            if [ "{variant}" = before ]; then
+                cat >/dev/null
+                exit 1
+            fi
+        fi ;;
+esac
+exec {real} "$@"
+"""
+
+
+@pytest.mark.parametrize("variant", ["before", "after"])
+def test_sigkill_mid_apply_then_a_restart_without_the_api_server_keeps_every_service(
+    lab: ProxyLab, tmp_path: Path, variant: str
+) -> None:
+    """The daemon dies inside an apply (the write dropped, or landed unseen), and comes back
+    while the API server is unreachable: every Service programmed before still answers."""
+    tool = "iptables-restore" if lab.mode == "iptables" else "nft"
+    real = shutil.which(tool)
+    assert real is not None
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    armed = tmp_path / "armed"
+    shim = shim_dir / tool
+    shim.write_text(KILL_SHIM.format(armed=armed, real=real, tool=tool, variant=variant))
+    shim.chmod(0o755)
+    other = k.service("other", "10.96.0.30", [k.port("tcp", 80, "TCP", target=8080)])
+    lab.put(other)
+    lab.put(k.endpoint_slice("other-1", "other", [k.endpoint("10.244.3.2", node="node-b")],
+                             [k.slice_port("tcp", 8080, "TCP")]))  # fmt: skip
+    daemon = lab.start_daemon(path=str(shim_dir))
+    lab.wait_synced()
+    lab.wait(lambda: "the other modes' leftovers: removed" in lab.log(), 15, "the leftovers")
+    client = lab.lab.pod("client")
+    assert client.tcp_probe(ECHO_IP, 80).server == "pod1"
+    assert client.tcp_probe("10.96.0.30", 80).server == "pod3"
+
+    armed.touch()
+    lab.put(echo_slice(["10.244.2.2", "10.244.3.2"]))  # a write through the shim
+    deadline = time.monotonic() + 15
+    while daemon.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert daemon.returncode == -9, lab.log()[-2000:]
+    assert not armed.exists()
+    # Back, with no API server to list from: nothing is synced, nothing is removed.
+    lab.daemon = lab.spawn(
+        [sys.executable, "-m", "kproxy", "daemon", "--master", "http://127.0.0.1:1",
+         "--hostname-override", NODE, "--cluster-cidr", CLUSTER_CIDR, "-v", "4",
+         "--healthz-bind-address", "127.0.0.1:10256", "--proxy-mode", lab.mode]
+    )  # fmt: skip
+    time.sleep(3)
+    assert lab.daemon.poll() is None, lab.log()[-2000:]
+    results = client.tcp_probe_many(ECHO_IP, 80, 12)
+    assert all(r.ok for r in results), results[:3]
+    # The dropped write left the old rules whole; the landed one serves the new endpoints.
+    serving = {"pod1"} if variant == "before" else {"pod2", "pod3"}
+    assert {r.server for r in results} <= serving, results
+    assert client.tcp_probe("10.96.0.30", 80).server == "pod3"
