@@ -89,14 +89,20 @@ def stale(flows: Iterable[Flow], t: Targets) -> list[Flow]:
     return out
 
 
+# nfnetlink's family per IP family: a conntrack dump lists one family only (pyroute2's
+# default, AF_INET, would leave every IPv6 flow alone).
+NFGEN_FAMILY = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6}
+
+
 class Reconciler:
     """Lists and deletes through netlink (pyroute2), in the calling thread's namespace."""
 
     def __init__(self) -> None:
         self.deleted = 0
 
-    def reconcile(self, t: Targets) -> int:
-        with Conntrack() as ct:
+    def reconcile(self, t: Targets, family: str = "IPv4") -> int:
+        """Delete ``family``'s stale UDP entries; returns how many."""
+        with Conntrack(nfgen_family=NFGEN_FAMILY[family]) as ct:
             doomed = stale(ct.dump_entries(), t)
             for f in doomed:
                 try:
@@ -105,5 +111,5 @@ class Reconciler:
                     log.debug("conntrack delete %s: %s", f, e)
         self.deleted += len(doomed)
         if doomed:
-            log.info("deleted %d stale UDP conntrack entries", len(doomed))
+            log.info("deleted %d stale UDP conntrack entries (%s)", len(doomed), family)
         return len(doomed)

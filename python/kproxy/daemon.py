@@ -248,14 +248,18 @@ class Daemon:
         if not current and not deleted:
             return
         t = conntrack.targets(current.items(), {k: c.endpoints.merged(k) for k in current}, deleted)
-        started = time.monotonic()
-        try:
-            n = await asyncio.to_thread(self.conntrack.reconcile, t)
-        except Exception as e:  # conntrack missing or refused: rules are fine, log and go on
-            log.warning("conntrack reconciliation failed: %s", e)
-            return
-        self.metrics.conntrack_duration.observe(time.monotonic() - started)
-        self.metrics.conntrack_deleted.inc(n)
+        families = self.proxier.engines if self.proxier is not None else ("IPv4",)
+        for fam in families:  # one dump per family, as upstream's per-family proxiers
+            started = time.monotonic()
+            try:
+                n = await asyncio.to_thread(self.conntrack.reconcile, t, fam)
+            except Exception as e:  # conntrack missing or refused: rules are fine, go on
+                log.warning("conntrack reconciliation failed (%s): %s", fam, e)
+                continue
+            self.metrics.conntrack_duration.labels(ip_family=fam).observe(
+                time.monotonic() - started
+            )
+            self.metrics.conntrack_deleted.labels(ip_family=fam).inc(n)
 
     async def _on_engine(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)

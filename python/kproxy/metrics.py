@@ -233,12 +233,13 @@ class Metrics:
         self.conntrack_duration = Histogram(
             "conntrack_reconciler_sync_duration_seconds",
             "Time to reconcile stale conntrack entries",
+            FAM,
             namespace=NS,
             buckets=SYNC_BUCKETS,
             registry=self.registry,
         )
         self.conntrack_deleted = counter(
-            "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted", ()
+            "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted"
         )
         self.rules_total = gauge(
             "sync_proxy_rules_iptables_total",

@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from tests import k8sobjects as k
 from tests.privileged.harness import (
     ECHO_IP,
     TCP_PORT,
     ProxyLab,
     echo_service,
     echo_slice,
+    http_get,
     proxy_lab,
 )
 
 pytestmark = pytest.mark.privileged
+ECHO_IP6 = "fd00:10:96::10"
 SRC_PORT = 40053  # one fixed source port: the same conntrack entry for every datagram
 
 
@@ -111,3 +114,34 @@ def test_a_udp_flow_to_a_deleted_service_is_cut(lab: ProxyLab) -> None:
     r = lab.lab.pod("client").udp_probe(ECHO_IP, 80, timeout=1.0, src_port=SRC_PORT)
     assert r.server is None, r
     assert all("src=10.244.1.2" not in e for e in conntrack_udp(lab)), conntrack_udp(lab)
+
+
+def test_an_ipv6_udp_flow_follows_the_replaced_backend(tmp_path: Path) -> None:
+    # A conntrack dump lists one family: IPv6 flows need their own (they were never judged).
+    svc = echo_service(ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+    svc["spec"]["clusterIPs"] = [ECHO_IP, ECHO_IP6]
+
+    def v6_slice(i: int) -> k.Obj:
+        sl = echo_slice([], name="echo-v6")
+        sl["addressType"] = "IPv6"
+        sl["endpoints"] = [k.endpoint(f"fd00:10:244:{i}::2", node="node-a")]
+        return sl
+
+    with proxy_lab(tmp_path, [svc, echo_slice(["10.244.1.2"]), v6_slice(1)]) as lab:
+        lab.start_daemon("--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48",
+                         "--metrics-bind-address", "127.0.0.1:10249")  # fmt: skip
+        lab.wait_synced()
+        client = lab.lab.pod("client")
+
+        def v6_server() -> str | None:
+            return client.udp_probe(ECHO_IP6, 80, timeout=1.0, src_port=SRC_PORT).server
+
+        assert v6_server() == "pod1"
+        lab.put(v6_slice(2))
+        lab.wait(lambda: "(IPv6)" in lab.log(), 5, "an IPv6 reconciliation")
+        assert "deleted 1 stale UDP conntrack entries (IPv6)" in lab.log()
+        lab.wait(lambda: v6_server() == "pod2", 5, "the IPv6 flow to reach pod2", interval=0.2)
+        _, metrics = http_get(lab.lab.node, "http://127.0.0.1:10249/metrics")
+        assert 'kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv6"} 1.0' in (
+            metrics
+        ), metrics
