@@ -8,6 +8,7 @@ legacy rules, and nothing in iptables-nft).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,10 +46,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
         img.reap()
 
 
-def run_in_image(image: Image, lab: ProxyLab, *args: str) -> tuple[int, str]:
+def run_in_image(
+    image: Image, lab: ProxyLab, *args: str, stdout_only: bool = False
+) -> tuple[int, str]:
     argv = image.command(args, lab.lab.node.ns)
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    return r.returncode, r.stdout + r.stderr
+    return r.returncode, r.stdout if stdout_only else r.stdout + r.stderr
 
 
 def start_in_image(image: Image, lab: ProxyLab, tmp_path: Path, mode: str) -> None:
@@ -114,6 +117,14 @@ def test_version_and_cleanup_run_in_the_image(image: Image, tmp_path: Path) -> N
         assert rc == 0 and out.startswith(f"kproxy {__version__} (core "), out
         rc, out = run_in_image(image, lab, "kube-proxy", "--version")
         assert rc == 0 and out.strip() == f"Kubernetes {UPSTREAM_VERSION} (kproxy {__version__})"
+        # The image carries every kernel mode's tools; ip_vs is this kernel's lack, not its.
+        for mode in ("iptables", "nftables", "ipvs"):
+            rc, out = run_in_image(
+                image, lab, "kproxy", "doctor", "--json", "--proxy-mode", mode, stdout_only=True
+            )
+            checks = {c["name"]: c for c in json.loads(out)["checks"]}
+            assert checks["tools"]["status"] == "ok", (mode, checks["tools"])
+            assert rc == (1 if mode == "ipvs" and not Path("/proc/net/ip_vs").exists() else 0), out
         # Rules from a run of the image, then its cleanup: nothing of kproxy's is left.
         start_in_image(image, lab, tmp_path, "iptables")
         assert lab.daemon is not None
