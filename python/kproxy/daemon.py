@@ -56,6 +56,9 @@ FULL_SYNC_PERIOD = 3600.0
 TRIM_PERIOD = 10.0
 # How often the --config file is checked for changes.
 CONFIG_POLL_PERIOD = 1.0
+# How often the informer threads are checked: one that died (a bug past its own retry loop)
+# is started again, so the node is never blind while it looks healthy.
+INFORMER_CHECK_PERIOD = 5.0
 
 
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
@@ -124,6 +127,8 @@ class Daemon:
         self.exit_code = 0
         # After the first sync, remove the other modes' leftovers (run() sets it: the node's).
         self.cleanup_other_modes = False
+        # Informer threads found dead and started again (see _supervise).
+        self.informer_restarts = 0
 
     def _changed(self, resource: str) -> None:
         self.health.queued()
@@ -449,7 +454,6 @@ class Daemon:
 
         thread_stop = threading.Event()
         tasks: list[asyncio.Task[Any]] = []
-        informers: list[informer.Informer] = []
         if self.cfg.config_file is not None:
             tasks.append(asyncio.create_task(self._watch_config_file(self.cfg.config_file)))
         if self.cfg.manifests is not None:
@@ -458,14 +462,22 @@ class Daemon:
         else:
             sink = _LoopSink(loop, self.controller)
             factory = self.factory or ClientFactory(self.cfg.kubeconfig, self.cfg.master)
-            for res in (
-                informer.services(),
-                informer.endpoint_slices(),
-                informer.node(self.cfg.node_name),
-            ):
-                inf = informer.Informer(res, factory, sink, thread_stop)
-                informers.append(inf)
+            resources = {
+                r.name: r
+                for r in (
+                    informer.services(),
+                    informer.endpoint_slices(),
+                    informer.node(self.cfg.node_name),
+                )
+            }
+
+            def start_informer(name: str) -> informer.Informer:
+                inf = informer.Informer(resources[name], factory, sink, thread_stop)
                 inf.start()
+                return inf
+
+            running = {name: start_informer(name) for name in resources}
+            tasks.append(asyncio.create_task(self._supervise(running, start_informer)))
         log.info("kproxy started: mode %s, node %s", self.cfg.mode, self.cfg.node_name)
         if self.events is not None:
             self.events.starting()
@@ -483,6 +495,24 @@ class Daemon:
             self._engine_thread.shutdown(wait=False, cancel_futures=True)
         log.info("kproxy stopped; rules left in place")
         return self.exit_code
+
+    async def _supervise(
+        self,
+        running: dict[str, informer.Informer],
+        start: Callable[[str], informer.Informer],
+        period: float = INFORMER_CHECK_PERIOD,
+    ) -> None:
+        """Start again any informer whose thread has died: its resource relists."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), period)
+            if self.stop.is_set():
+                return
+            for name, inf in list(running.items()):
+                if not inf.alive:
+                    self.informer_restarts += 1
+                    log.error("the %s informer stopped unexpectedly; starting it again", name)
+                    running[name] = start(name)
 
     async def _watch_config_file(self, path: str) -> None:
         """Stop (exit code 1) when the --config file changes, as upstream: the restart reads
