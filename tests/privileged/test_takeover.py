@@ -12,6 +12,7 @@ belongs to other agents (Docker, Calico) must stay.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -131,6 +132,27 @@ def long_lived_service() -> tuple[k.Obj, k.Obj]:
     return svc, sl
 
 
+def echo_servers(lab: ProxyLab) -> None:
+    """Servers on the long-lived port that keep each connection open."""
+    for pod in ("pod1", "pod2", "pod3"):
+        lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+
+
+def start_prober(lab: ProxyLab, tmp_path: Path, seconds: int) -> subprocess.Popen[str]:
+    """A new connection to the echo Service every 20 ms for ``seconds``, from the client."""
+    return lab.lab.pod("client").popen(
+        [sys.executable, "-c", PROBER, ECHO_IP, str(seconds)],
+        stdout=open(tmp_path / "probes", "w"),  # the prober writes to it until it exits
+    )
+
+
+def assert_no_probe_failed(tmp_path: Path) -> None:
+    probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
+    assert len(probes) > 100
+    bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
+    assert not bad, (len(bad), bad[:5])
+
+
 def kube_proxy_gone(lab: ProxyLab, mode: str) -> bool:
     node = lab.lab.node
     if mode == "nftables":
@@ -144,8 +166,7 @@ def kube_proxy_gone(lab: ProxyLab, mode: str) -> bool:
 def test_takeover_from_kube_proxy_drops_no_connection(tmp_path: Path, mode: str) -> None:
     with proxy_lab(tmp_path, long_lived_service(), mode=mode) as lab:
         node, client = lab.lab.node, lab.lab.pod("client")
-        for pod in ("pod1", "pod2", "pod3"):
-            lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+        echo_servers(lab)
         for args in FOREIGN_IPTABLES:
             node.exec(["iptables", *args], timeout=10, check=True)
         node.exec(["nft", "-f", "-"], input=FOREIGN_NFT, timeout=10, check=True)
@@ -157,20 +178,14 @@ def test_takeover_from_kube_proxy_drops_no_connection(tmp_path: Path, mode: str)
         assert client.tcp_probe(ECHO_IP, 80).ok
         with client.tcp_session(ECHO_IP, LONG_PORT) as held:
             assert held.send("before").ok
-            prober = client.popen(
-                [sys.executable, "-c", PROBER, ECHO_IP, "12"],
-                stdout=open(tmp_path / "probes", "w"),  # noqa: SIM115 (the lab owns it)
-            )
+            prober = start_prober(lab, tmp_path, 12)
             lab.start_daemon()
             lab.wait(lambda: "first sync done" in lab.log(), 30, "kproxy's first sync")
             lab.wait(lambda: kube_proxy_gone(lab, mode), 15, "kube-proxy's rules to go")
             prober.wait(timeout=30)
             after = held.send("after")
             assert after.ok, after
-        probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
-        assert len(probes) > 100
-        bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
-        assert not bad, (len(bad), bad[:5])
+        assert_no_probe_failed(tmp_path)
         # Other agents' chains and tables are untouched.
         filt = lab.filter()
         assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
@@ -192,16 +207,12 @@ def test_switching_modes_on_a_running_node_drops_no_connection(
 ) -> None:
     with proxy_lab(tmp_path, long_lived_service(), mode=old) as lab:
         client = lab.lab.pod("client")
-        for pod in ("pod1", "pod2", "pod3"):
-            lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+        echo_servers(lab)
         first = lab.start_daemon()
         lab.wait_synced()
         with client.tcp_session(ECHO_IP, LONG_PORT) as held:
             assert held.send("before").ok
-            prober = client.popen(
-                [sys.executable, "-c", PROBER, ECHO_IP, "12"],
-                stdout=open(tmp_path / "probes", "w"),  # noqa: SIM115 (the lab owns it)
-            )
+            prober = start_prober(lab, tmp_path, 12)
             # The DaemonSet's rollout: the old pod stops (its rules stay), the new one starts.
             first.terminate()
             assert first.wait(timeout=20) == 0
@@ -214,10 +225,7 @@ def test_switching_modes_on_a_running_node_drops_no_connection(
             prober.wait(timeout=30)
             after = held.send("after")
             assert after.ok, after
-        probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
-        assert len(probes) > 100
-        bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
-        assert not bad, (len(bad), bad[:5])
+        assert_no_probe_failed(tmp_path)
 
 
 def hand_back(lab: ProxyLab) -> tuple[int, str]:
@@ -232,8 +240,7 @@ BUCKETS = ("KUBE-SVCS-", "KUBE-NPS-", "KUBE-SVCR-", "KUBE-EXTS-", "KUBE-FWS-", "
 def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path, mode: str) -> None:
     with proxy_lab(tmp_path, long_lived_service(), mode=mode) as lab:
         node, client = lab.lab.node, lab.lab.pod("client")
-        for pod in ("pod1", "pod2", "pod3"):
-            lab.lab.pod(pod).start_tcp_server(LONG_TARGET, echo=True)
+        echo_servers(lab)
         for args in FOREIGN_IPTABLES:
             node.exec(["iptables", *args], timeout=10, check=True)
         node.exec(["nft", "-f", "-"], input=FOREIGN_NFT, timeout=10, check=True)
@@ -242,10 +249,7 @@ def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path,
         upstream = upstream_iptables(lab) if mode == "iptables" else upstream_nftables()
         with client.tcp_session(ECHO_IP, LONG_PORT) as held:
             assert held.send("before").ok
-            prober = client.popen(
-                [sys.executable, "-c", PROBER, ECHO_IP, "10"],
-                stdout=open(tmp_path / "probes", "w"),  # noqa: SIM115 (the lab owns it)
-            )
+            prober = start_prober(lab, tmp_path, 10)
             daemon.terminate()
             assert daemon.wait(timeout=20) == 0
             if mode == "iptables":
@@ -262,10 +266,7 @@ def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path,
             prober.wait(timeout=30)
             after = held.send("after")
             assert after.ok, after
-        probes = [json.loads(line) for line in (tmp_path / "probes").read_text().splitlines()]
-        assert len(probes) > 100
-        bad = [p for p in probes if p[0] != "ok" or p[1] not in ("pod1", "pod2", "pod3")]
-        assert not bad, (len(bad), bad[:5])
+        assert_no_probe_failed(tmp_path)
         # kube-proxy's rules serve the node; nothing of kproxy's own is left.
         assert not kube_proxy_gone(lab, mode)
         assert lab.nft() == ""
