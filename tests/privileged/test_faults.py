@@ -46,6 +46,20 @@ exec {real} "$@"
 """
 
 
+def install_shim(lab: ProxyLab, tmp_path: Path, template: str, **fields: object) -> Path:
+    """A directory holding a stand-in for the mode's writing tool (``template`` filled with
+    ``tool``, ``real`` and ``fields``), to put first on the daemon's PATH."""
+    tool = "iptables-restore" if lab.mode == "iptables" else "nft"
+    real = shutil.which(tool)
+    assert real is not None
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    shim = shim_dir / tool
+    shim.write_text(template.format(real=real, tool=tool, **fields))
+    shim.chmod(0o755)
+    return shim_dir
+
+
 @pytest.fixture(params=MODES)
 def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyLab]:
     objects = [echo_service(), echo_slice(["10.244.1.2"])]
@@ -62,16 +76,9 @@ FAILURES = {
 def test_a_failed_restore_keeps_the_previous_rules_and_is_retried(
     lab: ProxyLab, tmp_path: Path
 ) -> None:
-    tool = "iptables-restore" if lab.mode == "iptables" else "nft"
-    real = shutil.which(tool)
-    assert real is not None
-    shim_dir = tmp_path / "shim"
-    shim_dir.mkdir()
     count = tmp_path / "failures"
     count.write_text("0")
-    shim = shim_dir / tool
-    shim.write_text(SHIM.format(count=count, real=real, tool=tool))
-    shim.chmod(0o755)
+    shim_dir = install_shim(lab, tmp_path, SHIM, count=count)
     lab.start_daemon("--metrics-bind-address", "127.0.0.1:10249", path=str(shim_dir))
     lab.wait_synced()
     # After its first sync the daemon removes the other modes' leftovers with the same tool:
@@ -191,15 +198,8 @@ def test_sigkill_mid_apply_then_a_restart_without_the_api_server_keeps_every_ser
 ) -> None:
     """The daemon dies inside an apply (the write dropped, or landed unseen), and comes back
     while the API server is unreachable: every Service programmed before still answers."""
-    tool = "iptables-restore" if lab.mode == "iptables" else "nft"
-    real = shutil.which(tool)
-    assert real is not None
-    shim_dir = tmp_path / "shim"
-    shim_dir.mkdir()
     armed = tmp_path / "armed"
-    shim = shim_dir / tool
-    shim.write_text(KILL_SHIM.format(armed=armed, real=real, tool=tool, variant=variant))
-    shim.chmod(0o755)
+    shim_dir = install_shim(lab, tmp_path, KILL_SHIM, armed=armed, variant=variant)
     other = k.service("other", "10.96.0.30", [k.port("tcp", 80, "TCP", target=8080)])
     lab.put(other)
     lab.put(k.endpoint_slice("other-1", "other", [k.endpoint("10.244.3.2", node="node-b")],
