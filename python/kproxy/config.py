@@ -168,6 +168,9 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
     """Check every field; returns the config with canonical values."""
     if cfg.mode not in MODES:
         raise ConfigError("--proxy-mode", f"unknown mode {cfg.mode!r} (one of {', '.join(MODES)})")
+    if cfg.mode == "ipvs" and not cfg.feature_gates.get("KubeProxyIPVS", True):
+        # Upstream since 1.37: the deprecated mode sits behind this gate (KEP-5495).
+        raise ConfigError("--proxy-mode", "the ipvs mode is turned off (KubeProxyIPVS=false)")
     if cfg.mode not in AVAILABLE_MODES:
         raise ConfigError("--proxy-mode", f"mode {cfg.mode!r} is not available in this version yet")
     if cfg.detect_local_mode not in DETECT_LOCAL_MODES:

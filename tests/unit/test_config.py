@@ -497,3 +497,11 @@ def test_node_name_defaults_to_the_lower_cased_hostname(monkeypatch: pytest.Monk
 def test_node_port_address_keywords_say_what_is_accepted(value: str, says: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(says)):
         build(None, {"nodeport_addresses": (value,)})
+
+
+def test_the_kube_proxy_ipvs_gate_turns_the_mode_off() -> None:
+    with pytest.raises(ConfigError, match=r"--proxy-mode: the ipvs mode is turned off"):
+        build(None, {"mode": "ipvs", "feature_gates": {"KubeProxyIPVS": False}})
+    assert build(None, {"mode": "ipvs", "feature_gates": {"KubeProxyIPVS": True}}).mode == "ipvs"
+    # Other modes do not care.
+    assert build(None, {"mode": "nftables", "feature_gates": {"KubeProxyIPVS": False}})

@@ -393,12 +393,10 @@ def probe_once(ip: str, port: int) -> str:
             return type(e).__name__
 
 
-def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
-    """kproxy starts on a node kube-proxy's ipvs mode programmed: a held connection survives,
-    a new connection every 20 ms succeeds throughout, and the node ends with kproxy's rules
-    alone (the live diff against what kproxy wants is empty)."""
-    kube_proxy_ipvs_node()
-    check("kube-proxy's rules serve the Service", tcp("client", "10.96.0.10", 80)[0] in PODS)
+@contextmanager
+def traffic_across(what: str) -> Iterator[None]:
+    """Around the block: a connection held open through the web Service, and a new one every
+    20 ms; afterwards, none of them may have failed and the held one must still answer."""
     held = Conn("client", "10.96.0.10", 80)
     pinned = held.ask()[0]
     results: list[str] = []
@@ -413,53 +411,47 @@ def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
     t = threading.Thread(target=prober, daemon=True)
     t.start()
     time.sleep(1.0)
-    c = Controller(NODE, wait_for_node=False)
-    c.replace("services", services())
-    c.replace("endpointslices", slices(["pod1", "pod2"]))
-    p = Proxier(cfg, ["IPv4"], None)
-    p.sync(c.drain(), True)
-    time.sleep(1.0)
-    stop.set()
-    t.join(timeout=30)
+    try:
+        yield
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join(timeout=30)
     failed = Counter(r for r in results if r not in PODS)
     check(
-        "no new connection failed while kproxy took over from kube-proxy's ipvs mode",
-        len(results) > 20 and not failed,
+        f"no new connection failed {what}", len(results) > 20 and not failed,
         (len(results), failed),
-    )
-    check("the connection held across the takeover still answers", held.ask()[0] == pinned)
+    )  # fmt: skip
+    check(f"the connection held {what} still answers", held.ask()[0] == pinned)
     held.close()
+
+
+def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
+    """kproxy starts on a node kube-proxy's ipvs mode programmed, then hands it back: across
+    each, a held connection survives and a new connection every 20 ms succeeds; after the
+    takeover the node holds kproxy's rules alone (the live diff is empty)."""
+    kube_proxy_ipvs_node()
+    check("kube-proxy's rules serve the Service", tcp("client", "10.96.0.10", 80)[0] in PODS)
+    with traffic_across("while kproxy took over from kube-proxy's ipvs mode"):
+        c = Controller(NODE, wait_for_node=False)
+        c.replace("services", services())
+        c.replace("endpointslices", slices(["pod1", "pod2"]))
+        p = Proxier(cfg, ["IPv4"], None)
+        p.sync(c.drain(), True)
     # The manifests tools_on_the_live_kernel wrote: the same objects as this sync's.
     diff = tools.ipvs_differences(replace(cfg, manifests="/tmp/kproxy-manifests"), "IPv4")
     check("after the takeover the node holds kproxy's rules, table and sets alone", not diff, diff)
 
     # And back: kproxy stops (its rules stay), kube-proxy's ipvs mode writes its own (the same
     # names), then `kproxy cleanup --hand-back` removes only what is kproxy's alone.
-    held = Conn("client", "10.96.0.10", 80)
-    pinned = held.ask()[0]
-    results.clear()
-    stop.clear()
-    t = threading.Thread(target=prober, daemon=True)
-    t.start()
-    time.sleep(1.0)
-    p.close()
-    r = subprocess.run(
-        ["iptables-restore", "--noflush"], input=KUBE_PROXY_IPVS_RULES, text=True,
-        capture_output=True, timeout=60, check=False,
-    )  # fmt: skip
-    check("kube-proxy's ipvs rules load over kproxy's", r.returncode == 0, r.stderr)
-    check("the hand-back to kube-proxy's ipvs mode succeeds", lifecycle.hand_back() == 0)
-    time.sleep(1.0)
-    stop.set()
-    t.join(timeout=30)
-    failed = Counter(r for r in results if r not in PODS)
-    check(
-        "no new connection failed while the node went back to kube-proxy",
-        len(results) > 20 and not failed,
-        (len(results), failed),
-    )
-    check("the connection held across the hand-back still answers", held.ask()[0] == pinned)
-    held.close()
+    with traffic_across("while the node went back to kube-proxy"):
+        p.close()
+        r = subprocess.run(
+            ["iptables-restore", "--noflush"], input=KUBE_PROXY_IPVS_RULES, text=True,
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        check("kube-proxy's ipvs rules load over kproxy's", r.returncode == 0, r.stderr)
+        check("the hand-back to kube-proxy's ipvs mode succeeds", lifecycle.hand_back() == 0)
     check("kube-proxy's virtual server is still there", "10.96.0.10:80/tcp" in table(), ipvsadm())
     check("kproxy cleanup after the hand-back succeeds", lifecycle.cleanup() == 0)
 
