@@ -479,6 +479,11 @@ class Daemon:
             running = {name: start_informer(name) for name in resources}
             tasks.append(asyncio.create_task(self._supervise(running, start_informer)))
         log.info("kproxy started: mode %s, node %s", self.cfg.mode, self.cfg.node_name)
+        if self.cfg.mode == "ipvs":
+            log.info(
+                "the ipvs mode is deprecated upstream (KEP-5495, refused from 1.40); kproxy "
+                "keeps it (docs/ipvs.md), and `kproxy doctor` lists what depends on it"
+            )
         if self.events is not None:
             self.events.starting()
         try:
