@@ -102,8 +102,8 @@ def test_a_service_cannot_take_another_services_cluster_ip(lab: ProxyLab) -> Non
                       externalIPs=[ECHO_IP, "10.96.150.9"])  # fmt: skip
     lab.put(thief)
     lab.put(k.endpoint_slice("thief-1", "thief", pods, [k.slice_port("tcp", 8080)]))
-    lab.wait(lambda: "default/thief" in lab.log(), 15, "the conflict reported")
-    assert f"{ECHO_IP} is the cluster IP of Service default/echo" in lab.log()
+    conflict = f"{ECHO_IP} is the cluster IP of Service default/echo"
+    lab.wait(lambda: conflict in lab.log(), 15, "the conflict reported")
     assert servers(lab) == {"pod1", "pod2", "pod3"}  # every answer from echo's own pods
     got = lab.lab.pod("client").tcp_probe_many("10.96.150.9", 80, 5, timeout=2.0)
     assert {r.server for r in got} == {"pod3"}, got
