@@ -112,14 +112,27 @@ def haproxy_config(path: Path, ports: dict[str, tuple[int, int]]) -> None:
     path.write_text("\n".join(lines))
 
 
-def iperf(port: int, seconds: float, streams: int) -> float:
-    """Gbit/s received by the iperf3 server through ``port``."""
-    out = subprocess.run(
-        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(streams),
-         "-J", "--connect-timeout", "5000"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
-    )  # fmt: skip
-    return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+def iperf(port: int, seconds: float, streams: int, attempts: int = 3) -> float:
+    """Gbit/s received by the iperf3 server through ``port``. iperf3 sometimes ends a run
+    with no result (its JSON then names an error; seen once with 64 streams on a loaded CI
+    machine): such a run is repeated, ``attempts`` times at most."""
+    why = ""
+    for _ in range(attempts):
+        out = subprocess.run(
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P",
+             str(streams), "-J", "--connect-timeout", "5000"],
+            capture_output=True, text=True, timeout=seconds + 60, check=False,
+        )  # fmt: skip
+        try:
+            doc = json.loads(out.stdout)
+        except ValueError:
+            why = out.stderr.strip() or f"exit status {out.returncode}, no JSON"
+            continue
+        received = doc.get("end", {}).get("sum_received", {}).get("bits_per_second")
+        if received is not None:
+            return float(received) / 1e9
+        why = str(doc.get("error") or "no sum_received in its report")
+    raise RuntimeError(f"iperf3 through port {port}: no result in {attempts} runs ({why})")
 
 
 def loadgen(*args: object, timeout: float) -> dict[str, Any]:
