@@ -61,6 +61,22 @@ FOREIGN_IPTABLES = (
 FOREIGN_NFT = "add table ip cilium-test\nadd chain ip cilium-test keep\n"
 
 
+def add_foreign(lab: ProxyLab, iptables: tuple[list[str], ...] = (), nft: str = "") -> None:
+    """Other agents' chains and table (Docker, Calico, Cilium), with ``iptables`` commands and
+    an ``nft`` script of the test's own added."""
+    node = lab.lab.node
+    for args in (*iptables, *FOREIGN_IPTABLES):
+        node.exec(["iptables", *args], timeout=10, check=True)
+    node.exec(["nft", "-f", "-"], input=nft + FOREIGN_NFT, timeout=10, check=True)
+
+
+def assert_foreign_kept(lab: ProxyLab) -> None:
+    filt = lab.filter()
+    assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
+    r = lab.lab.node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10)
+    assert r.returncode == 0
+
+
 def upstream_iptables(lab: ProxyLab) -> str:
     """kube-proxy's iptables rules for the lab's Services: kproxy's render (upstream's chains
     and hashes) with its dispatch buckets flattened into upstream's single KUBE-SERVICES."""
@@ -167,9 +183,7 @@ def test_takeover_from_kube_proxy_drops_no_connection(tmp_path: Path, mode: str)
     with proxy_lab(tmp_path, long_lived_service(), mode=mode) as lab:
         node, client = lab.lab.node, lab.lab.pod("client")
         echo_servers(lab)
-        for args in FOREIGN_IPTABLES:
-            node.exec(["iptables", *args], timeout=10, check=True)
-        node.exec(["nft", "-f", "-"], input=FOREIGN_NFT, timeout=10, check=True)
+        add_foreign(lab)
         ruleset = upstream_iptables(lab) if mode == "iptables" else upstream_nftables()
         tool = ["iptables-restore", "--noflush"] if mode == "iptables" else ["nft", "-f", "-"]
         node.exec(tool, input=ruleset, timeout=30, check=True)
@@ -186,10 +200,7 @@ def test_takeover_from_kube_proxy_drops_no_connection(tmp_path: Path, mode: str)
             after = held.send("after")
             assert after.ok, after
         assert_no_probe_failed(tmp_path)
-        # Other agents' chains and tables are untouched.
-        filt = lab.filter()
-        assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
-        assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0
+        assert_foreign_kept(lab)  # other agents' chains and tables are untouched
 
 
 def rules_of(lab: ProxyLab, mode: str) -> bool:
@@ -241,9 +252,7 @@ def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path,
     with proxy_lab(tmp_path, long_lived_service(), mode=mode) as lab:
         node, client = lab.lab.node, lab.lab.pod("client")
         echo_servers(lab)
-        for args in FOREIGN_IPTABLES:
-            node.exec(["iptables", *args], timeout=10, check=True)
-        node.exec(["nft", "-f", "-"], input=FOREIGN_NFT, timeout=10, check=True)
+        add_foreign(lab)
         daemon = lab.start_daemon()
         lab.wait_synced()
         upstream = upstream_iptables(lab) if mode == "iptables" else upstream_nftables()
@@ -273,9 +282,7 @@ def test_handing_the_node_back_to_kube_proxy_drops_no_connection(tmp_path: Path,
         saved = lab.nat() + lab.filter()
         assert not any(f":{b}" in saved for b in BUCKETS), saved
         assert client.tcp_probe(ECHO_IP, 80).ok
-        filt = lab.filter()
-        assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
-        assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0
+        assert_foreign_kept(lab)
 
 
 # What kube-proxy left half done: a Service chain with no endpoints' chains behind it, an
@@ -305,9 +312,7 @@ def test_a_half_programmed_node_is_taken_over_and_only_kube_proxys_objects_go(
 ) -> None:
     with proxy_lab(tmp_path, [echo_service(), echo_slice(PODS)], mode=mode) as lab:
         node, client = lab.lab.node, lab.lab.pod("client")
-        for args in (*HALF_IPTABLES, *KUBE_ROUTER_IPTABLES, *FOREIGN_IPTABLES):
-            node.exec(["iptables", *args], timeout=10, check=True)
-        node.exec(["nft", "-f", "-"], input=HALF_NFT + FOREIGN_NFT, timeout=10, check=True)
+        add_foreign(lab, (*HALF_IPTABLES, *KUBE_ROUTER_IPTABLES), HALF_NFT)
         # kube-ipvs0 is a dummy device; this kernel has no dummy driver, a veth stands in.
         ipvs_if = ["ip", "link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "ipvs0-peer"]
         node.exec(ipvs_if, timeout=10, check=True)
@@ -341,5 +346,4 @@ def test_a_half_programmed_node_is_taken_over_and_only_kube_proxys_objects_go(
         assert set(KUBE_ROUTER_SETS) <= set(sets), sets
         filt = lab.filter()
         assert ":KUBE-ROUTER-INPUT" in filt and "-A INPUT -j KUBE-ROUTER-INPUT" in filt, filt
-        assert ":DOCKER-USER" in filt and "-A cali-FORWARD -m mark --mark 0x10000/0x10000" in filt
-        assert node.exec(["nft", "list", "table", "ip", "cilium-test"], timeout=10).returncode == 0
+        assert_foreign_kept(lab)
