@@ -23,9 +23,10 @@ from kproxy import _core, tools
 from kproxy.backends.proxier import Proxier
 from kproxy.config import ProxyConfig, build
 from kproxy.control import Controller
-from kproxy.model import Family
+from kproxy.model import Family, Origin, Protocol
 from kproxy.sources.manifests import ManifestSource
 
+Packet = _core.Packet
 Trace = _core.Trace
 Difference = tools.Difference
 
@@ -100,7 +101,7 @@ class Cluster:
         src: str,
         dst: str,
         port: int,
-        protocol: str = "TCP",
+        protocol: Protocol = "TCP",
         *,
         from_node: bool = False,
         node_ips: Sequence[str] = (),
@@ -110,8 +111,8 @@ class Cluster:
         c = self.controller()
         p = tools.programmed(self.config, c, (family,))
         ips = list(node_ips) or (list(c.node.addresses) if c.node else [])
-        origin = "local" if from_node else "external"
-        return p.engines[family].trace(src, dst, protocol, port, origin, ips)
+        origin: Origin = "local" if from_node else "external"
+        return p.engines[family].trace(_core.Packet(src, dst, protocol, port, origin, ips))
 
     def with_settings(self, **settings: Any) -> Cluster:
         """The same objects under another configuration."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from kproxy import v1alpha1
 from kproxy.errors import ConfigError
-from kproxy.model import IPVS_SCHEDULERS
+from kproxy.model import IPVS_SCHEDULERS, Mode
 from kproxy.normalize import DEFAULT_MAX_SERVICE_DESTINATIONS
 from kproxy.v1alpha1 import Decoded
 
@@ -31,7 +31,7 @@ _INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    mode: str = "iptables"
+    mode: Mode = "iptables"
     kubeconfig: str | None = None
     master: str | None = None
     manifests: str | None = None

@@ -9,6 +9,7 @@ import subprocess
 
 from kproxy import _core
 from kproxy.errors import KproxyError
+from kproxy.model import Family
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,8 @@ NFT_TABLES = tuple(
     (fam, table) for table in ("kproxy", "kproxy-userspace", "kube-proxy") for fam in ("ip", "ip6")
 )
 IPVS_INTERFACE = "kube-ipvs0"
+# Each family's iptables tool.
+IPTABLES_TOOLS: tuple[tuple[Family, str], ...] = (("IPv4", "iptables"), ("IPv6", "ip6tables"))
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str] | None:
@@ -59,7 +62,7 @@ def hand_back() -> int:
     ``kube-proxy`` and knows nothing of them) and the iptables mode's dispatch buckets, which
     are removed only once nothing of kube-proxy's jumps to them."""
     status = _cleanup_nftables(tuple(t for t in NFT_TABLES if t[1] != "kube-proxy"))
-    for family, tool in (("IPv4", "iptables"), ("IPv6", "ip6tables")):
+    for family, tool in IPTABLES_TOOLS:
         if shutil.which(f"{tool}-restore") is None:
             continue
         try:
@@ -78,7 +81,7 @@ def hand_back() -> int:
 
 def _cleanup_iptables() -> int:
     status = 0
-    for family, tool in (("IPv4", "iptables"), ("IPv6", "ip6tables")):
+    for family, tool in IPTABLES_TOOLS:
         if shutil.which(f"{tool}-restore") is None:
             continue
         try:

@@ -1,22 +1,42 @@
 """Normalized, immutable values: what the control loop tracks and hands to the Rust core.
 
 Every value here has passed validation in :mod:`kproxy.normalize`; ``to_wire`` produces the
-JSON shape the core decodes (``rust/src/model``), which validates names and addresses again.
+JSON shape the core decodes (``rust/src/model``; typed by :mod:`kproxy.wire`, generated from
+it), which validates names and addresses again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, get_args
 
-Protocol = Literal["TCP", "UDP", "SCTP"]
-Family = Literal["IPv4", "IPv6"]
-Policy = Literal["Cluster", "Local"]
+from kproxy import wire
+
+# The core's own types (generated from its serde types): one spelling of each on both sides.
+Protocol = wire.Protocol
+Family = wire.IpFamily
+Policy = wire.TrafficPolicy
+IpvsScheduler = wire.IpvsScheduler
+Mode = wire.Mode
+# Where a traced packet comes from: the network or a pod ("external"), or the node itself.
+Origin = Literal["external", "local"]
+
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+
+
+def protocol_of(name: str) -> Protocol | None:
+    """``name`` as a Protocol, or None when it is not one (case matters, as in the API)."""
+    return next((p for p in PROTOCOLS if p == name), None)
+
+
+def ipvs_scheduler_of(name: str) -> IpvsScheduler | None:
+    """``name`` as an IPVS scheduler, or None when it is not one."""
+    return next((s for s in IPVS_SCHEDULERS if s == name), None)
 
 
 # The IPVS schedulers upstream accepts for `ipvs.scheduler`; a Service may pick one of them
 # for itself with IPVS_SCHEDULER_ANNOTATION (the ipvs mode only, as kube-router offers).
-IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
+IPVS_SCHEDULERS: tuple[IpvsScheduler, ...] = get_args(IpvsScheduler)
 IPVS_SCHEDULER_ANNOTATION = "kproxy.io/ipvs-scheduler"
 
 
@@ -40,7 +60,7 @@ class PortSpec:
     port: int
     node_port: int = 0
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> wire.PortSpec:
         return {
             "name": self.name,
             "protocol": self.protocol,
@@ -65,9 +85,9 @@ class Service:
     session_affinity_timeout: int | None = None
     health_check_node_port: int = 0
     # The ipvs mode's scheduler for this Service (IPVS_SCHEDULER_ANNOTATION); None: default.
-    ipvs_scheduler: str | None = None
+    ipvs_scheduler: IpvsScheduler | None = None
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> wire.Service:
         return {
             "ipvs_scheduler": self.ipvs_scheduler,
             "cluster_ips": list(self.cluster_ips),
@@ -130,7 +150,7 @@ class PortEndpoints:
     # (endpoint, target port) pairs, sorted.
     endpoints: tuple[tuple[Endpoint, int], ...]
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> wire.EndpointPort:
         return {
             "name": self.name,
             "protocol": self.protocol,
@@ -162,5 +182,5 @@ class NodeInfo:
     terminating: bool = False
     labels: tuple[tuple[str, str], ...] = field(default=())
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> wire.NodeInfo:
         return {"zone": self.zone}

@@ -28,6 +28,7 @@ from kproxy.model import (
     Endpoint,
     EndpointSlice,
     Family,
+    IpvsScheduler,
     NodeInfo,
     Policy,
     PortSpec,
@@ -35,6 +36,7 @@ from kproxy.model import (
     Service,
     ServiceKey,
     SlicePort,
+    ipvs_scheduler_of,
 )
 
 T = TypeVar("T")
@@ -313,13 +315,12 @@ def normalize_service(
             spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True
         )
 
-    scheduler: str | None = None
+    scheduler: IpvsScheduler | None = None
     annotations = o.mapping(o.meta, "annotations", "metadata.annotations")
     wanted = annotations.get(IPVS_SCHEDULER_ANNOTATION)
     if wanted is not None:
-        if isinstance(wanted, str) and wanted.strip() in IPVS_SCHEDULERS:
-            scheduler = wanted.strip()
-        else:
+        scheduler = ipvs_scheduler_of(wanted.strip()) if isinstance(wanted, str) else None
+        if scheduler is None:
             o.warn(
                 f"metadata.annotations[{IPVS_SCHEDULER_ANNOTATION}]",
                 f"{wanted!r} is not an IPVS scheduler (one of {', '.join(IPVS_SCHEDULERS)});"

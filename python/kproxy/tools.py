@@ -25,7 +25,7 @@ from kproxy.control import Controller
 from kproxy.errors import ApiConnectionError, ConfigError, KproxyError
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
-from kproxy.model import Family
+from kproxy.model import Family, Origin, Protocol, protocol_of
 from kproxy.netinfo import local_addresses
 from kproxy.sources.manifests import ManifestSource
 
@@ -91,12 +91,12 @@ def render_command(cfg: ProxyConfig) -> int:
     return 0
 
 
-def parse_destination(dst: str) -> tuple[str, int, str]:
+def parse_destination(dst: str) -> tuple[str, int, Protocol]:
     """``IP:PORT[/PROTO]`` or ``[IPv6]:PORT[/PROTO]`` -> (ip, port, protocol)."""
-    rest, _, proto = dst.partition("/")
-    proto = (proto or "TCP").upper()
-    if proto not in ("TCP", "UDP", "SCTP"):
-        raise ConfigError("DST", f"unknown protocol {proto!r}")
+    rest, _, spelled = dst.partition("/")
+    proto = protocol_of((spelled or "TCP").upper())
+    if proto is None:
+        raise ConfigError("DST", f"unknown protocol {spelled!r}")
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError("DST", f"{dst!r} is not IP:PORT[/PROTO]")
@@ -119,15 +119,20 @@ def trace_command(
     family: Family = "IPv4" if ipaddress.ip_address(ip).version == 4 else "IPv6"
     if ipaddress.ip_address(src_ip).version != ipaddress.ip_address(ip).version:
         raise ConfigError("SRC", "source and destination are of different IP families")
-    origin = "local" if from_node else "external"
+    origin: Origin = "local" if from_node else "external"
+    if live:
+        locals_ = node_ips or local_addresses()
+    else:
+        c = snapshot(cfg)
+        locals_ = node_ips or (list(c.node.addresses) if c.node else local_addresses())
+    packet = _core.Packet(src_ip, ip, proto, port, origin, locals_)
     if live and cfg.mode == "nftables":
         table = _core.NftTable.live(family)
         if not table.exists:
             raise KproxyError(f"no kproxy nftables table for {family} in this kernel")
-        locals_ = node_ips or local_addresses()
-        t = table.trace(src_ip, ip, proto, port, origin, locals_)
+        t = table.trace(packet)
     elif live and cfg.mode == "ipvs":
-        t = _core.trace_ipvs_live(src_ip, ip, proto, port, origin, node_ips or local_addresses())
+        t = _core.trace_ipvs_live(packet)
     elif live:
         tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
         try:
@@ -136,13 +141,9 @@ def trace_command(
             ).stdout
         except (OSError, subprocess.SubprocessError) as e:
             raise KproxyError(f"cannot read the kernel's rules with {tool}: {e}") from None
-        locals_ = node_ips or local_addresses()
-        t = _core.trace_iptables(rules, src_ip, ip, proto, port, origin, locals_)
+        t = _core.trace_iptables(rules, packet)
     else:
-        c = snapshot(cfg)
-        engine = programmed(cfg, c, (family,)).engines[family]
-        locals_ = node_ips or (list(c.node.addresses) if c.node else local_addresses())
-        t = engine.trace(src_ip, ip, proto, port, origin, locals_)
+        t = programmed(cfg, c, (family,)).engines[family].trace(packet)
     print(explain(t, src_ip, dst, from_node, live))
     return 0
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from kproxy import wire
 from kproxy.model import Endpoint, EndpointSlice, NodeInfo, PortEndpoints, Service, ServiceKey
 
 Merged = tuple[PortEndpoints, ...]
@@ -29,7 +29,7 @@ class ChangeSet:
     def __bool__(self) -> bool:
         return bool(self.services or self.endpoints or self.node)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> wire.ChangeSet:
         return {
             "services": [
                 {

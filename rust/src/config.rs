@@ -2,12 +2,13 @@
 //! validated here, once) and the settings every mode's renderer reads ([`RenderConfig`]).
 
 use crate::error::{Error, Result};
-use crate::model::{Cidr, IpFamily};
+use crate::model::{Cidr, IpFamily, IpvsScheduler};
 use serde::Deserialize;
 use std::net::IpAddr;
 
 /// Which kernel interface an engine drives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// The real kernel.
@@ -19,6 +20,7 @@ pub enum BackendKind {
 
 /// How the kernel is programmed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
@@ -28,8 +30,23 @@ pub enum Mode {
     Ipvs,
 }
 
-/// Static configuration of one engine (JSON from Python).
+impl Mode {
+    /// The mode's name, as `--proxy-mode` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+            Mode::Userspace => "userspace",
+            Mode::Ipvs => "ipvs",
+        }
+    }
+}
+
+/// Static configuration of one engine (JSON from Python): the settings every mode reads, and
+/// the section of the engine's own mode. Python's types for it are generated from this
+/// definition (`python/kproxy/wire.py`, see `crate::wire`).
 #[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     pub family: IpFamily,
@@ -41,9 +58,6 @@ pub struct EngineConfig {
     /// prefix when it ends in `+` (InterfaceNamePrefix). Takes precedence over the CIDRs.
     #[serde(default)]
     pub local_interface: Option<String>,
-    /// NodePorts on 127.0.0.0/8 (IPv4 only; the caller sets route_localnet).
-    #[serde(default)]
-    pub localhost_nodeports: bool,
     #[serde(default)]
     pub masquerade_all: bool,
     #[serde(default = "default_masquerade_bit")]
@@ -61,10 +75,60 @@ pub struct EngineConfig {
     pub backend: BackendKind,
     #[serde(default)]
     pub mode: Mode,
-    /// Userspace mode: the addresses NodePort listeners bind (`--bind-address`).
+    /// The iptables mode's own settings (refused with another mode).
+    #[serde(default)]
+    pub iptables: Option<IptablesConfig>,
+    /// The ipvs mode's own settings (refused with another mode).
+    #[serde(default)]
+    pub ipvs: Option<IpvsConfig>,
+    /// The userspace mode's own settings (refused with another mode).
+    #[serde(default)]
+    pub userspace: Option<UserspaceConfig>,
+}
+
+/// The iptables mode's section of an [`EngineConfig`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IptablesConfig {
+    /// NodePorts on 127.0.0.0/8 (IPv4 only; the caller sets route_localnet).
+    #[serde(default)]
+    pub localhost_nodeports: bool,
+}
+
+/// The ipvs mode's section of an [`EngineConfig`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IpvsConfig {
+    /// The scheduler of every virtual server (`ipvs.scheduler`; rr when unset).
+    #[serde(default)]
+    pub scheduler: Option<IpvsScheduler>,
+    /// Virtual servers on these addresses are someone else's (`ipvs.excludeCIDRs`).
+    #[serde(default)]
+    pub exclude_cidrs: Vec<Cidr>,
+    /// The kernel's IPVS connection timeouts in seconds (0 or unset: unchanged).
+    #[serde(default)]
+    pub tcp_timeout_s: u32,
+    #[serde(default)]
+    pub tcp_fin_timeout_s: u32,
+    #[serde(default)]
+    pub udp_timeout_s: u32,
+    /// The addresses of the node's interfaces (other than kube-ipvs0). An external or LB IP
+    /// among them is not bound on kube-ipvs0, nor fenced by KUBE-IPVS-FILTER.
+    #[serde(default)]
+    pub host_ips: Vec<IpAddr>,
+}
+
+/// The userspace mode's section of an [`EngineConfig`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UserspaceConfig {
+    /// The addresses NodePort listeners bind (`--bind-address`).
     #[serde(default)]
     pub listen_addresses: Vec<IpAddr>,
-    /// Userspace mode: also serve Service addresses through redirect rules (needs NET_ADMIN).
+    /// Also serve Service addresses through redirect rules (needs NET_ADMIN).
     #[serde(default)]
     pub portals: bool,
     #[serde(default)]
@@ -75,27 +139,10 @@ pub struct EngineConfig {
     pub tcp_idle_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_connections: Option<usize>,
-    /// Userspace mode: the ports portal listeners take (`--proxy-port-range`, first and last);
-    /// unset: the kernel's ephemeral range.
+    /// The ports portal listeners take (`--proxy-port-range`, first and last); unset: the
+    /// kernel's ephemeral range.
     #[serde(default)]
     pub proxy_port_range: Option<(u16, u16)>,
-    /// ipvs mode: the scheduler of every virtual server (`ipvs.scheduler`; rr when unset).
-    #[serde(default)]
-    pub ipvs_scheduler: Option<String>,
-    /// ipvs mode: virtual servers on these addresses are someone else's (`ipvs.excludeCIDRs`).
-    #[serde(default)]
-    pub ipvs_exclude_cidrs: Vec<Cidr>,
-    /// ipvs mode: the kernel's IPVS connection timeouts in seconds (0 or unset: unchanged).
-    #[serde(default)]
-    pub ipvs_tcp_timeout_s: u32,
-    #[serde(default)]
-    pub ipvs_tcp_fin_timeout_s: u32,
-    #[serde(default)]
-    pub ipvs_udp_timeout_s: u32,
-    /// ipvs mode: the addresses of the node's interfaces (other than kube-ipvs0). An external
-    /// or LB IP among them is not bound on kube-ipvs0, nor fenced by KUBE-IPVS-FILTER.
-    #[serde(default)]
-    pub host_ips: Vec<IpAddr>,
 }
 
 fn default_masquerade_bit() -> u8 {
@@ -119,21 +166,23 @@ impl EngineConfig {
                 )));
             }
         }
-        if let Some(s) = &cfg.ipvs_scheduler {
-            let ok = !s.is_empty()
-                && s.len() <= 15
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            if !ok {
+        for (section, given) in [
+            (Mode::Iptables, cfg.iptables.is_some()),
+            (Mode::Ipvs, cfg.ipvs.is_some()),
+            (Mode::Userspace, cfg.userspace.is_some()),
+        ] {
+            if given && section != cfg.mode {
                 return Err(Error::InvalidInput(format!(
-                    "engine config: ipvs_scheduler {s:?} is not a scheduler name"
+                    "engine config: {} settings are given for the {} mode",
+                    section.name(),
+                    cfg.mode.name()
                 )));
             }
         }
-        if let Some((first, last)) = cfg.proxy_port_range {
+        if let Some((first, last)) = cfg.userspace.as_ref().and_then(|u| u.proxy_port_range) {
             if first == 0 || first > last {
                 return Err(Error::InvalidInput(format!(
-                    "engine config: proxy_port_range {first}-{last} is not a port range"
+                    "engine config: userspace.proxy_port_range {first}-{last} is not a port range"
                 )));
             }
         }
@@ -161,7 +210,10 @@ impl EngineConfig {
                 (None, Some(c)) => LocalDetector::Cidr(*c),
                 (None, None) => LocalDetector::None,
             },
-            localhost_nodeports: self.localhost_nodeports,
+            localhost_nodeports: self
+                .iptables
+                .as_ref()
+                .is_some_and(|i| i.localhost_nodeports),
             masquerade_all: self.masquerade_all,
             masquerade_mark: 1u32 << self.masquerade_bit,
             nodeport_ips: self.nodeport_ips.clone(),

@@ -26,6 +26,8 @@
 //!   the world across the language boundary again. Any failed apply makes the next sync full.
 //!   It knows no mode: [`program::build`] picks the program.
 //! * [`error::Error`] is the one error type; `py/` maps it onto `kproxy.errors`.
+//! * [`config::EngineConfig`] and [`model::ChangeSet`] are the boundary's one schema: Python's
+//!   types for them (`python/kproxy/wire.py`) are generated from them (`wire.rs`, a test).
 //! * Only `py/` uses pyo3: `cargo test --no-default-features` builds without libpython.
 //! * No mode folder imports another's.
 
@@ -46,6 +48,8 @@ pub mod program;
 pub mod state;
 pub mod topology;
 pub mod trace;
+#[cfg(test)]
+mod wire;
 pub mod xtables;
 
 #[cfg(feature = "python")]

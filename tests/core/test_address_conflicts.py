@@ -35,7 +35,7 @@ def endpoints(key: ServiceKey, ip: str) -> ChangeSet:
 
 
 def to_dns(e: _core.Engine) -> list[str]:
-    return e.trace("10.244.1.9", DNS_IP, "UDP", 53, "external", [NODE_IP]).dnat
+    return e.trace(_core.Packet("10.244.1.9", DNS_IP, "UDP", 53, "external", [NODE_IP])).dnat
 
 
 @pytest.mark.parametrize("mode", ["iptables", "nftables"])
@@ -50,7 +50,7 @@ def test_a_cluster_ip_wins_over_another_services_external_ip(mode: str) -> None:
     assert not r.full and r.address_conflicts == [("team", "evil", DNS_IP, "kube-system/kube-dns")]
     e.sync(endpoints(DNS, "10.244.1.53").to_json())
     assert to_dns(e) == ["10.244.1.53:53"]
-    ext = e.trace("203.0.113.1", "192.0.2.7", "UDP", 53, "external", [NODE_IP])
+    ext = e.trace(_core.Packet("203.0.113.1", "192.0.2.7", "UDP", 53, "external", [NODE_IP]))
     assert ext.dnat == ["10.244.2.66:53"]
     # A full resync says the same.
     r = e.sync(b"{}", True)
@@ -69,5 +69,5 @@ def test_the_owner_first_then_a_claimant(mode: str) -> None:
     e.sync(endpoints(EVIL, "10.244.2.66").to_json())
     assert r.address_conflicts == [("team", "evil", DNS_IP, "kube-system/kube-dns")]
     assert to_dns(e) == ["10.244.1.53:53"]
-    ext = e.trace("203.0.113.1", DNS_IP, "UDP", 53, "external", [NODE_IP])
+    ext = e.trace(_core.Packet("203.0.113.1", DNS_IP, "UDP", 53, "external", [NODE_IP]))
     assert ext.dnat == ["10.244.1.53:53"]

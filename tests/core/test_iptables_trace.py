@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from kproxy import _core
+from kproxy.model import Origin, Protocol
 from kproxy.normalize import normalize_endpoint_slice, normalize_service
 from kproxy.tracker import ChangeSet, merge_slices
 from tests import k8sobjects as k
@@ -44,9 +45,11 @@ class Cluster:
         self.engine.sync(ChangeSet({s.key: s}, {s.key: merged}).to_json())
 
     def trace(
-        self, src: str, dst: str, port: int, proto: str = "TCP", origin: str = "external"
+        self, src: str, dst: str, port: int, proto: Protocol = "TCP", origin: Origin = "external"
     ) -> _core.Trace:
-        return _core.trace_iptables(self.engine.dump(), src, dst, proto, port, origin, [NODE_IP])
+        return _core.trace_iptables(
+            self.engine.dump(), _core.Packet(src, dst, proto, port, origin, [NODE_IP])
+        )
 
 
 def endpoints(
@@ -154,12 +157,9 @@ def test_node_port_addresses_limit_where_node_ports_answer() -> None:
     # A second local address that nodePortAddresses excludes.
     t = _core.trace_iptables(
         c.engine.dump(),
-        EXTERNAL_CLIENT,
-        "192.168.1.2",
-        "TCP",
-        3001,
-        "external",
-        [NODE_IP, "192.168.1.2"],
+        _core.Packet(
+            EXTERNAL_CLIENT, "192.168.1.2", "TCP", 3001, "external", [NODE_IP, "192.168.1.2"]
+        ),
     )
     assert t.dnat == []
 

@@ -133,7 +133,7 @@ def test_an_endpoint_change_is_a_handful_of_element_updates() -> None:
     # One endpoint replaced: its two pool entries (cluster IP, NodePort) and its hairpin entry.
     assert (r.elements_deleted, r.elements_added) == (3, 3)
     assert r.chains_written == 0
-    t = e.trace("10.2.0.5", "172.30.0.8", "TCP", 80, "external", [NODE_IP])
+    t = e.trace(_core.Packet("10.2.0.5", "172.30.0.8", "TCP", 80, "external", [NODE_IP]))
     assert sorted(t.dnat) == ["10.1.7.1:80", "10.1.7.9:80"]
 
 
@@ -157,7 +157,9 @@ def test_two_services_claiming_one_external_ip_first_wins_then_the_other_takes_o
     e.sync(slice_of("b", ep("10.2.0.1")).to_json())
 
     def dst() -> list[str]:
-        return e.trace("10.9.0.1", "192.168.9.9", "TCP", 80, "external", [NODE_IP]).dnat
+        return e.trace(
+            _core.Packet("10.9.0.1", "192.168.9.9", "TCP", 80, "external", [NODE_IP])
+        ).dnat
 
     assert dst() == ["10.1.0.1:80"]
     e.sync(ChangeSet(services={a.key: None}).to_json())
@@ -171,7 +173,7 @@ def test_ipv6_engine() -> None:
     e.sync(slice_of("svc1", ep("fd00:10::5"), ep("fd00:10::6"), family="IPv6").to_json())
     text = e.render()
     assert "add table ip6 kproxy" in text and "ip6 daddr != ::1/128" in text
-    t = e.trace("fd00:99::1", "fd00:30::41", "TCP", 80, "external", ["fd00::2"])
+    t = e.trace(_core.Packet("fd00:99::1", "fd00:30::41", "TCP", 80, "external", ["fd00::2"]))
     assert sorted(t.dnat) == ["[fd00:10::5]:80", "[fd00:10::6]:80"] and t.masquerade
 
 
@@ -180,7 +182,7 @@ def test_unknown_port_of_a_cluster_ip_is_rejected_and_nodeports_are_not_filtered
     s = svc(health_check_node_port=32000)
     e.sync(ChangeSet(services={s.key: s}).to_json())
     e.sync(slice_of("svc1", ep("10.1.0.1")).to_json())
-    t = e.trace("10.9.0.1", "172.30.0.41", "TCP", 81, "external", [NODE_IP])
+    t = e.trace(_core.Packet("10.9.0.1", "172.30.0.41", "TCP", 81, "external", [NODE_IP]))
     assert t.dnat == [] and t.verdict == "REJECT"
     # As upstream's nftables mode: no ACCEPT rules for NodePorts or health-check ports.
     assert "32000" not in e.render()

@@ -62,7 +62,7 @@ def test_every_range_list_programs_and_admits_exactly_its_clients(
     e = engine(mode)
     e.sync(ChangeSet({key: svc}, {key: merge_slices([sl])}).to_json(), True)
     for src in CLIENTS:
-        t = e.trace(src, LB_IP, "TCP", 80, "external", [NODE_IP])
+        t = e.trace(_core.Packet(src, LB_IP, "TCP", 80, "external", [NODE_IP]))
         got = t.dnat == ["10.244.1.5:8080"]
         assert got == allowed(src, ranges), (src, ranges, t)
         if not got:

@@ -112,7 +112,7 @@ def test_traced_packets_reach_only_allowed_endpoints(
                 (f"192.168.99.{i + 1}", 80, True),
                 (NODE_IP, 30000 + i, True),
             ):
-                t = engine.trace(src, dst, "TCP", port, "external", [NODE_IP])
+                t = engine.trace(_core.Packet(src, dst, "TCP", port, "external", [NODE_IP]))
                 want_eps, want_verdict = expected(case, external, from_pod)
                 got = {d.rsplit(":", 1)[0] for d in t.dnat}
                 assert got == want_eps, (case, src, dst, t.matched)

@@ -13,6 +13,7 @@ import pytest
 
 from kproxy import _core
 from kproxy.config import ProxyConfig
+from kproxy.model import Protocol
 from kproxy.tools import rendered
 from tests.privileged.harness import (
     CLUSTER_CIDR,
@@ -69,7 +70,7 @@ def test_live_trace_agrees_with_the_rendered_rules(lab: ProxyLab) -> None:
     proxier = lab.call(lambda: rendered(cfg))
     rendered_rules = proxier.engines["IPv4"].dump()
     node_ip, pod, outside = lab.lab.node_ip, "10.244.4.2", "192.168.101.2"
-    cases = [
+    cases: list[tuple[str, str, int, Protocol]] = [
         (pod, ECHO_IP, 80, "TCP"), (outside, ECHO_IP, 80, "TCP"), (pod, ECHO_IP, 80, "UDP"),
         (outside, node_ip, NODE_PORT_TCP, "TCP"), (outside, node_ip, NODE_PORT_UDP, "UDP"),
         (pod, EMPTY_IP, 80, "TCP"), (pod, EMPTY_IP, 53, "UDP"), (pod, ECHO_IP, 81, "TCP"),
@@ -77,8 +78,10 @@ def test_live_trace_agrees_with_the_rendered_rules(lab: ProxyLab) -> None:
         (pod, node_ip, NODE_PORT_TCP + 100, "TCP"), ("10.244.1.2", ECHO_IP, 80, "TCP"),
     ]  # fmt: skip
     for src, dst, port, proto in cases:
-        a = _core.trace_iptables(live, src, dst, proto, port, "external", [node_ip])
-        b = _core.trace_iptables(rendered_rules, src, dst, proto, port, "external", [node_ip])
+        a = _core.trace_iptables(live, _core.Packet(src, dst, proto, port, "external", [node_ip]))
+        b = _core.trace_iptables(
+            rendered_rules, _core.Packet(src, dst, proto, port, "external", [node_ip])
+        )
         assert (a.dnat, a.verdict, a.masquerade) == (b.dnat, b.verdict, b.masquerade), (
             src,
             dst,
@@ -148,15 +151,15 @@ def test_nftables_live_table_reads_back_as_rendered_and_traces_the_same(nft_lab:
     # exactly what kproxy renders: the reader understands all of kproxy's vocabulary.
     assert live.lines() == want.lines()
     node_ip, pod, outside = lab.lab.node_ip, "10.244.4.2", "192.168.101.2"
-    cases = [
+    cases: list[tuple[str, str, int, Protocol]] = [
         (pod, ECHO_IP, 80, "TCP"), (outside, ECHO_IP, 80, "TCP"), (pod, ECHO_IP, 80, "UDP"),
         (outside, node_ip, NODE_PORT_TCP, "TCP"), (pod, EMPTY_IP, 80, "TCP"),
         (pod, ECHO_IP, 81, "TCP"), (outside, "10.96.0.30", 80, "TCP"),
         (outside, node_ip, NODE_PORT_TCP + 100, "TCP"), ("10.244.1.2", ECHO_IP, 80, "TCP"),
     ]  # fmt: skip
     for src, dst, port, proto in cases:
-        a = live.trace(src, dst, proto, port, "external", [node_ip])
-        b = want.trace(src, dst, proto, port, "external", [node_ip])
+        a = live.trace(_core.Packet(src, dst, proto, port, "external", [node_ip]))
+        b = want.trace(_core.Packet(src, dst, proto, port, "external", [node_ip]))
         assert (a.dnat, a.verdict, a.masquerade, a.matched) == (
             b.dnat,
             b.verdict,

@@ -59,8 +59,9 @@ def test_net_admin_is_read_from_the_effective_capabilities() -> None:
 def test_userspace_timeouts_come_from_the_conntrack_and_udp_settings() -> None:
     def timeouts(**flags: object) -> tuple[object, object]:
         cfg = build(None, {"hostname_override": "node-a", "mode": "userspace", **flags})
-        c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)
-        return c["tcp_idle_timeout_ms"], c["udp_idle_timeout_ms"]
+        c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL).get("userspace")
+        assert c is not None
+        return c.get("tcp_idle_timeout_ms"), c.get("udp_idle_timeout_ms")
 
     assert timeouts() == (86_400_000, 250)  # kube-proxy's defaults: 24h, 250ms
     assert timeouts(conntrack_tcp_established_timeout=90.0, udp_idle_timeout=2.0) == (90_000, 2000)
@@ -71,7 +72,9 @@ def test_userspace_timeouts_come_from_the_conntrack_and_udp_settings() -> None:
 def test_userspace_portal_port_range_reaches_the_engine() -> None:
     def port_range(**flags: object) -> object:
         cfg = build(None, {"hostname_override": "node-a", "mode": "userspace", **flags})
-        return engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL)["proxy_port_range"]
+        c = engine_config(cfg, "IPv4", NODE, local_addrs=LOCAL).get("userspace")
+        assert c is not None
+        return c.get("proxy_port_range")
 
     assert port_range() is None  # the kernel's ephemeral range
     assert port_range(proxy_port_range="40000+99") == (40000, 40099)

@@ -307,8 +307,8 @@ def tools_on_the_live_kernel(cfg: ProxyConfig, p: Proxier) -> None:
         (CLIENT, "10.96.0.10", 9999),
         (PODS["pod1"][0], "10.96.0.10", 80),
     ]:
-        live = _core.trace_ipvs_live(src, dst, "TCP", port, "external", local)
-        want = rendered.trace(src, dst, "TCP", port, "external", local)
+        live = _core.trace_ipvs_live(_core.Packet(src, dst, "TCP", port, "external", local))
+        want = rendered.trace(_core.Packet(src, dst, "TCP", port, "external", local))
         same = (live.dnat, live.masquerade, live.verdict) == (
             want.dnat,
             want.masquerade,

@@ -8,11 +8,11 @@ import json
 import logging
 from collections.abc import Sequence
 
-from kproxy import _core
+from kproxy import _core, wire
 from kproxy.backends.ipvs import DummyInterface, bound_addresses, set_sysctls
 from kproxy.config import ProxyConfig, parse_port_range
 from kproxy.errors import ApplyError
-from kproxy.model import Family, NodeInfo
+from kproxy.model import Family, NodeInfo, ipvs_scheduler_of
 from kproxy.netinfo import addresses_in, has_net_admin, local_addresses, set_sysctl, sysctl
 from kproxy.tracker import ChangeSet
 
@@ -24,10 +24,10 @@ def engine_config(
     family: Family,
     node: NodeInfo | None,
     *,
-    backend: str = "kernel",
+    backend: wire.BackendKind = "kernel",
     local_addrs: Sequence[str] | None = None,
-) -> dict[str, object]:
-    """The JSON configuration of one family's engine."""
+) -> wire.EngineConfig:
+    """The configuration of one family's engine: the shared settings and its mode's section."""
     nodeport_ips: list[str] | None = None
     nodeport_addresses = cfg.nodeport_addresses
     if not nodeport_addresses and cfg.mode == "nftables":
@@ -62,15 +62,11 @@ def engine_config(
         interface = cfg.pod_bridge_interface
     elif mode == "InterfaceNamePrefix":
         interface = cfg.pod_interface_name_prefix + "+"
-    return {
+    config: wire.EngineConfig = {
         "family": family,
         "node_name": cfg.node_name,
         "cluster_cidrs": local_cidrs,
         "local_interface": interface,
-        # As upstream, the nftables mode has no localhost NodePorts (no route_localnet).
-        "localhost_nodeports": cfg.mode == "iptables"
-        and cfg.localhost_nodeports
-        and localhost_allowed(cfg),
         "masquerade_all": cfg.masquerade_all,
         "masquerade_bit": cfg.masquerade_bit,
         "nodeport_ips": nodeport_ips,
@@ -78,28 +74,38 @@ def engine_config(
         "node_ips": list(node.addresses) if node is not None else [],
         "backend": backend,
         "mode": cfg.mode,
-        # The userspace mode's NodePort listeners: --bind-address, when it is of this family.
-        "listen_addresses": listen_addresses(cfg, family),
-        # ...and, with NET_ADMIN, its redirect rules for ClusterIPs, externalIPs and LB IPs.
-        "portals": cfg.mode == "userspace" and backend == "kernel" and has_net_admin(),
-        "tcp_idle_timeout_ms": round(
-            (cfg.conntrack_tcp_established_timeout or KERNEL_TCP_ESTABLISHED) * 1000
-        ),
-        "udp_idle_timeout_ms": max(1, round(cfg.udp_idle_timeout * 1000)),
-        "proxy_port_range": parse_port_range("--proxy-port-range", cfg.proxy_port_range),
-        **(ipvs_engine_config(cfg, local_addrs) if cfg.mode == "ipvs" else {}),
     }
+    if cfg.mode == "iptables":
+        # As upstream, the nftables mode has no localhost NodePorts (no route_localnet).
+        config["iptables"] = {
+            "localhost_nodeports": cfg.localhost_nodeports and localhost_allowed(cfg)
+        }
+    elif cfg.mode == "ipvs":
+        config["ipvs"] = ipvs_engine_config(cfg, local_addrs)
+    elif cfg.mode == "userspace":
+        config["userspace"] = {
+            # NodePort listeners: --bind-address, when it is of this family...
+            "listen_addresses": listen_addresses(cfg, family),
+            # ...and, with NET_ADMIN, redirect rules for ClusterIPs, externalIPs and LB IPs.
+            "portals": backend == "kernel" and has_net_admin(),
+            "tcp_idle_timeout_ms": round(
+                (cfg.conntrack_tcp_established_timeout or KERNEL_TCP_ESTABLISHED) * 1000
+            ),
+            "udp_idle_timeout_ms": max(1, round(cfg.udp_idle_timeout * 1000)),
+            "proxy_port_range": parse_port_range("--proxy-port-range", cfg.proxy_port_range),
+        }
+    return config
 
 
-def ipvs_engine_config(cfg: ProxyConfig, host_addrs: Sequence[str] | None) -> dict[str, object]:
+def ipvs_engine_config(cfg: ProxyConfig, host_addrs: Sequence[str] | None) -> wire.IpvsConfig:
     """The ipvs section of an engine's configuration. `host_addrs`: the node's addresses
     outside kube-ipvs0 (an external IP among them is never bound there, nor fenced)."""
     return {
-        "ipvs_scheduler": cfg.ipvs_scheduler or None,
-        "ipvs_exclude_cidrs": list(cfg.ipvs_exclude_cidrs),
-        "ipvs_tcp_timeout_s": round(cfg.ipvs_tcp_timeout),
-        "ipvs_tcp_fin_timeout_s": round(cfg.ipvs_tcp_fin_timeout),
-        "ipvs_udp_timeout_s": round(cfg.ipvs_udp_timeout),
+        "scheduler": ipvs_scheduler_of(cfg.ipvs_scheduler),
+        "exclude_cidrs": list(cfg.ipvs_exclude_cidrs),
+        "tcp_timeout_s": round(cfg.ipvs_tcp_timeout),
+        "tcp_fin_timeout_s": round(cfg.ipvs_tcp_fin_timeout),
+        "udp_timeout_s": round(cfg.ipvs_udp_timeout),
         "host_ips": list(host_addrs or ()),
     }
 
@@ -141,7 +147,7 @@ class Proxier:
         families: Sequence[Family],
         node: NodeInfo | None,
         *,
-        backend: str = "kernel",
+        backend: wire.BackendKind = "kernel",
     ) -> None:
         self.mode = cfg.mode
         # ipvs: kube-ipvs0 and the sysctls are set up after the first sync succeeds, so a
@@ -162,8 +168,8 @@ class Proxier:
         self.engines: dict[Family, _core.Engine] = {
             fam: _core.Engine(json.dumps(c)) for fam, c in configs.items()
         }
-        v4 = configs.get("IPv4")
-        if backend == "kernel" and v4 is not None and v4["localhost_nodeports"]:
+        v4 = configs["IPv4"].get("iptables") if "IPv4" in configs else None
+        if backend == "kernel" and v4 is not None and v4.get("localhost_nodeports"):
             # Without route_localnet the kernel drops 127.0.0.0/8 traffic that is routed
             # elsewhere after DNAT; KUBE-FIREWALL drops the martians this would let in.
             localnet = "net.ipv4.conf.all.route_localnet"

@@ -46,19 +46,20 @@ impl UserspaceProgram {
     pub fn new(config: &EngineConfig) -> UserspaceProgram {
         let d = ForwardConfig::default();
         let ms = Duration::from_millis;
+        let u = config.userspace.clone().unwrap_or_default();
         UserspaceProgram {
             family: config.family,
             node_name: config.node_name.clone(),
-            listen: config.listen_addresses.clone(),
-            portals: config.portals,
+            listen: u.listen_addresses,
+            portals: u.portals,
             dry: config.backend == BackendKind::Fake,
             forward: ForwardConfig {
-                connect_timeout: config.connect_timeout_ms.map_or(d.connect_timeout, ms),
-                udp_idle_timeout: config.udp_idle_timeout_ms.map_or(d.udp_idle_timeout, ms),
-                tcp_idle_timeout: config.tcp_idle_timeout_ms.map_or(d.tcp_idle_timeout, ms),
-                max_connections: config.max_connections.unwrap_or(d.max_connections),
-                max_udp_sessions: config.max_connections.unwrap_or(d.max_udp_sessions),
-                portal_ports: config.proxy_port_range.map(|(a, b)| a..=b),
+                connect_timeout: u.connect_timeout_ms.map_or(d.connect_timeout, ms),
+                udp_idle_timeout: u.udp_idle_timeout_ms.map_or(d.udp_idle_timeout, ms),
+                tcp_idle_timeout: u.tcp_idle_timeout_ms.map_or(d.tcp_idle_timeout, ms),
+                max_connections: u.max_connections.unwrap_or(d.max_connections),
+                max_udp_sessions: u.max_connections.unwrap_or(d.max_udp_sessions),
+                portal_ports: u.proxy_port_range.map(|(a, b)| a..=b),
                 ..d
             },
             fw: None,
@@ -241,7 +242,7 @@ mod tests {
         };
         let mut engine = Engine::new(
             EngineConfig::from_json(
-                r#"{"family":"IPv4","node_name":"n","mode":"userspace","listen_addresses":["127.0.0.1"]}"#,
+                r#"{"family":"IPv4","node_name":"n","mode":"userspace","userspace":{"listen_addresses":["127.0.0.1"]}}"#,
             )
             .unwrap(),
         );

@@ -10,7 +10,7 @@
 
 use super::ipset::{ip_port, Set, Sets};
 use super::{Dest, DestKey, Service, Table, Virtual, VirtualKey, F_PERSISTENT, F_SCHED2};
-use crate::model::{Endpoint, Protocol, ServiceKey};
+use crate::model::{Endpoint, IpvsScheduler, Protocol, ServiceKey};
 use crate::state::State;
 use crate::topology::{NodeView, Serving};
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,7 +41,7 @@ pub struct Node<'a> {
     pub own_ips: &'a [IpAddr],
 }
 
-pub fn table(state: &State, node: &Node, scheduler: &str) -> Wanted {
+pub fn table(state: &State, node: &Node, scheduler: IpvsScheduler) -> Wanted {
     let mut out = Wanted::default();
     for sp in state.service_ports() {
         add_port(state, &sp, node, scheduler, &mut out);
@@ -53,7 +53,7 @@ pub fn table(state: &State, node: &Node, scheduler: &str) -> Wanted {
 
 /// One Service's share of [`table`] (its KUBE-IPVS-IPS members left out: those follow the
 /// merged addresses).
-pub fn part(state: &State, key: &ServiceKey, node: &Node, scheduler: &str) -> Wanted {
+pub fn part(state: &State, key: &ServiceKey, node: &Node, scheduler: IpvsScheduler) -> Wanted {
     let mut out = Wanted::default();
     for sp in state.service_ports_of(key) {
         add_port(state, &sp, node, scheduler, &mut out);
@@ -65,7 +65,7 @@ fn add_port(
     state: &State,
     sp: &crate::state::ServicePortView<'_>,
     node: &Node,
-    scheduler: &str,
+    scheduler: IpvsScheduler,
     out: &mut Wanted,
 ) {
     let view = NodeView {
@@ -76,15 +76,15 @@ fn add_port(
     let serving = Serving::of(state, sp, view);
     let policies = serving.policies;
     let pick = |local: bool| serving.with_cluster_fallback(local);
-    let scheduler = svc
-        .ipvs_scheduler
-        .as_deref()
-        .filter(|s| super::SCHEDULERS.contains(s))
-        .unwrap_or(scheduler);
+    let scheduler = svc.ipvs_scheduler.unwrap_or(scheduler);
     let service = Service {
-        scheduler: scheduler.to_owned(),
+        scheduler: scheduler.name().to_owned(),
         flags: svc.session_affinity_timeout.map_or(0, |_| F_PERSISTENT)
-            | if scheduler == "mh" { F_SCHED2 } else { 0 },
+            | if scheduler == IpvsScheduler::Mh {
+                F_SCHED2
+            } else {
+                0
+            },
         timeout: svc.session_affinity_timeout.unwrap_or(0),
     };
     let virtual_ = |eps: &[&Endpoint]| Virtual {
@@ -287,7 +287,7 @@ mod tests {
     fn every_service_address_gets_a_virtual_server() {
         let s = state(CLUSTER);
         let node_ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let t = table(&s, &node("n1", &node_ips), "rr").table;
+        let t = table(&s, &node("n1", &node_ips), IpvsScheduler::Rr).table;
         let text = describe(&t);
         let want = "\
 172.30.0.1:80/tcp rr persistent 600s -> 10.1.0.1:8080 10.2.0.1:8080
@@ -325,7 +325,7 @@ mod tests {
               {"ip":"10.2.0.5","port":80,"ready":true,"serving":true,"terminating":false,"node_name":"n2"}]}]}]}"#,
         );
         let ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let on = |name: &str| describe(&table(&s, &node(name, &ips), "rr").table);
+        let on = |name: &str| describe(&table(&s, &node(name, &ips), IpvsScheduler::Rr).table);
         // n1: the NodePort goes to n1's endpoint only; the ClusterIP to both; the internal-
         // Local Service has no endpoint here and no fallback (it uses no cluster endpoints).
         assert_eq!(
@@ -362,7 +362,7 @@ mod tests {
               {"ip":"10.2.0.1","port":8080,"ready":true,"serving":true,"terminating":false,"node_name":"n2"}]}]}]}"#,
         );
         let ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
-        let w = table(&s, &node("n1", &ips), "rr");
+        let w = table(&s, &node("n1", &ips), IpvsScheduler::Rr);
         let members = |set: Set| -> Vec<&str> {
             w.sets
                 .get(&set)
@@ -422,22 +422,22 @@ mod tests {
     }
 
     #[test]
-    fn a_services_own_scheduler_is_used_when_it_is_a_known_one() {
+    fn a_services_own_scheduler_is_used_and_an_unknown_one_refused() {
         let with = |sched: &str| {
-            state(&format!(
+            ChangeSet::from_json(format!(
                 r#"{{"services":[{{"namespace":"ns","name":"a","service":{{"cluster_ips":["172.30.0.1"],
                 "ipvs_scheduler":"{sched}","ports":[{{"name":"p","protocol":"TCP","port":80}}]}}}}]}}"#
-            ))
+            ).as_bytes())
         };
         let ips: Vec<IpAddr> = vec![];
-        let sched = |s: &State| describe(&table(s, &node("n1", &ips), "rr").table);
+        let mut s = State::new(IpFamily::V4);
+        s.apply(with("lc").unwrap());
         assert_eq!(
-            sched(&with("lc")),
+            describe(&table(&s, &node("n1", &ips), IpvsScheduler::Rr).table),
             "172.30.0.1:80/tcp lc -> (no real servers: refused)\n"
         );
-        assert_eq!(
-            sched(&with("x;y")),
-            "172.30.0.1:80/tcp rr -> (no real servers: refused)\n"
-        );
+        // A name that is not a scheduler never reaches the kernel: the decode refuses it.
+        let err = with("x;y").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `x;y`"), "{err}");
     }
 }

@@ -12,7 +12,7 @@
 use super::desired::{self, Node, Wanted};
 use super::ipset::Set;
 use super::{Table, VirtualKey};
-use crate::model::ServiceKey;
+use crate::model::{IpvsScheduler, ServiceKey};
 use crate::state::State;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -45,7 +45,7 @@ pub struct Index {
 
 impl Index {
     /// Index every Service; the merged result is what [`desired::table`] returns.
-    pub fn build(state: &State, node: &Node, scheduler: &str) -> (Index, Wanted) {
+    pub fn build(state: &State, node: &Node, scheduler: IpvsScheduler) -> (Index, Wanted) {
         let mut ix = Index::default();
         // Merged from the parts in Service order, as `desired::table` merges its ports (a
         // later Service's claim on a contested virtual server wins in both).
@@ -97,7 +97,7 @@ impl Index {
         state: &State,
         changed: &BTreeSet<ServiceKey>,
         node: &Node,
-        scheduler: &str,
+        scheduler: IpvsScheduler,
     ) -> Option<Delta> {
         let mut fresh = Vec::new();
         for key in changed {
@@ -226,7 +226,7 @@ mod tests {
 
     /// Applying the deltas to the previous full result gives the new full result.
     fn check(state: &State, before: &Wanted, d: &Delta, node: &Node) {
-        let after = desired::table(state, node, "rr");
+        let after = desired::table(state, node, IpvsScheduler::Rr);
         let mut table = before.table.clone();
         for k in &d.keys {
             match d.table.get(k) {
@@ -259,15 +259,17 @@ mod tests {
         };
         apply(&mut state, &svc("a", "10.96.0.1", "", "10.1.0.1"));
         apply(&mut state, &svc("b", "10.96.0.2", "", "10.1.0.1")); // same pod: shared hairpin
-        let (mut ix, before) = Index::build(&state, &node, "rr");
-        let whole = desired::table(&state, &node, "rr");
+        let (mut ix, before) = Index::build(&state, &node, IpvsScheduler::Rr);
+        let whole = desired::table(&state, &node, IpvsScheduler::Rr);
         assert_eq!(
             (&before.table, &before.names, &before.sets, &before.bind),
             (&whole.table, &whole.names, &whole.sets, &whole.bind)
         );
         // b moves to another pod: its hairpin member goes, a's (the same string) stays.
         let changed = apply(&mut state, &svc("b", "10.96.0.2", "", "10.1.0.2"));
-        let d = ix.update(&state, &changed, &node, "rr").unwrap();
+        let d = ix
+            .update(&state, &changed, &node, IpvsScheduler::Rr)
+            .unwrap();
         assert_eq!(d.keys.len(), 1);
         assert!(
             d.del.is_empty(),
@@ -280,13 +282,15 @@ mod tests {
         );
         check(&state, &before, &d, &node);
         // Deleting a Service removes its virtual server, address and members.
-        let before = desired::table(&state, &node, "rr");
+        let before = desired::table(&state, &node, IpvsScheduler::Rr);
         let changed = apply(
             &mut state,
             r#"{"services":[{"namespace":"ns","name":"a","service":null}],
                 "endpoints":[{"namespace":"ns","name":"a","ports":[]}]}"#,
         );
-        let d = ix.update(&state, &changed, &node, "rr").unwrap();
+        let d = ix
+            .update(&state, &changed, &node, IpvsScheduler::Rr)
+            .unwrap();
         check(&state, &before, &d, &node);
         assert_eq!(ix.bind().count(), 1);
     }
@@ -303,11 +307,13 @@ mod tests {
             &mut state,
             &svc("a", "10.96.0.1", "\"203.0.113.1\"", "10.1.0.1"),
         );
-        let (mut ix, _) = Index::build(&state, &node, "rr");
+        let (mut ix, _) = Index::build(&state, &node, IpvsScheduler::Rr);
         let changed = apply(
             &mut state,
             &svc("b", "10.96.0.2", "\"203.0.113.1\"", "10.1.0.2"),
         );
-        assert!(ix.update(&state, &changed, &node, "rr").is_none());
+        assert!(ix
+            .update(&state, &changed, &node, IpvsScheduler::Rr)
+            .is_none());
     }
 }

@@ -46,11 +46,6 @@ impl std::fmt::Display for VirtualKey {
     }
 }
 
-/// The schedulers upstream accepts; a Service's own choice outside this list is ignored.
-pub const SCHEDULERS: &[&str] = &[
-    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh",
-];
-
 /// IP_VS_SVC_F_PERSISTENT: ClientIP affinity.
 pub const F_PERSISTENT: u32 = 0x1;
 /// IP_VS_SVC_F_HASHED: set by the kernel on every service it lists; never ours to compare.

@@ -8,7 +8,7 @@ use super::rules::{self, RuleConfig};
 use super::{fake, ipset, kernel};
 use crate::config::{BackendKind, EngineConfig};
 use crate::error::Result;
-use crate::model::{Cidr, IpFamily, ServiceKey};
+use crate::model::{Cidr, IpFamily, IpvsScheduler, ServiceKey};
 use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
 use crate::trace::xtables::Ruleset;
@@ -39,7 +39,7 @@ struct Settings {
     nodeport_ips: Vec<IpAddr>,
     /// The node's own addresses (never bound on kube-ipvs0).
     own_ips: Vec<IpAddr>,
-    scheduler: String,
+    scheduler: IpvsScheduler,
     exclude: Vec<Cidr>,
     /// The kernel's IPVS connection timeouts (tcp, tcpfin, udp; all 0: left alone).
     timeouts: (u32, u32, u32),
@@ -55,7 +55,8 @@ impl Settings {
             v.dedup();
             v
         };
-        let own_ips = of_family(&mut config.node_ips.iter().chain(&config.host_ips));
+        let ipvs = config.ipvs.clone().unwrap_or_default();
+        let own_ips = of_family(&mut config.node_ips.iter().chain(&ipvs.host_ips));
         let mut nodeport_ips = match &config.nodeport_ips {
             Some(ips) => of_family(&mut ips.iter()),
             None => own_ips.clone(),
@@ -67,12 +68,12 @@ impl Settings {
             node_name: config.node_name.clone(),
             nodeport_ips,
             own_ips,
-            scheduler: config.ipvs_scheduler.clone().unwrap_or_else(|| "rr".into()),
-            exclude: config.ipvs_exclude_cidrs.clone(),
+            scheduler: ipvs.scheduler.unwrap_or(IpvsScheduler::Rr),
+            exclude: ipvs.exclude_cidrs,
             timeouts: (
-                config.ipvs_tcp_timeout_s,
-                config.ipvs_tcp_fin_timeout_s,
-                config.ipvs_udp_timeout_s,
+                ipvs.tcp_timeout_s,
+                ipvs.tcp_fin_timeout_s,
+                ipvs.udp_timeout_s,
             ),
             rules: RuleConfig {
                 family: r.family,
@@ -145,7 +146,7 @@ impl IpvsProgram {
 
     /// The IPVS table, sets and companion rules `state` calls for.
     fn wanted(&self, state: &State) -> Wanted {
-        desired::table(state, &self.settings.node(), &self.settings.scheduler)
+        desired::table(state, &self.settings.node(), self.settings.scheduler)
     }
 
     fn out_filter(w: &Wanted) -> Vec<String> {
@@ -195,7 +196,7 @@ impl Program for IpvsProgram {
         // A partial sync costs what changed; a full one (or a contested virtual server)
         // rebuilds the whole wanted state.
         let delta = match (&mut self.index, full) {
-            (Some(ix), false) => ix.update(state, changed, &node, &s.scheduler),
+            (Some(ix), false) => ix.update(state, changed, &node, s.scheduler),
             _ => None,
         };
         let (result, t1) = match delta {
@@ -205,7 +206,7 @@ impl Program for IpvsProgram {
                 (applier.sync_delta(d), t1)
             }
             None => {
-                let (ix, wanted) = Index::build(state, &node, &s.scheduler);
+                let (ix, wanted) = Index::build(state, &node, s.scheduler);
                 self.index = Some(ix);
                 report.render_seconds = t0.elapsed().as_secs_f64();
                 let t1 = Instant::now();
@@ -290,7 +291,7 @@ mod tests {
     #[test]
     fn the_ipvs_mode_programs_one_virtual_server_per_service_address() {
         let cfg = EngineConfig::from_json(
-            r#"{"family":"IPv4","node_name":"n","backend":"fake","mode":"ipvs","ipvs_scheduler":"wrr"}"#,
+            r#"{"family":"IPv4","node_name":"n","backend":"fake","mode":"ipvs","ipvs":{"scheduler":"wrr"}}"#,
         )
         .unwrap();
         let mut engine = Engine::new(cfg);
@@ -333,7 +334,7 @@ mod tests {
         assert_eq!(bind(&engine).len(), 19);
         // A bad scheduler name never reaches the kernel.
         let bad = EngineConfig::from_json(
-            r#"{"family":"IPv4","node_name":"n","mode":"ipvs","ipvs_scheduler":"rr; x"}"#,
+            r#"{"family":"IPv4","node_name":"n","mode":"ipvs","ipvs":{"scheduler":"rr; x"}}"#,
         );
         assert!(bad.is_err());
     }

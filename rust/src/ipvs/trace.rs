@@ -114,7 +114,7 @@ mod tests {
     use crate::ipvs::desired::{table as wanted, Node};
     use crate::ipvs::ipset::named;
     use crate::ipvs::rules::{restore_text, RuleConfig, JUMPS};
-    use crate::model::{ChangeSet, Protocol};
+    use crate::model::{ChangeSet, IpvsScheduler, Protocol};
     use crate::state::State;
     use crate::trace::Origin;
     use std::net::IpAddr;
@@ -151,7 +151,7 @@ mod tests {
             nodeport_ips: &ips,
             own_ips: &ips,
         };
-        let w = wanted(&state, &node, "rr");
+        let w = wanted(&state, &node, IpvsScheduler::Rr);
         let cfg = RuleConfig {
             family: IpFamily::V4,
             local: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),

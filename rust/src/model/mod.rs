@@ -19,6 +19,7 @@ use std::net::IpAddr;
 
 /// An IP family; one engine serves one family (dual-stack runs two engines).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum IpFamily {
     #[serde(rename = "IPv4")]
     V4,
@@ -41,6 +42,7 @@ impl IpFamily {
 
 /// Transport protocols a Service port can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum Protocol {
     #[serde(rename = "TCP")]
     Tcp,
@@ -60,6 +62,15 @@ impl Protocol {
         }
     }
 
+    /// The Kubernetes spelling (`TCP`).
+    pub fn upper(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
     /// The IP protocol number (`/etc/protocols`).
     pub fn number(self) -> u8 {
         match self {
@@ -72,6 +83,7 @@ impl Protocol {
 
 /// Identifies a Service (namespace and name).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct ServiceKey {
     pub namespace: Name,
     pub name: Name,
@@ -99,14 +111,54 @@ impl fmt::Display for ServicePortName {
 
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum TrafficPolicy {
     #[default]
     Cluster,
     Local,
 }
 
+/// The IPVS schedulers upstream accepts: `ipvs.scheduler`, and a Service's own choice (the
+/// `kproxy.io/ipvs-scheduler` annotation). The one list of them; Python's is generated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum IpvsScheduler {
+    Rr,
+    Wrr,
+    Lc,
+    Wlc,
+    Lblc,
+    Lblcr,
+    Sh,
+    Dh,
+    Sed,
+    Nq,
+    Mh,
+}
+
+impl IpvsScheduler {
+    /// The kernel's name of the scheduler (its module is `ip_vs_<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpvsScheduler::Rr => "rr",
+            IpvsScheduler::Wrr => "wrr",
+            IpvsScheduler::Lc => "lc",
+            IpvsScheduler::Wlc => "wlc",
+            IpvsScheduler::Lblc => "lblc",
+            IpvsScheduler::Lblcr => "lblcr",
+            IpvsScheduler::Sh => "sh",
+            IpvsScheduler::Dh => "dh",
+            IpvsScheduler::Sed => "sed",
+            IpvsScheduler::Nq => "nq",
+            IpvsScheduler::Mh => "mh",
+        }
+    }
+}
+
 /// One port of a Service as the Service spec declares it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     #[serde(default)]
@@ -147,6 +199,7 @@ impl fmt::Display for Port {
 
 /// A Service, family-neutral: each engine picks the addresses of its own family.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     #[serde(default)]
@@ -173,7 +226,7 @@ pub struct Service {
     pub ports: Vec<PortSpec>,
     /// The ipvs mode's scheduler for this Service (an annotation); `None`: the default.
     #[serde(default)]
-    pub ipvs_scheduler: Option<String>,
+    pub ipvs_scheduler: Option<IpvsScheduler>,
 }
 
 impl Service {
@@ -189,6 +242,7 @@ impl Service {
 
 /// One endpoint of one Service port, merged from the Service's EndpointSlices.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     pub ip: IpAddr,
@@ -206,6 +260,7 @@ pub struct Endpoint {
 
 /// The endpoints of one (port name, protocol) of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EndpointPort {
     #[serde(default)]
@@ -216,6 +271,7 @@ pub struct EndpointPort {
 
 /// A Service added or updated (`service: Some`) or deleted (`None`).
 #[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceChange {
     #[serde(flatten)]
@@ -225,6 +281,7 @@ pub struct ServiceChange {
 
 /// The complete, merged endpoint set of a Service after a change (empty: no endpoints left).
 #[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EndpointsChange {
     #[serde(flatten)]
@@ -234,6 +291,7 @@ pub struct EndpointsChange {
 
 /// What this engine needs to know about its own Node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NodeInfo {
     /// `topology.kubernetes.io/zone`, used for topology hints.
@@ -243,6 +301,7 @@ pub struct NodeInfo {
 
 /// Everything that changed since the previous sync; one per sync, never one per object.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ChangeSet {
     #[serde(default)]

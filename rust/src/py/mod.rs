@@ -362,23 +362,9 @@ impl Engine {
         .map_err(to_py)
     }
 
-    /// Trace the first packet of a connection through the rules this engine programs (see
-    /// `trace_iptables` for the arguments).
-    #[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
-    #[allow(clippy::too_many_arguments)]
-    fn trace(
-        &self,
-        py: Python<'_>,
-        src: &str,
-        dst: &str,
-        protocol: &str,
-        port: u16,
-        origin: &str,
-        local_ips: Vec<String>,
-    ) -> PyResult<Trace> {
-        let (packet, node) =
-            packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
-        py.detach(|| self.lock().trace(&packet, &node))
+    /// Trace the first packet of a connection through the rules this engine programs.
+    fn trace(&self, py: Python<'_>, packet: &Packet) -> PyResult<Trace> {
+        py.detach(|| self.lock().trace(&packet.packet, &packet.node))
             .map(Trace)
             .map_err(to_py)
     }
@@ -415,23 +401,10 @@ impl NftTable {
     }
 
     /// Trace the first packet of a connection through this table.
-    #[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
-    #[allow(clippy::too_many_arguments)]
-    fn trace(
-        &self,
-        py: Python<'_>,
-        src: &str,
-        dst: &str,
-        protocol: &str,
-        port: u16,
-        origin: &str,
-        local_ips: Vec<String>,
-    ) -> PyResult<Trace> {
-        let (packet, node) =
-            packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
-        Ok(Trace(py.detach(|| {
-            crate::nftables::trace::trace(&self.model, self.family, &packet, &node)
-        })))
+    fn trace(&self, py: Python<'_>, packet: &Packet) -> Trace {
+        Trace(py.detach(|| {
+            crate::nftables::trace::trace(&self.model, self.family, &packet.packet, &packet.node)
+        }))
     }
 }
 
@@ -530,98 +503,154 @@ fn parse_ip(what: &str, s: &str) -> Result<std::net::IpAddr, crate::error::Error
     })
 }
 
-/// A tracer packet and node from the Python arguments.
-fn packet_of(
-    src: &str,
-    dst: &str,
-    protocol: &str,
-    port: u16,
-    origin: &str,
-    local_ips: &[String],
-) -> Result<(trace::Packet, trace::NodeFacts), crate::error::Error> {
-    use crate::error::Error;
-    use crate::model::Protocol;
-    let protocol = match protocol.to_ascii_uppercase().as_str() {
-        "TCP" => Protocol::Tcp,
-        "UDP" => Protocol::Udp,
-        "SCTP" => Protocol::Sctp,
-        other => {
-            return Err(Error::InvalidInput(format!(
-                "protocol {other:?} is not TCP, UDP or SCTP"
-            )))
+/// The first packet of a connection and the node it meets: what every tracer takes. Checked
+/// once, here, so each tracer takes one argument and none repeats the validation.
+#[pyclass(frozen, module = "kproxy._core", name = "Packet")]
+pub struct Packet {
+    packet: trace::Packet,
+    node: trace::NodeFacts,
+}
+
+#[pymethods]
+impl Packet {
+    /// `origin` is "external" (arrives from the network or a pod) or "local" (sent by the
+    /// node itself); `local_ips` are the node's addresses.
+    #[new]
+    #[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
+    fn new(
+        src: &str,
+        dst: &str,
+        protocol: &str,
+        port: u16,
+        origin: &str,
+        local_ips: Vec<String>,
+    ) -> PyResult<Packet> {
+        Packet::parse(src, dst, protocol, port, origin, &local_ips).map_err(to_py)
+    }
+
+    #[getter]
+    fn src(&self) -> String {
+        self.packet.src.to_string()
+    }
+    #[getter]
+    fn dst(&self) -> String {
+        self.packet.dst.to_string()
+    }
+    /// "TCP", "UDP" or "SCTP".
+    #[getter]
+    fn protocol(&self) -> &'static str {
+        self.packet.protocol.upper()
+    }
+    #[getter]
+    fn port(&self) -> u16 {
+        self.packet.dport
+    }
+    #[getter]
+    fn origin(&self) -> &'static str {
+        match self.packet.origin {
+            trace::Origin::External => "external",
+            trace::Origin::Local => "local",
         }
-    };
-    let origin = match origin {
-        "external" => trace::Origin::External,
-        "local" => trace::Origin::Local,
-        other => {
+    }
+    #[getter]
+    fn local_ips(&self) -> Vec<String> {
+        self.node
+            .local_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Packet({:?}, {:?}, {:?}, {}, origin={:?}, local_ips={:?})",
+            self.src(),
+            self.dst(),
+            self.protocol(),
+            self.port(),
+            self.origin(),
+            self.local_ips()
+        )
+    }
+}
+
+impl Packet {
+    fn parse(
+        src: &str,
+        dst: &str,
+        protocol: &str,
+        port: u16,
+        origin: &str,
+        local_ips: &[String],
+    ) -> Result<Packet, crate::error::Error> {
+        use crate::error::Error;
+        use crate::model::Protocol;
+        let protocol = match protocol.to_ascii_uppercase().as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "protocol {other:?} is not TCP, UDP or SCTP"
+                )))
+            }
+        };
+        let origin = match origin {
+            "external" => trace::Origin::External,
+            "local" => trace::Origin::Local,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "origin {other:?} is not external or local"
+                )))
+            }
+        };
+        let (src, dst) = (parse_ip("src", src)?, parse_ip("dst", dst)?);
+        if IpFamily::of(&src) != IpFamily::of(&dst) {
             return Err(Error::InvalidInput(format!(
-                "origin {other:?} is not external or local"
-            )))
+                "src {src} and dst {dst} are of different IP families"
+            )));
         }
-    };
-    let packet = trace::Packet {
-        src: parse_ip("src", src)?,
-        dst: parse_ip("dst", dst)?,
-        protocol,
-        dport: port,
-        origin,
-    };
-    let local_ips = local_ips
-        .iter()
-        .map(|s| parse_ip("local_ips", s))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((
-        packet,
-        trace::NodeFacts {
-            local_ips,
-            ..trace::NodeFacts::default()
-        },
-    ))
+        let local_ips = local_ips
+            .iter()
+            .map(|s| parse_ip("local_ips", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Packet {
+            packet: trace::Packet {
+                src,
+                dst,
+                protocol,
+                dport: port,
+                origin,
+            },
+            node: trace::NodeFacts {
+                local_ips,
+                ..trace::NodeFacts::default()
+            },
+        })
+    }
 }
 
 /// Trace the first packet of a connection through iptables rules (`iptables-save` output or
-/// kproxy's restore text). `origin` is "external" (arrives from the network or a pod) or
-/// "local" (sent by the node itself); `local_ips` are the node's addresses.
+/// kproxy's restore text).
 #[pyfunction]
-#[pyo3(signature = (rules, src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
-#[allow(clippy::too_many_arguments)]
-fn trace_iptables(
-    py: Python<'_>,
-    rules: &str,
-    src: &str,
-    dst: &str,
-    protocol: &str,
-    port: u16,
-    origin: &str,
-    local_ips: Vec<String>,
-) -> PyResult<Trace> {
-    let (packet, node) = packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
-    let result =
-        py.detach(|| xtables::Ruleset::parse(rules).map(|rs| xtables::trace(&rs, &packet, &node)));
+fn trace_iptables(py: Python<'_>, rules: &str, packet: &Packet) -> PyResult<Trace> {
+    let result = py.detach(|| {
+        xtables::Ruleset::parse(rules).map(|rs| xtables::trace(&rs, &packet.packet, &packet.node))
+    });
     result.map(Trace).map_err(to_py)
 }
 
 /// Trace the first packet of a connection through the ipvs mode as this node's kernel has
 /// it: the iptables rules, kproxy's ipsets and the IPVS table (root; needs ip_vs).
 #[pyfunction]
-#[pyo3(signature = (src, dst, protocol, port, origin = "external", local_ips = Vec::new()))]
-fn trace_ipvs_live(
-    py: Python<'_>,
-    src: &str,
-    dst: &str,
-    protocol: &str,
-    port: u16,
-    origin: &str,
-    local_ips: Vec<String>,
-) -> PyResult<Trace> {
-    let (packet, mut node) =
-        packet_of(src, dst, protocol, port, origin, &local_ips).map_err(to_py)?;
-    let family = IpFamily::of(&packet.dst);
+fn trace_ipvs_live(py: Python<'_>, packet: &Packet) -> PyResult<Trace> {
+    let family = IpFamily::of(&packet.packet.dst);
     let result = py.detach(|| {
         crate::ipvs::trace::read_live(family).map(|live| {
-            node.sets = live.sets;
-            crate::ipvs::trace::trace(&live.rules, &live.table, &packet, &node)
+            let node = trace::NodeFacts {
+                sets: live.sets,
+                ..packet.node.clone()
+            };
+            crate::ipvs::trace::trace(&live.rules, &live.table, &packet.packet, &node)
         })
     });
     result.map(Trace).map_err(to_py)
@@ -703,6 +732,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<SyncReport>()?;
     m.add_class::<Trace>()?;
+    m.add_class::<Packet>()?;
     m.add_class::<NftTable>()?;
     m.add_class::<NftScratch>()?;
     m.add_function(wrap_pyfunction!(trace_iptables, m)?)?;
