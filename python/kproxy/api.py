@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from kproxy import _core, tools
-from kproxy.backends.proxier import Proxier
+from kproxy import _core, rulediff, tools
+from kproxy.backends.proxier import Proxier, programmed
 from kproxy.config import ProxyConfig, build
 from kproxy.control import Controller
 from kproxy.model import Family, Origin, Protocol
@@ -28,7 +28,7 @@ from kproxy.sources.manifests import ManifestSource
 
 Packet = _core.Packet
 Trace = _core.Trace
-Difference = tools.Difference
+Difference = rulediff.Difference
 
 _KINDS = {"Service": "services", "EndpointSlice": "endpointslices", "Node": "nodes"}
 
@@ -89,7 +89,7 @@ class Cluster:
         return c
 
     def proxier(self, families: Sequence[Family] = ("IPv4", "IPv6")) -> Proxier:
-        return tools.programmed(self.config, self.controller(), families)
+        return programmed(self.config, self.controller(), families)
 
     def render(self) -> dict[Family, str]:
         """The rules per IP family: ``iptables-restore --noflush`` input, or the ``nft -f``
@@ -109,7 +109,7 @@ class Cluster:
         """Where the first packet of a connection from ``src`` to ``dst:port`` goes."""
         family: Family = "IPv6" if ":" in dst else "IPv4"
         c = self.controller()
-        p = tools.programmed(self.config, c, (family,))
+        p = programmed(self.config, c, (family,))
         ips = list(node_ips) or (list(c.node.addresses) if c.node else [])
         origin: Origin = "local" if from_node else "external"
         return p.engines[family].trace(_core.Packet(src, dst, protocol, port, origin, ips))
@@ -124,13 +124,4 @@ class Cluster:
 def diff_live(config: ProxyConfig) -> dict[Family, list[Difference]]:
     """Differences between the rules in this node's kernel and what kproxy wants for the
     cluster ``config`` points at, in ``config.mode`` (needs root)."""
-    if config.mode == "ipvs":
-        return {f: tools.ipvs_differences(config, f) for f in tools.FAMILIES}
-    if config.mode == "nftables":
-        return {
-            f: tools.nft_differences(
-                f, tools.nft_desired(config, f), _core.NftTable.live(f).lines()
-            )
-            for f in tools.FAMILIES
-        }
-    return {f: tools.differences(tools.desired(config, f), tools.save(f)) for f in tools.FAMILIES}
+    return {f: tools.live_differences(config, f) for f in tools.FAMILIES}

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kproxy import _core, conntrack, lifecycle, logs, memory, nodesetup, v1alpha1
-from kproxy.backends.proxier import Proxier, userspace_families
+from kproxy.backends import for_mode
+from kproxy.backends.proxier import Proxier
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
 from kproxy.control import Controller
@@ -38,7 +39,6 @@ from kproxy.k8s.client import ClientFactory
 from kproxy.k8s.events import Recorder
 from kproxy.metrics import Metrics
 from kproxy.model import Family, Service, ServiceKey
-from kproxy.netinfo import iptables_families
 from kproxy.runner import Due, Runner
 from kproxy.service_health import ServiceHealthServers, Wanted
 from kproxy.sources.manifests import ManifestSource
@@ -77,6 +77,9 @@ def is_core_panic(e: BaseException) -> bool:
 class Daemon:
     def __init__(self, cfg: ProxyConfig, *, families: list[Family] | None = None) -> None:
         self.cfg = cfg
+        # What is particular to the mode (its families, conntrack, start line); the
+        # proxier holds its own instance, with the mode's node state.
+        self.mode = for_mode(cfg)
         self.families = families
         self.health = ProxyHealth(2 * cfg.sync_period)
         self.proxier: Proxier | None = None
@@ -285,20 +288,12 @@ class Daemon:
         if self._lists_at is None:
             self._lists_at = time.monotonic() - self._born
         if self.proxier is None:
-            if self.families is not None:
-                families = self.families
-            elif self.cfg.mode == "userspace":
-                families = userspace_families(self.cfg)
-            else:
-                families = iptables_families()
+            families = self.families if self.families is not None else self.mode.families()
             if not families:
-                log.error("neither iptables nor ip6tables works here; cannot program rules")
+                log.error("no IP family can be programmed here in the %s mode", self.cfg.mode)
                 return False
             self.proxier = proxier = await self._on_engine(Proxier, self.cfg, families, c.node)
-            if self.cfg.mode == "userspace":
-                self.metrics.watch_forwarder(
-                    lambda: {fam: e.forward_stats() for fam, e in proxier.engines.items()}
-                )
+            proxier.backend.watch(self.metrics, proxier.engines)
             log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
         started = time.monotonic()
         full = self._last_full is None or started - self._last_full >= FULL_SYNC_PERIOD
@@ -312,14 +307,8 @@ class Daemon:
             reports = await self._on_engine(self.proxier.sync, changes, full, due.periodic)
         except ApplyError as e:
             self.failures += 1
-            fam = e.family or "IPv4"
-            if self.cfg.mode == "nftables":
-                self.metrics.nft_sync_failures.labels(ip_family=fam).inc()
-            elif e.op.endswith("tables-restore"):
-                # Only what iptables-restore refused (ipvs mode: not IPVS or ipset failures).
-                self.metrics.restore_failures.labels(ip_family=fam).inc()
-                if not full:
-                    self.metrics.partial_restore_failures.labels(ip_family=fam).inc()
+            fam: Family = "IPv6" if e.family == "IPv6" else "IPv4"
+            self.proxier.backend.count_failure(self.metrics, e, fam, full)
             log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
             return False
         except CoreInputError as e:
@@ -354,10 +343,8 @@ class Daemon:
         self.service_health.sync(self._health_checks())
         self._report_conflicts(reports.values())
         self._report_refused(reports)
-        if self.cfg.mode == "userspace":
-            # Connections end at the forwarder: no conntrack entries of ours to reconcile.
-            self._log_listen_errors([e for r in reports.values() for e in r.listen_errors])
-        else:
+        self._log_listen_errors([e for r in reports.values() for e in r.listen_errors])
+        if self.mode.conntrack:
             await self._reconcile_conntrack(
                 any(r.full for r in reports.values()), {*changes.services, *changes.endpoints}
             )
@@ -391,24 +378,13 @@ class Daemon:
             m.rules_total.labels(ip_family=fam, table="nat").set(r.nat_rules_total)
             m.rules_total.labels(ip_family=fam, table="filter").set(r.filter_rules_total)
             # Per-sync lines at klog's V(2), as upstream's "SyncProxyRules complete".
-            if r.wrote and self.cfg.mode == "nftables":
+            if r.wrote:
                 log.log(
                     logs.V2,
-                    "synced %s %s: %d service ports, %d endpoints; wrote %d chains, +%d -%d "
-                    "elements, %d held (render %.1fms, apply %.1fms, total %.1fms)",
-                    fam, "full" if r.full else "partial", r.service_ports, r.endpoints,
-                    r.chains_written, r.elements_added, r.elements_deleted, r.elements_total,
+                    "synced %s %s: %s (render %.1fms, apply %.1fms, total %.1fms)",
+                    fam, "full" if r.full else "partial", self.proxier.backend.sync_line(r),
                     r.render_seconds * 1e3, r.apply_seconds * 1e3,
                     (time.monotonic() - started) * 1e3,
-                )  # fmt: skip
-            elif r.wrote:
-                log.log(
-                    logs.V2,
-                    "synced %s %s: %d service ports, %d endpoints; wrote %d chains, %d nat and "
-                    "%d filter rules (render %.1fms, apply %.1fms, total %.1fms)",
-                    fam, "full" if r.full else "partial", r.service_ports, r.endpoints,
-                    r.chains_written, r.nat_rules, r.filter_rules, r.render_seconds * 1e3,
-                    r.apply_seconds * 1e3, (time.monotonic() - started) * 1e3,
                 )  # fmt: skip
         if self.syncs == 1 and self.cleanup_other_modes:
             # After the first sync is reported (its timings are the sync's alone).
@@ -479,11 +455,9 @@ class Daemon:
             running = {name: start_informer(name) for name in resources}
             tasks.append(asyncio.create_task(self._supervise(running, start_informer)))
         log.info("kproxy started: mode %s, node %s", self.cfg.mode, self.cfg.node_name)
-        if self.cfg.mode == "ipvs":
-            log.info(
-                "the ipvs mode is deprecated upstream (KEP-5495, refused from 1.40); kproxy "
-                "keeps it (docs/ipvs.md), and `kproxy doctor` lists what depends on it"
-            )
+        note = self.mode.start_note()
+        if note is not None:
+            log.info("%s", note)
         if self.events is not None:
             self.events.starting()
         try:
@@ -602,8 +576,9 @@ def run(cfg: ProxyConfig) -> int:
     daemon = Daemon(cfg)  # refuses an unusable kubeconfig before the node is touched
     # The userspace mode relays connections itself (with its own idle timeouts): conntrack's
     # table and timeouts are the kernel modes' business.
-    nodesetup.apply(cfg, conntrack=cfg.mode != "userspace")
-    if cfg.mode == "userspace":
+    mode = for_mode(cfg)
+    nodesetup.apply(cfg, conntrack=mode.conntrack)
+    if mode.many_descriptors:
         _raise_fd_limit()
     daemon.cleanup_other_modes = True
     return asyncio.run(daemon.run())

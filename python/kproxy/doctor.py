@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kproxy import tools, xtables_backend
+from kproxy.backends.proxier import programmed
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
 from kproxy.errors import KproxyError
@@ -276,7 +277,7 @@ def check_deprecations(cfg: ProxyConfig, cluster: Controller) -> Check:
 def check_ipset_sizes(cfg: ProxyConfig, cluster: Controller) -> Check:
     """Each ipset against the members this cluster gives it (the ipvs mode's sets are created
     with a fixed maxelem; a set over it refuses the sync)."""
-    engine = tools.programmed(cfg, cluster, ("IPv4",)).engines["IPv4"]
+    engine = programmed(cfg, cluster, ("IPv4",)).engines["IPv4"]
     _, _, restore = engine.ipvs_parts()
     maxelem: dict[str, int] = {}
     members: dict[str, int] = {}

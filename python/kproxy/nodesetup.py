@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kproxy.backends.iptables import localhost_allowed
 from kproxy.backends.ipvs import set_sysctls
-from kproxy.backends.proxier import localhost_allowed
 from kproxy.config import ProxyConfig
 from kproxy.netinfo import set_sysctl, sysctl
 

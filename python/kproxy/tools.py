@@ -8,25 +8,24 @@ engines on their in-memory kernel, so what they show is exactly what the daemon 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
 import json
-import subprocess
 import threading
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from urllib3.exceptions import HTTPError
 
-from kproxy import _core, netns
-from kproxy.backends.proxier import Proxier, engine_config
+from kproxy import _core
+from kproxy.backends import for_mode
+from kproxy.backends.proxier import Proxier, programmed
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
-from kproxy.errors import ApiConnectionError, ConfigError, KproxyError
+from kproxy.errors import ApiConnectionError, ConfigError
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
 from kproxy.model import Family, Origin, Protocol, protocol_of
 from kproxy.netinfo import local_addresses
+from kproxy.rulediff import Difference
 from kproxy.sources.manifests import ManifestSource
 
 FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
@@ -66,27 +65,14 @@ def snapshot(cfg: ProxyConfig) -> Controller:
     return c
 
 
-def programmed(cfg: ProxyConfig, c: Controller, families: Sequence[Family] = FAMILIES) -> Proxier:
-    """Engines on their in-memory kernel, programmed with everything ``c`` holds."""
-    proxier = Proxier(cfg, families, c.node, backend="fake")
-    proxier.sync(c.drain(), True)
-    return proxier
-
-
 def rendered(cfg: ProxyConfig) -> Proxier:
     return programmed(cfg, snapshot(cfg))
 
 
 def render_command(cfg: ProxyConfig) -> int:
-    for fam, text in rendered(cfg).render().items():
-        if cfg.mode == "userspace":
-            print(f"# userspace listeners for {fam} (protocol, address -> endpoints)")
-        elif cfg.mode == "ipvs":
-            print(f"# ipvs for {fam}: virtual servers (address -> real servers), then the "
-                  "iptables-restore --noflush input and the ipset restore input")  # fmt: skip
-        else:
-            form = "nft -f input" if cfg.mode == "nftables" else "iptables-restore --noflush input"
-            print(f"# {cfg.mode} rules for {fam} ({form})")
+    proxier = rendered(cfg)
+    for fam, text in proxier.render().items():
+        print(proxier.backend.render_header(fam))
         print(text, end="")
     return 0
 
@@ -126,22 +112,8 @@ def trace_command(
         c = snapshot(cfg)
         locals_ = node_ips or (list(c.node.addresses) if c.node else local_addresses())
     packet = _core.Packet(src_ip, ip, proto, port, origin, locals_)
-    if live and cfg.mode == "nftables":
-        table = _core.NftTable.live(family)
-        if not table.exists:
-            raise KproxyError(f"no kproxy nftables table for {family} in this kernel")
-        t = table.trace(packet)
-    elif live and cfg.mode == "ipvs":
-        t = _core.trace_ipvs_live(packet)
-    elif live:
-        tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
-        try:
-            rules = subprocess.run(
-                [tool], capture_output=True, text=True, check=True, timeout=120
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            raise KproxyError(f"cannot read the kernel's rules with {tool}: {e}") from None
-        t = _core.trace_iptables(rules, packet)
+    if live:
+        t = for_mode(cfg).trace_live(packet, family)
     else:
         t = programmed(cfg, c, (family,)).engines[family].trace(packet)
     print(explain(t, src_ip, dst, from_node, live))
@@ -208,159 +180,19 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
 
 # -- kproxy diff --live ---------------------------------------------------------------------
 
-Tables = dict[str, dict[str, list[str]]]
-# kubelet's own chain in the same tables: never ours to judge.
-NOT_OURS = frozenset({"KUBE-KUBELET-CANARY"})
 
-
-def parse_save(text: str) -> Tables:
-    """iptables-save output -> table -> chain -> rules (kproxy's chains, and the jump rules
-    in built-in chains that lead to them)."""
-    tables: Tables = {}
-    cur: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.startswith("*"):
-            cur = tables.setdefault(line[1:].strip(), {})
-        elif line.startswith(":"):
-            name = line[1:].split()[0]
-            if name.startswith("KUBE-") and name not in NOT_OURS:
-                cur.setdefault(name, [])
-        elif line.startswith("-A "):
-            chain, _, rule = line[3:].partition(" ")
-            target = rule.rsplit("-j ", 1)[-1].split()[0] if "-j " in rule else ""
-            if chain.startswith("KUBE-") and chain not in NOT_OURS:
-                cur.setdefault(chain, []).append(rule)
-            elif target.startswith("KUBE-") and target not in NOT_OURS:
-                cur.setdefault(chain, []).append(rule)  # a jump from a built-in chain
-    return tables
-
-
-def save(family: Family, ns: str | None = None) -> Tables:
-    tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
-    argv = [tool] if ns is None else ["ip", "netns", "exec", ns, tool]
-    out: Tables = {}
-    for table in ("filter", "nat"):
-        try:
-            text = subprocess.run(
-                [*argv, "-t", table], capture_output=True, text=True, check=True, timeout=300
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            raise KproxyError(f"cannot read the kernel's rules with {tool}: {e}") from None
-        out.update(parse_save(text))
-    return out
-
-
-def desired(cfg: ProxyConfig, family: Family) -> Tables:
-    """What kproxy would program, as the kernel prints it: programmed into a scratch network
-    namespace (connected to nothing) by the real engine, then read back."""
-    c = snapshot(cfg)
-    changes = c.drain()
-    engine_cfg = json.dumps(engine_config(cfg, family, c.node, backend="kernel"))
-    with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
-        engine = ex.call(functools.partial(_core.Engine, engine_cfg))
-        ex.call(functools.partial(engine.sync, changes.to_json(), True), timeout=3600)
-        return save(family, ns)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Difference:
-    table: str
-    chain: str
-    change: str  # missing-chain, unexpected-chain, missing-rule, unexpected-rule, rule-order
-    rule: str = ""
-
-    def __str__(self) -> str:
-        what = self.change.replace("-", " ")
-        return f"{self.table} {self.chain}: {what}" + (f": {self.rule}" if self.rule else "")
-
-
-def differences(want: Tables, have: Tables) -> list[Difference]:
-    out: list[Difference] = []
-    for table in sorted(set(want) | set(have)):
-        w, h = dict(want.get(table, {})), dict(have.get(table, {}))
-        for chain in sorted(set(w) | set(h)):
-            builtin = not chain.startswith("KUBE-")  # always exists; only our jumps count
-            if builtin:
-                w.setdefault(chain, [])
-                h.setdefault(chain, [])
-            if chain not in h:
-                out.append(Difference(table, chain, "missing-chain"))
-                continue
-            if chain not in w:
-                out.append(Difference(table, chain, "unexpected-chain"))
-                continue
-            missing = [r for r in w[chain] if r not in h[chain]]
-            extra = [r for r in h[chain] if r not in w[chain]]
-            out += [Difference(table, chain, "missing-rule", r) for r in missing]
-            out += [Difference(table, chain, "unexpected-rule", r) for r in extra]
-            # Order matters in our chains (probabilities, the NodePorts tail); jump rules in
-            # built-in chains share their chain with other programs, so only presence counts.
-            if not missing and not extra and w[chain] != h[chain] and chain.startswith("KUBE-"):
-                out.append(Difference(table, chain, "rule-order"))
-    return out
-
-
-def nft_differences(family: Family, want: list[str], have: list[str]) -> list[Difference]:
-    """Line-wise differences between two ``NftTable.lines()`` listings."""
-    table = f"{'ip' if family == 'IPv4' else 'ip6'} kproxy"
-    return line_differences(table, want, have, lambda name: name.split(":", 1)[0])
-
-
-def nft_desired(cfg: ProxyConfig, family: Family) -> list[str]:
-    table = programmed(cfg, snapshot(cfg), (family,)).engines[family].nft_table()
-    return table.lines() if table is not None else []
-
-
-def line_differences(
-    table: str, want: list[str], have: list[str], owner: Callable[[str], str] = str
-) -> list[Difference]:
-    """Differences between two listings of ``kind name ...`` lines (order ignored);
-    ``owner`` maps a line's name to what a difference is reported under."""
-    out: list[Difference] = []
-    have_set, want_set = set(have), set(want)
-    for lines, other, verb in ((want, have_set, "missing"), (have, want_set, "unexpected")):
-        for line in lines:
-            if line in other:
-                continue
-            kind, rest = line.split(" ", 1)
-            name = owner(rest.split(" ", 1)[0])
-            out.append(Difference(table, name, f"{verb}-{kind}", line))
-    return out
-
-
-def ipvs_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
-    """The ipvs mode: virtual servers and set members compared line by line, and the
-    companion rules as the kernel prints them (loaded into a scratch network namespace,
-    connected to nothing, then read back) against this node's."""
-    engine = programmed(cfg, snapshot(cfg), (family,)).engines[family]
-    lines, rules, sets = engine.ipvs_parts()
-    out = line_differences("ipvs", lines, _core.ipvs_live_lines(family))
-    tool = "iptables-restore" if family == "IPv4" else "ip6tables-restore"
-    with netns.scratch() as ns:
-        for argv, text in ((["ipset", "restore"], sets), ([tool, "--noflush"], rules)):
-            r = subprocess.run(
-                ["ip", "netns", "exec", ns, *argv],
-                input=text, capture_output=True, text=True, timeout=300, check=False,
-            )  # fmt: skip
-            if r.returncode != 0:
-                raise KproxyError(f"cannot load the wanted rules ({argv[0]}): {r.stderr.strip()}")
-        want = save(family, ns)
-    return out + differences(want, save(family))
+def live_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
+    """What this node's kernel holds in ``family`` against what kproxy wants for the cluster
+    ``cfg`` points at, in ``cfg.mode`` (root)."""
+    mode = for_mode(cfg)
+    if not mode.kernel_rules:
+        raise ConfigError("--proxy-mode", f"diff reads kernel rules; not {cfg.mode}")
+    return mode.differences(family, snapshot(cfg))
 
 
 def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:
     """Exit status 0 when the kernel holds exactly what kproxy wants, 1 otherwise."""
-    if cfg.mode not in ("iptables", "nftables", "ipvs"):
-        raise ConfigError("--proxy-mode", f"diff reads kernel rules; not {cfg.mode}")
-    report: dict[str, list[Difference]] = {}
-    for family in FAMILIES:
-        if cfg.mode == "ipvs":
-            report[family] = ipvs_differences(cfg, family)
-        elif cfg.mode == "nftables":
-            have = _core.NftTable.live(family).lines()
-            report[family] = nft_differences(family, nft_desired(cfg, family), have)
-        else:
-            report[family] = differences(desired(cfg, family), save(family))
+    report = {family: live_differences(cfg, family) for family in FAMILIES}
     if as_json:
         print(json.dumps({f: [dataclasses.asdict(d) for d in ds] for f, ds in report.items()}))
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy import doctor, tools
+from kproxy import doctor
 from kproxy.config import ProxyConfig, build
 from kproxy.doctor import FAIL, OK, WARN, Node, Result
 from kproxy.model import IPVS_SCHEDULER_ANNOTATION
@@ -230,7 +230,7 @@ def test_a_set_over_its_maxelem_fails(tmp_path: Path, monkeypatch: pytest.Monkey
         def __init__(self) -> None:
             self.engines = {"IPv4": Engine()}
 
-    monkeypatch.setattr(tools, "programmed", lambda *a: Programmed())
+    monkeypatch.setattr(doctor, "programmed", lambda *a: Programmed())
     d = str(write_manifests(tmp_path))
     c = find(doctor.cluster_checks(cfg("ipvs", manifests=d)), "ipset-sizes")
     assert c.status == FAIL and c.detail == "over maxelem: KUBE-CLUSTER-IP (3 > 2)", c

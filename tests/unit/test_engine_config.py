@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kproxy.backends.proxier import engine_config, localhost_allowed
+from kproxy.backends.iptables import localhost_allowed
+from kproxy.backends.proxier import engine_config
 from kproxy.config import build
 from kproxy.model import NodeInfo
 

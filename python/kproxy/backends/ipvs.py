@@ -1,5 +1,6 @@
-"""The ipvs mode's node setup around the Rust engine: the kube-ipvs0 dummy interface that
-makes Service addresses local (so IPVS sees their packets), and the sysctls the mode needs.
+"""The ipvs mode around its engine (``rust/src/ipvs/``): the kube-ipvs0 dummy interface that
+makes Service addresses local (so IPVS sees their packets), the sysctls the mode needs, its
+config section, and the tools that read IPVS, the ipsets and the companion rules.
 
 The engine programs IPVS, the ipsets and the iptables rules; it reports which addresses
 kube-ipvs0 must hold, and this module binds and unbinds them with pyroute2.
@@ -9,13 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kproxy.errors import ApplyError
-from kproxy.netinfo import set_sysctl, sysctl
+from kproxy import _core, netns, rulediff, wire
+from kproxy.backends.base import ModeBackend
+from kproxy.backends.proxier import programmed
+from kproxy.config import ProxyConfig
+from kproxy.control import Controller
+from kproxy.errors import ApplyError, KproxyError
+from kproxy.model import Family, ipvs_scheduler_of
+from kproxy.netinfo import iptables_families, local_addresses, set_sysctl, sysctl
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +121,107 @@ class DummyInterface:
 
     def close(self) -> None:
         self._ipr.close()
+
+
+class IpvsMode(ModeBackend):
+    name = "ipvs"
+
+    def __init__(self, cfg: ProxyConfig) -> None:
+        super().__init__(cfg)
+        # kube-ipvs0 and the sysctls are set up after the first sync succeeds, so a kernel
+        # without ip_vs is refused before anything of the mode is on the node.
+        self.dummy: DummyInterface | None = None
+
+    def families(self) -> list[Family]:
+        return iptables_families()
+
+    def host_addresses(self, backend: wire.BackendKind) -> list[str]:
+        # NodePorts are served on this machine's addresses (kube-ipvs0's excluded), also
+        # when only rendering or tracing, so both show what this node would program.
+        on_dummy = bound_addresses()
+        return [a for a in local_addresses() if a not in on_dummy]
+
+    def configure(
+        self,
+        config: wire.EngineConfig,
+        family: Family,
+        backend: wire.BackendKind,
+        host_addrs: Sequence[str] | None,
+    ) -> None:
+        config["ipvs"] = ipvs_engine_config(self.cfg, host_addrs)
+
+    def after_sync(
+        self,
+        engines: Mapping[Family, _core.Engine],
+        reports: Mapping[Family, _core.SyncReport],
+        full: bool,
+    ) -> None:
+        if not reports or not (full or any(r.wrote for r in reports.values())):
+            return
+        # After the engines: IPVS, its ipsets and rules are in place for each address.
+        if self.dummy is None:
+            set_sysctls(self.cfg.ipvs_strict_arp)
+            self.dummy = DummyInterface()
+        want = [a for e in engines.values() for a in e.ipvs_addresses()]
+        bound, unbound = self.dummy.sync(want)
+        if bound or unbound:
+            log.info("%s: %d addresses bound, %d unbound", self.dummy.name, bound, unbound)
+
+    def close(self) -> None:
+        if self.dummy is not None:
+            self.dummy.close()
+
+    def start_note(self) -> str:
+        return (
+            "the ipvs mode is deprecated upstream (KEP-5495, refused from 1.40); kproxy "
+            "keeps it (docs/ipvs.md), and `kproxy doctor` lists what depends on it"
+        )
+
+    def sync_line(self, r: _core.SyncReport) -> str:
+        return (
+            f"{r.service_ports} service ports, {r.endpoints} endpoints; {r.elements_added} "
+            f"set members written, {r.nat_rules} nat and {r.filter_rules} filter rules"
+        )
+
+    def render_header(self, family: Family) -> str:
+        return (
+            f"# ipvs for {family}: virtual servers (address -> real servers), then the "
+            "iptables-restore --noflush input and the ipset restore input"
+        )
+
+    def trace_live(self, packet: _core.Packet, family: Family) -> _core.Trace:
+        return _core.trace_ipvs_live(packet)
+
+    def differences(self, family: Family, c: Controller) -> list[rulediff.Difference]:
+        """Virtual servers and set members compared line by line, and the companion rules as
+        the kernel prints them (loaded into a scratch network namespace, connected to
+        nothing, then read back) against this node's."""
+        engine = programmed(self.cfg, c, (family,)).engines[family]
+        lines, rules, sets = engine.ipvs_parts()
+        out = rulediff.line_differences("ipvs", lines, _core.ipvs_live_lines(family))
+        tool = "iptables-restore" if family == "IPv4" else "ip6tables-restore"
+        with netns.scratch() as ns:
+            for argv, text in ((["ipset", "restore"], sets), ([tool, "--noflush"], rules)):
+                r = subprocess.run(
+                    ["ip", "netns", "exec", ns, *argv],
+                    input=text, capture_output=True, text=True, timeout=300, check=False,
+                )  # fmt: skip
+                if r.returncode != 0:
+                    raise KproxyError(
+                        f"cannot load the wanted rules ({argv[0]}): {r.stderr.strip()}"
+                    )
+            want = rulediff.save(family, ns)
+        return out + rulediff.differences(want, rulediff.save(family))
+
+
+def ipvs_engine_config(cfg: ProxyConfig, host_addrs: Sequence[str] | None) -> wire.IpvsConfig:
+    """The ipvs section of an engine's configuration. `host_addrs`: the node's addresses
+    outside kube-ipvs0 (an external IP among them is never bound there, nor fenced)."""
+    return {
+        "scheduler": ipvs_scheduler_of(cfg.ipvs_scheduler),
+        "exclude_cidrs": list(cfg.ipvs_exclude_cidrs),
+        "tcp_timeout_s": round(cfg.ipvs_tcp_timeout),
+        "tcp_fin_timeout_s": round(cfg.ipvs_tcp_fin_timeout),
+        "udp_timeout_s": round(cfg.ipvs_udp_timeout),
+        "host_ips": list(host_addrs or ()),
+    }

@@ -1,0 +1,91 @@
+"""The iptables mode around its engine (``rust/src/iptables/``): localhost NodePorts and
+their sysctl, the restore failure counters, and the iptables-save based tools."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import logging
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from kproxy import _core, netns, rulediff, wire
+from kproxy.backends.base import ModeBackend
+from kproxy.backends.proxier import engine_config
+from kproxy.config import ProxyConfig
+from kproxy.errors import KproxyError
+from kproxy.model import Family
+from kproxy.netinfo import iptables_families, set_sysctl, sysctl
+
+if TYPE_CHECKING:
+    from kproxy.control import Controller
+
+log = logging.getLogger(__name__)
+
+ROUTE_LOCALNET = "net.ipv4.conf.all.route_localnet"
+
+
+class IptablesMode(ModeBackend):
+    name = "iptables"
+
+    def families(self) -> list[Family]:
+        return iptables_families()
+
+    def configure(
+        self,
+        config: wire.EngineConfig,
+        family: Family,
+        backend: wire.BackendKind,
+        host_addrs: Sequence[str] | None,
+    ) -> None:
+        config["iptables"] = {
+            "localhost_nodeports": self.cfg.localhost_nodeports and localhost_allowed(self.cfg)
+        }
+
+    def prepare_node(self, configs: Mapping[Family, wire.EngineConfig]) -> None:
+        section = configs["IPv4"].get("iptables") if "IPv4" in configs else None
+        if section is None or not section.get("localhost_nodeports"):
+            return
+        # Without route_localnet the kernel drops 127.0.0.0/8 traffic that is routed
+        # elsewhere after DNAT; KUBE-FIREWALL drops the martians this would let in.
+        if sysctl(ROUTE_LOCALNET) == "1":
+            pass
+        elif set_sysctl(ROUTE_LOCALNET, "1"):
+            log.info("set %s=1 for localhost NodePorts", ROUTE_LOCALNET)
+        else:
+            log.warning("cannot set %s: localhost NodePorts will not work", ROUTE_LOCALNET)
+
+    def trace_live(self, packet: _core.Packet, family: Family) -> _core.Trace:
+        tool = "iptables-save" if family == "IPv4" else "ip6tables-save"
+        try:
+            rules = subprocess.run(
+                [tool], capture_output=True, text=True, check=True, timeout=120
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise KproxyError(f"cannot read the kernel's rules with {tool}: {e}") from None
+        return _core.trace_iptables(rules, packet)
+
+    def differences(self, family: Family, c: Controller) -> list[rulediff.Difference]:
+        return rulediff.differences(self.desired(family, c), rulediff.save(family))
+
+    def desired(self, family: Family, c: Controller) -> rulediff.Tables:
+        """What kproxy would program, as the kernel prints it: programmed into a scratch
+        network namespace (connected to nothing) by the real engine, then read back."""
+        changes = c.drain()
+        engine_cfg = json.dumps(engine_config(self.cfg, family, c.node, backend="kernel"))
+        with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
+            engine = ex.call(functools.partial(_core.Engine, engine_cfg))
+            ex.call(functools.partial(engine.sync, changes.to_json(), True), timeout=3600)
+            return rulediff.save(family, ns)
+
+
+def localhost_allowed(cfg: ProxyConfig) -> bool:
+    """Whether nodePortAddresses admit loopback (unset means every address)."""
+    if not cfg.nodeport_addresses:
+        return True
+    return any(
+        a != "primary" and ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(a)
+        for a in cfg.nodeport_addresses
+    )

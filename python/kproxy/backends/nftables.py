@@ -1,0 +1,93 @@
+"""The nftables mode around its engine (``rust/src/nftables/``): NodePorts on the node's
+primary addresses by default, its failure counters and sync line, and the tools that read
+the kernel's table through nft's JSON."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import subprocess
+from typing import TYPE_CHECKING
+
+from kproxy import _core
+from kproxy.backends.base import ModeBackend
+from kproxy.backends.proxier import programmed
+from kproxy.errors import ApplyError, KproxyError
+from kproxy.model import Family, NodeInfo
+from kproxy.rulediff import Difference, line_differences
+
+if TYPE_CHECKING:
+    from kproxy.control import Controller
+    from kproxy.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+NFT_FAMILIES: tuple[tuple[Family, str], ...] = (("IPv4", "ip"), ("IPv6", "ip6"))
+
+
+def nft_families() -> list[Family]:
+    """The families whose nftables tables nft can list here (no iptables tool is needed)."""
+    if shutil.which("nft") is None:
+        return []
+    out: list[Family] = []
+    for family, nft_family in NFT_FAMILIES:
+        try:
+            ok = subprocess.run(
+                ["nft", "list", "tables", nft_family],
+                capture_output=True, timeout=15, check=False,
+            ).returncode == 0  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            out.append(family)
+    return out
+
+
+class NftablesMode(ModeBackend):
+    name = "nftables"
+
+    def families(self) -> list[Family]:
+        return nft_families()
+
+    def default_nodeport_addresses(self, family: Family, node: NodeInfo | None) -> tuple[str, ...]:
+        # Upstream's nftables mode answers NodePorts on the node's primary IPs by default.
+        version = 4 if family == "IPv4" else 6
+        if node is not None and any(
+            ipaddress.ip_address(a).version == version for a in node.addresses
+        ):
+            return ("primary",)
+        log.info("nftables: the Node has no %s address; NodePorts on every one", family)
+        return ()
+
+    def count_failure(self, metrics: Metrics, e: ApplyError, family: Family, full: bool) -> None:
+        metrics.nft_sync_failures.labels(ip_family=family).inc()
+
+    def sync_line(self, r: _core.SyncReport) -> str:
+        return (
+            f"{r.service_ports} service ports, {r.endpoints} endpoints; wrote "
+            f"{r.chains_written} chains, +{r.elements_added} -{r.elements_deleted} elements, "
+            f"{r.elements_total} held"
+        )
+
+    def render_header(self, family: Family) -> str:
+        return f"# nftables rules for {family} (nft -f input)"
+
+    def trace_live(self, packet: _core.Packet, family: Family) -> _core.Trace:
+        table = _core.NftTable.live(family)
+        if not table.exists:
+            raise KproxyError(f"no kproxy nftables table for {family} in this kernel")
+        return table.trace(packet)
+
+    def differences(self, family: Family, c: Controller) -> list[Difference]:
+        return nft_differences(family, self.desired(family, c), _core.NftTable.live(family).lines())
+
+    def desired(self, family: Family, c: Controller) -> list[str]:
+        table = programmed(self.cfg, c, (family,)).engines[family].nft_table()
+        return table.lines() if table is not None else []
+
+
+def nft_differences(family: Family, want: list[str], have: list[str]) -> list[Difference]:
+    """Line-wise differences between two ``NftTable.lines()`` listings."""
+    table = f"{'ip' if family == 'IPv4' else 'ip6'} kproxy"
+    return line_differences(table, want, have, lambda name: name.split(":", 1)[0])
