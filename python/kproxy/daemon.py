@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -77,8 +78,8 @@ def is_core_panic(e: BaseException) -> bool:
 class Daemon:
     def __init__(self, cfg: ProxyConfig, *, families: list[Family] | None = None) -> None:
         self.cfg = cfg
-        # What is particular to the mode (its families, conntrack, start line); the
-        # proxier holds its own instance, with the mode's node state.
+        # What is particular to the mode; the proxier is given this one (it holds the
+        # mode's node state, as kube-ipvs0).
         self.mode = for_mode(cfg)
         self.families = families
         self.health = ProxyHealth(2 * cfg.sync_period)
@@ -292,8 +293,9 @@ class Daemon:
             if not families:
                 log.error("no IP family can be programmed here in the %s mode", self.cfg.mode)
                 return False
-            self.proxier = proxier = await self._on_engine(Proxier, self.cfg, families, c.node)
-            proxier.backend.watch(self.metrics, proxier.engines)
+            make = functools.partial(Proxier, self.cfg, families, c.node, mode=self.mode)
+            self.proxier = proxier = await self._on_engine(make)
+            self.mode.watch(self.metrics, proxier.engines)
             log.info("programming %s for %s", self.proxier.mode, ", ".join(families))
         started = time.monotonic()
         full = self._last_full is None or started - self._last_full >= FULL_SYNC_PERIOD
@@ -308,7 +310,7 @@ class Daemon:
         except ApplyError as e:
             self.failures += 1
             fam: Family = "IPv6" if e.family == "IPv6" else "IPv4"
-            self.proxier.backend.count_failure(self.metrics, e, fam, full)
+            self.mode.count_failure(self.metrics, e, fam, full)
             log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
             return False
         except CoreInputError as e:
@@ -382,7 +384,7 @@ class Daemon:
                 log.log(
                     logs.V2,
                     "synced %s %s: %s (render %.1fms, apply %.1fms, total %.1fms)",
-                    fam, "full" if r.full else "partial", self.proxier.backend.sync_line(r),
+                    fam, "full" if r.full else "partial", self.mode.sync_line(r),
                     r.render_seconds * 1e3, r.apply_seconds * 1e3,
                     (time.monotonic() - started) * 1e3,
                 )  # fmt: skip

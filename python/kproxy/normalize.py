@@ -37,6 +37,7 @@ from kproxy.model import (
     ServiceKey,
     SlicePort,
     ipvs_scheduler_of,
+    protocol_of,
 )
 
 T = TypeVar("T")
@@ -56,7 +57,6 @@ DEFAULT_MAX_SERVICE_DESTINATIONS = 20_000
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_PROTOCOLS: frozenset[str] = frozenset({"TCP", "UDP", "SCTP"})
 _SERVICE_TYPES = frozenset({"ClusterIP", "NodePort", "LoadBalancer", "ExternalName"})
 
 
@@ -156,9 +156,11 @@ class _Obj:
 
     def protocol(self, parent: Mapping[str, Any], path: str) -> Protocol:
         p = parent.get("protocol") or "TCP"
-        if not isinstance(p, str) or p not in _PROTOCOLS:
+        # The model's own constant, so every object shares one copy of it.
+        proto = protocol_of(p) if isinstance(p, str) else None
+        if proto is None:
             raise self.fail(path, f"unknown protocol {p!r}")
-        return cast(Protocol, _shared(p))
+        return proto
 
 
 def _shared(s: str) -> str:

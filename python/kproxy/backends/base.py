@@ -49,7 +49,7 @@ class ModeBackend:
         """nodePortAddresses when none are configured (empty: every local address)."""
         return ()
 
-    def host_addresses(self, backend: wire.BackendKind) -> list[str] | None:
+    def host_addresses(self) -> list[str] | None:
         """The node's addresses the engine config is derived from (None: read them)."""
         return None
 

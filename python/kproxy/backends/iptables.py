@@ -74,7 +74,9 @@ class IptablesMode(ModeBackend):
         """What kproxy would program, as the kernel prints it: programmed into a scratch
         network namespace (connected to nothing) by the real engine, then read back."""
         changes = c.drain()
-        engine_cfg = json.dumps(engine_config(self.cfg, family, c.node, backend="kernel"))
+        engine_cfg = json.dumps(
+            engine_config(self.cfg, family, c.node, backend="kernel", mode=self)
+        )
         with netns.scratch() as ns, netns.NetnsExecutor(ns) as ex:
             engine = ex.call(functools.partial(_core.Engine, engine_cfg))
             ex.call(functools.partial(engine.sync, changes.to_json(), True), timeout=3600)

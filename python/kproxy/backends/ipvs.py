@@ -135,7 +135,7 @@ class IpvsMode(ModeBackend):
     def families(self) -> list[Family]:
         return iptables_families()
 
-    def host_addresses(self, backend: wire.BackendKind) -> list[str]:
+    def host_addresses(self) -> list[str]:
         # NodePorts are served on this machine's addresses (kube-ipvs0's excluded), also
         # when only rendering or tracing, so both show what this node would program.
         on_dummy = bound_addresses()

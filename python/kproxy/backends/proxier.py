@@ -95,11 +95,14 @@ class Proxier:
         node: NodeInfo | None,
         *,
         backend: wire.BackendKind = "kernel",
+        mode: ModeBackend | None = None,
     ) -> None:
+        """``mode``: the mode's backend to use (its node state lives there); a new one of
+        ``cfg.mode`` when not given."""
         self.mode = cfg.mode
-        self.backend = for_mode(cfg)
+        self.backend = mode or for_mode(cfg)
         self._kernel = backend == "kernel"
-        host_addrs = self.backend.host_addresses(backend)
+        host_addrs = self.backend.host_addresses()
         configs = {
             fam: engine_config(
                 cfg, fam, node, backend=backend, local_addrs=host_addrs, mode=self.backend
