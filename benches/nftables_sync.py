@@ -96,6 +96,8 @@ def kproxy_run(cs: ChangeSet, change: ChangeSet, cfg: dict[str, Any]) -> dict[st
         part = engine.sync(change.to_json())
         part_e2e = time.perf_counter() - t
         teardown()
+        assert isinstance(full.mode, _core.NftablesReport)
+        assert isinstance(part.mode, _core.NftablesReport)
         enter_host()
     return {
         "full": {
@@ -103,13 +105,13 @@ def kproxy_run(cs: ChangeSet, change: ChangeSet, cfg: dict[str, Any]) -> dict[st
             "apply": full.apply_seconds,
             "end_to_end": full_e2e,
             "bytes": full.bytes,
-            "elements": full.elements_total,
+            "elements": full.mode.elements_total,
         },
         "one": {
             "render": part.render_seconds,
             "apply": part.apply_seconds,
             "end_to_end": part_e2e,
-            "elements": part.elements_added + part.elements_deleted,
+            "elements": part.mode.elements_added + part.mode.elements_deleted,
             "transactions": part.transactions,
         },
     }

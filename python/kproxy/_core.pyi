@@ -6,12 +6,22 @@ from kproxy.model import Origin
 from kproxy.wire import IpFamily, Mode, Protocol
 
 __all__ = [
+    "ApplyError",
+    "CoreInputError",
     "Engine",
+    "ForwarderError",
+    "IptablesReport",
+    "IpvsReport",
+    "KproxyError",
+    "NetlinkError",
     "NftScratch",
     "NftTable",
+    "NftablesReport",
     "Packet",
     "SyncReport",
     "Trace",
+    "UnsupportedError",
+    "UserspaceReport",
     "cleanup_iptables",
     "cleanup_nftables",
     "hand_back_iptables",
@@ -35,19 +45,7 @@ class SyncReport:
     @property
     def endpoints(self) -> int: ...
     @property
-    def nat_rules(self) -> int: ...
-    @property
-    def filter_rules(self) -> int: ...
-    @property
-    def nat_rules_total(self) -> int: ...
-    @property
-    def filter_rules_total(self) -> int: ...
-    @property
     def transactions(self) -> int: ...
-    @property
-    def chains_written(self) -> int: ...
-    @property
-    def stale_chains_deleted(self) -> int: ...
     @property
     def bytes(self) -> int: ...
     @property
@@ -55,9 +53,39 @@ class SyncReport:
     @property
     def no_local_external(self) -> int: ...
     @property
+    def mode(self) -> IptablesReport | NftablesReport | IpvsReport | UserspaceReport | None: ...
+    @property
+    def address_conflicts(self) -> list[tuple[str, str, str, str]]: ...
+    @property
+    def refused(self) -> list[tuple[str, str, str]]: ...
+    @property
+    def probes(self) -> int: ...
+    @property
     def render_seconds(self) -> float: ...
     @property
     def apply_seconds(self) -> float: ...
+
+@final
+class IptablesReport:
+    @property
+    def nat_rules(self) -> int: ...
+    @property
+    def filter_rules(self) -> int: ...
+    @property
+    def chains_written(self) -> int: ...
+    @property
+    def stale_chains_deleted(self) -> int: ...
+    @property
+    def nat_rules_total(self) -> int: ...
+    @property
+    def filter_rules_total(self) -> int: ...
+
+@final
+class NftablesReport:
+    @property
+    def chains_written(self) -> int: ...
+    @property
+    def rules_written(self) -> int: ...
     @property
     def elements_added(self) -> int: ...
     @property
@@ -65,15 +93,51 @@ class SyncReport:
     @property
     def elements_total(self) -> int: ...
     @property
+    def stale_chains_deleted(self) -> int: ...
+    @property
     def cleanup_failed(self) -> bool: ...
+
+@final
+class IpvsReport:
+    @property
+    def operations(self) -> int: ...
+    @property
+    def set_members(self) -> int: ...
+    @property
+    def rules_written(self) -> bool: ...
+
+@final
+class UserspaceReport:
+    @property
+    def opened(self) -> int: ...
+    @property
+    def changed(self) -> int: ...
+    @property
+    def closed(self) -> int: ...
     @property
     def listen_errors(self) -> list[str]: ...
-    @property
-    def address_conflicts(self) -> list[tuple[str, str, str, str]]: ...
-    @property
-    def refused(self) -> list[tuple[str, str, str]]: ...
-    @property
-    def probes(self) -> int: ...
+
+class KproxyError(Exception): ...
+
+class CoreInputError(KproxyError):
+    needs_full_sync: bool
+
+class UnsupportedError(KproxyError): ...
+
+class ApplyError(KproxyError):
+    op: str
+    exit_code: int | None
+    stderr: str
+    program: str | None
+    errno: int | None
+    family: IpFamily | None
+    needs_full_sync: bool
+
+class NetlinkError(ApplyError): ...
+
+class ForwarderError(KproxyError):
+    op: str
+    errno: int | None
 
 @final
 class Engine:

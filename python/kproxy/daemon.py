@@ -46,9 +46,6 @@ from kproxy.sources.manifests import ManifestSource
 
 log = logging.getLogger(__name__)
 
-# Listener failures logged one by one per sync; the rest are counted in one line.
-LISTEN_ERRORS_LOGGED = 20
-
 T = TypeVar("T")
 
 # Upstream's FullSyncPeriod: even with nothing changed, rewrite everything this often.
@@ -86,8 +83,6 @@ class Daemon:
         self.proxier: Proxier | None = None
         self.syncs = 0
         self.failures = 0
-        # Listener errors of the last sync: a failure retried every sync is logged once.
-        self._listen_errors: set[str] = set()
         # Addresses left out for being another Service's cluster IP, as last reported.
         self._conflicts: set[tuple[str, str, str, str]] = set()
         # (family, namespace, name) -> the kernel's message, for Services held by the core.
@@ -99,6 +94,7 @@ class Daemon:
         self._born = time.monotonic()
         self._lists_at: float | None = None
         self.metrics = Metrics(cfg.mode, configz=lambda: v1alpha1.encode(cfg))
+        self.mode.register_metrics(self.metrics.registry)
         self.controller = Controller.for_config(
             cfg,
             self._changed,
@@ -219,17 +215,6 @@ class Daemon:
             log.info("Service %s/%s (%s): programmed after all", namespace, name, fam)
         self._refused = now
 
-    def _log_listen_errors(self, errors: list[str]) -> None:
-        """Log each listener failure when it first happens (it is retried every sync, and
-        30,000 Services past the descriptor budget would otherwise log 30,000 lines a sync)."""
-        new = [e for e in errors if e not in self._listen_errors]
-        for err in new[:LISTEN_ERRORS_LOGGED]:
-            log.error("%s (the other Services are unaffected; retried next sync)", err)
-        if len(new) > LISTEN_ERRORS_LOGGED:
-            log.error("... and %d more listeners could not be opened (%d in all)",
-                      len(new) - LISTEN_ERRORS_LOGGED, len(errors))  # fmt: skip
-        self._listen_errors = set(errors)
-
     async def _reconcile_conntrack(self, full: bool, changed: set[ServiceKey]) -> None:
         """After the rules are in place (never before): drop UDP flows to stale endpoints.
 
@@ -310,7 +295,7 @@ class Daemon:
         except ApplyError as e:
             self.failures += 1
             fam: Family = "IPv6" if e.family == "IPv6" else "IPv4"
-            self.mode.count_failure(self.metrics, e, fam, full)
+            self.mode.count_failure(e, fam, full)
             log.error("sync failed, previous rules stay in place: %s", e.stderr or e)
             return False
         except CoreInputError as e:
@@ -336,7 +321,7 @@ class Daemon:
                 time.monotonic() - self._born, self._lists_at or 0.0,
             )  # fmt: skip
             # A takeover: what kube-proxy (or an earlier kproxy) left that this sync removed.
-            stale = {fam: r.stale_chains_deleted for fam, r in reports.items()}
+            stale = {fam: self.mode.leftovers_removed(r) for fam, r in reports.items()}
             if any(stale.values()):
                 log.info(
                     "removed chains left by an earlier proxy: %s",
@@ -345,7 +330,6 @@ class Daemon:
         self.service_health.sync(self._health_checks())
         self._report_conflicts(reports.values())
         self._report_refused(reports)
-        self._log_listen_errors([e for r in reports.values() for e in r.listen_errors])
         if self.mode.conntrack:
             await self._reconcile_conntrack(
                 any(r.full for r in reports.values()), {*changes.services, *changes.endpoints}
@@ -360,9 +344,7 @@ class Daemon:
         m = self.metrics
         for fam, r in reports.items():
             m.sync_duration.labels(ip_family=fam).observe(elapsed)
-            (m.sync_full_duration if r.full else m.sync_partial_duration).labels(
-                ip_family=fam
-            ).observe(elapsed)
+            self.mode.record_sync(fam, r, elapsed)
             m.last_sync.labels(ip_family=fam).set_to_current_time()
             now = time.time()
             for t in triggers.values():
@@ -373,12 +355,6 @@ class Daemon:
             m.no_local_endpoints.labels(ip_family=fam, traffic_policy="external").set(
                 r.no_local_external
             )
-            if r.cleanup_failed:
-                m.nft_cleanup_failures.labels(ip_family=fam).inc()
-            m.rules_last.labels(ip_family=fam, table="nat").set(r.nat_rules)
-            m.rules_last.labels(ip_family=fam, table="filter").set(r.filter_rules)
-            m.rules_total.labels(ip_family=fam, table="nat").set(r.nat_rules_total)
-            m.rules_total.labels(ip_family=fam, table="filter").set(r.filter_rules_total)
             # Per-sync lines at klog's V(2), as upstream's "SyncProxyRules complete".
             if r.wrote:
                 log.log(

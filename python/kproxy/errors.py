@@ -1,14 +1,35 @@
 """The exception hierarchy. Every error kproxy raises is a :class:`KproxyError`.
 
-The Rust core maps its one error enum onto these classes (``rust/src/py/errors.rs``), with
-structured attributes, so callers never parse messages.
+The core defines the classes its errors map to (``rust/src/py/errors.rs``: ``KproxyError``,
+``CoreInputError``, ``UnsupportedError``, ``ApplyError`` and its ``NetlinkError``,
+``ForwarderError``) and sets their fields as it raises them, so callers never parse
+messages; the Python side's own errors derive from the same base.
 """
 
 from __future__ import annotations
 
+from kproxy._core import (
+    ApplyError,
+    CoreInputError,
+    ForwarderError,
+    KproxyError,
+    NetlinkError,
+    UnsupportedError,
+)
 
-class KproxyError(Exception):
-    """Base class of every kproxy error."""
+__all__ = [
+    "ApiConnectionError",
+    "ApplyError",
+    "ConfigError",
+    "CoreInputError",
+    "ForwarderError",
+    "InvalidObjectError",
+    "KproxyError",
+    "KubeconfigError",
+    "NetlinkError",
+    "UnsupportedError",
+    "apply_error",
+]
 
 
 class ConfigError(KproxyError):
@@ -56,34 +77,10 @@ class InvalidObjectError(KproxyError):
         self.message = message
 
 
-class CoreInputError(KproxyError):
-    """The Rust core rejected its input (a change set or engine configuration)."""
-
-    def __init__(self, message: str, *, needs_full_sync: bool = False) -> None:
-        super().__init__(message)
-        self.needs_full_sync = needs_full_sync
-
-
-class ApplyError(KproxyError):
-    """The kernel (or its tool) refused rules. What was programmed before stays in place."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        op: str,
-        exit_code: int | None = None,
-        stderr: str = "",
-        program: str | None = None,
-        errno: int | None = None,
-        needs_full_sync: bool = True,
-    ) -> None:
-        super().__init__(message)
-        self.op = op
-        self.exit_code = exit_code
-        self.stderr = stderr
-        self.program = program
-        self.errno = errno
-        self.needs_full_sync = needs_full_sync
-        # The IP family whose engine failed, set by the proxier.
-        self.family: str | None = None
+def apply_error(message: str, *, op: str, errno: int | None = None) -> ApplyError:
+    """An :class:`ApplyError` raised by the Python side (node setup around the engine), with
+    the fields the core sets on its own."""
+    e = ApplyError(message)
+    e.op = op
+    e.errno = errno
+    return e

@@ -107,28 +107,61 @@ class _ForwarderCollector:
             yield m
 
 
-# The families only some modes export, as upstream's RegisterMetrics(mode) registers them
-# (pkg/proxy/metrics/metrics.go); every other family is exported in every mode.
-MODE_ONLY = {
-    "sync_full_proxy_rules_duration_seconds": ("iptables", "nftables"),
-    "sync_partial_proxy_rules_duration_seconds": ("iptables", "nftables"),
-    "sync_proxy_rules_iptables_restore_failures": ("iptables", "ipvs"),
-    "sync_proxy_rules_iptables_partial_restore_failures": ("iptables",),
-    "sync_proxy_rules_iptables_total": ("iptables",),
-    "sync_proxy_rules_iptables_last": ("iptables",),
-    "sync_proxy_rules_nftables_sync_failures": ("nftables",),
-    "sync_proxy_rules_nftables_cleanup_failures": ("nftables",),
-}
+def histogram(registry: CollectorRegistry, name: str, doc: str) -> Histogram:
+    """A sync-latency histogram per IP family, with upstream's buckets."""
+    return Histogram(name, doc, FAM, namespace=NS, buckets=SYNC_BUCKETS, registry=registry)
+
+
+def counter(
+    registry: CollectorRegistry, name: str, doc: str, labels: tuple[str, ...] = FAM
+) -> Counter:
+    return Counter(name, doc, labels, namespace=NS, registry=registry)
+
+
+def gauge(registry: CollectorRegistry, name: str, doc: str, labels: tuple[str, ...] = FAM) -> Gauge:
+    return Gauge(name, doc, labels, namespace=NS, registry=registry)
+
+
+class SyncDurations:
+    """Upstream's full and partial sync latencies (the iptables and nftables modes only)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.full = histogram(
+            registry,
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency of full syncs",
+        )
+        self.partial = histogram(
+            registry,
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency of partial syncs",
+        )
+
+    def observe(self, family: str, full: bool, seconds: float) -> None:
+        (self.full if full else self.partial).labels(ip_family=family).observe(seconds)
+
+
+def restore_failures(registry: CollectorRegistry) -> Counter:
+    """Upstream's iptables-restore failure count (the iptables and ipvs modes)."""
+    return counter(
+        registry,
+        "sync_proxy_rules_iptables_restore_failures",
+        "Cumulative iptables restore failures",
+    )
 
 
 class Metrics:
+    """The families every mode exports. Each mode registers its own beside them (its
+    backend's ``register_metrics``, as upstream's ``RegisterMetrics(mode)``)."""
+
     def __init__(
         self,
         mode: str,
         registry: CollectorRegistry | None = None,
         configz: Callable[[], object] | None = None,
     ) -> None:
-        """``configz``: the configuration served on /configz (upstream's, as JSON)."""
+        """``mode``: served on /proxyMode. ``configz``: the configuration served on /configz
+        (upstream's, as JSON)."""
         self.mode = mode
         self.registry = registry or CollectorRegistry()
         self._configz = configz
@@ -156,100 +189,65 @@ class Metrics:
             registry=self.registry,
         )
 
-        def reg(name: str) -> CollectorRegistry | None:
-            # A family of another mode still exists (the daemon's code stays mode-blind) but
-            # is never exported.
-            return self.registry if mode in MODE_ONLY.get(name, (mode,)) else None
-
-        def hist(name: str, doc: str, buckets: tuple[float, ...] = SYNC_BUCKETS) -> Histogram:
-            return Histogram(name, doc, FAM, namespace=NS, buckets=buckets, registry=reg(name))
-
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = FAM) -> Gauge:
-            return Gauge(name, doc, labels, namespace=NS, registry=reg(name))
-
-        def counter(name: str, doc: str, labels: tuple[str, ...] = FAM) -> Counter:
-            return Counter(name, doc, labels, namespace=NS, registry=reg(name))
-
-        self.sync_duration = hist(
-            "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds"
-        )
-        self.sync_full_duration = hist(
-            "sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency of full syncs"
-        )
-        self.sync_partial_duration = hist(
-            "sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency of partial syncs"
+        r = self.registry
+        self.sync_duration = histogram(
+            r, "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds"
         )
         self.last_sync = gauge(
-            "sync_proxy_rules_last_timestamp_seconds", "The last time rules were synced"
+            r, "sync_proxy_rules_last_timestamp_seconds", "The last time rules were synced"
         )
         self.last_queued = gauge(
-            "sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync was queued"
+            r, "sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync was queued"
         )
-        self.network_programming = hist(
+        self.network_programming = Histogram(
             "network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
-            NPL_BUCKETS,
+            FAM,
+            namespace=NS,
+            buckets=NPL_BUCKETS,
+            registry=r,
         )
         self.endpoint_changes_pending = gauge(
-            "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes", ()
+            r,
+            "sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            (),
         )
         self.endpoint_changes = counter(
-            "sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", ()
+            r, "sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", ()
         )
         self.service_changes_pending = gauge(
-            "sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", ()
+            r, "sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", ()
         )
         self.service_changes = counter(
-            "sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", ()
+            r, "sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", ()
         )
         self.no_local_endpoints = gauge(
+            r,
             "sync_proxy_rules_no_local_endpoints_total",
             "Services with a Local traffic policy and no local endpoints",
             ("ip_family", "traffic_policy"),
         )
-        self.restore_failures = counter(
-            "sync_proxy_rules_iptables_restore_failures", "Cumulative iptables restore failures"
-        )
-        self.partial_restore_failures = counter(
-            "sync_proxy_rules_iptables_partial_restore_failures",
-            "Cumulative iptables partial restore failures",
-        )
-        self.nft_sync_failures = counter(
-            "sync_proxy_rules_nftables_sync_failures", "Cumulative nftables sync failures"
-        )
         self.refused_services = gauge(
+            r,
             "sync_proxy_rules_refused_services",
             "Services whose rules the kernel refused (kept at their last good rules)",
             ("ip_family", "mode"),
         )
-        self.nft_cleanup_failures = counter(
-            "sync_proxy_rules_nftables_cleanup_failures", "Cumulative nftables cleanup failures"
-        )
-        self.rules_last = gauge(
-            "sync_proxy_rules_iptables_last",
-            "Number of iptables rules written in the last sync",
-            ("ip_family", "table"),
-        )
-        self.conntrack_duration = Histogram(
+        self.conntrack_duration = histogram(
+            r,
             "conntrack_reconciler_sync_duration_seconds",
             "Time to reconcile stale conntrack entries",
-            FAM,
-            namespace=NS,
-            buckets=SYNC_BUCKETS,
-            registry=self.registry,
         )
         self.conntrack_deleted = counter(
-            "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted"
+            r, "conntrack_reconciler_deleted_entries", "Stale conntrack entries deleted"
         )
-        self.rules_total = gauge(
-            "sync_proxy_rules_iptables_total",
-            "Number of iptables rules owned by kube-proxy",
-            ("ip_family", "table"),
+        self.healthz = counter(
+            r, "proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",)
         )
-        self.healthz = counter("proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",))
-        self.livez = counter("proxy_livez", "Cumulative proxy livez HTTP status", ("code",))
+        self.livez = counter(r, "proxy_livez", "Cumulative proxy livez HTTP status", ("code",))
         self.invalid_objects = counter(
-            "invalid_objects", "Objects skipped because a field is invalid (kproxy)", ("kind",)
+            r, "invalid_objects", "Objects skipped because a field is invalid (kproxy)", ("kind",)
         )
 
     def watch_forwarder(self, source: ForwardStats) -> None:

@@ -44,7 +44,7 @@ pub struct Contained {
 /// Whether containment applies: the kernel refused input. A tool that cannot run, or input
 /// the core rejects, is not about any one Service.
 pub fn applies(e: &Error) -> bool {
-    matches!(e, Error::Apply { .. })
+    e.is_refusal()
 }
 
 struct Search<'a> {

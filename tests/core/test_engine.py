@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kproxy import _core
-from kproxy.errors import ApplyError, CoreInputError
+from kproxy.errors import ApplyError, CoreInputError, KproxyError, NetlinkError, UnsupportedError
 from kproxy.model import Endpoint, EndpointSlice, PortSpec, Service, ServiceKey, SlicePort
 from kproxy.tracker import ChangeSet, merge_slices
 
@@ -78,14 +78,16 @@ def test_removed_endpoints_and_services_leave_no_stale_chains() -> None:
     e.sync(ChangeSet(services={KEY: svc()}).to_json())
     e.sync(eps("10.180.0.1", "10.180.0.2").to_json())
     r = e.sync(eps("10.180.0.2").to_json())
-    assert r.stale_chains_deleted == 1
+    assert isinstance(r.mode, _core.IptablesReport)
+    assert r.mode.stale_chains_deleted == 1
     dump = e.dump()
     assert "10.180.0.1" not in dump
     r = e.sync(ChangeSet(services={KEY: None}).to_json())
     dump = e.dump()
     # KUBE-SVC, KUBE-EXT, the last KUBE-SEP, and the bucket chains only this service used:
     # three levels for its address, two for its NodePort.
-    assert r.stale_chains_deleted == 3 + 3 + 2
+    assert isinstance(r.mode, _core.IptablesReport)
+    assert r.mode.stale_chains_deleted == 3 + 3 + 2
     assert "ns1/svc1" not in dump
     for prefix in ("KUBE-SVC-", "KUBE-SEP-", "KUBE-SVCS-", "KUBE-NPS-"):
         assert prefix not in dump
@@ -172,3 +174,25 @@ def test_missing_tool_raises_apply_error_with_errno(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ApplyError) as info:
         e.sync(ChangeSet(services={KEY: svc()}).to_json())
     assert info.value.errno == 2  # ENOENT
+
+
+def test_core_errors_carry_their_family_and_derive_from_kproxy_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in _tools(tmp_path, restore_exit=1).items():
+        monkeypatch.setenv(k, v)
+    e = engine(backend="kernel")
+    with pytest.raises(ApplyError) as info:
+        e.sync(ChangeSet(services={KEY: svc()}).to_json())
+    # Set by the engine as it raises, not by the caller afterwards.
+    assert info.value.family == "IPv4"
+    assert isinstance(info.value, KproxyError) and not isinstance(info.value, NetlinkError)
+    with pytest.raises(CoreInputError) as bad:
+        e.sync(b"{not json")
+    assert not bad.value.needs_full_sync and isinstance(bad.value, KproxyError)
+
+
+def test_the_userspace_mode_refuses_to_trace_as_unsupported_not_bad_input() -> None:
+    e = engine(mode="userspace")
+    with pytest.raises(UnsupportedError, match="programs no rules to trace"):
+        e.trace(_core.Packet("10.0.0.1", "10.0.0.2", "TCP", 80))

@@ -131,8 +131,9 @@ def test_an_endpoint_change_is_a_handful_of_element_updates() -> None:
     r = e.sync(slice_of("s7", ep("10.1.7.1"), ep("10.1.7.9")).to_json())
     assert not r.full and r.transactions == 1
     # One endpoint replaced: its two pool entries (cluster IP, NodePort) and its hairpin entry.
-    assert (r.elements_deleted, r.elements_added) == (3, 3)
-    assert r.chains_written == 0
+    assert isinstance(m := r.mode, _core.NftablesReport)
+    assert (m.elements_deleted, m.elements_added) == (3, 3)
+    assert m.chains_written == 0
     t = e.trace(_core.Packet("10.2.0.5", "172.30.0.8", "TCP", 80, "external", [NODE_IP]))
     assert sorted(t.dnat) == ["10.1.7.1:80", "10.1.7.9:80"]
 

@@ -112,7 +112,8 @@ def test_element_updates_over_netlink_leave_exactly_what_nft_would(ns: str) -> N
             fake.sync(step)
             # One batch; a second, small transaction when a chain went stale (s1's NodePort
             # chain once it has no endpoints).
-            assert not r.full and r.transactions == 1 + r.stale_chains_deleted, r
+            assert isinstance(m := r.mode, _core.NftablesReport), r
+            assert not r.full and r.transactions == 1 + m.stale_chains_deleted, r
             assert r.bytes < 2000, r  # a netlink batch, not an nft script of the table
             live = ex.call(lambda: _core.NftTable.live("IPv4"))
             want = fake.nft_table()

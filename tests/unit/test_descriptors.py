@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import resource
-from types import SimpleNamespace
 
 import pytest
 
 from kproxy import daemon
+from kproxy.backends.userspace import LISTEN_ERRORS_LOGGED, UserspaceMode
+from kproxy.config import ProxyConfig
 
 
 class Limits:
@@ -53,7 +54,7 @@ def test_a_hard_limit_above_the_target_is_left_alone(monkeypatch: pytest.MonkeyP
 def test_listener_failures_are_logged_when_new_and_summarized_past_a_few(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    d = SimpleNamespace(_listen_errors=set())
+    mode = UserspaceMode(ProxyConfig(mode="userspace"))
     errors = [f"ns/svc{i}:http: cannot listen on 10.0.0.{i}:80 (tcp): budget" for i in range(30)]
 
     def logged() -> list[str]:
@@ -61,17 +62,17 @@ def test_listener_failures_are_logged_when_new_and_summarized_past_a_few(
         caplog.clear()
         return lines
 
-    with caplog.at_level(logging.ERROR, logger="kproxy.daemon"):
-        daemon.Daemon._log_listen_errors(d, errors)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="kproxy.backends.userspace"):
+        mode._log_listen_errors("IPv4", errors)
         lines = logged()
-        assert len(lines) == daemon.LISTEN_ERRORS_LOGGED + 1
+        assert len(lines) == LISTEN_ERRORS_LOGGED + 1
         assert lines[0].startswith("ns/svc0:http: cannot listen on 10.0.0.0:80 (tcp)")
         assert lines[-1] == "... and 10 more listeners could not be opened (30 in all)"
         # Retried and failing again: nothing new to say.
-        daemon.Daemon._log_listen_errors(d, errors)  # type: ignore[arg-type]
+        mode._log_listen_errors("IPv4", errors)
         assert logged() == []
         # One opened, one new failure: only the new one is logged.
-        daemon.Daemon._log_listen_errors(d, [*errors[1:], "ns/other:dns: cannot listen"])  # type: ignore[arg-type]
+        mode._log_listen_errors("IPv4", [*errors[1:], "ns/other:dns: cannot listen"])
         assert [line.split(" (the other")[0] for line in logged()] == [
             "ns/other:dns: cannot listen"
         ]

@@ -10,6 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client import generate_latest
 
+from kproxy.backends import for_mode
+from kproxy.config import ProxyConfig
 from kproxy.metrics import Metrics
 
 
@@ -19,7 +21,7 @@ def get(port: int, path: str) -> tuple[int, str, str]:
 
 
 def test_upstream_names_and_endpoints() -> None:
-    m = Metrics("iptables")
+    m = with_mode("iptables")
     m.sync_duration.labels(ip_family="IPv4").observe(0.02)
     m.service_changes.inc()
     m.no_local_endpoints.labels(ip_family="IPv4", traffic_policy="external").set(2)
@@ -130,9 +132,16 @@ def families(m: Metrics) -> set[str]:
     }
 
 
+def with_mode(mode: str) -> Metrics:
+    """The metrics a daemon in ``mode`` exports: the common families and its backend's."""
+    m = Metrics(mode)
+    for_mode(ProxyConfig(mode=mode)).register_metrics(m.registry)  # type: ignore[arg-type]
+    return m
+
+
 @pytest.mark.parametrize("mode", sorted(PER_MODE))
 def test_each_mode_exports_upstreams_families_for_it(mode: str) -> None:
-    assert families(Metrics(mode)) == COMMON | PER_MODE[mode]
+    assert families(with_mode(mode)) == COMMON | PER_MODE[mode]
 
 
 def test_no_created_series() -> None:

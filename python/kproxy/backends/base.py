@@ -18,6 +18,8 @@ from kproxy.errors import ApplyError, ConfigError, KproxyError
 from kproxy.model import Family, NodeInfo
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from kproxy.control import Controller
     from kproxy.metrics import Metrics
     from kproxy.rulediff import Difference
@@ -84,19 +86,24 @@ class ModeBackend:
     def watch(self, metrics: Metrics, engines: Mapping[Family, _core.Engine]) -> None:
         """Register metrics read from the engines on each scrape."""
 
-    def count_failure(self, metrics: Metrics, e: ApplyError, family: Family, full: bool) -> None:
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Register the metric families only this mode exports (upstream's
+        ``RegisterMetrics(mode)``), beside :class:`~kproxy.metrics.Metrics`' common ones."""
+
+    def record_sync(self, family: Family, r: _core.SyncReport, seconds: float) -> None:
+        """This mode's metrics after one family's successful sync (``seconds``: the whole
+        sync's duration). Called only after :meth:`register_metrics`."""
+
+    def count_failure(self, e: ApplyError, family: Family, full: bool) -> None:
         """Count a refused sync under this mode's metric names."""
-        if e.op.endswith("tables-restore"):
-            metrics.restore_failures.labels(ip_family=family).inc()
-            if not full:
-                metrics.partial_restore_failures.labels(ip_family=family).inc()
+
+    def leftovers_removed(self, r: _core.SyncReport) -> int:
+        """Chains an earlier proxy left that this (first) sync removed: a takeover."""
+        return 0
 
     def sync_line(self, r: _core.SyncReport) -> str:
         """What a sync that wrote something did, for the klog V(2) line."""
-        return (
-            f"{r.service_ports} service ports, {r.endpoints} endpoints; wrote "
-            f"{r.chains_written} chains, {r.nat_rules} nat and {r.filter_rules} filter rules"
-        )
+        return f"{r.service_ports} service ports, {r.endpoints} endpoints"
 
     def render_header(self, family: Family) -> str:
         """The comment line ``kproxy render`` prints before a family's text."""

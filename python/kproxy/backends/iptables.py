@@ -11,15 +11,17 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from kproxy import _core, netns, rulediff, wire
+from kproxy import _core, metrics, netns, rulediff, wire
 from kproxy.backends.base import ModeBackend
 from kproxy.backends.proxier import engine_config
 from kproxy.config import ProxyConfig
-from kproxy.errors import KproxyError
+from kproxy.errors import ApplyError, KproxyError
 from kproxy.model import Family
 from kproxy.netinfo import iptables_families, set_sysctl, sysctl
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from kproxy.control import Controller
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,53 @@ class IptablesMode(ModeBackend):
             log.info("set %s=1 for localhost NodePorts", ROUTE_LOCALNET)
         else:
             log.warning("cannot set %s: localhost NodePorts will not work", ROUTE_LOCALNET)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self._durations = metrics.SyncDurations(registry)
+        self._restore_failures = metrics.restore_failures(registry)
+        self._partial_restore_failures = metrics.counter(
+            registry,
+            "sync_proxy_rules_iptables_partial_restore_failures",
+            "Cumulative iptables partial restore failures",
+        )
+        labels = ("ip_family", "table")
+        self._rules_last = metrics.gauge(
+            registry,
+            "sync_proxy_rules_iptables_last",
+            "Number of iptables rules written in the last sync",
+            labels,
+        )
+        self._rules_total = metrics.gauge(
+            registry,
+            "sync_proxy_rules_iptables_total",
+            "Number of iptables rules owned by kube-proxy",
+            labels,
+        )
+
+    def record_sync(self, family: Family, r: _core.SyncReport, seconds: float) -> None:
+        self._durations.observe(family, r.full, seconds)
+        if isinstance(m := r.mode, _core.IptablesReport):
+            self._rules_last.labels(ip_family=family, table="nat").set(m.nat_rules)
+            self._rules_last.labels(ip_family=family, table="filter").set(m.filter_rules)
+            self._rules_total.labels(ip_family=family, table="nat").set(m.nat_rules_total)
+            self._rules_total.labels(ip_family=family, table="filter").set(m.filter_rules_total)
+
+    def count_failure(self, e: ApplyError, family: Family, full: bool) -> None:
+        self._restore_failures.labels(ip_family=family).inc()
+        if not full:
+            self._partial_restore_failures.labels(ip_family=family).inc()
+
+    def leftovers_removed(self, r: _core.SyncReport) -> int:
+        return r.mode.stale_chains_deleted if isinstance(r.mode, _core.IptablesReport) else 0
+
+    def sync_line(self, r: _core.SyncReport) -> str:
+        line = super().sync_line(r)
+        if not isinstance(m := r.mode, _core.IptablesReport):
+            return line
+        return (
+            f"{line}; wrote {m.chains_written} chains, {m.nat_rules} nat and "
+            f"{m.filter_rules} filter rules"
+        )
 
     def trace_live(self, packet: _core.Packet, family: Family) -> _core.Trace:
         tool = "iptables-save" if family == "IPv4" else "ip6tables-save"

@@ -13,15 +13,16 @@ import logging
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 
+from prometheus_client import CollectorRegistry
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kproxy import _core, netns, rulediff, wire
+from kproxy import _core, metrics, netns, rulediff, wire
 from kproxy.backends.base import ModeBackend
 from kproxy.backends.proxier import programmed
 from kproxy.config import ProxyConfig
 from kproxy.control import Controller
-from kproxy.errors import ApplyError, KproxyError
+from kproxy.errors import ApplyError, KproxyError, apply_error
 from kproxy.model import Family, ipvs_scheduler_of
 from kproxy.netinfo import iptables_families, local_addresses, set_sysctl, sysctl
 
@@ -91,7 +92,11 @@ class DummyInterface:
             self.index: int = found[0]
         except (NetlinkError, IndexError) as e:
             self._ipr.close()
-            raise ApplyError(f"cannot create the {name} interface: {e}", op="ipvs") from e
+            raise apply_error(
+                f"cannot create the {name} interface: {e}",
+                op="ipvs dummy interface",
+                errno=e.code if isinstance(e, NetlinkError) else None,
+            ) from e
 
     def addresses(self) -> set[str]:
         return _addresses(self._ipr, self.index)
@@ -177,11 +182,20 @@ class IpvsMode(ModeBackend):
             "keeps it (docs/ipvs.md), and `kproxy doctor` lists what depends on it"
         )
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self._restore_failures = metrics.restore_failures(registry)
+
+    def count_failure(self, e: ApplyError, family: Family, full: bool) -> None:
+        # Upstream's ipvs mode counts only its companion rules' restores.
+        if e.op.endswith("tables-restore"):
+            self._restore_failures.labels(ip_family=family).inc()
+
     def sync_line(self, r: _core.SyncReport) -> str:
-        return (
-            f"{r.service_ports} service ports, {r.endpoints} endpoints; {r.elements_added} "
-            f"set members written, {r.nat_rules} nat and {r.filter_rules} filter rules"
-        )
+        line = super().sync_line(r)
+        if not isinstance(m := r.mode, _core.IpvsReport):
+            return line
+        rules = "rules rewritten" if m.rules_written else "rules unchanged"
+        return f"{line}; {m.operations} IPVS operations, {m.set_members} set members, {rules}"
 
     def render_header(self, family: Family) -> str:
         return (

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from typing import TYPE_CHECKING
 
-from kproxy import _core
+from kproxy import _core, metrics
 from kproxy.backends.base import ModeBackend
 from kproxy.backends.proxier import programmed
 from kproxy.errors import ApplyError, KproxyError
@@ -18,8 +18,9 @@ from kproxy.model import Family, NodeInfo
 from kproxy.rulediff import Difference, line_differences
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from kproxy.control import Controller
-    from kproxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,37 @@ class NftablesMode(ModeBackend):
         log.info("nftables: the Node has no %s address; NodePorts on every one", family)
         return ()
 
-    def count_failure(self, metrics: Metrics, e: ApplyError, family: Family, full: bool) -> None:
-        metrics.nft_sync_failures.labels(ip_family=family).inc()
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self._durations = metrics.SyncDurations(registry)
+        self._sync_failures = metrics.counter(
+            registry,
+            "sync_proxy_rules_nftables_sync_failures",
+            "Cumulative nftables sync failures",
+        )
+        self._cleanup_failures = metrics.counter(
+            registry,
+            "sync_proxy_rules_nftables_cleanup_failures",
+            "Cumulative nftables cleanup failures",
+        )
+
+    def record_sync(self, family: Family, r: _core.SyncReport, seconds: float) -> None:
+        self._durations.observe(family, r.full, seconds)
+        if isinstance(r.mode, _core.NftablesReport) and r.mode.cleanup_failed:
+            self._cleanup_failures.labels(ip_family=family).inc()
+
+    def count_failure(self, e: ApplyError, family: Family, full: bool) -> None:
+        self._sync_failures.labels(ip_family=family).inc()
+
+    def leftovers_removed(self, r: _core.SyncReport) -> int:
+        return r.mode.stale_chains_deleted if isinstance(r.mode, _core.NftablesReport) else 0
 
     def sync_line(self, r: _core.SyncReport) -> str:
+        line = super().sync_line(r)
+        if not isinstance(m := r.mode, _core.NftablesReport):
+            return line
         return (
-            f"{r.service_ports} service ports, {r.endpoints} endpoints; wrote "
-            f"{r.chains_written} chains, +{r.elements_added} -{r.elements_deleted} elements, "
-            f"{r.elements_total} held"
+            f"{line}; wrote {m.chains_written} chains, +{m.elements_added} "
+            f"-{m.elements_deleted} elements, {m.elements_total} held"
         )
 
     def render_header(self, family: Family) -> str:

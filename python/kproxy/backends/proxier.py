@@ -129,7 +129,6 @@ class Proxier:
                 reports[fam] = engine.sync(data, full, retry_refused)
             except ApplyError as e:
                 log.error("%s %s sync failed: %s", self.mode, fam, e)
-                e.family = fam
                 failures.append(e)
         if self._kernel:
             self.backend.after_sync(self.engines, reports, full)

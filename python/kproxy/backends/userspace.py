@@ -6,6 +6,7 @@ entries of its own)."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,11 @@ from kproxy.netinfo import has_net_admin
 if TYPE_CHECKING:
     from kproxy.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
+# Listener failures logged per sync at most (the rest are counted in one line).
+LISTEN_ERRORS_LOGGED = 20
+
 # nf_conntrack_tcp_timeout_established's default: what a timeout of 0 ("leave the kernel's")
 # means for the userspace mode's relays.
 KERNEL_TCP_ESTABLISHED = 5 * 24 * 3600.0
@@ -28,6 +34,11 @@ class UserspaceMode(ModeBackend):
     conntrack = False
     many_descriptors = True
     kernel_rules = False
+
+    def __init__(self, cfg: ProxyConfig) -> None:
+        super().__init__(cfg)
+        # The listener failures of the last sync, per family (each is logged once).
+        self._listen_errors: dict[Family, set[str]] = {}
 
     def families(self) -> list[Family]:
         """The family of --bind-address (no kernel tools needed)."""
@@ -56,11 +67,27 @@ class UserspaceMode(ModeBackend):
     def watch(self, metrics: Metrics, engines: Mapping[Family, _core.Engine]) -> None:
         metrics.watch_forwarder(lambda: {fam: e.forward_stats() for fam, e in engines.items()})
 
+    def record_sync(self, family: Family, r: _core.SyncReport, seconds: float) -> None:
+        if isinstance(r.mode, _core.UserspaceReport):
+            self._log_listen_errors(family, r.mode.listen_errors)
+
+    def _log_listen_errors(self, family: Family, errors: list[str]) -> None:
+        """Log each listener failure when it first happens (it is retried every sync, and
+        30,000 Services past the descriptor budget would otherwise log 30,000 lines a sync)."""
+        seen = self._listen_errors.get(family, set())
+        new = [e for e in errors if e not in seen]
+        for err in new[:LISTEN_ERRORS_LOGGED]:
+            log.error("%s (the other Services are unaffected; retried next sync)", err)
+        if len(new) > LISTEN_ERRORS_LOGGED:
+            log.error("... and %d more listeners could not be opened (%d in all)",
+                      len(new) - LISTEN_ERRORS_LOGGED, len(errors))  # fmt: skip
+        self._listen_errors[family] = set(errors)
+
     def sync_line(self, r: _core.SyncReport) -> str:
-        return (
-            f"{r.service_ports} service ports, {r.endpoints} endpoints; "
-            f"{r.chains_written} listeners opened or re-pointed, {r.stale_chains_deleted} closed"
-        )
+        line = super().sync_line(r)
+        if not isinstance(m := r.mode, _core.UserspaceReport):
+            return line
+        return f"{line}; {m.opened + m.changed} listeners opened or re-pointed, {m.closed} closed"
 
     def render_header(self, family: Family) -> str:
         return f"# userspace listeners for {family} (protocol, address -> endpoints)"

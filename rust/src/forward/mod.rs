@@ -138,8 +138,13 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(config: ForwardConfig) -> Result<Forwarder> {
-        let workers = workers::Workers::start(config.threads, "kproxy-forward")
-            .map_err(|e| Error::InvalidInput(format!("forwarder threads: {e}")))?;
+        let workers =
+            workers::Workers::start(config.threads, "kproxy-forward").map_err(|source| {
+                Error::Forwarder {
+                    op: "forwarder threads",
+                    source,
+                }
+            })?;
         let range = config
             .portal_ports
             .clone()

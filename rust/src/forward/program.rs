@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 /// What one userspace sync did to the listeners.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, module = "kproxy._core", name = "UserspaceReport")
+)]
 pub struct Report {
     pub opened: usize,
     /// Listeners kept and re-pointed (their endpoints or balancing changed).
@@ -168,7 +172,7 @@ impl Program for UserspaceProgram {
     }
 
     fn trace(&mut self, _state: &State, _packet: &Packet, _node: &NodeFacts) -> Result<Trace> {
-        Err(Error::InvalidInput(
+        Err(Error::Unsupported(
             "the userspace mode programs no rules to trace".into(),
         ))
     }

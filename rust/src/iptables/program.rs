@@ -22,6 +22,10 @@ const BATCH_RULES: usize = 16_000;
 
 /// What one iptables sync wrote, and what the kernel holds after it.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, module = "kproxy._core", name = "IptablesReport")
+)]
 pub struct Report {
     /// Rules written by this sync (a partial sync writes only what changed).
     pub nat_rules: usize,

@@ -208,10 +208,10 @@ impl Applier {
                 format!("{owner}: {op}: {e}")
             })
             .collect();
-        Err(Error::Apply {
+        Err(Error::Netlink {
             op: "ipvs",
-            code: out.refused.first().map(|(_, e)| *e),
-            stderr: format!(
+            errno: out.refused.first().map(|(_, e)| *e),
+            message: format!(
                 "the kernel refused {} of {} operations (the others are applied):\n{}",
                 lines.len(),
                 ops.len(),

@@ -20,11 +20,11 @@ const CHUNK_BYTES: usize = 96 * 1024;
 /// Room for every error of a chunk, which all arrive before the first is read.
 const RECEIVE_BUFFER: i32 = 8 << 20;
 
-fn err(what: String, code: Option<i32>) -> Error {
-    Error::Apply {
+fn err(message: String, errno: Option<i32>) -> Error {
+    Error::Netlink {
         op: "ipvs netlink",
-        code,
-        stderr: what,
+        errno,
+        message,
     }
 }
 

@@ -21,6 +21,10 @@ use std::time::Instant;
 
 /// What one ipvs sync sent.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, module = "kproxy._core", name = "IpvsReport")
+)]
 pub struct Report {
     /// IPVS operations (virtual and real servers added, edited, deleted).
     pub operations: usize,

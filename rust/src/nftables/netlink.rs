@@ -200,11 +200,11 @@ pub fn encode(
     Ok((out, messages, seq))
 }
 
-fn apply_err(what: String) -> Error {
-    Error::Apply {
+fn apply_err(message: String, errno: Option<i32>) -> Error {
+    Error::Netlink {
         op: "nfnetlink batch",
-        code: None,
-        stderr: what,
+        errno,
+        message,
     }
 }
 
@@ -217,16 +217,16 @@ pub fn apply(family: IpFamily, table: &str, ops: &[Op]) -> Result<usize> {
         .unwrap_or(1);
     let (batch, messages, last) = encode(family, table, ops, seq0)?;
     let sock = Socket::open(NETLINK_NETFILTER, std::time::Duration::from_secs(10))
-        .map_err(|e| apply_err(format!("socket: {e}")))?;
+        .map_err(|e| apply_err(format!("socket: {e}"), e.raw_os_error()))?;
     sock.send(&batch)
-        .map_err(|e| apply_err(format!("send: {e}")))?;
+        .map_err(|e| apply_err(format!("send: {e}"), e.raw_os_error()))?;
     // One acknowledgement per element message (the batch markers get none).
     let mut pending = messages;
     let mut buf = vec![0u8; 64 * 1024];
     while pending > 0 {
         let n = sock
             .recv(&mut buf)
-            .map_err(|e| apply_err(format!("recv: {e}")))?;
+            .map_err(|e| apply_err(format!("recv: {e}"), e.raw_os_error()))?;
         pending = pending.saturating_sub(read_acks(&buf[..n], seq0, last)?);
     }
     Ok(batch.len())
@@ -238,17 +238,20 @@ pub fn apply(family: IpFamily, table: &str, ops: &[Op]) -> Result<usize> {
 /// nothing past it is trusted. Pure, so the fuzz tests can feed it anything.
 pub fn read_acks(reply: &[u8], seq0: u32, last: u32) -> Result<usize> {
     let mut acks = 0;
-    for m in messages(reply).map_err(apply_err)? {
+    for m in messages(reply).map_err(|e| apply_err(e, None))? {
         if m.kind != NLMSG_ERROR || !(seq0..=last).contains(&m.seq) {
             continue;
         }
         let code = m
             .error_code()
-            .ok_or_else(|| apply_err("malformed acknowledgement".into()))?;
+            .ok_or_else(|| apply_err("malformed acknowledgement".into(), None))?;
         if code != 0 {
             // Errors on the batch markers count too: the whole batch was refused.
             let err = io::Error::from_raw_os_error(code);
-            return Err(apply_err(format!("the kernel refused the batch: {err}")));
+            return Err(apply_err(
+                format!("the kernel refused the batch: {err}"),
+                Some(code),
+            ));
         }
         acks += 1;
     }
@@ -310,8 +313,18 @@ mod tests {
     fn a_refusal_names_the_errno_even_on_a_batch_marker() {
         let mut r = reply(NLMSG_ERROR, 101, 0);
         r.extend(reply(NLMSG_ERROR, 100, -libc::ENOENT));
-        let e = read_acks(&r, 100, 103).unwrap_err().to_string();
-        assert!(e.contains("No such file"), "{e}");
+        let e = read_acks(&r, 100, 103).unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Netlink {
+                    errno: Some(libc::ENOENT),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -17,6 +17,10 @@ use std::time::Instant;
 
 /// What one nftables sync wrote, and what the table holds after it.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(frozen, get_all, module = "kproxy._core", name = "NftablesReport")
+)]
 pub struct Report {
     pub chains_written: usize,
     pub rules_written: usize,

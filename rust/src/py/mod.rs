@@ -13,7 +13,7 @@ use crate::model::{ChangeSet, IpFamily};
 use crate::nftables::program::NftablesProgram;
 use crate::program::{ModeReport, SyncReport as CoreReport};
 use crate::trace::{self, xtables};
-use errors::to_py;
+use errors::{in_family, to_py};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
@@ -65,59 +65,9 @@ impl SyncReport {
     fn endpoints(&self) -> usize {
         self.0.endpoints
     }
-    /// Rules written: iptables' nat table, nftables' rules.
-    #[getter]
-    fn nat_rules(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Iptables(r) => r.nat_rules,
-            ModeReport::Nftables(r) => r.rules_written,
-            _ => 0,
-        }
-    }
-    #[getter]
-    fn filter_rules(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Iptables(r) => r.filter_rules,
-            _ => 0,
-        }
-    }
-    #[getter]
-    fn nat_rules_total(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Iptables(r) => r.nat_rules_total,
-            _ => 0,
-        }
-    }
-    #[getter]
-    fn filter_rules_total(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Iptables(r) => r.filter_rules_total,
-            _ => 0,
-        }
-    }
     #[getter]
     fn transactions(&self) -> usize {
         self.0.transactions
-    }
-    /// Chains written (userspace: listeners opened or re-pointed).
-    #[getter]
-    fn chains_written(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Iptables(r) => r.chains_written,
-            ModeReport::Nftables(r) => r.chains_written,
-            ModeReport::Userspace(r) => r.opened + r.changed,
-            _ => 0,
-        }
-    }
-    /// Chains deleted (userspace: listeners closed).
-    #[getter]
-    fn stale_chains_deleted(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Iptables(r) => r.stale_chains_deleted,
-            ModeReport::Nftables(r) => r.stale_chains_deleted,
-            ModeReport::Userspace(r) => r.closed,
-            _ => 0,
-        }
     }
     #[getter]
     fn bytes(&self) -> usize {
@@ -131,39 +81,17 @@ impl SyncReport {
     fn no_local_external(&self) -> usize {
         self.0.no_local_external
     }
-    /// Set and map elements added (ipvs: ipset members written).
+    /// What only this engine's mode reports: an `IptablesReport`, `NftablesReport`,
+    /// `IpvsReport` or `UserspaceReport`; None when the sync wrote nothing.
     #[getter]
-    fn elements_added(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Nftables(r) => r.elements_added,
-            ModeReport::Ipvs(r) => r.set_members,
-            _ => 0,
-        }
-    }
-    #[getter]
-    fn elements_deleted(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Nftables(r) => r.elements_deleted,
-            _ => 0,
-        }
-    }
-    #[getter]
-    fn elements_total(&self) -> usize {
-        match &self.0.mode {
-            ModeReport::Nftables(r) => r.elements_total,
-            _ => 0,
-        }
-    }
-    #[getter]
-    fn cleanup_failed(&self) -> bool {
-        matches!(&self.0.mode, ModeReport::Nftables(r) if r.cleanup_failed)
-    }
-    #[getter]
-    fn listen_errors(&self) -> Vec<String> {
-        match &self.0.mode {
-            ModeReport::Userspace(r) => r.listen_errors.clone(),
-            _ => Vec::new(),
-        }
+    fn mode(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(Some(match &self.0.mode {
+            ModeReport::Nothing => return Ok(None),
+            ModeReport::Iptables(r) => Py::new(py, r.clone())?.into_any(),
+            ModeReport::Nftables(r) => Py::new(py, r.clone())?.into_any(),
+            ModeReport::Ipvs(r) => Py::new(py, r.clone())?.into_any(),
+            ModeReport::Userspace(r) => Py::new(py, r.clone())?.into_any(),
+        }))
     }
     /// (namespace, name, address, owner "namespace/name") of every externalIP or LB IP left
     /// out because it is another Service's cluster IP.
@@ -247,10 +175,7 @@ impl Engine {
     /// "IPv4" or "IPv6".
     #[getter]
     fn family(&self) -> &'static str {
-        match self.family {
-            IpFamily::V4 => "IPv4",
-            IpFamily::V6 => "IPv6",
-        }
+        family_name(self.family)
     }
 
     #[getter]
@@ -285,7 +210,7 @@ impl Engine {
             }
             report
         });
-        result.map(SyncReport).map_err(to_py)
+        result.map(SyncReport).map_err(in_family(self.family))
     }
 
     /// The userspace forwarder's counters by name (empty in the other modes).
@@ -325,7 +250,8 @@ impl Engine {
     /// Whether our canary chains are all present (False: someone flushed our tables, so the
     /// next sync should be full).
     fn canary_intact(&self, py: Python<'_>) -> PyResult<bool> {
-        py.detach(|| self.lock().canary_intact()).map_err(to_py)
+        py.detach(|| self.lock().canary_intact())
+            .map_err(in_family(self.family))
     }
 
     /// "iptables", "nftables", "userspace" or "ipvs".
@@ -347,7 +273,8 @@ impl Engine {
 
     /// What the engine's backend holds now (iptables-save format, or nft's listing).
     fn dump(&self, py: Python<'_>) -> PyResult<String> {
-        py.detach(|| self.lock().dump()).map_err(to_py)
+        py.detach(|| self.lock().dump())
+            .map_err(in_family(self.family))
     }
 
     /// The nftables table this engine programs (None in the iptables mode).
@@ -359,14 +286,14 @@ impl Engine {
             program.map(|p| p.model(engine.state())).transpose()
         })
         .map(|m| m.map(|model| NftTable { model, family }))
-        .map_err(to_py)
+        .map_err(in_family(family))
     }
 
     /// Trace the first packet of a connection through the rules this engine programs.
     fn trace(&self, py: Python<'_>, packet: &Packet) -> PyResult<Trace> {
         py.detach(|| self.lock().trace(&packet.packet, &packet.node))
             .map(Trace)
-            .map_err(to_py)
+            .map_err(in_family(self.family))
     }
 }
 
@@ -727,10 +654,23 @@ fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
+/// "IPv4" or "IPv6", as the Python side names families.
+pub(crate) fn family_name(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
     m.add_class::<Engine>()?;
     m.add_class::<SyncReport>()?;
+    m.add_class::<crate::iptables::program::Report>()?;
+    m.add_class::<crate::nftables::program::Report>()?;
+    m.add_class::<crate::ipvs::program::Report>()?;
+    m.add_class::<crate::forward::program::Report>()?;
     m.add_class::<Trace>()?;
     m.add_class::<Packet>()?;
     m.add_class::<NftTable>()?;
