@@ -166,6 +166,12 @@ def test_kernel_failure_raises_apply_error_and_forces_a_full_sync(
     assert err.op == "iptables-restore" and err.exit_code == 1
     assert "line 3 failed" in err.stderr and err.needs_full_sync
     assert e.needs_full_sync
+    # Set by the engine as it raises, not by the caller afterwards.
+    assert err.family == "IPv4"
+    assert isinstance(err, KproxyError) and not isinstance(err, NetlinkError)
+    with pytest.raises(CoreInputError) as bad:
+        e.sync(b"{not json")
+    assert not bad.value.needs_full_sync and isinstance(bad.value, KproxyError)
 
 
 def test_missing_tool_raises_apply_error_with_errno(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,22 +180,6 @@ def test_missing_tool_raises_apply_error_with_errno(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ApplyError) as info:
         e.sync(ChangeSet(services={KEY: svc()}).to_json())
     assert info.value.errno == 2  # ENOENT
-
-
-def test_core_errors_carry_their_family_and_derive_from_kproxy_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for k, v in _tools(tmp_path, restore_exit=1).items():
-        monkeypatch.setenv(k, v)
-    e = engine(backend="kernel")
-    with pytest.raises(ApplyError) as info:
-        e.sync(ChangeSet(services={KEY: svc()}).to_json())
-    # Set by the engine as it raises, not by the caller afterwards.
-    assert info.value.family == "IPv4"
-    assert isinstance(info.value, KproxyError) and not isinstance(info.value, NetlinkError)
-    with pytest.raises(CoreInputError) as bad:
-        e.sync(b"{not json")
-    assert not bad.value.needs_full_sync and isinstance(bad.value, KproxyError)
 
 
 def test_the_userspace_mode_refuses_to_trace_as_unsupported_not_bad_input() -> None:
