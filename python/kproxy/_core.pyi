@@ -2,7 +2,7 @@
 
 from typing import final
 
-from kproxy.model import Origin
+from kproxy.model import Origin, TraceReason
 from kproxy.wire import IpFamily, Mode, Protocol
 
 __all__ = [
@@ -205,6 +205,8 @@ class Trace:
     def dnat(self) -> list[str]: ...
     @property
     def verdict(self) -> str | None: ...
+    @property
+    def reason(self) -> TraceReason | None: ...
     @property
     def masquerade(self) -> bool: ...
     @property

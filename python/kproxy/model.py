@@ -20,6 +20,8 @@ IpvsScheduler = wire.IpvsScheduler
 Mode = wire.Mode
 # Where a traced packet comes from: the network or a pod ("external"), or the node itself.
 Origin = Literal["external", "local"]
+# Why a trace's packet was dropped or rejected (``_core.Trace.reason``; ``trace::Reason``).
+TraceReason = Literal["no-endpoints", "no-local-endpoints", "source-range", "no-service-port"]
 
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 

@@ -148,7 +148,7 @@ impl Program for IptablesProgram {
             rules.add_jumps(chains::JUMPS)?;
             rules
         };
-        Ok(trace::trace(&rules, packet, node))
+        Ok(trace::trace(&rules, packet, node, &[]))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -429,7 +429,7 @@ mod tests {
         let outcome = |text: &str| {
             let mut rs = Ruleset::parse(text).unwrap();
             rs.add_jumps(JUMPS).unwrap();
-            let t = trace(&rs, &packet, &NodeFacts::default());
+            let t = trace(&rs, &packet, &NodeFacts::default(), &[]);
             (!t.dnat.is_empty(), t.verdict == Some(Verdict::Reject))
         };
         assert_eq!(outcome(&kernel), (false, true), "no endpoints yet: refused");

@@ -9,6 +9,7 @@
 use super::ipset::Set;
 use crate::config::LocalDetector;
 use crate::model::IpFamily;
+use crate::trace::Reason;
 use crate::xtables::jumps::{
     jump, Jump, FORWARD, PORTALS_FROM_OUTPUT, PORTALS_FROM_PREROUTING, POSTROUTING,
 };
@@ -20,6 +21,12 @@ pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 pub const KUBE_SOURCE_RANGES_FIREWALL: &str = "KUBE-SOURCE-RANGES-FIREWALL";
 pub const KUBE_IPVS_FILTER: &str = "KUBE-IPVS-FILTER";
 pub const KUBE_IPVS_OUT_FILTER: &str = "KUBE-IPVS-OUT-FILTER";
+
+/// What a verdict in one of these filter chains means, for the tracer's reasons.
+pub const VERDICT_REASONS: &[(&str, Reason)] = &[
+    (KUBE_SOURCE_RANGES_FIREWALL, Reason::SourceRange),
+    (KUBE_IPVS_FILTER, Reason::NoServicePort),
+];
 
 pub const NAT_CHAINS: &[&str] = &[
     KUBE_SERVICES,

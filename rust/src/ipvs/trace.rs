@@ -13,7 +13,7 @@ use super::{Table, VirtualKey, F_PERSISTENT};
 use crate::error::Result;
 use crate::model::IpFamily;
 use crate::trace::xtables::{self, Ruleset};
-use crate::trace::{Lookup, Named, NodeFacts, Packet, Trace, Verdict};
+use crate::trace::{Lookup, Named, NodeFacts, Packet, Reason, Trace, Verdict};
 use crate::xtables::Backend as _;
 
 /// What the ipvs mode has in one family's kernel: the rules, kproxy's sets, the IPVS table.
@@ -49,7 +49,7 @@ pub fn lines(table: &Table, sets: &Named) -> Vec<String> {
 }
 
 pub fn trace(rules: &Ruleset, table: &Table, packet: &Packet, node: &NodeFacts) -> Trace {
-    let mut t = xtables::trace(rules, packet, node);
+    let mut t = xtables::trace(rules, packet, node, super::rules::VERDICT_REASONS);
     let key = VirtualKey {
         addr: packet.dst,
         protocol: packet.protocol,
@@ -79,6 +79,7 @@ pub fn trace(rules: &Ruleset, table: &Table, packet: &Packet, node: &NodeFacts) 
             v.service.scheduler
         ));
         t.verdict = Some(Verdict::Reject);
+        t.reason = Some(Reason::NoEndpoints);
         return t;
     }
     let shown: Vec<String> = dests.iter().map(|(d, _)| d.to_string()).collect();
@@ -202,13 +203,17 @@ mod tests {
     fn source_ranges_the_ipvs_filter_and_empty_services() {
         let t = go("192.168.50.2", "203.0.113.10", 80);
         assert_eq!(t.dnat, ["10.244.2.2:8080"]);
+        assert_eq!(t.reason, None);
         let t = go("192.168.60.2", "203.0.113.10", 80);
         assert_eq!((t.dnat.len(), t.verdict), (0, Some(Verdict::Drop)), "{t:?}");
+        assert_eq!(t.reason, Some(Reason::SourceRange));
         // Another port of a Service address reaches nothing on the node.
         let t = go("192.168.50.2", "10.96.0.10", 22);
         assert_eq!(t.verdict, Some(Verdict::Reject), "{t:?}");
+        assert_eq!(t.reason, Some(Reason::NoServicePort));
         let t = go("192.168.50.2", "10.96.0.20", 80);
         assert_eq!(t.verdict, Some(Verdict::Reject));
+        assert_eq!(t.reason, Some(Reason::NoEndpoints));
         assert!(t.matched.iter().any(|m| m.contains("has no endpoints")));
     }
 }

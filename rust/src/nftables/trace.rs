@@ -20,9 +20,12 @@
 
 use super::ast::{Data, Field, Match, Rule, Stmt, Value};
 use super::backend::Model;
+use super::render::{
+    CLUSTER_IPS_CHECK, FIREWALL_CHECK, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
+};
 use crate::model::{IpFamily, Protocol};
 use crate::naming::join_host_port;
-use crate::trace::{NodeFacts, Origin, Packet, Trace, Verdict};
+use crate::trace::{NodeFacts, Origin, Packet, Reason, Trace, Verdict};
 use std::net::IpAddr;
 
 const MAX_DEPTH: usize = 64;
@@ -52,6 +55,31 @@ struct Walk<'a> {
     dnats: Vec<(IpAddr, u16, u32)>,
     masquerade: bool,
     matched: Vec<String>,
+    /// The reason a verdict reached below the current chain has, from how the walk got there
+    /// (a `no-endpoint-*` map entry, or `cluster-ips-check`'s goto).
+    via: Option<Reason>,
+    /// The reason of the latest verdict (the one the walk returns, when it returns one).
+    reason: Option<Reason>,
+}
+
+/// What a verdict given in (or below) one of kproxy's check chains means.
+fn chain_reason(chain: &str) -> Option<Reason> {
+    match chain {
+        FIREWALL_CHECK => Some(Reason::SourceRange),
+        CLUSTER_IPS_CHECK => Some(Reason::NoServicePort),
+        _ => None,
+    }
+}
+
+/// What an entry of a `no-endpoint-*` map means: a drop when only this node has none of the
+/// Service's endpoints (a Local policy), a goto (to the reject chain) when there are none.
+fn map_reason(map: &str, drop: bool) -> Option<Reason> {
+    let ours = map == NO_ENDPOINT_SERVICES || map == NO_ENDPOINT_NODEPORTS;
+    ours.then_some(if drop {
+        Reason::NoLocalEndpoints
+    } else {
+        Reason::NoEndpoints
+    })
 }
 
 pub fn trace(model: &Model, family: IpFamily, packet: &Packet, node: &NodeFacts) -> Trace {
@@ -62,6 +90,8 @@ pub fn trace(model: &Model, family: IpFamily, packet: &Packet, node: &NodeFacts)
         dnats: Vec::new(),
         masquerade: false,
         matched: Vec::new(),
+        via: None,
+        reason: None,
     };
     let mut p = Pkt {
         src: packet.src,
@@ -78,6 +108,7 @@ pub fn trace(model: &Model, family: IpFamily, packet: &Packet, node: &NodeFacts)
     };
     if let Some(v) = w.hook("filter", pre, true, &mut p) {
         out.verdict = Some(v);
+        out.reason = w.reason;
         out.matched = w.matched;
         return out;
     }
@@ -108,6 +139,7 @@ pub fn trace(model: &Model, family: IpFamily, packet: &Packet, node: &NodeFacts)
     for h in filter_hooks {
         if let Some(v) = w.hook("filter", h, false, &mut first) {
             out.verdict = Some(v);
+            out.reason = w.reason;
             break;
         }
     }
@@ -167,7 +199,7 @@ impl Walk<'_> {
             }
             self.note(name, rule);
             let mut branch = *p;
-            let flow = self.stmt(&rule.stmt, if maybe { &mut branch } else { p }, depth);
+            let flow = self.stmt(name, &rule.stmt, if maybe { &mut branch } else { p }, depth);
             if maybe {
                 // The other outcome: the condition did not hold.
                 continue;
@@ -273,13 +305,24 @@ impl Walk<'_> {
         })
     }
 
-    fn stmt(&mut self, stmt: &Stmt, p: &mut Pkt, depth: usize) -> Flow {
+    /// Walk `chain` from a jump, goto or map entry that gives its verdicts `why`.
+    fn enter(&mut self, chain: &str, why: Option<Reason>, p: &mut Pkt, depth: usize) -> Flow {
+        let outer = self.via;
+        self.via = outer.or(why);
+        let flow = self.chain(chain, p, depth + 1);
+        self.via = outer;
+        flow
+    }
+
+    /// A verdict given in `chain`.
+    fn verdict(&mut self, chain: &str, v: Verdict) -> Flow {
+        self.reason = self.via.or(chain_reason(chain));
+        Flow::Stop(Some(v))
+    }
+
+    fn stmt(&mut self, chain: &str, stmt: &Stmt, p: &mut Pkt, depth: usize) -> Flow {
         match stmt {
-            Stmt::Jump(c) => match self.chain(c, p, depth + 1) {
-                Flow::Stop(v) => Flow::Stop(v),
-                Flow::Continue => Flow::Continue,
-            },
-            Stmt::Goto(c) => self.chain(c, p, depth + 1),
+            Stmt::Jump(c) | Stmt::Goto(c) => self.enter(c, chain_reason(chain), p, depth),
             Stmt::Vmap { fields, map } => {
                 for k in self.keys(fields, p) {
                     let hit = self.lookup_data(map, &k);
@@ -293,15 +336,20 @@ impl Walk<'_> {
                         self.matched.push(s);
                     }
                     match hit {
-                        Some(Some(Data::Goto(c))) => return self.chain(&c, p, depth + 1),
-                        Some(Some(Data::Drop)) => return Flow::Stop(Some(Verdict::Drop)),
+                        Some(Some(Data::Goto(c))) => {
+                            return self.enter(&c, map_reason(map, false), p, depth);
+                        }
+                        Some(Some(Data::Drop)) => {
+                            self.reason = self.via.or(map_reason(map, true));
+                            return Flow::Stop(Some(Verdict::Drop));
+                        }
                         _ => {}
                     }
                 }
                 Flow::Continue
             }
-            Stmt::Drop => Flow::Stop(Some(Verdict::Drop)),
-            Stmt::Reject | Stmt::RejectReset => Flow::Stop(Some(Verdict::Reject)),
+            Stmt::Drop => self.verdict(chain, Verdict::Drop),
+            Stmt::Reject | Stmt::RejectReset => self.verdict(chain, Verdict::Reject),
             Stmt::MarkOr(m) => {
                 p.mark |= m;
                 Flow::Continue

@@ -405,6 +405,12 @@ impl Trace {
             trace::Verdict::Reject => "REJECT",
         })
     }
+    /// Why the packet was dropped or rejected, when the tracer knows: "no-endpoints",
+    /// "no-local-endpoints", "source-range" or "no-service-port".
+    #[getter]
+    fn reason(&self) -> Option<&'static str> {
+        self.0.reason.map(trace::Reason::as_str)
+    }
     #[getter]
     fn masquerade(&self) -> bool {
         self.0.masquerade
@@ -561,7 +567,8 @@ impl Packet {
 #[pyfunction]
 fn trace_iptables(py: Python<'_>, rules: &str, packet: &Packet) -> PyResult<Trace> {
     let result = py.detach(|| {
-        xtables::Ruleset::parse(rules).map(|rs| xtables::trace(&rs, &packet.packet, &packet.node))
+        xtables::Ruleset::parse(rules)
+            .map(|rs| xtables::trace(&rs, &packet.packet, &packet.node, &[]))
     });
     result.map(Trace).map_err(to_py)
 }

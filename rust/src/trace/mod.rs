@@ -54,6 +54,32 @@ pub enum Verdict {
     Reject,
 }
 
+/// Why a packet was dropped or rejected, when the rule or map entry that decided is one whose
+/// meaning the tracer knows (each mode's tracer names its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The Service port has no usable endpoint anywhere.
+    NoEndpoints,
+    /// The Service's traffic policy is Local and this node has none of its endpoints.
+    NoLocalEndpoints,
+    /// The source is outside the Service's `loadBalancerSourceRanges`.
+    SourceRange,
+    /// The address belongs to a Service, but no Service serves this port and protocol there.
+    NoServicePort,
+}
+
+impl Reason {
+    /// The name the Python side sees (`_core.Trace.reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoEndpoints => "no-endpoints",
+            Reason::NoLocalEndpoints => "no-local-endpoints",
+            Reason::SourceRange => "source-range",
+            Reason::NoServicePort => "no-service-port",
+        }
+    }
+}
+
 /// The outcome of a trace (every mode's tracer returns one).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Trace {
@@ -63,6 +89,9 @@ pub struct Trace {
     /// The first filter verdict reached (`ACCEPT`, `DROP`, `REJECT` rules), `None` when the
     /// packet falls through every chain (built-in policies are not applied).
     pub verdict: Option<Verdict>,
+    /// Why [`Trace::verdict`] was given, when the tracer knows (`None` for an accept, and for a
+    /// drop or reject by a rule it has no meaning for).
+    pub reason: Option<Reason>,
     /// Some path set the masquerade mark: a jump to `KUBE-MARK-MASQ`, or a `MARK` target that
     /// leaves the mark's bits set (the mark is what `KUBE-MARK-MASQ` sets, else `0x4000`). Also
     /// set by a `MASQUERADE`/`SNAT` rule on the walked chains.

@@ -56,7 +56,7 @@
 //! an unquoted comment with spaces (as `Fake::dump` prints the jump rules) is
 //! accepted too.
 
-use super::{NodeFacts, Origin, Packet, Trace, Verdict};
+use super::{NodeFacts, Origin, Packet, Reason, Trace, Verdict};
 use crate::error::Error;
 use crate::model::Protocol;
 use crate::naming::join_host_port;
@@ -244,12 +244,33 @@ impl Ruleset {
     }
 }
 
+/// Why a rule with this comment refuses traffic: the comments kube-proxy's iptables layout (and
+/// kproxy's, which follows it) gives its DROP and REJECT rules.
+fn comment_reason(comment: &str) -> Option<Reason> {
+    if comment.ends_with(" has no endpoints") {
+        Some(Reason::NoEndpoints)
+    } else if comment.ends_with(" has no local endpoints") {
+        Some(Reason::NoLocalEndpoints)
+    } else if comment.contains(" traffic not accepted by ") {
+        Some(Reason::SourceRange)
+    } else {
+        None
+    }
+}
+
 /// Trace the first packet of a new connection through nat, then filter (see the module
-/// documentation for the model).
-pub fn trace(rules: &Ruleset, packet: &Packet, node: &NodeFacts) -> Trace {
+/// documentation for the model). A verdict given in one of `reasons`' chains has that chain's
+/// reason (the ipvs mode names its filter chains); otherwise a rule's comment may give one.
+pub fn trace(
+    rules: &Ruleset,
+    packet: &Packet,
+    node: &NodeFacts,
+    reasons: &[(&str, Reason)],
+) -> Trace {
     let mut w = Walk {
         rules,
         node,
+        reasons,
         src: packet.src,
         dst: packet.dst,
         protocol: packet.protocol,
@@ -294,6 +315,8 @@ struct Rule {
     /// What the tracer cannot evaluate; non-empty means the rule never matches.
     unsupported: Vec<String>,
     target: Target,
+    /// `-m comment --comment`: kube-proxy's comments say why a rule refuses traffic.
+    comment: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -630,6 +653,7 @@ impl Rule {
             random: false,
             unsupported: Vec::new(),
             target: Target::None,
+            comment: None,
         };
         // Modules in load order; `-p tcp` loads `tcp` implicitly, as iptables does.
         let mut modules: Vec<String> = Vec::new();
@@ -761,13 +785,18 @@ impl Rule {
                             cond(Test::DPort(ranges));
                         }
                         ("comment", _) => {
-                            // Ignored. Tolerate an unquoted comment with spaces.
+                            // Kept for the trace's reasons. Tolerate an unquoted comment with
+                            // spaces.
+                            let mut text = v.to_owned();
                             while i < tokens.len()
                                 && tokens[i] != "!"
                                 && !tokens[i].starts_with('-')
                             {
+                                text.push(' ');
+                                text.push_str(&tokens[i]);
                                 i += 1;
                             }
+                            rule.comment = Some(text);
                         }
                         (_, "--src-type" | "--dst-type") => {
                             let mut types = Vec::new();
@@ -877,6 +906,7 @@ enum Step {
 struct Walk<'a> {
     rules: &'a Ruleset,
     node: &'a NodeFacts,
+    reasons: &'a [(&'a str, Reason)],
     src: IpAddr,
     dst: IpAddr,
     protocol: Protocol,
@@ -984,6 +1014,12 @@ impl Walk<'_> {
                 Target::Verdict(v) => {
                     if table == "filter" && self.out.verdict.is_none() {
                         self.out.verdict = Some(*v);
+                        self.out.reason = self
+                            .reasons
+                            .iter()
+                            .find(|(c, _)| *c == chain)
+                            .map(|(_, r)| *r)
+                            .or_else(|| rule.comment.as_deref().and_then(comment_reason));
                     }
                     Step::Stop
                 }
@@ -1199,7 +1235,7 @@ mod tests {
             };
             let mut first: Option<Trace> = None;
             for (name, rs) in &self.sources {
-                let t = trace(rs, &packet, &self.node);
+                let t = trace(rs, &packet, &self.node, &[]);
                 assert!(
                     !t.matched.iter().any(|m| m.starts_with("unsupported")),
                     "{name}: {:#?}",
@@ -1207,8 +1243,8 @@ mod tests {
                 );
                 if let Some(f) = &first {
                     assert_eq!(
-                        (&t.dnat, t.verdict, t.masquerade),
-                        (&f.dnat, f.verdict, f.masquerade),
+                        (&t.dnat, t.verdict, t.reason, t.masquerade),
+                        (&f.dnat, f.verdict, f.reason, f.masquerade),
                         "{name} disagrees for {packet:?}:\n{}\nvs\n{}",
                         t.matched.join("\n"),
                         f.matched.join("\n")
@@ -1390,6 +1426,7 @@ mod tests {
         );
         let t = fx.run(NODE_IP, "172.30.0.42", Protocol::Tcp, 80, Origin::Local);
         expect(&t, &[], Some(Verdict::Reject), false);
+        assert_eq!(t.reason, Some(Reason::NoEndpoints));
         assert!(t
             .matched
             .last()
@@ -1463,12 +1500,9 @@ mod tests {
     #[test]
     fn external_traffic_policy_local_without_local_endpoints() {
         let fx = general();
-        expect(
-            &fx.tcp(CLIENT, NODE_IP, 30045),
-            &[],
-            Some(Verdict::Drop),
-            false,
-        );
+        let t = fx.tcp(CLIENT, NODE_IP, 30045);
+        expect(&t, &[], Some(Verdict::Drop), false);
+        assert_eq!(t.reason, Some(Reason::NoLocalEndpoints));
         // Pods are still served, through the node port and the cluster IP.
         expect(
             &fx.tcp(POD, NODE_IP, 30045),
@@ -1502,12 +1536,10 @@ mod tests {
         let fx = general();
         let t = fx.tcp("203.0.113.2", "1.2.3.4", 80);
         expect(&t, &["10.180.0.11:8080"], Some(Verdict::Accept), true);
-        expect(
-            &fx.tcp("203.0.113.130", "1.2.3.4", 80),
-            &[],
-            Some(Verdict::Drop),
-            false,
-        );
+        assert_eq!(t.reason, None);
+        let t = fx.tcp("203.0.113.130", "1.2.3.4", 80);
+        expect(&t, &[], Some(Verdict::Drop), false);
+        assert_eq!(t.reason, Some(Reason::SourceRange));
         // A pod is not in the source ranges either.
         expect(&fx.tcp(POD, "1.2.3.4", 80), &[], Some(Verdict::Drop), false);
         // The NodePort is not subject to the source ranges.
@@ -1597,7 +1629,7 @@ mod tests {
             dport: 80,
             origin: Origin::External,
         };
-        assert_eq!(trace(&rs, &p, &fx.node), Trace::default());
+        assert_eq!(trace(&rs, &p, &fx.node, &[]), Trace::default());
         // A second declaration of a user chain flushes it; a built-in one does not.
         let rs = Ruleset::parse(
             "*nat\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\n-A OUTPUT -j KUBE-A\nCOMMIT\n\
@@ -1681,6 +1713,7 @@ COMMIT
             &rs,
             &pkt(POD, "10.96.0.10", Protocol::Tcp, 80, Origin::External),
             &node(),
+            &[],
         );
         expect(&t, &both, None, false);
         assert!(t.matched.contains(
@@ -1691,18 +1724,21 @@ COMMIT
             &rs,
             &pkt(CLIENT, "10.96.0.10", Protocol::Tcp, 80, Origin::External),
             &node(),
+            &[],
         );
         expect(&t, &both, Some(Verdict::Accept), true);
         let t = trace(
             &rs,
             &pkt(POD, "10.96.0.20", Protocol::Udp, 53, Origin::External),
             &node(),
+            &[],
         );
         expect(&t, &[], Some(Verdict::Reject), false);
         let t = trace(
             &rs,
             &pkt(POD, "10.96.0.20", Protocol::Tcp, 53, Origin::External),
             &node(),
+            &[],
         );
         expect(&t, &[], None, false);
         // The masquerade mark is what KUBE-MARK-MASQ sets.
@@ -1711,6 +1747,7 @@ COMMIT
             &rs,
             &pkt(CLIENT, "10.96.0.10", Protocol::Tcp, 80, Origin::External),
             &node(),
+            &[],
         );
         expect(&t, &both, Some(Verdict::Accept), true);
     }
@@ -1724,7 +1761,7 @@ COMMIT
     /// Whether a single-rule nat PREROUTING with `-j DNAT --to-destination 9.9.9.9:9` DNATs.
     fn hits(matches: &str, p: &Packet) -> bool {
         let rs = one_rule(&format!("{matches} -j DNAT --to-destination 9.9.9.9:9"));
-        !trace(&rs, p, &node()).dnat.is_empty()
+        !trace(&rs, p, &node(), &[]).dnat.is_empty()
     }
 
     fn to(dst: &str) -> Packet {
@@ -1797,18 +1834,23 @@ COMMIT
         )
         .unwrap();
         expect(
-            &trace(&rs, &to("172.30.0.2"), &node()),
+            &trace(&rs, &to("172.30.0.2"), &node(), &[]),
             &["10.1.0.2:80"],
             None,
             false,
         );
         expect(
-            &trace(&rs, &to("172.30.0.3"), &node()),
+            &trace(&rs, &to("172.30.0.3"), &node(), &[]),
             &["10.1.0.3:80"],
             None,
             false,
         );
-        expect(&trace(&rs, &to("172.30.0.4"), &node()), &[], None, false);
+        expect(
+            &trace(&rs, &to("172.30.0.4"), &node(), &[]),
+            &[],
+            None,
+            false,
+        );
     }
 
     #[test]
@@ -1816,7 +1858,7 @@ COMMIT
         let rs = one_rule(
             r#"-m comment --comment "a \"quoted\" comment -j DROP with spaces" -d 172.30.0.1 -j DNAT --to-destination 10.1.0.1:80"#,
         );
-        let t = trace(&rs, &to("172.30.0.1"), &node());
+        let t = trace(&rs, &to("172.30.0.1"), &node(), &[]);
         expect(&t, &["10.1.0.1:80"], None, false);
         assert_eq!(
             t.matched,
@@ -1827,7 +1869,7 @@ COMMIT
         // As the Fake prints the jump rules: unquoted.
         let rs = one_rule("-m comment --comment kubernetes service portals -d 172.30.0.1 -j DNAT --to-destination 10.1.0.1:80");
         expect(
-            &trace(&rs, &to("172.30.0.1"), &node()),
+            &trace(&rs, &to("172.30.0.1"), &node(), &[]),
             &["10.1.0.1:80"],
             None,
             false,
@@ -1878,7 +1920,7 @@ COMMIT
         )
         .unwrap();
         expect(
-            &trace(&rs, &from_node, &node()),
+            &trace(&rs, &from_node, &node(), &[]),
             &["9.9.9.9:9"],
             None,
             false,
@@ -1923,7 +1965,7 @@ COMMIT
              COMMIT\n",
         )
         .unwrap();
-        let t = trace(&rs, &to("1.1.1.1"), &node());
+        let t = trace(&rs, &to("1.1.1.1"), &node(), &[]);
         expect(&t, &["2.2.2.2:22"], None, true);
         // The first pass through KUBE-P returned; the second, marked, DNATed.
         assert_eq!(
@@ -1940,11 +1982,17 @@ COMMIT
             "--xor-mark 0x4000",
         ] {
             let rs = one_rule(&format!("-j MARK {mark}"));
-            assert!(trace(&rs, &to("1.1.1.1"), &node()).masquerade, "{mark}");
+            assert!(
+                trace(&rs, &to("1.1.1.1"), &node(), &[]).masquerade,
+                "{mark}"
+            );
         }
         for mark in ["--set-xmark 0x1/0x1", "--and-mark 0x4000", "--xor-mark 0x0"] {
             let rs = one_rule(&format!("-j MARK {mark}"));
-            assert!(!trace(&rs, &to("1.1.1.1"), &node()).masquerade, "{mark}");
+            assert!(
+                !trace(&rs, &to("1.1.1.1"), &node(), &[]).masquerade,
+                "{mark}"
+            );
         }
         // A missing KUBE-MARK-MASQ chain is taken for the standard one.
         let rs = Ruleset::parse(
@@ -1952,7 +2000,7 @@ COMMIT
         )
         .unwrap();
         expect(
-            &trace(&rs, &to("1.1.1.1"), &node()),
+            &trace(&rs, &to("1.1.1.1"), &node(), &[]),
             &["3.3.3.3"],
             None,
             true,
@@ -1976,7 +2024,7 @@ COMMIT
         .unwrap();
         // KUBE-G (a goto) returns past KUBE-A; the statistic DNAT and jump are both followed
         // and skipped; the first DNAT decides the filter destination.
-        let t = trace(&rs, &to("9.9.9.9"), &node());
+        let t = trace(&rs, &to("9.9.9.9"), &node(), &[]);
         expect(&t, &["1.0.0.1:1", "[fd00::1]:5", "1.0.0.9:9"], None, false);
 
         // Filter: a local destination goes to INPUT, others to FORWARD, the node's own to OUTPUT.
@@ -1987,22 +2035,22 @@ COMMIT
         )
         .unwrap();
         expect(
-            &trace(&rs, &to(NODE_IP), &node()),
+            &trace(&rs, &to(NODE_IP), &node(), &[]),
             &[],
             Some(Verdict::Reject),
             false,
         );
         expect(
-            &trace(&rs, &to("1.1.1.1"), &node()),
+            &trace(&rs, &to("1.1.1.1"), &node(), &[]),
             &[],
             Some(Verdict::Drop),
             false,
         );
         let udp = pkt(POD, "1.1.1.1", Protocol::Udp, 80, Origin::External);
         // Policies are not applied.
-        expect(&trace(&rs, &udp, &node()), &[], None, false);
+        expect(&trace(&rs, &udp, &node(), &[]), &[], None, false);
         let local = pkt(NODE_IP, NODE_IP, Protocol::Tcp, 80, Origin::Local);
-        let t = trace(&rs, &local, &node());
+        let t = trace(&rs, &local, &node(), &[]);
         expect(&t, &[], Some(Verdict::Accept), false);
         assert_eq!(t.matched.len(), 2);
 
@@ -2011,7 +2059,7 @@ COMMIT
             "*nat\n:KUBE-L - [0:0]\n-A PREROUTING -j KUBE-L\n-A KUBE-L -j KUBE-L\nCOMMIT\n",
         )
         .unwrap();
-        let t = trace(&rs, &to("1.1.1.1"), &node());
+        let t = trace(&rs, &to("1.1.1.1"), &node(), &[]);
         assert!(
             t.matched.last().unwrap().contains("nested deeper"),
             "{:?}",
@@ -2038,20 +2086,20 @@ COMMIT
             },
         );
         expect(
-            &trace(&rs, &to("1.1.1.1"), &facts),
+            &trace(&rs, &to("1.1.1.1"), &facts, &[]),
             &["5.5.5.5:5"],
             None,
             false,
         );
         // Not a member (or no such set): the negated rule matches.
         expect(
-            &trace(&rs, &to("2.2.2.2"), &facts),
+            &trace(&rs, &to("2.2.2.2"), &facts, &[]),
             &["6.6.6.6:6"],
             None,
             false,
         );
         expect(
-            &trace(&rs, &to("1.1.1.1"), &node()),
+            &trace(&rs, &to("1.1.1.1"), &node(), &[]),
             &["6.6.6.6:6"],
             None,
             false,
@@ -2071,7 +2119,7 @@ COMMIT
              COMMIT\n",
         )
         .unwrap();
-        let t = trace(&rs, &to("1.1.1.1"), &node());
+        let t = trace(&rs, &to("1.1.1.1"), &node(), &[]);
         expect(&t, &["5.5.5.5:5"], None, false);
         let notes: Vec<&String> = t
             .matched
