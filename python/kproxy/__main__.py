@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kproxy.cli import main
+from kproxy.commands import main
 
 raise SystemExit(main())

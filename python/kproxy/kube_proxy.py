@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from kproxy import __version__, cli, daemon, lifecycle, nodesetup, v1alpha1, xtables_backend
+from kproxy import __version__, daemon, lifecycle, logs, nodesetup, v1alpha1, xtables_backend
+from kproxy.commands.flags import bool_arg, comma_list, gates_arg
 from kproxy.config import ProxyConfig, build, load_file
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.goduration import parse_duration
@@ -36,13 +37,13 @@ def _duration(value: str) -> float:
 
 
 KINDS: dict[str, Callable[[str], Any]] = {
-    "bool": cli.bool_arg,
+    "bool": bool_arg,
     "string": str,
     "int": int,
     "float": float,
     "duration": _duration,
-    "list": cli.comma_list,
-    "map": cli.gates_arg,
+    "list": comma_list,
+    "map": gates_arg,
 }
 
 
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"Kubernetes {UPSTREAM_VERSION} (kproxy {__version__})")
         return 0
-    cli.setup_logging(inv.cfg.verbosity, inv.cfg.logging_format)  # one setup for both commands
+    logs.setup(inv.cfg.verbosity, inv.cfg.logging_format)  # one setup for both commands
     for w in inv.warnings:
         log.warning("%s", w)
     cfg = inv.cfg

@@ -1,15 +1,14 @@
-"""Operator tools: ``kproxy render`` and ``kproxy trace``.
+"""What ``kproxy render``, ``trace`` and ``diff`` (`kproxy.commands`) and the API build on:
+the cluster as the daemon would see it, and the rules kproxy would program from it.
 
-Both use the daemon's own code paths - the same sources, controller and engines - with the
+They use the daemon's own code paths - the same sources, controller and engines - with the
 engines on their in-memory kernel, so what they show is exactly what the daemon would program.
 ``trace --live`` reads the rules actually in this node's kernel instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-import json
 import threading
 from typing import Any
 
@@ -67,14 +66,6 @@ def snapshot(cfg: ProxyConfig) -> Controller:
 
 def rendered(cfg: ProxyConfig) -> Proxier:
     return programmed(cfg, snapshot(cfg))
-
-
-def render_command(cfg: ProxyConfig) -> int:
-    proxier = rendered(cfg)
-    for fam, text in proxier.render().items():
-        print(proxier.backend.render_header(fam))
-        print(text, end="")
-    return 0
 
 
 def parse_destination(dst: str) -> tuple[str, int, Protocol]:
@@ -178,7 +169,7 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
     return "\n".join(lines)
 
 
-# -- kproxy diff --live ---------------------------------------------------------------------
+# -- what kproxy diff --live and the API compare -------------------------------------------
 
 
 def live_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
@@ -188,16 +179,3 @@ def live_differences(cfg: ProxyConfig, family: Family) -> list[Difference]:
     if not mode.kernel_rules:
         raise ConfigError("--proxy-mode", f"diff reads kernel rules; not {cfg.mode}")
     return mode.differences(family, snapshot(cfg))
-
-
-def diff_command(cfg: ProxyConfig, *, as_json: bool) -> int:
-    """Exit status 0 when the kernel holds exactly what kproxy wants, 1 otherwise."""
-    report = {family: live_differences(cfg, family) for family in FAMILIES}
-    if as_json:
-        print(json.dumps({f: [dataclasses.asdict(d) for d in ds] for f, ds in report.items()}))
-    else:
-        for fam, ds in report.items():
-            print(f"{fam}: {'no differences' if not ds else f'{len(ds)} differences'}")
-            for d in ds:
-                print(f"  {d}")
-    return 1 if any(report.values()) else 0

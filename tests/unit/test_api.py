@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kproxy import api
-from kproxy.cli import main
+from kproxy.commands import main
 from tests import k8sobjects as k
 
 NODE_IP, POD, OUTSIDE, BLOCKED = "192.168.0.2", "10.0.0.2", "203.0.113.2", "203.0.113.130"

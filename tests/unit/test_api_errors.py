@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy import cli, nodesetup
+from kproxy import commands, nodesetup
 
 BAD = {
     "unparsable": "clusters: [\n",
@@ -38,7 +38,7 @@ def test_an_unusable_kubeconfig_is_one_line_and_exit_1(
     path = tmp_path / "kubeconfig"
     path.write_text(BAD[kind])
     argv = [command, "--kubeconfig", str(path)] + (["--live"] if command == "diff" else [])
-    assert cli.main(argv) == 1
+    assert commands.main(argv) == 1
     (line,) = error_lines(capsys)
     assert f"kubeconfig {path}: " in line
     assert "Traceback" not in line
@@ -49,7 +49,7 @@ def test_an_unreachable_api_server_is_one_line_and_exit_1(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = f"http://127.0.0.1:{closed_port()}"
-    assert cli.main(["render", "--master", server]) == 1
+    assert commands.main(["render", "--master", server]) == 1
     (line,) = error_lines(capsys)
     assert f"API server {server}: cannot list: " in line
     assert "Connection refused" in line

@@ -2,7 +2,7 @@
 
 Every invalid flag value, config file or manifests directory must exit with status 2 and one
 line on stderr starting ``kproxy: error:`` that names the flag or field, before any daemon starts.
-``kproxy.cli.run`` (the daemon) is replaced in every test here.
+``kproxy.daemon.run`` (the daemon) is replaced in every test here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kproxy
-from kproxy import cli
+from kproxy import commands
 from kproxy.config import ProxyConfig
 
 HEADER = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
@@ -28,7 +28,7 @@ def no_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     def run(cfg: ProxyConfig) -> int:
         pytest.fail(f"the daemon was started with {cfg!r}")
 
-    monkeypatch.setattr(cli, "run", run)
+    monkeypatch.setattr("kproxy.daemon.run", run)
 
 
 @pytest.fixture
@@ -40,15 +40,15 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> list[ProxyConfig]:
         started.append(cfg)
         return 0
 
-    monkeypatch.setattr(cli, "run", run)
-    monkeypatch.setattr(cli, "setup_logging", lambda verbosity, fmt="text": None)
+    monkeypatch.setattr("kproxy.daemon.run", run)
+    monkeypatch.setattr("kproxy.logs.setup", lambda verbosity, fmt="text": None)
     return started
 
 
 def invoke(argv: Sequence[str]) -> int:
-    """``cli.main(argv)``'s exit status, whether returned or raised as SystemExit."""
+    """``commands.main(argv)``'s exit status, whether returned or raised as SystemExit."""
     try:
-        return cli.main(list(argv))
+        return commands.main(list(argv))
     except SystemExit as e:
         assert isinstance(e.code, int)
         return e.code
@@ -376,6 +376,6 @@ def test_unknown_config_field_is_only_a_warning(
 
 
 def test_daemon_exit_status_is_returned(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "run", lambda cfg: 3)
-    monkeypatch.setattr(cli, "setup_logging", lambda verbosity, fmt="text": None)
+    monkeypatch.setattr("kproxy.daemon.run", lambda cfg: 3)
+    monkeypatch.setattr("kproxy.logs.setup", lambda verbosity, fmt="text": None)
     assert invoke(["daemon"]) == 3

@@ -120,12 +120,12 @@ def test_a_bad_allow_list_names_the_flag() -> None:
 
 
 def test_kproxys_own_command_takes_the_gate_as_kube_proxy_does() -> None:
-    from kproxy import cli
+    from kproxy.commands import flags, make_parser
 
-    args = cli.make_parser().parse_args(
+    args = make_parser().parse_args(
         ["render", "--feature-gates", f"{ALLOW_EXTERNAL_IPS}=false,Other=true"]
     )
-    cfg = cli.load_config(args)
+    cfg = flags.load_config(args)
     assert cfg.feature_gates == {ALLOW_EXTERNAL_IPS: False, "Other": True}
     with pytest.raises(SystemExit):
-        cli.make_parser().parse_args(["render", "--feature-gates", ALLOW_EXTERNAL_IPS])
+        make_parser().parse_args(["render", "--feature-gates", ALLOW_EXTERNAL_IPS])

@@ -180,7 +180,7 @@ def test_with_config_the_file_decides_but_hostname_master_and_logging_apply(
 
 
 def test_write_config_to_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kproxy.cli.setup_logging", lambda verbosity, fmt="text": None)
+    monkeypatch.setattr("kproxy.logs.setup", lambda verbosity, fmt="text": None)
     out = tmp_path / "written.yaml"
     argv = [
         "--proxy-mode=nftables", "--masquerade-all", "--cluster-cidr=10.244.0.0/16",
@@ -236,7 +236,7 @@ def test_cleanup_and_init_only_do_their_job_and_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr("kproxy.cli.setup_logging", lambda verbosity, fmt="text": None)
+    monkeypatch.setattr("kproxy.logs.setup", lambda verbosity, fmt="text": None)
 
     def record(what: str) -> int:
         calls.append(what)

@@ -21,7 +21,7 @@ import pytest
 import urllib3
 import yaml
 
-from kproxy import cli
+from kproxy import commands
 from kproxy.errors import ApiConnectionError, KubeconfigError
 from kproxy.k8s import kubeconfig
 from kproxy.k8s.client import ClientFactory
@@ -279,7 +279,7 @@ def test_an_exec_kubeconfig_stops_the_tools_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write(tmp_path / "kubeconfig", config(user={"exec": {"command": "x"}}))
-    assert cli.main(["render", "--kubeconfig", str(path)]) == 1
+    assert commands.main(["render", "--kubeconfig", str(path)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("E")]
     assert len(err) == 1
     assert f"kubeconfig {path}: users[u].user.exec: not supported" in err[0]
@@ -433,7 +433,7 @@ def test_lists_through_the_fake_servers_kubeconfig(
         api.put(k.service("web", "10.96.0.77", [k.port("http", 80)]))
         path = tmp_path / "kubeconfig"
         write_kubeconfig(path, api.api_url)
-        assert cli.main(["render", "--kubeconfig", str(path), "--hostname-override", "n"]) == 0
+        assert commands.main(["render", "--kubeconfig", str(path), "--hostname-override", "n"]) == 0
     assert "10.96.0.77" in capsys.readouterr().out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.cli import main
+from kproxy.commands import main
 
 EXAMPLE = ["--manifests", "examples/manifests", "--hostname-override", "kproxy-demo"]
 EXAMPLE += ["--cluster-cidr", "10.244.0.0/16"]

@@ -1,20 +1,18 @@
-"""The command line: ``kproxy daemon|render|trace|diff|doctor|cleanup|version`` with
-kube-proxy's flag names."""
+"""What every command shares: one-line argparse errors, kube-proxy's flag names and value
+types, and turning the flags (and ``--config``) into a `ProxyConfig` to run a command with."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeAlias
 
-from kproxy import __version__, _core, doctor, logs, tools, v1alpha1, xtables_backend
+from kproxy import logs, v1alpha1, xtables_backend
 from kproxy.config import MODES, ProxyConfig, build, load_file
-from kproxy.daemon import run
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.goduration import parse_duration
-from kproxy.lifecycle import cleanup, hand_back
 
 log = logging.getLogger("kproxy")
 
@@ -25,6 +23,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"kproxy: error: {message}\n")
         raise SystemExit(2)
+
+
+# What each command's ``register`` adds its parser to.
+Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
 
 def _duration_flag(name: str) -> Any:
@@ -52,63 +54,13 @@ def gates_arg(value: str) -> dict[str, bool]:
     return out
 
 
-def make_parser() -> argparse.ArgumentParser:
-    # No abbreviations: kube-proxy refuses flags it does not know, and so do we.
-    p = _Parser(prog="kproxy", description="A drop-in kube-proxy replacement.", allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    d = sub.add_parser("daemon", help="run the proxy", allow_abbrev=False)
-    add_proxy_flags(d)
-
-    r = sub.add_parser(
-        "render", allow_abbrev=False,
-        help="print the rules kproxy would program (no privileges, the kernel is not touched)",
-    )  # fmt: skip
-    add_proxy_flags(r)
-
-    t = sub.add_parser(
-        "trace", allow_abbrev=False,
-        help="where a packet goes: as kproxy would program it, or (--live) in the kernel",
-    )  # fmt: skip
-    t.add_argument("src", help="source address")
-    t.add_argument("dst", help="destination: IP:PORT[/PROTO], IPv6 as [IP]:PORT[/PROTO]")
-    t.add_argument(
-        "--from-node", action="store_true",
-        help="the packet is sent by the node itself (default: it arrives from the network)",
-    )  # fmt: skip
-    t.add_argument(
-        "--live", action="store_true", help="trace through the rules in this node's kernel"
-    )
-    t.add_argument(
-        "--node-ip", action="append", default=[], metavar="IP",
-        help="an address of the node (repeatable; default: the Node's, or this host's)",
-    )  # fmt: skip
-    add_proxy_flags(t)
-
-    df = sub.add_parser(
-        "diff", allow_abbrev=False,
-        help="what differs between the kernel's rules and what kproxy wants (needs root)",
-    )  # fmt: skip
-    df.add_argument("--live", action="store_true", required=True, help="compare with the kernel")
-    df.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
-    add_proxy_flags(df)
-
-    dr = sub.add_parser(
-        "doctor", allow_abbrev=False,
-        help="what will go wrong on this node in the chosen mode, before it does",
-    )  # fmt: skip
-    dr.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
-    add_proxy_flags(dr)
-
-    c = sub.add_parser("cleanup", help="remove every rule kproxy (or kube-proxy) created")
-    c.add_argument("-v", "--v", dest="verbosity", type=int, default=0)
-    c.add_argument(
-        "--hand-back", action="store_true",
-        help="kube-proxy runs here now: remove only what kproxy alone created",
-    )  # fmt: skip
-
-    sub.add_parser("version", help="print the version")
-    return p
+def bool_arg(value: str) -> bool:
+    v = value.lower()
+    if v in ("true", "1", "t"):
+        return True
+    if v in ("false", "0", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
 
 
 def add_proxy_flags(d: argparse.ArgumentParser) -> None:
@@ -189,23 +141,12 @@ def add_proxy_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument("--logging-format", choices=logs.FORMATS, default=S, help="klog's formats")
 
 
-def bool_arg(value: str) -> bool:
-    v = value.lower()
-    if v in ("true", "1", "t"):
-        return True
-    if v in ("false", "0", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
-
-
-def setup_logging(verbosity: int, fmt: str = "text") -> None:
-    """klog's text (or JSON) lines on stderr; details from -v=4 on."""
-    logs.setup(verbosity, fmt)
+# The commands' own arguments: not configuration.
+_COMMAND_ARGS = ("command", "config", "src", "dst", "from_node", "live", "node_ip", "as_json")
 
 
 def load_config(args: argparse.Namespace) -> ProxyConfig:
-    tool_args = ("command", "config", "src", "dst", "from_node", "live", "node_ip", "as_json")
-    flags = {k: v for k, v in vars(args).items() if k not in tool_args}
+    flags = {k: v for k, v in vars(args).items() if k not in _COMMAND_ARGS}
     if args.config:
         flags["config_file"] = args.config
     file = load_file(args.config, flags.get("mode")) if args.config else None
@@ -217,46 +158,21 @@ def load_config(args: argparse.Namespace) -> ProxyConfig:
     return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    if args.command == "version":
-        print(f"kproxy {__version__} (core {_core.version()})")
-        return 0
+def run_configured(args: argparse.Namespace, command: Callable[[ProxyConfig], int]) -> int:
+    """``command`` on the configuration the flags (and ``--config``) ask for, with logging set
+    up: a bad value exits 2 with one ``kproxy: error:`` line, any other kproxy error 1."""
     try:
-        if args.command == "cleanup":
-            setup_logging(args.verbosity)
-            xtables_backend.configure()
-            return hand_back() if args.hand_back else cleanup()
         cfg = load_config(args)
     except ConfigError as e:
         sys.stderr.write(f"kproxy: error: {e}\n")
         return 2
-    setup_logging(cfg.verbosity, cfg.logging_format)
+    logs.setup(cfg.verbosity, cfg.logging_format)
     try:
         xtables_backend.configure()
-        if args.command == "render":
-            return tools.render_command(cfg)
-        if args.command == "doctor":
-            return doctor.doctor_command(cfg, as_json=args.as_json)
-        if args.command == "diff":
-            return tools.diff_command(cfg, as_json=args.as_json)
-        if args.command == "trace":
-            return tools.trace_command(
-                cfg,
-                args.src,
-                args.dst,
-                from_node=args.from_node,
-                live=args.live,
-                node_ips=args.node_ip,
-            )
-        return run(cfg)
+        return command(cfg)
     except ConfigError as e:
         sys.stderr.write(f"kproxy: error: {e}\n")
         return 2
     except KproxyError as e:
         log.error("%s", e)
         return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
