@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import yaml
 
 from kproxy import __version__, daemon, lifecycle, logs, nodesetup, v1alpha1, xtables_backend
+from kproxy.backends import for_mode
 from kproxy.commands.flags import bool_arg, comma_list, gates_arg
 from kproxy.config import ProxyConfig, build, load_file
 from kproxy.errors import ConfigError, KproxyError
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return lifecycle.cleanup()
         if inv.given.get("--init-only"):
             nodesetup.apply(cfg)
-            nodesetup.apply_mode(cfg)
+            for_mode(cfg).init_node()
             return 0
         return daemon.run(cfg)
     except OSError as e:

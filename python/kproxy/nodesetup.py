@@ -14,10 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy.backends.iptables import localhost_allowed
-from kproxy.backends.ipvs import set_sysctls
 from kproxy.config import ProxyConfig
-from kproxy.netinfo import set_sysctl, sysctl
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +115,3 @@ def apply(
         err = proc.write("proc/self/oom_score_adj", cfg.oom_score_adj)
         if err is not None:  # lowering it needs CAP_SYS_RESOURCE
             log.info("cannot set oom_score_adj to %d (%s)", cfg.oom_score_adj, err)
-
-
-def apply_mode(cfg: ProxyConfig) -> None:
-    """The mode's own sysctls, which the daemon would otherwise set when it starts (for
-    ``--init-only``, so that the daemon's container needs no privileges for them)."""
-    if cfg.mode == "iptables" and cfg.localhost_nodeports and localhost_allowed(cfg):
-        name = "net.ipv4.conf.all.route_localnet"
-        if sysctl(name) != "1" and not set_sysctl(name, "1"):
-            log.warning("cannot set %s: localhost NodePorts will not work", name)
-    if cfg.mode == "ipvs":
-        set_sysctls(cfg.ipvs_strict_arp)

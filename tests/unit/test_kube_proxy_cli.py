@@ -244,7 +244,8 @@ def test_cleanup_and_init_only_do_their_job_and_exit(
 
     monkeypatch.setattr("kproxy.lifecycle.cleanup", lambda: record("cleanup"))
     monkeypatch.setattr(nodesetup, "apply", lambda cfg, **kw: calls.append(f"setup {cfg.mode}"))
-    monkeypatch.setattr(nodesetup, "apply_mode", lambda cfg: calls.append("mode"))
+    init_node = "kproxy.backends.ipvs.IpvsMode.init_node"  # the mode's part of --init-only
+    monkeypatch.setattr(init_node, lambda self: calls.append("mode"))
     monkeypatch.setattr("kproxy.daemon.run", lambda cfg: record("daemon"))
     conf = kubeadm_conf(tmp_path, mode="ipvs")
     assert kube_proxy.main(["--cleanup"]) == 0

@@ -68,6 +68,11 @@ class ModeBackend:
         """Node settings the engines' rules rely on, before the first sync (kernel engines
         only: never for render, trace or dry runs)."""
 
+    def init_node(self) -> None:
+        """The mode's own node settings, which the daemon would otherwise make as it runs,
+        for ``kube-proxy --init-only``: the daemon's container then needs no privileges for
+        them."""
+
     def after_sync(
         self,
         engines: Mapping[Family, _core.Engine],

@@ -59,6 +59,15 @@ class IptablesMode(ModeBackend):
         else:
             log.warning("cannot set %s: localhost NodePorts will not work", ROUTE_LOCALNET)
 
+    def init_node(self) -> None:
+        if (
+            self.cfg.localhost_nodeports
+            and localhost_allowed(self.cfg)
+            and sysctl(ROUTE_LOCALNET) != "1"
+            and not set_sysctl(ROUTE_LOCALNET, "1")
+        ):
+            log.warning("cannot set %s: localhost NodePorts will not work", ROUTE_LOCALNET)
+
     def register_metrics(self, registry: CollectorRegistry) -> None:
         self._durations = metrics.SyncDurations(registry)
         self._restore_failures = metrics.restore_failures(registry)

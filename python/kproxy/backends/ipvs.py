@@ -155,6 +155,9 @@ class IpvsMode(ModeBackend):
     ) -> None:
         config["ipvs"] = ipvs_engine_config(self.cfg, host_addrs)
 
+    def init_node(self) -> None:
+        set_sysctls(self.cfg.ipvs_strict_arp)
+
     def after_sync(
         self,
         engines: Mapping[Family, _core.Engine],
