@@ -482,3 +482,353 @@ impl fmt::Display for Field {
         f.write_str(&s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::IpFamily::{V4, V6};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn rule_text(family: IpFamily, r: &Rule) -> String {
+        let mut s = String::new();
+        Fmt(family).rule(r, &mut s);
+        s
+    }
+
+    fn op_text(family: IpFamily, op: Op) -> String {
+        Fmt(family).script(&[op])
+    }
+
+    #[test]
+    fn every_match_prints_as_nft_reads_it() {
+        let cidr = "10.0.0.0/8".parse().unwrap();
+        let cases: Vec<(Match, &str)> = vec![
+            (Match::CtStateNew, "ct state new"),
+            (Match::CtStatusDnat, "ct status dnat"),
+            (
+                Match::Lookup {
+                    fields: vec![Field::Daddr, Field::L4proto, Field::Dport],
+                    set: "firewall-ips".into(),
+                    neg: false,
+                },
+                "ip daddr . meta l4proto . th dport @firewall-ips",
+            ),
+            (
+                Match::Lookup {
+                    fields: vec![Field::Saddr],
+                    set: "s".into(),
+                    neg: true,
+                },
+                "ip saddr != @s",
+            ),
+            (Match::Saddr { cidr, neg: false }, "ip saddr 10.0.0.0/8"),
+            (Match::Daddr { cidr, neg: true }, "ip daddr != 10.0.0.0/8"),
+            (
+                Match::Iif {
+                    name: "cbr0".into(),
+                    neg: false,
+                },
+                "iifname \"cbr0\"",
+            ),
+            // iptables' prefix spelling becomes nft's wildcard.
+            (
+                Match::Iif {
+                    name: "veth+".into(),
+                    neg: true,
+                },
+                "iifname != \"veth*\"",
+            ),
+            (Match::FibLocal { src: true }, "fib saddr type local"),
+            (Match::FibLocal { src: false }, "fib daddr type local"),
+            (Match::MarkAny(0x4000), "meta mark & 0x00004000 != 0"),
+            (Match::L4proto(Protocol::Sctp), "meta l4proto sctp"),
+            (Match::OneIn(3), "numgen random mod 3 0"),
+        ];
+        for (m, want) in cases {
+            assert_eq!(
+                rule_text(V4, &Rule::new(vec![m.clone()], Stmt::Drop)),
+                format!("{want} drop"),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_statement_prints_as_nft_reads_it() {
+        let cases: Vec<(Stmt, &str)> = vec![
+            (Stmt::Jump("services".into()), "jump services"),
+            (Stmt::Goto("reject-chain".into()), "goto reject-chain"),
+            (
+                Stmt::Vmap {
+                    fields: vec![Field::L4proto, Field::Dport],
+                    map: "service-nodeports".into(),
+                },
+                "meta l4proto . th dport vmap @service-nodeports",
+            ),
+            (Stmt::Drop, "drop"),
+            (Stmt::Reject, "reject"),
+            (Stmt::RejectReset, "reject with tcp reset"),
+            (Stmt::MarkOr(0x4000), "meta mark set meta mark | 0x00004000"),
+            (
+                Stmt::ClearMarkMasquerade(0x4000),
+                "meta mark set meta mark ^ 0x00004000 masquerade fully-random",
+            ),
+            (Stmt::Masquerade, "masquerade fully-random"),
+            (
+                Stmt::Dnat(Protocol::Tcp, ip("10.1.0.1"), 8080),
+                "meta l4proto tcp dnat to 10.1.0.1:8080",
+            ),
+            (
+                Stmt::DnatMap {
+                    protocol: Protocol::Udp,
+                    fields: vec![Field::L4proto, Field::Dport, Field::Random(2)],
+                    map: "nodeport-endpoints-2".into(),
+                },
+                "meta l4proto udp dnat ip to meta l4proto . th dport . numgen random mod 2 map @nodeport-endpoints-2",
+            ),
+            (
+                Stmt::Update {
+                    fields: vec![Field::Saddr, Field::Const(7)],
+                    set: "affinity".into(),
+                    timeout: 10800,
+                },
+                "update @affinity { ip saddr . numgen inc mod 1 offset 7 timeout 10800s }",
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(rule_text(V4, &Rule::always(s.clone())), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_use_ip6_and_brackets() {
+        let r = Rule::new(
+            vec![Match::Saddr {
+                cidr: "fd00:10::/64".parse().unwrap(),
+                neg: true,
+            }],
+            Stmt::Dnat(Protocol::Udp, ip("fd00::1"), 53),
+        );
+        assert_eq!(
+            rule_text(V6, &r),
+            "ip6 saddr != fd00:10::/64 meta l4proto udp dnat to [fd00::1]:53"
+        );
+        let r = Rule::always(Stmt::DnatMap {
+            protocol: Protocol::Tcp,
+            fields: vec![Field::Daddr, Field::L4proto, Field::Dport, Field::Random(1)],
+            map: "endpoints-1".into(),
+        });
+        assert_eq!(
+            rule_text(V6, &r),
+            "meta l4proto tcp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map @endpoints-1"
+        );
+    }
+
+    #[test]
+    fn table_chain_and_set_operations() {
+        let hook = Hook {
+            kind: "nat",
+            hook: "prerouting",
+            priority: -100,
+        };
+        let set = |spec, interval, dynamic_size| SetDef {
+            name: "s".into(),
+            spec,
+            interval,
+            dynamic_size,
+        };
+        let cases: Vec<(IpFamily, Op, &str)> = vec![
+            (V4, Op::AddTable, "add table ip kproxy"),
+            (V6, Op::DeleteTable, "delete table ip6 kproxy"),
+            (V4, Op::AddChain("services".into(), None), "add chain ip kproxy services"),
+            (
+                V4,
+                Op::AddChain("nat-prerouting".into(), Some(hook)),
+                "add chain ip kproxy nat-prerouting { type nat hook prerouting priority -100 ; }",
+            ),
+            (V4, Op::FlushChain("c".into()), "flush chain ip kproxy c"),
+            (V4, Op::DeleteChain("c".into()), "delete chain ip kproxy c"),
+            (
+                V4,
+                Op::AddRule("c".into(), Rule::always(Stmt::Drop)),
+                "add rule ip kproxy c drop",
+            ),
+            (
+                V4,
+                Op::AddSet(set(SetSpec::Addr, false, None)),
+                "add set ip kproxy s { type ipv4_addr ; }",
+            ),
+            (
+                V6,
+                Op::AddSet(set(SetSpec::AddrProtoPortSaddr, true, None)),
+                "add set ip6 kproxy s { type ipv6_addr . inet_proto . inet_service . ipv6_addr ; flags interval ; }",
+            ),
+            (
+                V4,
+                Op::AddSet(set(SetSpec::AddrAddrProtoPort, false, None)),
+                "add set ip kproxy s { type ipv4_addr . ipv4_addr . inet_proto . inet_service ; }",
+            ),
+            // Verdict and DNAT maps are `map`s.
+            (
+                V4,
+                Op::AddSet(set(SetSpec::ProtoPortVerdict, false, None)),
+                "add map ip kproxy s { type inet_proto . inet_service : verdict ; }",
+            ),
+            (
+                V4,
+                Op::AddSet(set(SetSpec::AddrProtoPortVerdict, false, None)),
+                "add map ip kproxy s { type ipv4_addr . inet_proto . inet_service : verdict ; }",
+            ),
+            (
+                V6,
+                Op::AddSet(set(SetSpec::ProtoPortIndexDnat, false, None)),
+                "add map ip6 kproxy s { typeof meta l4proto . th dport . numgen random mod 1 : ip6 daddr . th dport ; }",
+            ),
+            (
+                V4,
+                Op::AddSet(set(SetSpec::SaddrId, false, Some(1024))),
+                "add set ip kproxy s { typeof ip saddr . numgen inc mod 1 ; flags dynamic,timeout ; size 1024 ; }",
+            ),
+            (V4, Op::DeleteSet("s".into()), "delete set ip kproxy s"),
+        ];
+        for (family, op, want) in cases {
+            assert_eq!(op_text(family, op.clone()), format!("{want}\n"), "{op:?}");
+        }
+    }
+
+    #[test]
+    fn element_operations_list_keys_and_data() {
+        let tcp = Value::Proto(Protocol::Tcp);
+        let vip = vec![Value::Addr(ip("172.30.0.1")), tcp, Value::Port(80)];
+        let add = Op::AddElements(
+            "service-ips".into(),
+            vec![
+                (vip.clone(), Some(Data::Goto("endpoints-1".into()))),
+                (
+                    vec![Value::Addr(ip("172.30.0.2")), tcp, Value::Port(80)],
+                    Some(Data::Drop),
+                ),
+            ],
+        );
+        assert_eq!(
+            op_text(V4, add),
+            "add element ip kproxy service-ips { 172.30.0.1 . tcp . 80 : goto endpoints-1, 172.30.0.2 . tcp . 80 : drop }\n"
+        );
+        let mut pool = vip.clone();
+        pool.push(Value::Int(0));
+        assert_eq!(
+            op_text(
+                V4,
+                Op::AddElements(
+                    "endpoints-1".into(),
+                    vec![(pool, Some(Data::Dnat(ip("10.1.0.1"), 8080)))]
+                )
+            ),
+            "add element ip kproxy endpoints-1 { 172.30.0.1 . tcp . 80 . 0 : 10.1.0.1 . 8080 }\n"
+        );
+        let mut range = vip.clone();
+        range.push(Value::Cidr("0.0.0.0/0".parse().unwrap()));
+        assert_eq!(
+            op_text(
+                V4,
+                Op::AddElements("firewall-allow".into(), vec![(range, None)])
+            ),
+            "add element ip kproxy firewall-allow { 172.30.0.1 . tcp . 80 . 0.0.0.0/0 }\n"
+        );
+        assert_eq!(
+            op_text(
+                V4,
+                Op::AddTimedElements(
+                    "affinity".into(),
+                    vec![
+                        (vec![Value::Addr(ip("10.0.0.5")), Value::Int(9)], 42),
+                        (vec![Value::Addr(ip("10.0.0.6")), Value::Int(9)], 1),
+                    ]
+                )
+            ),
+            "add element ip kproxy affinity { 10.0.0.5 . 9 timeout 42s, 10.0.0.6 . 9 timeout 1s }\n"
+        );
+        assert_eq!(
+            op_text(
+                V6,
+                Op::DeleteElements(
+                    "cluster-ips".into(),
+                    vec![
+                        vec![Value::Addr(ip("fd00::1"))],
+                        vec![Value::Addr(ip("fd00::2"))]
+                    ]
+                )
+            ),
+            "delete element ip6 kproxy cluster-ips { fd00::1, fd00::2 }\n"
+        );
+    }
+
+    #[test]
+    fn a_script_is_one_line_per_operation() {
+        let ops = [
+            Op::AddTable,
+            Op::AddChain("c".into(), None),
+            Op::AddRule("c".into(), Rule::always(Stmt::Reject)),
+        ];
+        assert_eq!(
+            Fmt(V4).script(&ops),
+            "add table ip kproxy\nadd chain ip kproxy c\nadd rule ip kproxy c reject\n"
+        );
+        assert_eq!(Fmt(V4).script(&[]), "");
+    }
+
+    /// Values and data as the replay JSON spells them, and back to the text nft reads.
+    #[test]
+    fn values_and_data_round_trip_from_their_json_form() {
+        let key: Key = serde_json::from_str(
+            r#"[{"addr": "172.30.0.1"}, {"proto": "TCP"}, {"port": 80}, {"int": 3},
+                {"cidr": "10.0.0.0/8"}]"#,
+        )
+        .unwrap();
+        let mut s = String::new();
+        Fmt(V4).key(&key, &mut s);
+        assert_eq!(s, "172.30.0.1 . tcp . 80 . 3 . 10.0.0.0/8");
+        let data: Vec<Data> =
+            serde_json::from_str(r#"[{"goto": "c"}, "drop", {"dnat": ["fd00::1", 53]}]"#).unwrap();
+        let text: Vec<String> = data
+            .iter()
+            .map(|d| {
+                let mut s = String::new();
+                Fmt(V6).data(d, &mut s);
+                s
+            })
+            .collect();
+        assert_eq!(text, ["goto c", "drop", "fd00::1 . 53"]);
+        assert!(serde_json::from_str::<Value>(r#"{"port": 70000}"#).is_err());
+        assert!(serde_json::from_str::<Value>(r#"{"addr": "not-an-ip"}"#).is_err());
+    }
+
+    #[test]
+    fn fields_display_in_ipv4_form() {
+        let shown: Vec<String> = [
+            Field::Saddr,
+            Field::Daddr,
+            Field::L4proto,
+            Field::Dport,
+            Field::Const(5),
+            Field::Random(4),
+        ]
+        .iter()
+        .map(Field::to_string)
+        .collect();
+        assert_eq!(
+            shown,
+            [
+                "ip saddr",
+                "ip daddr",
+                "meta l4proto",
+                "th dport",
+                "numgen inc mod 1 offset 5",
+                "numgen random mod 4"
+            ]
+        );
+    }
+}

@@ -734,4 +734,77 @@ mod tests {
     fn addr_of(s: &str) -> std::net::IpAddr {
         s.parse().unwrap()
     }
+
+    /// `nft -j list set ip kproxy affinity` with two entries (testdata/README.md).
+    #[test]
+    fn the_kernels_affinity_listing_gives_each_client_and_the_seconds_left() {
+        let got = parse_affinity(include_bytes!("testdata/affinity.json")).unwrap();
+        assert_eq!(
+            got,
+            [
+                (vec![Value::Addr(addr_of("10.0.0.6")), Value::Int(7)], 119),
+                (
+                    vec![Value::Addr(addr_of("10.0.0.5")), Value::Int(4043352603)],
+                    59
+                ),
+            ]
+        );
+        // No set listed (no table yet): nothing to carry over.
+        assert_eq!(parse_affinity(br#"{"nftables": []}"#).unwrap(), []);
+    }
+
+    #[test]
+    fn a_malformed_affinity_listing_is_refused() {
+        for (json, want) in [
+            (&b"["[..], "nft -j list set affinity: "),
+            (br#"{"nft": []}"#, "no nftables array"),
+            (
+                br#"{"nftables": [{"set": {"elem": [{"elem": {"val": "10.0.0.5"}}]}}]}"#,
+                "element",
+            ),
+            (
+                br#"{"nftables": [{"set": {"elem": [{"elem": {"val": {"concat": ["x", 1]}}}]}}]}"#,
+                "element key",
+            ),
+        ] {
+            match parse_affinity(json) {
+                Err(Error::InvalidInput(m)) => assert!(m.contains(want), "{m:?} lacks {want:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_models_lines_leave_out_affinity_entries() {
+        let mut fake = Fake::new(IpFamily::V4);
+        let affinity = SetDef {
+            name: AFFINITY.into(),
+            spec: SetSpec::SaddrId,
+            interval: false,
+            dynamic_size: Some(16),
+        };
+        fake.apply(&[
+            Op::AddTable,
+            Op::AddSet(fw()),
+            Op::AddSet(affinity),
+            Op::AddChain("c".into(), None),
+            Op::AddRule("c".into(), Rule::always(Stmt::Drop)),
+            Op::AddElements("fw".into(), vec![el("0.0.0.0/0")]),
+            Op::AddTimedElements(
+                AFFINITY.into(),
+                vec![(vec![Value::Addr(addr_of("10.0.0.5")), Value::Int(1)], 60)],
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            fake.model.lines(IpFamily::V4),
+            [
+                "chain c",
+                "rule c #0: drop",
+                "set fw",
+                "element fw: 1.2.3.4 . tcp . 80 . 0.0.0.0/0"
+            ]
+        );
+        assert!(fake.dump().unwrap().contains("10.0.0.5 . 1"));
+    }
 }

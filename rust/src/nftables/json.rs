@@ -466,3 +466,227 @@ fn dnat_protocol(s: &J) -> Option<Protocol> {
             .flatten()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ast::{Fmt, SetSpec};
+    use super::super::backend::{Backend, Fake};
+    use super::super::testutil::{cfg, cluster, state};
+    use super::super::writer::Writer;
+    use super::*;
+    use crate::model::IpFamily::{V4, V6};
+
+    // `testdata/table-<family>.nft` is what kproxy renders for `testutil::cluster`; the
+    // `.json` beside it is what `nft -j list table` printed after `nft -f` of it (nft 1.0.6,
+    // kernel 6.18, in a scratch network namespace; pretty-printed). See testdata/README.md
+    // for regenerating both.
+    const V4_NFT: &str = include_str!("testdata/table-v4.nft");
+    const V4_JSON: &str = include_str!("testdata/table-v4.json");
+    const V6_NFT: &str = include_str!("testdata/table-v6.nft");
+    const V6_JSON: &str = include_str!("testdata/table-v6.json");
+
+    /// What the Fake holds after the transaction that made the fixture.
+    fn rendered(family: IpFamily, fixture_script: &str) -> Model {
+        let st = state(family, &cluster(family));
+        let plan = Writer::default().full(&st, &cfg(family), &[]);
+        assert_eq!(
+            Fmt(family).script(&plan.ops),
+            fixture_script,
+            "the render changed: regenerate testdata/ (testdata/README.md)"
+        );
+        let mut fake = Fake::new(family);
+        fake.apply(&plan.ops).unwrap();
+        fake.model
+    }
+
+    fn err_of(json: &str) -> String {
+        match model_from_json(json.as_bytes(), V4) {
+            Err(Error::InvalidInput(m)) => m,
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_kernels_ipv4_listing_reads_back_as_what_was_written() {
+        let want = rendered(V4, V4_NFT);
+        let got = model_from_json(V4_JSON.as_bytes(), V4).unwrap();
+        // Line by line first, for a readable failure; then the values themselves.
+        assert_eq!(got.lines(V4), want.lines(V4));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_kernels_ipv6_listing_reads_back_as_what_was_written() {
+        let want = rendered(V6, V6_NFT);
+        let got = model_from_json(V6_JSON.as_bytes(), V6).unwrap();
+        assert_eq!(got.lines(V6), want.lines(V6));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_listing_reads_the_shapes_nft_prints() {
+        let m = model_from_json(V4_JSON.as_bytes(), V4).unwrap();
+        let line = |r: &Rule| {
+            let mut s = String::new();
+            Fmt(V4).rule(r, &mut s);
+            s
+        };
+        // nft folds `meta l4proto tcp` into `tcp dport`, and prints `reject` as ICMP port
+        // unreachable and `reject with tcp reset` without its protocol match.
+        let reject: Vec<String> = m.chains["reject-chain"].rules.iter().map(line).collect();
+        assert_eq!(reject, ["meta l4proto tcp reject with tcp reset", "reject"]);
+        let pool: Vec<String> = m.chains["endpoints-2"].rules.iter().map(line).collect();
+        assert_eq!(
+            pool[0],
+            "meta l4proto tcp dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 map @endpoints-2"
+        );
+        // Offsets of 2^31 and more (affinity ids) come back negative.
+        assert!(
+            V4_JSON.contains("\"offset\": -"),
+            "the fixture has no negative offset"
+        );
+        assert!(m
+            .chains
+            .values()
+            .flat_map(|c| &c.rules)
+            .all(|r| !r.matches.iter().any(|x| matches!(x, Match::Foreign(_)))));
+        // Interval elements: a prefix, or an address for a full-length one.
+        let allow: Vec<String> = m.sets["firewall-allow"]
+            .elements
+            .keys()
+            .map(|k| {
+                let mut s = String::new();
+                Fmt(V4).key(k, &mut s);
+                s
+            })
+            .collect();
+        assert_eq!(
+            allow,
+            [
+                "203.0.113.20 . tcp . 80 . 0.0.0.0/0",
+                "203.0.113.21 . tcp . 80 . 203.0.113.21",
+                "203.0.113.21 . tcp . 80 . 10.0.0.0/8",
+                "203.0.113.21 . tcp . 80 . 192.168.0.0/16",
+            ]
+        );
+        assert_eq!(
+            m.sets["firewall-allow"].def.spec,
+            SetSpec::AddrProtoPortSaddr
+        );
+        assert!(m.sets["firewall-allow"].def.interval);
+    }
+
+    #[test]
+    fn an_empty_listing_is_no_table() {
+        let m = model_from_json(
+            br#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}]}"#,
+            V4,
+        )
+        .unwrap();
+        assert_eq!(m, Model::default());
+    }
+
+    #[test]
+    fn what_kproxy_did_not_write_is_kept_as_foreign_or_skipped() {
+        let m = model_from_json(
+            br#"{"nftables": [
+                {"table": {"family": "ip", "name": "kproxy", "handle": 1}},
+                {"set": {"family": "ip", "name": "mine", "table": "kproxy", "type": "ipv4_addr",
+                         "elem": ["10.0.0.1"]}},
+                {"chain": {"family": "ip", "table": "kproxy", "name": "services"}},
+                {"rule": {"family": "ip", "table": "kproxy", "chain": "services",
+                          "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                              "right": "eth0"}},
+                                   {"log": {"prefix": "x"}}]}},
+                {"rule": {"family": "ip", "table": "kproxy", "chain": "services",
+                          "expr": [{"counter": {"packets": 1, "bytes": 60}},
+                                   {"jump": {"target": "services"}}]}},
+                {"rule": {"family": "ip", "table": "kproxy", "chain": "gone",
+                          "expr": [{"drop": null}]}}
+            ]}"#,
+            V4,
+        )
+        .unwrap();
+        assert!(m.exists);
+        // A set that is none of kproxy's is skipped.
+        assert!(m.sets.is_empty());
+        let rules = &m.chains["services"].rules;
+        assert_eq!(rules.len(), 2);
+        match &rules[0].matches[..] {
+            [Match::Foreign(text)] => assert!(text.contains("\"log\""), "{text}"),
+            other => panic!("not foreign: {other:?}"),
+        }
+        // Counters are ignored.
+        assert_eq!(rules[1], Rule::always(Stmt::Jump("services".into())));
+        // A rule of a chain that was not listed is dropped.
+        assert_eq!(m.chains.len(), 1);
+    }
+
+    #[test]
+    fn malformed_listings_are_refused_with_what_is_wrong() {
+        let table = r#"{"table": {"family": "ip", "name": "kproxy"}}"#;
+        let with = |item: &str| format!(r#"{{"nftables": [{table}, {item}]}}"#);
+        let cases: [(String, &str); 8] = [
+            ("not json".into(), "expected ident"),
+            (r#"{"tables": []}"#.into(), "no nftables array"),
+            (
+                with(r#"{"chain": {"name": 7}}"#),
+                "expected a string, got 7",
+            ),
+            (
+                with(
+                    r#"{"set": {"name": "cluster-ips", "type": "ipv4_addr", "elem": ["10.0.0.300"]}}"#,
+                ),
+                "invalid IP address syntax",
+            ),
+            (
+                with(
+                    r#"{"set": {"name": "firewall-ips", "type": ["ipv4_addr", "inet_proto", "inet_service"],
+                                "elem": [{"concat": ["10.0.0.1", "tcp"]}]}}"#,
+                ),
+                "does not fit",
+            ),
+            (
+                with(
+                    r#"{"set": {"name": "firewall-ips", "type": ["ipv4_addr", "inet_proto", "inet_service"],
+                                "elem": [{"concat": ["10.0.0.1", "icmp", 80]}]}}"#,
+                ),
+                "protocol \"icmp\"",
+            ),
+            (
+                with(
+                    r#"{"set": {"name": "firewall-ips", "type": ["ipv4_addr", "inet_proto", "inet_service"],
+                                "elem": [{"concat": ["10.0.0.1", "tcp", 70000]}]}}"#,
+                ),
+                "port 70000",
+            ),
+            (
+                with(
+                    r#"{"map": {"name": "endpoints-1", "type": ["ipv4_addr", "inet_proto", "inet_service", "integer"],
+                                "map": "ipv4_addr . inet_service",
+                                "elem": [[{"concat": ["10.0.0.1", "tcp", 80, 0]}, {"concat": ["10.1.0.1", "tcp"]}]]}}"#,
+                ),
+                "port \"tcp\"",
+            ),
+        ];
+        for (json, want) in &cases {
+            let e = err_of(json);
+            assert!(e.starts_with("nft -j list table: "), "{e}");
+            assert!(e.contains(want), "{json}: {e:?} does not say {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_set_is_known_by_name_in_its_family() {
+        assert_eq!(
+            known_set("nodeport-local-endpoints-4", V6).map(|d| d.spec),
+            Some(SetSpec::ProtoPortIndexDnat)
+        );
+        assert_eq!(
+            known_set("nodeport-ips", V4).map(|d| d.spec),
+            Some(SetSpec::Addr)
+        );
+        assert_eq!(known_set("endpoints-0", V4), None);
+        assert_eq!(known_set("kube-proxy-sets", V4), None);
+    }
+}

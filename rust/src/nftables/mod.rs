@@ -19,6 +19,8 @@ pub mod packed;
 pub mod program;
 pub mod render;
 pub mod replay;
+#[cfg(test)]
+mod testutil;
 pub mod trace;
 pub mod writer;
 

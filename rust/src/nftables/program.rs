@@ -316,37 +316,22 @@ mod tests {
     }
 
     #[test]
-    fn pool_names_round_trip() {
-        use super::super::render::{Entry, Pool};
-        for entry in [Entry::Vip, Entry::NodePort] {
-            for local in [false, true] {
-                let p = Pool {
-                    entry,
-                    local,
-                    size: 17,
-                };
-                assert_eq!(Pool::parse(&p.name()), Some(p));
-            }
-        }
-        for bad in [
-            "endpoints-0",
-            "endpoints-x",
-            "local-nodeport-endpoints-3",
-            "service-1",
-        ] {
-            assert_eq!(Pool::parse(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn ipv6_rules_use_ip6_and_brackets() {
-        use super::super::ast::{Fmt, Rule, Stmt};
-        use crate::model::Protocol;
-        let mut s = String::new();
-        Fmt(IpFamily::V6).rule(
-            &Rule::always(Stmt::Dnat(Protocol::Udp, "fd00::1".parse().unwrap(), 53)),
-            &mut s,
+    fn render_is_the_full_sync_transaction() {
+        use super::super::testutil::{cluster, state};
+        let cfg = EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"node-a","mode":"nftables","backend":"fake",
+                "cluster_cidrs":["10.0.0.0/8"],"node_ips":["192.168.0.2"]}"#,
+        )
+        .unwrap();
+        // The engine config that makes testutil's render config.
+        assert_eq!(
+            format!("{:?}", cfg.render_config()),
+            format!("{:?}", super::super::testutil::cfg(IpFamily::V4))
         );
-        assert_eq!(s, "meta l4proto udp dnat to [fd00::1]:53");
+        let program = NftablesProgram::new(&cfg, Box::new(Fake::new(IpFamily::V4)));
+        assert_eq!(
+            program.render(&state(IpFamily::V4, &cluster(IpFamily::V4))),
+            include_str!("testdata/table-v4.nft")
+        );
     }
 }

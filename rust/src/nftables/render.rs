@@ -685,3 +685,475 @@ fn render_port(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{
+        cfg, chain, elements, elements_of, key, rules, spn, state, svc, Harness, Svc, NODE,
+    };
+    use super::*;
+    use crate::model::IpFamily::{V4, V6};
+    use crate::naming::{endpoint_id, nft_endpoint_base};
+
+    /// What `ns/a` renders to.
+    fn render_a(family: IpFamily, s: Svc) -> ServiceObjects {
+        let st = state(family, &[s]);
+        render_service(&st, &cfg(family), &key("a"))
+    }
+
+    /// The source-range elements of the LB address 203.0.113.20 for these ranges; also
+    /// checks that a table takes them (the kernel refuses overlapping intervals).
+    fn allowed(ranges: &[&str]) -> Vec<String> {
+        let s = || {
+            svc("a", "172.30.0.1")
+                .load_balancer(&["203.0.113.20"], ranges)
+                .eps(&["10.1.0.1"])
+        };
+        let mut h = Harness::new(V4);
+        h.full(super::super::testutil::changes(&[s()]));
+        let o = render_a(V4, s());
+        let prefix = "203.0.113.20 . tcp . 80 . ";
+        elements_of(&o, V4, FIREWALL_ALLOW)
+            .iter()
+            .map(|e| {
+                e.strip_prefix(prefix)
+                    .expect("keyed by the LB address")
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_cluster_ip_goes_straight_to_the_pool_of_its_endpoint_count() {
+        let o = render_a(V4, svc("a", "172.30.0.1").eps(&["10.1.0.1", "10.1.0.2"]));
+        assert_eq!(
+            elements(&o, V4),
+            [
+                "cluster-ips: 172.30.0.1",
+                "endpoints-2: 172.30.0.1 . tcp . 80 . 0 : 10.1.0.1 . 8080",
+                "endpoints-2: 172.30.0.1 . tcp . 80 . 1 : 10.1.0.2 . 8080",
+                "hairpin-connections: 10.1.0.1 . 10.1.0.1 . tcp . 8080",
+                "hairpin-connections: 10.1.0.2 . 10.1.0.2 . tcp . 8080",
+                "service-ips: 172.30.0.1 . tcp . 80 : goto endpoints-2",
+            ]
+        );
+        // No chain of its own.
+        assert!(o.chains.is_empty());
+        assert_eq!((o.counts.service_ports, o.counts.endpoints), (1, 2));
+    }
+
+    #[test]
+    fn a_udp_port_is_keyed_by_udp() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1").protocol("UDP").eps(&["10.1.0.1"]),
+        );
+        assert_eq!(
+            elements_of(&o, V4, SERVICE_IPS),
+            ["172.30.0.1 . udp . 80 : goto endpoints-1"]
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_rejected_at_every_address() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1")
+                .node_port(30080)
+                .external_ips(&["203.0.113.9"]),
+        );
+        assert_eq!(
+            elements(&o, V4),
+            [
+                "cluster-ips: 172.30.0.1",
+                "no-endpoint-nodeports: tcp . 30080 : goto reject-chain",
+                "no-endpoint-services: 172.30.0.1 . tcp . 80 : goto reject-chain",
+                "no-endpoint-services: 203.0.113.9 . tcp . 80 : goto reject-chain",
+            ]
+        );
+        assert!(o.chains.is_empty());
+    }
+
+    #[test]
+    fn a_nodeport_masquerades_then_uses_the_nodeport_pool() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1").node_port(30080).eps(&["10.1.0.1"]),
+        );
+        let np = chain("nodeport", "a");
+        assert_eq!(
+            elements_of(&o, V4, SERVICE_NODEPORTS),
+            [format!("tcp . 30080 : goto {np}")]
+        );
+        assert_eq!(
+            elements_of(&o, V4, "nodeport-endpoints-1"),
+            ["tcp . 30080 . 0 : 10.1.0.1 . 8080"]
+        );
+        assert_eq!(
+            rules(&o, V4, &np),
+            [
+                "meta mark set meta mark | 0x00004000",
+                "goto nodeport-endpoints-1"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_load_balancer_goes_through_its_external_chain_and_the_firewall() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1")
+                .load_balancer(&["203.0.113.20"], &["198.51.100.0/24"])
+                .eps(&["10.1.0.1"]),
+        );
+        let ext = chain("external", "a");
+        assert_eq!(
+            elements_of(&o, V4, SERVICE_IPS),
+            [
+                "172.30.0.1 . tcp . 80 : goto endpoints-1".to_owned(),
+                format!("203.0.113.20 . tcp . 80 : goto {ext}"),
+            ]
+        );
+        assert_eq!(
+            elements_of(&o, V4, "endpoints-1"),
+            [
+                "172.30.0.1 . tcp . 80 . 0 : 10.1.0.1 . 8080",
+                "203.0.113.20 . tcp . 80 . 0 : 10.1.0.1 . 8080",
+            ]
+        );
+        assert_eq!(
+            elements_of(&o, V4, FIREWALL_IPS),
+            ["203.0.113.20 . tcp . 80"]
+        );
+        assert_eq!(
+            elements_of(&o, V4, FIREWALL_ALLOW),
+            ["203.0.113.20 . tcp . 80 . 198.51.100.0/24"]
+        );
+        assert_eq!(
+            rules(&o, V4, &ext),
+            ["meta mark set meta mark | 0x00004000", "goto endpoints-1"]
+        );
+    }
+
+    #[test]
+    fn source_ranges_with_everything_are_one_interval() {
+        assert_eq!(allowed(&["0.0.0.0/0", "198.51.100.0/24"]), ["0.0.0.0/0"]);
+        assert_eq!(allowed(&["198.51.100.0/24", "0.0.0.0/0"]), ["0.0.0.0/0"]);
+    }
+
+    #[test]
+    fn overlapping_source_ranges_become_the_fewest_disjoint_prefixes() {
+        // 10.1/16 inside 10/8; 192.168.0/24 inside 192.168.0/23, which holds the node's
+        // address, so the node may reach the LB from the LB address itself.
+        assert_eq!(
+            allowed(&[
+                "10.0.0.0/8",
+                "10.1.0.0/16",
+                "192.168.0.0/24",
+                "192.168.0.0/23"
+            ]),
+            ["10.0.0.0/8", "192.168.0.0/23", "203.0.113.20/32"]
+        );
+        // A range holding the LB address already covers the node's way in.
+        assert_eq!(
+            allowed(&["203.0.113.0/24", "192.168.0.2/32"]),
+            ["192.168.0.2/32", "203.0.113.0/24"]
+        );
+        // Adjacent halves are joined; duplicates go.
+        assert_eq!(
+            allowed(&["198.51.100.0/25", "198.51.100.128/25", "198.51.100.0/25"]),
+            ["198.51.100.0/24"]
+        );
+    }
+
+    #[test]
+    fn changing_source_ranges_never_gives_the_kernel_overlapping_intervals() {
+        let lb = |ranges: &[&str]| {
+            super::super::testutil::changes(&[svc("a", "172.30.0.1")
+                .load_balancer(&["203.0.113.20"], ranges)
+                .eps(&["10.1.0.1"])])
+        };
+        let mut h = Harness::new(V4);
+        h.full(lb(&["198.51.100.0/24"]));
+        // Each step is applied to a Fake that refuses overlaps with "File exists".
+        for ranges in [
+            &["0.0.0.0/0"][..],
+            &["198.51.100.0/24", "198.51.100.7/32"],
+            &["10.0.0.0/8", "0.0.0.0/0"],
+            &["10.0.0.0/8", "10.1.0.0/16"],
+            &["10.1.0.0/16"],
+        ] {
+            h.partial(lb(ranges));
+            h.assert_in_step();
+        }
+    }
+
+    #[test]
+    fn local_traffic_policy_keeps_the_client_address() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1")
+                .load_balancer(&["203.0.113.20"], &[])
+                .node_port(30080)
+                .external_local()
+                .eps_on(&[("10.1.0.1", NODE), ("10.1.0.2", "node-b")]),
+        );
+        // Pods and the node itself use every endpoint (masqueraded from the node); anyone
+        // else only this node's.
+        assert_eq!(
+            rules(&o, V4, &chain("external", "a")),
+            [
+                "ip saddr 10.0.0.0/8 goto endpoints-2",
+                "fib saddr type local meta mark set meta mark | 0x00004000",
+                "fib saddr type local goto endpoints-2",
+                "goto local-endpoints-1",
+            ]
+        );
+        assert_eq!(
+            rules(&o, V4, &chain("nodeport", "a")),
+            [
+                "ip saddr 10.0.0.0/8 goto nodeport-endpoints-2",
+                "fib saddr type local meta mark set meta mark | 0x00004000",
+                "fib saddr type local goto nodeport-endpoints-2",
+                "goto nodeport-local-endpoints-1",
+            ]
+        );
+        assert_eq!(
+            elements_of(&o, V4, "local-endpoints-1"),
+            ["203.0.113.20 . tcp . 80 . 0 : 10.1.0.1 . 8080"]
+        );
+        assert_eq!(
+            elements_of(&o, V4, "nodeport-local-endpoints-1"),
+            ["tcp . 30080 . 0 : 10.1.0.1 . 8080"]
+        );
+        // The cluster IP is not external: it uses every endpoint.
+        assert_eq!(
+            elements_of(&o, V4, SERVICE_IPS)[0],
+            "172.30.0.1 . tcp . 80 : goto endpoints-2"
+        );
+    }
+
+    #[test]
+    fn local_traffic_policy_without_a_local_endpoint_drops_outside_traffic() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1")
+                .load_balancer(&["203.0.113.20"], &[])
+                .node_port(30080)
+                .external_local()
+                .eps_on(&[("10.1.0.2", "node-b")]),
+        );
+        assert_eq!(
+            elements_of(&o, V4, NO_ENDPOINT_SERVICES),
+            ["203.0.113.20 . tcp . 80 : drop"]
+        );
+        assert_eq!(
+            elements_of(&o, V4, NO_ENDPOINT_NODEPORTS),
+            ["tcp . 30080 : drop"]
+        );
+        // Pods and the node still reach the remote endpoint; there is no local pool.
+        assert_eq!(
+            rules(&o, V4, &chain("external", "a")),
+            [
+                "ip saddr 10.0.0.0/8 goto endpoints-1",
+                "fib saddr type local meta mark set meta mark | 0x00004000",
+                "fib saddr type local goto endpoints-1",
+            ]
+        );
+        assert!(o
+            .elements
+            .iter()
+            .all(|(s, _, _)| !s.name().contains("local-")));
+        assert_eq!(o.counts.no_local_external, 1);
+    }
+
+    #[test]
+    fn session_affinity_remembers_the_endpoint_per_client() {
+        let o = render_a(
+            V4,
+            svc("a", "172.30.0.1")
+                .affinity(300)
+                .eps(&["10.1.0.1", "10.1.0.2"]),
+        );
+        let svc_chain = chain("service", "a");
+        assert_eq!(
+            elements_of(&o, V4, SERVICE_IPS),
+            [format!("172.30.0.1 . tcp . 80 : goto {svc_chain}")]
+        );
+        // No pool: the choice goes through per-endpoint chains that record it.
+        assert!(o
+            .elements
+            .iter()
+            .all(|(s, _, _)| matches!(s, SetId::Fixed(_))));
+        let eps: Vec<Endpoint> = ["10.1.0.1", "10.1.0.2"]
+            .iter()
+            .map(|ip| {
+                serde_json::from_str(&format!(
+                    r#"{{"ip":"{ip}","port":8080,"ready":true,"serving":true,"terminating":false}}"#
+                ))
+                .unwrap()
+            })
+            .collect();
+        let p = spn("a");
+        let (c1, c2) = (
+            format!("endpoint-{}", nft_endpoint_base(&p, &eps[0])),
+            format!("endpoint-{}", nft_endpoint_base(&p, &eps[1])),
+        );
+        let (id1, id2) = (endpoint_id(&p, &eps[0]), endpoint_id(&p, &eps[1]));
+        assert_eq!(
+            rules(&o, V4, &svc_chain),
+            [
+                format!("ip saddr . numgen inc mod 1 offset {id1} @affinity goto {c1}"),
+                format!("ip saddr . numgen inc mod 1 offset {id2} @affinity goto {c2}"),
+                format!("numgen random mod 2 0 goto {c1}"),
+                format!("goto {c2}"),
+            ]
+        );
+        assert_eq!(
+            rules(&o, V4, &c1),
+            [
+                format!(
+                    "update @affinity {{ ip saddr . numgen inc mod 1 offset {id1} timeout 300s }}"
+                ),
+                "meta l4proto tcp dnat to 10.1.0.1:8080".to_owned(),
+            ]
+        );
+        assert_eq!(o.chains.len(), 3);
+    }
+
+    #[test]
+    fn ipv6_services_use_ip6_addresses_and_bracketed_targets() {
+        let o = render_a(
+            V6,
+            svc("a", "fd00:30::1")
+                .node_port(30080)
+                .eps(&["fd00:10::5", "fd00:10::6"]),
+        );
+        assert_eq!(
+            elements_of(&o, V6, "endpoints-2"),
+            [
+                "fd00:30::1 . tcp . 80 . 0 : fd00:10::5 . 8080",
+                "fd00:30::1 . tcp . 80 . 1 : fd00:10::6 . 8080",
+            ]
+        );
+        assert_eq!(elements_of(&o, V6, CLUSTER_IPS), ["fd00:30::1"]);
+        let o = render_a(V6, svc("a", "fd00:30::1").affinity(60).eps(&["fd00:10::5"]));
+        let ep = o
+            .chains
+            .keys()
+            .find(|c| c.starts_with("endpoint-"))
+            .expect("an endpoint chain")
+            .clone();
+        let r = rules(&o, V6, &ep);
+        assert!(r[0].starts_with("update @affinity { ip6 saddr . numgen inc mod 1 offset "));
+        assert_eq!(r[1], "meta l4proto tcp dnat to [fd00:10::5]:8080");
+    }
+
+    #[test]
+    fn another_familys_addresses_are_left_out() {
+        let st = state(V6, &[svc("a", "172.30.0.1").eps(&["10.1.0.1"])]);
+        assert_eq!(
+            render_service(&st, &cfg(V6), &key("a")),
+            ServiceObjects::default()
+        );
+    }
+
+    #[test]
+    fn pool_names_round_trip() {
+        for entry in [Entry::Vip, Entry::NodePort] {
+            for local in [false, true] {
+                let p = Pool {
+                    entry,
+                    local,
+                    size: 17,
+                };
+                assert_eq!(Pool::parse(&p.name()), Some(p));
+            }
+        }
+        for bad in [
+            "endpoints-0",
+            "endpoints-x",
+            "endpoints-01",
+            "local-nodeport-endpoints-3",
+            "service-1",
+        ] {
+            assert_eq!(Pool::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_pool_chain_dnats_every_protocol_through_its_map() {
+        let mut text = Vec::new();
+        for p in [
+            Pool {
+                entry: Entry::Vip,
+                local: false,
+                size: 3,
+            },
+            Pool {
+                entry: Entry::NodePort,
+                local: true,
+                size: 1,
+            },
+        ] {
+            for r in p.rules() {
+                let mut s = String::new();
+                super::super::ast::Fmt(V4).rule(&r, &mut s);
+                text.push(s);
+            }
+        }
+        assert_eq!(
+            text,
+            [
+                "meta l4proto tcp dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints-3",
+                "meta l4proto udp dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints-3",
+                "meta l4proto sctp dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints-3",
+                "meta l4proto tcp dnat ip to meta l4proto . th dport . numgen random mod 1 map @nodeport-local-endpoints-1",
+                "meta l4proto udp dnat ip to meta l4proto . th dport . numgen random mod 1 map @nodeport-local-endpoints-1",
+                "meta l4proto sctp dnat ip to meta l4proto . th dport . numgen random mod 1 map @nodeport-local-endpoints-1",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_fixed_table_follows_the_config() {
+        let services = |c: &RenderConfig| {
+            let f = fixed(c);
+            let (_, _, rules) = f.chains.iter().find(|(n, _, _)| n == SERVICES).unwrap();
+            rules
+                .iter()
+                .map(|r| {
+                    let mut s = String::new();
+                    super::super::ast::Fmt(c.family).rule(r, &mut s);
+                    s
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut c = cfg(V4);
+        assert_eq!(
+            services(&c),
+            [
+                "ip daddr @cluster-ips ip saddr != 10.0.0.0/8 meta mark set meta mark | 0x00004000",
+                "ip daddr . meta l4proto . th dport vmap @service-ips",
+                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
+            ]
+        );
+        assert!(fixed(&c).sets.iter().all(|s| s.name != NODEPORT_IPS));
+        c.masquerade_all = true;
+        c.nodeport_ips = Some(vec!["192.168.0.2".parse().unwrap(), "::1".parse().unwrap()]);
+        assert_eq!(
+            services(&c),
+            [
+                "ip daddr @cluster-ips meta mark set meta mark | 0x00004000",
+                "ip daddr . meta l4proto . th dport vmap @service-ips",
+                "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+            ]
+        );
+        assert!(fixed(&c).sets.iter().any(|s| s.name == NODEPORT_IPS));
+        // Only this family's addresses.
+        assert_eq!(
+            nodeport_ip_elements(&c),
+            [vec![Value::Addr("192.168.0.2".parse().unwrap())]]
+        );
+    }
+}

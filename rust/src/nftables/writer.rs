@@ -401,3 +401,203 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{changes, deletion, lines, svc, Harness};
+    use crate::model::IpFamily::V4;
+
+    #[test]
+    fn a_full_sync_replaces_the_table_in_one_transaction() {
+        let mut h = Harness::new(V4);
+        let plan = h.full(changes(&[
+            svc("a", "172.30.0.1").eps(&["10.1.0.1", "10.1.0.2"]),
+            svc("b", "172.30.0.2").eps(&["10.1.0.3"]),
+        ]));
+        // The table is re-created inside the transaction, so no old object survives it.
+        assert_eq!(
+            lines(V4, &plan.ops[..3], ""),
+            [
+                "add table ip kproxy",
+                "delete table ip kproxy",
+                "add table ip kproxy"
+            ]
+        );
+        // One pool per endpoint count, not one per Service.
+        assert_eq!(
+            lines(V4, &plan.ops, "add map ip kproxy endpoints-"),
+            [
+                "add map ip kproxy endpoints-1 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport ; }",
+                "add map ip kproxy endpoints-2 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport ; }",
+            ]
+        );
+        assert_eq!(
+            lines(V4, &plan.ops, "add element ip kproxy service-ips"),
+            ["add element ip kproxy service-ips { 172.30.0.1 . tcp . 80 : goto endpoints-2, 172.30.0.2 . tcp . 80 : goto endpoints-1 }"]
+        );
+        assert_eq!(
+            lines(V4, &plan.ops, "add element ip kproxy endpoints-2"),
+            ["add element ip kproxy endpoints-2 { 172.30.0.1 . tcp . 80 . 0 : 10.1.0.1 . 8080, 172.30.0.1 . tcp . 80 . 1 : 10.1.0.2 . 8080 }"]
+        );
+        assert!(plan.cleanup.is_empty());
+        assert_eq!(h.writer.pool_count(), 2);
+        // cluster-ips 2, service-ips 2, pools 3, hairpin 3.
+        assert_eq!(h.writer.element_total(), 10);
+        assert_eq!(plan.elements_added, 10);
+        assert_eq!(h.writer.totals().endpoints, 3);
+        assert_eq!(h.writer.conflicts(), 0);
+        h.assert_in_step();
+    }
+
+    #[test]
+    fn a_partial_sync_writes_only_the_changed_elements() {
+        let mut h = Harness::new(V4);
+        h.full(changes(&[
+            svc("a", "172.30.0.1").eps(&["10.1.0.1", "10.1.0.2"]),
+            svc("b", "172.30.0.2").eps(&["10.1.0.3"]),
+        ]));
+        // b's endpoint moves: two pool elements and a hairpin element, nothing else.
+        let plan = h.partial(changes(&[svc("b", "172.30.0.2").eps(&["10.1.0.4"])]));
+        assert_eq!(
+            lines(V4, &plan.ops, ""),
+            [
+                "delete element ip kproxy hairpin-connections { 10.1.0.3 . 10.1.0.3 . tcp . 8080 }",
+                "delete element ip kproxy endpoints-1 { 172.30.0.2 . tcp . 80 . 0 }",
+                "add element ip kproxy hairpin-connections { 10.1.0.4 . 10.1.0.4 . tcp . 8080 }",
+                "add element ip kproxy endpoints-1 { 172.30.0.2 . tcp . 80 . 0 : 10.1.0.4 . 8080 }",
+            ]
+        );
+        assert_eq!((plan.elements_added, plan.elements_deleted), (2, 2));
+        assert!(plan.cleanup.is_empty());
+        h.assert_in_step();
+    }
+
+    #[test]
+    fn a_removed_service_takes_its_elements_and_its_empty_pool_with_it() {
+        let mut h = Harness::new(V4);
+        h.full(changes(&[
+            svc("a", "172.30.0.1").eps(&["10.1.0.1", "10.1.0.2"]),
+            svc("b", "172.30.0.2").eps(&["10.1.0.3"]),
+        ]));
+        let plan = h.partial(deletion("b"));
+        // endpoints-1 is left empty: its element goes with the map in the cleanup rather
+        // than one by one.
+        assert_eq!(
+            lines(V4, &plan.ops, ""),
+            [
+                "delete element ip kproxy cluster-ips { 172.30.0.2 }",
+                "delete element ip kproxy hairpin-connections { 10.1.0.3 . 10.1.0.3 . tcp . 8080 }",
+                "delete element ip kproxy service-ips { 172.30.0.2 . tcp . 80 }",
+            ]
+        );
+        assert_eq!(
+            lines(V4, &plan.cleanup, ""),
+            [
+                "flush chain ip kproxy endpoints-1",
+                "delete chain ip kproxy endpoints-1",
+                "delete set ip kproxy endpoints-1",
+            ]
+        );
+        assert_eq!(plan.elements_deleted, 4);
+        assert_eq!(h.writer.pool_count(), 1);
+        h.assert_in_step();
+    }
+
+    #[test]
+    fn a_service_gaining_an_endpoint_moves_to_the_next_pool() {
+        let mut h = Harness::new(V4);
+        h.full(changes(&[svc("a", "172.30.0.1").eps(&["10.1.0.1"])]));
+        let plan = h.partial(changes(&[
+            svc("a", "172.30.0.1").eps(&["10.1.0.1", "10.1.0.2"])
+        ]));
+        assert_eq!(
+            lines(V4, &plan.ops, "add chain"),
+            ["add chain ip kproxy endpoints-2"]
+        );
+        assert_eq!(
+            lines(V4, &plan.ops, "add element ip kproxy service-ips"),
+            ["add element ip kproxy service-ips { 172.30.0.1 . tcp . 80 : goto endpoints-2 }"]
+        );
+        assert_eq!(
+            lines(V4, &plan.cleanup, "delete"),
+            [
+                "delete chain ip kproxy endpoints-1",
+                "delete set ip kproxy endpoints-1"
+            ]
+        );
+        h.assert_in_step();
+    }
+
+    #[test]
+    fn a_changed_chain_is_flushed_and_rewritten_and_a_dropped_one_deleted() {
+        let mut h = Harness::new(V4);
+        h.full(changes(&[svc("a", "172.30.0.1")
+            .node_port(30080)
+            .eps(&["10.1.0.1"])]));
+        let chain = lines(
+            V4,
+            &h.writer.full(&h.state, &h.cfg, &[]).ops,
+            "add chain ip kproxy nodeport-",
+        )
+        .pop()
+        .expect("a nodeport chain");
+        let name = chain.trim_start_matches("add chain ip kproxy ").to_owned();
+        // Local policy: the chain's rules change.
+        let plan = h.partial(changes(&[svc("a", "172.30.0.1")
+            .node_port(30080)
+            .external_local()
+            .eps(&["10.1.0.1"])]));
+        // The pool of node-local endpoints is new (created empty); the chain is rewritten.
+        assert_eq!(
+            lines(V4, &plan.ops, "flush chain"),
+            [
+                "flush chain ip kproxy nodeport-local-endpoints-1".to_owned(),
+                format!("flush chain ip kproxy {name}")
+            ]
+        );
+        assert_eq!(plan.chains_written, 1);
+        assert_eq!(plan.rules_written, 4);
+        h.assert_in_step();
+        // No NodePort any more: the chain goes in the cleanup, after nothing refers to it.
+        let plan = h.partial(changes(&[svc("a", "172.30.0.1").eps(&["10.1.0.1"])]));
+        assert_eq!(
+            lines(V4, &plan.ops, "delete element ip kproxy service-nodeports"),
+            ["delete element ip kproxy service-nodeports { tcp . 30080 }"]
+        );
+        assert!(lines(V4, &plan.cleanup, "delete chain")
+            .contains(&format!("delete chain ip kproxy {name}")));
+        h.assert_in_step();
+    }
+
+    #[test]
+    fn bookkeeping_stays_right_over_a_run_of_partial_syncs() {
+        let mut h = Harness::new(V4);
+        h.full(changes(&[
+            svc("a", "172.30.0.1").eps(&["10.1.0.1", "10.1.0.2"]),
+            svc("b", "172.30.0.2").node_port(30081).eps(&["10.1.0.3"]),
+        ]));
+        let steps = [
+            changes(&[svc("c", "172.30.0.3")
+                .load_balancer(&["203.0.113.20"], &["0.0.0.0/0", "198.51.100.0/24"])
+                .eps(&["10.1.0.4"])]),
+            changes(&[svc("a", "172.30.0.1").eps(&["10.1.0.1"])]),
+            changes(&[svc("b", "172.30.0.2")
+                .node_port(30081)
+                .external_local()
+                .eps_on(&[("10.1.0.3", "node-b")])]),
+            deletion("a"),
+            changes(&[svc("d", "172.30.0.4")
+                .affinity(300)
+                .eps(&["10.1.0.5", "10.1.0.6"])]),
+            changes(&[svc("c", "172.30.0.3")
+                .load_balancer(&["203.0.113.20"], &["198.51.100.0/24"])
+                .eps(&["10.1.0.4", "10.1.0.7"])]),
+            changes(&[svc("d", "172.30.0.4").eps(&[])]),
+            deletion("c"),
+        ];
+        for cs in steps {
+            h.partial(cs);
+            h.assert_in_step();
+        }
+    }
+}
