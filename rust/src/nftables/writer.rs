@@ -72,6 +72,15 @@ fn effective(owners: &[(Owner, Option<Data>)]) -> Option<&Option<Data>> {
     owners.first().map(|(_, d)| d)
 }
 
+/// Whether the claimants of a key disagree on its data (a conflict: the first one wins).
+fn contested(owners: &[(Owner, Option<Data>)]) -> bool {
+    owners.iter().any(|(_, d)| Some(d) != effective(owners))
+}
+
+/// A key's state: what the kernel holds for it (`None`: no element), and whether it is
+/// contested.
+type Status = (Option<Option<Data>>, bool);
+
 /// One Service's elements, first claim of a key within the Service kept.
 fn element_map(o: &ServiceObjects) -> BTreeMap<SetKey, Option<Data>> {
     let mut m = BTreeMap::new();
@@ -138,10 +147,24 @@ impl Writer {
         self.pools.len()
     }
 
-    /// What the kernel holds for an element: the data of its first claimant.
-    fn effective_of(&self, (set, key): &SetKey) -> Option<Option<Data>> {
-        let claims = self.owners.get(set)?.get(&PackedKey::pack(key))?;
-        effective(claims).cloned()
+    /// What the kernel holds for an element (the data of its first claimant), and whether
+    /// its claimants disagree.
+    fn status_of(&self, (set, key): &SetKey) -> Status {
+        match self
+            .owners
+            .get(set)
+            .and_then(|s| s.get(&PackedKey::pack(key)))
+        {
+            Some(claims) => (effective(claims).cloned(), contested(claims)),
+            None => (None, false),
+        }
+    }
+
+    /// Note how `sk` was before this partial sync first touches it.
+    fn remember(&self, before: &mut BTreeMap<SetKey, Status>, sk: &SetKey) {
+        if !before.contains_key(sk) {
+            before.insert(sk.clone(), self.status_of(sk));
+        }
     }
 
     fn claim(&mut self, (set, key): &SetKey, owner: &Owner, data: Option<Option<Data>>) {
@@ -190,7 +213,7 @@ impl Writer {
         let mut conflicts = 0;
         for (set, set_owners) in &self.owners {
             for (key, owners) in set_owners {
-                conflicts += usize::from(owners.iter().any(|(_, d)| Some(d) != effective(owners)));
+                conflicts += usize::from(contested(owners));
                 if let Some(d) = effective(owners) {
                     by_set
                         .entry(*set)
@@ -266,7 +289,7 @@ impl Writer {
         let mut plan = Plan::default();
         let mut new_chains = Vec::new();
         let mut chain_ops = Vec::new();
-        let mut before: BTreeMap<SetKey, Option<Option<Data>>> = BTreeMap::new();
+        let mut before: BTreeMap<SetKey, Status> = BTreeMap::new();
         for key in changed {
             let owner = Arc::new(key.clone());
             let new = if state.has_service(key) {
@@ -278,17 +301,13 @@ impl Writer {
             let (old_e, new_e) = (element_map(&old), element_map(&new));
             for (sk, d) in &old_e {
                 if new_e.get(sk) != Some(d) {
-                    if !before.contains_key(sk) {
-                        before.insert(sk.clone(), self.effective_of(sk));
-                    }
+                    self.remember(&mut before, sk);
                     self.claim(sk, &owner, None);
                 }
             }
             for (sk, d) in &new_e {
                 if old_e.get(sk) != Some(d) {
-                    if !before.contains_key(sk) {
-                        before.insert(sk.clone(), self.effective_of(sk));
-                    }
+                    self.remember(&mut before, sk);
                     self.claim(sk, &owner, Some(d.clone()));
                 }
             }
@@ -320,8 +339,15 @@ impl Writer {
 
         let mut deletes: BTreeMap<SetId, Vec<Key>> = BTreeMap::new();
         let mut adds: BTreeMap<SetId, Vec<(Key, Option<Data>)>> = BTreeMap::new();
-        for (sk, was) in before {
-            let now = self.effective_of(&sk);
+        for (sk, (was, was_contested)) in before {
+            let (now, now_contested) = self.status_of(&sk);
+            // Whether or not the kernel's element changes, the key may have become (or
+            // stopped being) contested.
+            match (was_contested, now_contested) {
+                (false, true) => self.conflicts += 1,
+                (true, false) => self.conflicts -= 1,
+                _ => {}
+            }
             if was == now {
                 continue;
             }
@@ -566,6 +592,48 @@ mod tests {
         );
         assert!(lines(V4, &plan.cleanup, "delete chain")
             .contains(&format!("delete chain ip kproxy {name}")));
+        h.assert_in_step();
+    }
+
+    /// Two Services claiming one external IP and port: the first by name wins, the other
+    /// takes over when it goes, and the count of contested keys follows every partial sync.
+    #[test]
+    fn conflicts_stay_right_after_partial_syncs() {
+        let a = || {
+            svc("a", "172.30.0.1")
+                .external_ips(&["203.0.113.10"])
+                .eps(&["10.1.0.1"])
+        };
+        let b = || {
+            svc("b", "172.30.0.2")
+                .external_ips(&["203.0.113.10"])
+                .eps(&["10.1.0.2"])
+        };
+        let mut h = Harness::new(V4);
+        h.full(changes(&[a(), b()]));
+        assert_eq!(h.writer.conflicts(), 2);
+        h.full(deletion("b"));
+        assert_eq!(h.writer.conflicts(), 0);
+        // b claims a's external IP and port: two keys are contested, the `service-ips`
+        // element (goto external-<a> or external-<b>) and the pool element behind it (which
+        // endpoint).
+        h.partial(changes(&[b()]));
+        assert_eq!(h.writer.conflicts(), 2);
+        h.assert_in_step();
+        // a goes: b takes over, nothing is contested.
+        let plan = h.partial(deletion("a"));
+        assert!(lines(V4, &plan.ops, "add element ip kproxy service-ips")
+            .iter()
+            .any(|l| l.contains("203.0.113.10 . tcp . 80 : goto external-")));
+        assert_eq!(h.writer.conflicts(), 0);
+        h.assert_in_step();
+        // a comes back and wins again.
+        h.partial(changes(&[a()]));
+        assert_eq!(h.writer.conflicts(), 2);
+        h.assert_in_step();
+        // b gives the address up.
+        h.partial(changes(&[svc("b", "172.30.0.2").eps(&["10.1.0.2"])]));
+        assert_eq!(h.writer.conflicts(), 0);
         h.assert_in_step();
     }
 
