@@ -22,7 +22,7 @@ from kproxy.control import Controller
 from kproxy.errors import ApiConnectionError, ConfigError
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
-from kproxy.model import Family, Origin, Protocol, protocol_of
+from kproxy.model import Family, Origin, Protocol, TraceReason, protocol_of
 from kproxy.netinfo import local_addresses
 from kproxy.rulediff import Difference
 from kproxy.sources.manifests import ManifestSource
@@ -111,36 +111,13 @@ def trace_command(
     return 0
 
 
-# Why the nftables mode dropped or rejected a packet, from the rule or map entry that decided.
-_NFT_REASONS = {
-    "no-endpoint-services:goto reject-chain": "the Service has no endpoints",
-    "no-endpoint-services:drop": "the Service has no local endpoints (Local traffic policy)",
-    "no-endpoint-nodeports:goto reject-chain": "the Service has no endpoints",
-    "no-endpoint-nodeports:drop": "the Service has no local endpoints (Local traffic policy)",
-    "firewall-check": "the source is not in the Service's loadBalancerSourceRanges",
-    "cluster-ips-check": "no Service on this port of the cluster IP",
+# What a trace's reason means, for people.
+REASONS: dict[TraceReason, str] = {
+    "no-endpoints": "the Service has no endpoints",
+    "no-local-endpoints": "the Service has no local endpoints (Local traffic policy)",
+    "source-range": "the source is not in the Service's loadBalancerSourceRanges",
+    "no-service-port": "no Service on this port of the address",
 }
-
-
-# The ipvs mode's rules that drop or reject, and why.
-_IPVS_REASONS = {
-    "filter/KUBE-SOURCE-RANGES-FIREWALL: -j DROP": (
-        "the source is not in the Service's loadBalancerSourceRanges"
-    ),
-    "filter/KUBE-IPVS-FILTER: -m conntrack --ctstate NEW": (
-        "no Service on this port of the address (KUBE-IPVS-FILTER)"
-    ),
-}
-
-
-def _nft_reason_key(matched: str) -> str:
-    """``@map: key : verdict`` lines -> ``map:verdict``; rule lines -> their chain."""
-    line = matched.strip()
-    if line.startswith("@") and " : " in line:
-        name = line[1:].split(":", 1)[0]
-        return f"{name}:{line.rsplit(' : ', 1)[1]}"
-    chain = line.split(":", 1)[0]
-    return chain if line.endswith(("drop", "reject")) else ""
 
 
 def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> str:
@@ -154,14 +131,7 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
     else:
         lines.append("  DNAT to:     nothing (no Service matches, or none is usable)")
     lines.append(f"  masquerade:  {'yes' if t.masquerade else 'no'}")
-    reason = ""
-    for m in t.matched:
-        if '"' in m and (
-            "has no endpoints" in m or "has no local endpoints" in m or "not accepted" in m
-        ):
-            reason = m.split('"')[1]
-        reason = _NFT_REASONS.get(_nft_reason_key(m), reason)
-        reason = next((why for k, why in _IPVS_REASONS.items() if m.startswith(k)), reason)
+    reason = REASONS[t.reason] if t.reason else ""
     verdict = t.verdict or "no verdict from kproxy's rules (the chains' policies decide)"
     lines.append(f"  verdict:     {verdict}{f' ({reason})' if reason else ''}")
     lines.append("  rules matched:")

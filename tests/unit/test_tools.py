@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from kproxy.commands import main
+from kproxy.model import TraceReason
+from kproxy.tools import REASONS
 
 EXAMPLE = ["--manifests", "examples/manifests", "--hostname-override", "kproxy-demo"]
 EXAMPLE += ["--cluster-cidr", "10.244.0.0/16"]
@@ -29,7 +33,8 @@ def test_trace_a_node_port_from_outside(capsys: pytest.CaptureFixture[str]) -> N
 def test_trace_explains_a_rejection(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trace", "10.244.4.2", "10.96.0.20:80/tcp", *EXAMPLE]) == 0
     out = capsys.readouterr().out
-    assert "REJECT (demo/empty:http has no endpoints)" in out
+    assert "REJECT (the Service has no endpoints)" in out
+    assert '"demo/empty:http has no endpoints"' in out  # the rule that decided
 
 
 def test_trace_udp_and_unknown_ports(capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,8 +74,12 @@ def test_trace_the_ipvs_mode(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ipvs: 10.96.0.10:80/tcp rr -> " in out
     assert main(["trace", "10.244.4.2", "10.96.0.20:80/tcp", *ipvs]) == 0
     out = capsys.readouterr().out
-    assert "verdict:     REJECT (the virtual server has no endpoints)" in out
+    assert "verdict:     REJECT (the Service has no endpoints)" in out
     assert main(["trace", "192.168.101.2", "10.96.0.10:22/tcp", *ipvs]) == 0
-    assert "REJECT (no Service on this port of the address (KUBE-IPVS-FILTER))" in (
-        capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "REJECT (no Service on this port of the address)" in out
+    assert "filter/KUBE-IPVS-FILTER: -m conntrack --ctstate NEW" in out
+
+
+def test_every_trace_reason_is_explained() -> None:
+    assert set(REASONS) == set(get_args(TraceReason))
