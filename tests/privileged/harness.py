@@ -66,6 +66,16 @@ def echo_slice(ips: Sequence[str], name: str = "echo-1") -> k.Obj:
     )
 
 
+def lb_service(name: str, cluster_ip: str, lb_ip: str, ranges: list[str]) -> k.Obj:
+    """A LoadBalancer Service on TCP 80 (to 8080) with its ingress address and source ranges."""
+    svc = k.service(
+        name, cluster_ip, [k.port("tcp", 80, "TCP", target=8080)], type="LoadBalancer",
+        loadBalancerSourceRanges=ranges,
+    )  # fmt: skip
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+    return svc
+
+
 def empty_service() -> k.Obj:
     return k.service("empty", EMPTY_IP, [k.port("http", 80, "TCP"), k.port("dns", 53, "UDP")])
 

@@ -2,12 +2,11 @@
 other change of the same sync lands, the refused Service keeps its last good rules, and it
 is named by a log line, an Event and a gauge until it is programmed.
 
-The refusal is one the kernel makes on its own: someone's rule jumps to a Service's chain,
-so the kernel will not delete it (`-X` is refused while it is referenced). This is the
-iptables mode's test; the nftables mode has no Service-specific refusal left that we know
-of (a full sync replaces its whole table, and its element-only changes go over netlink,
-past any stand-in tool), so its containment is shown on the Fake (rust/src/contain.rs
-runs the same engine code for every mode)."""
+The refusals are ones the kernel makes on its own. iptables mode: someone's rule jumps to a
+Service's chain, so the kernel will not delete it (`-X` is refused while it is referenced).
+nftables mode: two Services claim one load-balancer address and port with source ranges
+that overlap, and the kernel refuses overlapping intervals in `firewall-allow` (`File
+exists`); the one that comes second is held."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from tests.privileged.harness import (
     echo_service,
     echo_slice,
     http_get,
+    lb_service,
     proxy_lab,
 )
 
@@ -110,3 +110,50 @@ def test_a_refused_service_is_contained_and_the_rest_is_programmed(lab: ProxyLab
     assert refused_gauge(lab) == 0.0
     got = client.tcp_probe(PINNED_IP, 80, timeout=2.0)
     assert not got.ok, got
+
+
+LB_IP = "10.96.200.1"
+
+
+@pytest.fixture
+def nft_lab(tmp_path: Path) -> Iterator[ProxyLab]:
+    first = lb_service("first", "10.96.0.31", LB_IP, ["192.168.101.0/24"])
+    pods = [k.endpoint("10.244.3.2", node="node-a")]
+    objects = [echo_service(), echo_slice(["10.244.1.2"]), first,
+               k.endpoint_slice("first-1", "first", pods, [k.slice_port("tcp", 8080)])]  # fmt: skip
+    with proxy_lab(tmp_path, objects, mode="nftables") as pl:
+        yield pl
+
+
+def test_nftables_a_service_the_kernel_refuses_is_held_and_the_rest_lands(
+    nft_lab: ProxyLab,
+) -> None:
+    lab = nft_lab
+    lab.start_daemon("--metrics-bind-address", "127.0.0.1:10249", "--sync-period", "4s")
+    lab.wait_synced()
+    allowed, blocked = lab.lab.client("ext"), lab.lab.add_client("ext2")  # .101.2, .102.2
+    assert allowed.tcp_probe(LB_IP, 80).server == "pod3"
+    # A second Service claims the same address and port with ranges that overlap the first's,
+    # and echo changes in the same moment.
+    lab.put(lb_service("second", "10.96.0.32", LB_IP, ["192.168.101.0/25", "192.168.102.0/24"]))
+    pods = [k.endpoint("10.244.2.2", node="node-a")]
+    lab.put(k.endpoint_slice("second-1", "second", pods, [k.slice_port("tcp", 8080)]))
+    lab.put(echo_slice(["10.244.2.2"]))
+    lab.wait(lambda: "Service default/second (IPv4): the kernel refused" in lab.log(), 15,
+             "the refusal reported")  # fmt: skip
+    lab.wait(lambda: "10.244.2.2:8080" in lab.dnat_targets(), 15, "echo's change programmed")
+    client = lab.lab.pod("client")
+    assert client.tcp_probe(ECHO_IP, 80).server == "pod2"
+    assert refused_gauge(lab) == 1.0
+    events = lab.call(lambda: lab.api.list_objects("Event.events.k8s.io"))
+    held = [e for e in events if e["regarding"]["name"] == "second"]
+    notes = [e["note"] for e in held if e["reason"] == "FailedToProgram"]
+    assert len(notes) == 1 and "File exists" in notes[0], events
+    # The first Service's ranges still hold: in-range clients in, others dropped.
+    assert all(r.server == "pod3" for r in allowed.tcp_probe_many(LB_IP, 80, 5, timeout=1.0))
+    assert blocked.tcp_probe(LB_IP, 80, timeout=1.0).error == "timeout"
+    assert "sync failed" not in lab.log()
+    # The claim goes away: nothing is held any more.
+    lab.delete("Service", "second")
+    lab.wait(lambda: refused_gauge(lab) == 0.0, 20, "the held Service released")
+    assert lab.daemon is not None and lab.daemon.poll() is None

@@ -23,6 +23,7 @@ from tests.privileged.harness import (
     echo_service,
     echo_slice,
     http_get,
+    lb_service,
     proxy_lab,
 )
 
@@ -117,15 +118,6 @@ def test_load_balancer_source_ranges(lab: ProxyLab) -> None:
     assert r.error == "timeout", r
     # NodePorts are not subject to the ranges.
     assert blocked.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
-
-
-def lb_service(name: str, cluster_ip: str, lb_ip: str, ranges: list[str]) -> dict[str, Any]:
-    svc = k.service(
-        name, cluster_ip, [k.port("tcp", 80, "TCP", target=8080)], type="LoadBalancer",
-        loadBalancerSourceRanges=ranges,
-    )  # fmt: skip
-    svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
-    return svc
 
 
 def test_source_ranges_as_users_write_them(lab: ProxyLab) -> None:
