@@ -457,6 +457,53 @@ def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
     check("kproxy cleanup after the hand-back succeeds", lifecycle.cleanup() == 0)
 
 
+def a_missing_scheduler_is_contained(c: Controller, p: Proxier) -> None:
+    """A Service whose scheduler module the node lacks is refused alone: the kernel answers
+    its virtual server with ENOENT, the other change of the same sync lands, and the held
+    Service is programmed by the first full sync after the module can be loaded."""
+    release = os.uname().release
+    builtin = Path(f"/lib/modules/{release}/modules.builtin").read_text()
+    loaded = {line.split()[0] for line in Path("/proc/modules").read_text().splitlines()}
+    sched = next(
+        s for s in ("sed", "nq", "dh", "lblcr", "lblc", "fo", "ovf", "twos")
+        if f"ip_vs_{s}" not in loaded and f"/ip_vs_{s}.ko" not in builtin
+    )  # fmt: skip
+    helper = Path("/proc/sys/kernel/modprobe")
+    before = helper.read_text().strip()
+    tcp80 = [{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+    held = "10.96.0.16:80/tcp"
+    c.replace(
+        "services",
+        [*services(), service("nosched", "10.96.0.16", tcp80, {"kproxy.io/ipvs-scheduler": sched})],
+    )
+    c.replace(
+        "endpointslices", [*slices(["pod1", "pod2"]), slice_("nosched", 8080, "TCP", ["pod1"])]
+    )
+    helper.write_text("/bin/false\n")  # this node cannot load the scheduler's module
+    try:
+        refused = p.sync(c.drain(), False)["IPv4"].refused
+    finally:
+        helper.write_text(before + "\n")
+    check(
+        f"a scheduler the kernel lacks ({sched}) is refused for its Service alone",
+        [(ns, name) for ns, name, _ in refused] == [("t", "nosched")],
+        refused,
+    )
+    dests = table()
+    check(
+        "...the same sync's other change lands",
+        set(dests["10.96.0.10:80/tcp"]) == {"10.244.1.2:8080", "10.244.2.2:8080"},
+        ipvsadm(),
+    )
+    check("...and the refused Service has no virtual server", held not in dests, ipvsadm())
+    got = answers(8, lambda: tcp("client", "10.96.0.10", 80))
+    check("...while the others serve", {n for n, _ in got} == {"pod1", "pod2"}, got)
+    p.sync(c.drain(), True, retry_refused=True)
+    check("once the module loads, a full sync programs it", held in table(), ipvsadm())
+    got = answers(4, lambda: tcp("client", "10.96.0.16", 80))
+    check("...and it serves", {n for n, _ in got} == {"pod1"}, got)
+
+
 def main() -> int:
     sh("modprobe", "ip_vs")
     topology()
@@ -570,6 +617,8 @@ def main() -> int:
             gone = True
             break
     check("the drained endpoint is deleted once its connections are gone", gone, ipvsadm())
+
+    a_missing_scheduler_is_contained(c, p)
 
     # Deleting every Service removes every virtual server, address and set member.
     c.replace("services", [])
