@@ -98,6 +98,16 @@ def slice_port(name: str, port: int, protocol: str = "TCP") -> Obj:
     return {"name": name, "port": port, "protocol": protocol}
 
 
+def service_cidr(name: str, cidrs: Sequence[str]) -> Obj:
+    """A networking.k8s.io/v1 ServiceCIDR (cluster-scoped)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
 def node(name: str, *, addresses: Sequence[str] = (), zone: str | None = None) -> Obj:
     labels = {"kubernetes.io/hostname": name}
     if zone is not None:

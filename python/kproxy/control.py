@@ -24,6 +24,7 @@ from kproxy.normalize import (
     normalize_endpoint_slice,
     normalize_node,
     normalize_service,
+    normalize_service_cidr,
 )
 from kproxy.tracker import ChangeSet, EndpointsTracker, ServiceTracker
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 # The feature gate (KEP-5707, on by default since 1.36) that lets externalIPs be served.
 ALLOW_EXTERNAL_IPS = "AllowServiceExternalIPs"
+# ServiceCIDR objects (GA in 1.33): the nftables mode drops traffic to their unallocated
+# addresses.
+MULTI_CIDR_SERVICE_ALLOCATOR = "MultiCIDRServiceAllocator"
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class Controller:
         self.endpoints = EndpointsTracker()
         self.node: NodeInfo | None = None
         self._node_dirty = False
+        # Each ServiceCIDR object's CIDRs; the union goes to the core when it changes.
+        self.service_cidrs: dict[str, tuple[str, ...]] = {}
+        self._cidrs_dirty = False
         self._synced = {r: False for r in RESOURCES}
         if not wait_for_node:
             self._synced["nodes"] = True
@@ -130,7 +137,12 @@ class Controller:
 
     @property
     def pending(self) -> int:
-        return self.services.pending + self.endpoints.pending + int(self._node_dirty)
+        return (
+            self.services.pending
+            + self.endpoints.pending
+            + int(self._node_dirty)
+            + int(self._cidrs_dirty)
+        )
 
     @classmethod
     def for_config(
@@ -155,16 +167,32 @@ class Controller:
             external_ip_cidrs=cfg.external_ip_cidrs,
         )
 
+    def all_service_cidrs(self) -> tuple[str, ...]:
+        """Every CIDR of every ServiceCIDR object, each once, in order."""
+        return tuple(sorted({c for cidrs in self.service_cidrs.values() for c in cidrs}))
+
     def drain(self) -> ChangeSet:
         node = self.node if self._node_dirty else None
         self._node_dirty = False
-        return ChangeSet(self.services.drain(), self.endpoints.drain(), node)
+        cidrs = self.all_service_cidrs() if self._cidrs_dirty else None
+        self._cidrs_dirty = False
+        return ChangeSet(self.services.drain(), self.endpoints.drain(), node, cidrs)
 
     def resend_all(self) -> None:
         """After the core lost track (it rejected a change set): send everything again."""
         self.services.resend_all()
         self.endpoints.resend_all()
         self._node_dirty = self.node is not None
+        self._cidrs_dirty = bool(self.service_cidrs)
+
+    def _set_service_cidrs(self, name: str, cidrs: tuple[str, ...] | None) -> None:
+        before = self.all_service_cidrs()
+        if cidrs is None:
+            self.service_cidrs.pop(name, None)
+        else:
+            self.service_cidrs[name] = cidrs
+        if self.all_service_cidrs() != before:
+            self._cidrs_dirty = True
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -173,6 +201,8 @@ class Controller:
             return {(k.namespace, k.name) for k in self.services.keys()}  # noqa: SIM118
         if resource == "endpointslices":
             return set(self.endpoints.slice_ids())
+        if resource == "servicecidrs":
+            return {("default", name) for name in self.service_cidrs}
         return {("default", self.node.name)} if self.node is not None else set()
 
     def _delete(self, resource: str, ident: tuple[str, str]) -> None:
@@ -182,6 +212,8 @@ class Controller:
             self.services.update(ServiceKey(*ident), None)
         elif resource == "endpointslices":
             self.endpoints.update(ident[0], ident[1], None)
+        elif resource == "servicecidrs":
+            self._set_service_cidrs(ident[1], None)
         elif resource == "nodes" and self.node is not None and ident[1] == self.node.name:
             self.node = None
 
@@ -205,6 +237,8 @@ class Controller:
                 sl = normalize_endpoint_slice(obj)
                 self._report(resource, ident, sl.warnings)
                 self.endpoints.update(ident[0], ident[1], sl.value)
+            elif resource == "servicecidrs":
+                self._set_service_cidrs(ident[1], normalize_service_cidr(obj))
             elif resource == "nodes":
                 node = normalize_node(obj)
                 if node.name != self.node_name:

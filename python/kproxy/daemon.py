@@ -31,7 +31,7 @@ from kproxy.backends import for_mode
 from kproxy.backends.proxier import Proxier
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
-from kproxy.control import Controller
+from kproxy.control import MULTI_CIDR_SERVICE_ALLOCATOR, Controller
 from kproxy.errors import ApplyError, CoreInputError, InvalidObjectError
 from kproxy.health import HealthServer, ProxyHealth
 from kproxy.http import Server
@@ -416,14 +416,16 @@ class Daemon:
         else:
             sink = _LoopSink(loop, self.controller)
             factory = self.factory or ClientFactory(self.cfg.kubeconfig, self.cfg.master)
-            resources = {
-                r.name: r
-                for r in (
-                    informer.services(),
-                    informer.endpoint_slices(),
-                    informer.node(self.cfg.node_name),
-                )
-            }
+            watched = [
+                informer.services(),
+                informer.endpoint_slices(),
+                informer.node(self.cfg.node_name),
+            ]
+            if self.mode.service_cidrs and self.cfg.feature_gates.get(
+                MULTI_CIDR_SERVICE_ALLOCATOR, True
+            ):
+                watched.append(informer.service_cidrs())
+            resources = {r.name: r for r in watched}
 
             def start_informer(name: str) -> informer.Informer:
                 inf = informer.Informer(resources[name], factory, sink, thread_stop)

@@ -69,7 +69,9 @@ class InvalidObjectError(KproxyError):
     """A Kubernetes object cannot be proxied as it is; it is skipped, nothing else is."""
 
     def __init__(self, kind: str, namespace: str, name: str, field: str, message: str) -> None:
-        super().__init__(f"{kind} {namespace}/{name}: {field}: {message}")
+        # A cluster-scoped object (a ServiceCIDR) has no namespace: it is named alone.
+        where = f"{namespace}/{name}" if namespace else name
+        super().__init__(f"{kind} {where}: {field}: {message}")
         self.kind = kind
         self.namespace = namespace
         self.name = name

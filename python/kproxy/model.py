@@ -21,7 +21,10 @@ Mode = wire.Mode
 # Where a traced packet comes from: the network or a pod ("external"), or the node itself.
 Origin = Literal["external", "local"]
 # Why a trace's packet was dropped or rejected (``_core.Trace.reason``; ``trace::Reason``).
-TraceReason = Literal["no-endpoints", "no-local-endpoints", "source-range", "no-service-port"]
+TraceReason = Literal[
+    "no-endpoints", "no-local-endpoints", "source-range", "no-service-port",
+    "unallocated-cluster-ip",
+]  # fmt: skip
 
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 

@@ -103,13 +103,13 @@ def family_of(ip: str) -> Family:
 class _Obj:
     """Typed access to one object's fields, raising errors that name the object and field."""
 
-    def __init__(self, kind: str, obj: Mapping[str, Any]) -> None:
+    def __init__(self, kind: str, obj: Mapping[str, Any], *, namespaced: bool = True) -> None:
         if not isinstance(obj, Mapping):
             raise InvalidObjectError(kind, "?", "?", "", "not an object")
         self.kind = kind
         meta = obj.get("metadata")
         self.meta: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
-        namespace = self.meta.get("namespace") or "default"
+        namespace = (self.meta.get("namespace") or "default") if namespaced else ""
         name = self.meta.get("name")
         if not isinstance(namespace, str) or not isinstance(name, str):
             raise InvalidObjectError(kind, str(namespace), str(name), "metadata", "no name")
@@ -456,6 +456,33 @@ def _hint_names(v: object) -> tuple[str, ...]:
         return ()
     names = {h["name"] for h in v if isinstance(h, Mapping) and isinstance(h.get("name"), str)}
     return tuple(_shared(n) for n in sorted(names))
+
+
+# The widest service CIDR kproxy programs: its drop rule sees every new forwarded connection,
+# so a ServiceCIDR of 0.0.0.0/0 (or a typo like /1) would cut the node's pods off the world.
+MIN_SERVICE_CIDR_PREFIX = {4: 8, 6: 64}
+
+
+def normalize_service_cidr(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """A ServiceCIDR's ``spec.cidrs``, canonical (networking.k8s.io/v1, KEP-1880)."""
+    o = _Obj("ServiceCIDR", obj, namespaced=False)
+    spec = o.mapping(obj, "spec", "spec")
+    out: list[str] = []
+    for i, raw in enumerate(o.seq(spec, "cidrs", "spec.cidrs")):
+        cidr = canonical_cidr(raw)
+        if cidr is None:
+            raise o.fail(f"spec.cidrs[{i}]", f"{raw!r} is not a CIDR")
+        net = ipaddress.ip_network(cidr)
+        widest = MIN_SERVICE_CIDR_PREFIX[net.version]
+        if net.prefixlen < widest:
+            raise o.fail(
+                f"spec.cidrs[{i}]",
+                f"{cidr} is wider than /{widest}: traffic to it would be dropped for every "
+                "address no Service holds",
+            )
+        if cidr not in out:
+            out.append(cidr)
+    return tuple(out)
 
 
 def normalize_node(obj: Mapping[str, Any]) -> NodeInfo:

@@ -18,7 +18,7 @@ from kproxy import _core
 from kproxy.backends import for_mode
 from kproxy.backends.proxier import Proxier, programmed
 from kproxy.config import ProxyConfig
-from kproxy.control import Controller
+from kproxy.control import MULTI_CIDR_SERVICE_ALLOCATOR, Controller
 from kproxy.errors import ApiConnectionError, ConfigError
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
@@ -53,11 +53,18 @@ def snapshot(cfg: ProxyConfig) -> Controller:
     factory = ClientFactory(cfg.kubeconfig, cfg.master)
     factory.check()
     sink = _Collect(c)
-    for res in (informer.services(), informer.endpoint_slices(), informer.node(cfg.node_name)):
+    listed = [informer.services(), informer.endpoint_slices(), informer.node(cfg.node_name)]
+    if for_mode(cfg).service_cidrs and cfg.feature_gates.get(MULTI_CIDR_SERVICE_ALLOCATOR, True):
+        listed.append(informer.service_cidrs())
+    for res in listed:
         # One list per resource, through the informer's own list path.
         try:
             informer.Informer(res, factory, sink, threading.Event())._list()
-        except (OSError, HTTPError, informer.ApiStatusError, informer.MalformedReply) as e:
+        except informer.ApiStatusError as e:
+            if not (res.optional and e.status in (403, 404)):
+                server = factory.get().host
+                raise ApiConnectionError(f"API server {server}", f"cannot list: {e}") from None
+        except (OSError, HTTPError, informer.MalformedReply) as e:
             server = factory.get().host
             cause = getattr(e, "reason", None) or e
             raise ApiConnectionError(f"API server {server}", f"cannot list: {cause}") from None
@@ -117,6 +124,7 @@ REASONS: dict[TraceReason, str] = {
     "no-local-endpoints": "the Service has no local endpoints (Local traffic policy)",
     "source-range": "the source is not in the Service's loadBalancerSourceRanges",
     "no-service-port": "no Service on this port of the address",
+    "unallocated-cluster-ip": "no Service holds this address of the cluster's service CIDRs",
 }
 
 

@@ -25,9 +25,11 @@ class ChangeSet:
     services: dict[ServiceKey, Service | None] = field(default_factory=dict)
     endpoints: dict[ServiceKey, Merged] = field(default_factory=dict)
     node: NodeInfo | None = None
+    # Every CIDR of the cluster's ServiceCIDR objects, when they changed (None: unchanged).
+    service_cidrs: tuple[str, ...] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.services or self.endpoints or self.node)
+        return bool(self.services or self.endpoints or self.node or self.service_cidrs is not None)
 
     def to_wire(self) -> wire.ChangeSet:
         return {
@@ -44,6 +46,7 @@ class ChangeSet:
                 for k, v in sorted(self.endpoints.items())
             ],
             "node": None if self.node is None else self.node.to_wire(),
+            "service_cidrs": None if self.service_cidrs is None else list(self.service_cidrs),
         }
 
     def to_json(self) -> bytes:

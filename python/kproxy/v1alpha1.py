@@ -539,7 +539,12 @@ GATES: tuple[Gate, ...] = (
     Gate("KubeProxyNFTablesLocalhostNodePorts", False, "nftables localhost NodePorts"),
     Gate("KubeProxyIPVS", True, "the ipvs mode is available", honoured=True),
     Gate("PreferSameTrafficDistribution", True, "trafficDistribution PreferSameNode"),
-    Gate("MultiCIDRServiceAllocator", True, "ServiceCIDRs"),
+    Gate(
+        "MultiCIDRServiceAllocator",
+        True,
+        "off, ServiceCIDRs are not watched (nftables mode: unallocated cluster IPs not dropped)",
+        honoured=True,
+    ),
     Gate(
         "AllowServiceExternalIPs",
         True,

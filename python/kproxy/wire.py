@@ -18,6 +18,10 @@ class ChangeSet(TypedDict):
     endpoints: NotRequired[list[EndpointsChange]]
     # Present when the Node's topology changed (this forces a full sync).
     node: NotRequired[NodeInfo | None]
+    # Present when the cluster's ServiceCIDRs changed: the CIDRs of every ServiceCIDR object,
+    # of both families (empty: there are none). Traffic to an address inside them that no
+    # Service holds is dropped, in the nftables mode (upstream's `cluster-ips-check`).
+    service_cidrs: NotRequired[list[str] | None]
     services: NotRequired[list[ServiceChange]]
 
 

@@ -104,7 +104,7 @@ impl Engine {
             services_changed: applied.services.len(),
             ..SyncReport::default()
         };
-        if !full && applied.services.is_empty() {
+        if !full && applied.services.is_empty() && !applied.service_cidrs {
             report.refused = self.refused();
             return Ok(report);
         }

@@ -7,8 +7,8 @@
 //! reported as changed by [`State::apply`], so partial syncs rewrite it.
 
 use crate::model::{
-    ChangeSet, Cidr, Endpoint, EndpointPort, EndpointsChange, IpFamily, NodeInfo, PortSpec,
-    Service, ServiceChange, ServiceKey, ServicePortName,
+    aggregate, ChangeSet, Cidr, Endpoint, EndpointPort, EndpointsChange, IpFamily, NodeInfo,
+    PortSpec, Service, ServiceChange, ServiceKey, ServicePortName,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -20,6 +20,8 @@ pub struct Applied {
     pub services: BTreeSet<ServiceKey>,
     /// The Node's topology changed: every service's endpoint choice may differ.
     pub topology: bool,
+    /// This family's service CIDRs changed.
+    pub service_cidrs: bool,
 }
 
 /// One port of one Service, seen from one IP family.
@@ -85,6 +87,8 @@ pub struct State {
     services: BTreeMap<ServiceKey, Service>,
     endpoints: BTreeMap<ServiceKey, Vec<EndpointPort>>,
     node: NodeInfo,
+    /// This family's ServiceCIDRs, as the fewest non-overlapping prefixes.
+    service_cidrs: Vec<Cidr>,
     /// How many Services hold each cluster IP, and claim each external or LB IP (any
     /// family). Counts, not keys: a few dozen bytes per Service; who they are is looked up in
     /// `services` in the rare case of a conflict.
@@ -135,6 +139,10 @@ impl State {
 
     pub fn node(&self) -> &NodeInfo {
         &self.node
+    }
+
+    pub fn service_cidrs(&self) -> &[Cidr] {
+        &self.service_cidrs
     }
 
     pub fn has_service(&self, key: &ServiceKey) -> bool {
@@ -242,6 +250,14 @@ impl State {
             if node != self.node {
                 self.node = node;
                 applied.topology = true;
+            }
+        }
+        if let Some(cidrs) = changes.service_cidrs {
+            let family = self.family();
+            let mine = aggregate(cidrs.into_iter().filter(|c| family.contains(&c.addr())));
+            if mine != self.service_cidrs {
+                self.service_cidrs = mine;
+                applied.service_cidrs = true;
             }
         }
         applied

@@ -112,3 +112,32 @@ def test_another_port_of_a_cluster_ip(mode: str, expected: tuple[str | None, str
 def test_an_accepted_connection_has_no_reason(mode: str) -> None:
     t = trace(engine(mode), "10.244.4.2", "10.96.0.23", 80)
     assert t.dnat == ["10.244.1.5:8080"] and t.reason is None, t.matched
+
+
+CIDRS = ChangeSet(service_cidrs=("10.96.0.0/16", "fd00:10:96::/112"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unallocated_addresses_of_the_service_cidrs(mode: str) -> None:
+    """nftables drops what no Service holds inside the ServiceCIDRs (upstream's
+    cluster-ips-check); the other modes do not use them, as upstream."""
+    e = engine(mode)
+    e.sync(CIDRS.to_json(), False)
+    never = trace(e, "10.244.4.2", "10.96.0.99", 80)
+    wrong_port = trace(e, "10.244.4.2", "10.96.0.23", 22)
+    served = trace(e, "10.244.4.2", "10.96.0.23", 80)
+    outside = trace(e, "10.244.4.2", "10.97.0.5", 80)
+    # The Service goes: its address is unallocated now.
+    e.sync(ChangeSet({WEB: None}, {WEB: ()}).to_json(), False)
+    freed = trace(e, "10.244.4.2", "10.96.0.23", 80)
+    assert served.dnat == ["10.244.1.5:8080"]
+    assert (outside.verdict, outside.reason) == (None, None)
+    if mode == "nftables":
+        assert (never.verdict, never.reason) == ("DROP", "unallocated-cluster-ip")
+        assert (wrong_port.verdict, wrong_port.reason) == ("REJECT", "no-service-port")
+        assert (freed.verdict, freed.reason) == ("DROP", "unallocated-cluster-ip")
+    else:
+        assert never.reason is None and freed.reason is None
+    # The ServiceCIDR goes: nothing is dropped for it any more.
+    e.sync(ChangeSet(service_cidrs=()).to_json(), False)
+    assert trace(e, "10.244.4.2", "10.96.0.99", 80).verdict is None

@@ -71,6 +71,7 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     ResourceType("Node", "", "v1", "nodes", False),
     ResourceType("Event", "", "v1", "events", True),
     ResourceType("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", True),
+    ResourceType("ServiceCIDR", "networking.k8s.io", "v1", "servicecidrs", False),
     ResourceType("Event", "events.k8s.io", "v1", "events", True),
 )
 

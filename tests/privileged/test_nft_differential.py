@@ -2,9 +2,10 @@
 must accept and refuse alike and end up holding the same table.
 
 The transactions are drawn from small pools of addresses, ranges, ports and names, so that
-they collide often: overlapping, nested and duplicate intervals in an interval set (the class
-of `loadBalancerSourceRanges` that once stopped every sync), elements that do not fit their
-set's type, elements and rules that name missing chains, and chains and sets still in use.
+they collide often: overlapping, nested and duplicate intervals in the interval sets (the
+class of `loadBalancerSourceRanges` that once stopped every sync, and the ServiceCIDRs'
+prefixes), elements that do not fit their set's type, elements and rules that name missing
+chains, and chains and sets still in use.
 Most transactions carry an interval-set element, so they go through `nft -f`; the others go
 over netlink, as kproxy's small element updates do."""
 
@@ -35,6 +36,7 @@ SETUP: list[Op] = [
     {"op": "add_table"},
     {"op": "add_set", "name": "firewall-allow", "spec": "AddrProtoPortSaddr", "interval": True},
     {"op": "add_set", "name": "cluster-ips", "spec": "Addr"},
+    {"op": "add_set", "name": "service-cidrs", "spec": "Addr", "interval": True},
     {"op": "add_set", "name": "service-nodeports", "spec": "ProtoPortVerdict"},
     {"op": "add_set", "name": "nodeport-endpoints-2", "spec": "ProtoPortIndexDnat"},
     {"op": "add_chain", "name": "a"},
@@ -67,6 +69,10 @@ fw_key = st.builds(
 ips_key = st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::1", "10.9.0.0/16"]).map(
     lambda s: [value(s)]
 )
+# The ServiceCIDRs' interval set: nested, adjacent and other-family prefixes.
+cidr_key = st.sampled_from(
+    ["10.96.0.0/12", "10.96.0.0/16", "10.97.0.0/16", "10.96.5.0/24", "10.96.0.1", "fd00::/108"]
+).map(lambda s: [value(s)])
 vm_key = st.builds(lambda p, n: [{"proto": p}, {"port": n}], proto, port)
 verdict = st.one_of(st.just("drop"), chain.map(lambda c: {"goto": c}))
 pool_key = st.builds(
@@ -108,6 +114,12 @@ op: st.SearchStrategy[Op] = st.one_of(
     st.lists(ips_key, min_size=1, max_size=2).map(
         lambda k: {"op": "delete_elements", "set": "cluster-ips", "keys": k}
     ),
+    elements(cidr_key, None).map(
+        lambda e: {"op": "add_elements", "set": "service-cidrs", "elements": e}
+    ),
+    st.lists(cidr_key, min_size=1, max_size=2).map(
+        lambda k: {"op": "delete_elements", "set": "service-cidrs", "keys": k}
+    ),
     elements(vm_key, verdict).map(
         lambda e: {"op": "add_elements", "set": "service-nodeports", "elements": e}
     ),
@@ -124,6 +136,7 @@ op: st.SearchStrategy[Op] = st.one_of(
     st.sampled_from(
         [
             {"op": "add_lookup", "chain": "c", "set": "cluster-ips", "spec": "Addr"},
+            {"op": "add_lookup", "chain": "c", "set": "service-cidrs", "spec": "Addr"},
             {
                 "op": "add_lookup",
                 "chain": "b",

@@ -591,9 +591,11 @@ def test_discovery(api: FakeApiServer) -> None:
     assert (status, body["major"]) == (200, "1")
     assert api_get(api, "/api")[1]["versions"] == ["v1"]
     groups = [g["name"] for g in api_get(api, "/apis")[1]["groups"]]
-    assert groups == ["discovery.k8s.io", "events.k8s.io"]
+    assert groups == ["discovery.k8s.io", "events.k8s.io", "networking.k8s.io"]
     resources = api_get(api, "/apis/discovery.k8s.io/v1")[1]["resources"]
     assert [r["name"] for r in resources] == ["endpointslices"]
+    resources = api_get(api, "/apis/networking.k8s.io/v1")[1]["resources"]
+    assert [(r["name"], r["namespaced"]) for r in resources] == [("servicecidrs", False)]
 
 
 # --------------------------------------------------------------- official client compat

@@ -30,7 +30,12 @@ def write(path: Path, *objs: dict[str, Any], text: str | None = None) -> None:
 
 
 def test_loads_every_kind_from_multi_document_and_list_files(tmp_path: Path) -> None:
-    write(tmp_path / "a.yaml", k.service("a", "10.96.0.1", [k.port("p", 80)]), k.node("n1"))
+    write(
+        tmp_path / "a.yaml",
+        k.service("a", "10.96.0.1", [k.port("p", 80)]),
+        k.node("n1"),
+        k.service_cidr("kubernetes", ["10.96.0.0/16"]),
+    )
     lst = {
         "apiVersion": "v1",
         "kind": "List",
@@ -45,7 +50,12 @@ def test_loads_every_kind_from_multi_document_and_list_files(tmp_path: Path) -> 
     (tmp_path / "notes.txt").write_text("ignored")
     got = Sets()
     ManifestSource(str(tmp_path), got.replace).load()
-    assert got.sets == {"services": ["a", "b"], "endpointslices": ["a-1"], "nodes": ["n1"]}
+    assert got.sets == {
+        "services": ["a", "b"],
+        "endpointslices": ["a-1"],
+        "nodes": ["n1"],
+        "servicecidrs": ["kubernetes"],
+    }
 
 
 def test_changes_are_picked_up_and_unchanged_directories_cost_nothing(tmp_path: Path) -> None:

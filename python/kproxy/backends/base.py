@@ -39,6 +39,9 @@ class ModeBackend:
     many_descriptors: ClassVar[bool] = False
     # Programs kernel rules that `trace --live` and `diff` can read back.
     kernel_rules: ClassVar[bool] = True
+    # Drops traffic to addresses of the cluster's ServiceCIDRs that no Service holds, so the
+    # daemon watches ServiceCIDR objects (upstream: the nftables mode only).
+    service_cidrs: ClassVar[bool] = False
 
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg

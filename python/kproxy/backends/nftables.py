@@ -47,6 +47,7 @@ def nft_families() -> list[Family]:
 
 class NftablesMode(ModeBackend):
     name = "nftables"
+    service_cidrs = True
 
     def families(self) -> list[Family]:
         return nft_families()

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 CONTROLLER = "kproxy"
 
 
+# The API versions of the kinds kproxy reads, outside the core group.
+API_VERSIONS = {"EndpointSlice": "discovery.k8s.io/v1", "ServiceCIDR": "networking.k8s.io/v1"}
+
+
 def event(
     reason: str,
     note: str,
@@ -99,18 +103,16 @@ class Recorder:
 
     def not_programmed(self, error: InvalidObjectError) -> None:
         """An object this node skips (invalid, or over a limit): a Warning on the object."""
-        api = "discovery.k8s.io/v1" if error.kind == "EndpointSlice" else "v1"
+        api = API_VERSIONS.get(error.kind, "v1")
+        regarding = {"kind": error.kind, "name": error.name, "apiVersion": api}
+        if error.namespace:  # cluster-scoped objects have none (their Event goes to default)
+            regarding["namespace"] = error.namespace
         self.emit(
             event(
                 "FailedToProgram",
                 f"node {self.node} does not program this {error.kind}: "
                 f"{error.field}: {error.message}",
-                {
-                    "kind": error.kind,
-                    "namespace": error.namespace,
-                    "name": error.name,
-                    "apiVersion": api,
-                },
+                regarding,
                 node=self.node,
                 action="Sync",
                 type="Warning",

@@ -45,11 +45,14 @@ PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kuber
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    name: str  # "services", "endpointslices", "nodes"
+    name: str  # "services", "endpointslices", "nodes", "servicecidrs"
     path: str
     list_kind: str  # what a list reply must say it is ("ServiceList")
     label_selector: str | None = None
     field_selector: str | None = None
+    # A resource the cluster may not serve (older releases) or let kproxy read: a 404 or 403
+    # is said once, then retried quietly at the backoff ceiling.
+    optional: bool = False
 
 
 def services() -> Resource:
@@ -63,6 +66,12 @@ def endpoint_slices() -> Resource:
         "EndpointSliceList",
         PROXY_LABEL_SELECTOR,
     )
+
+
+def service_cidrs() -> Resource:
+    """networking.k8s.io/v1 ServiceCIDRs (Kubernetes 1.33+; KEP-1880)."""
+    path = "/apis/networking.k8s.io/v1/servicecidrs"
+    return Resource("servicecidrs", path, "ServiceCIDRList", optional=True)
 
 
 def node(name: str) -> Resource:
@@ -140,6 +149,7 @@ class Informer:
         self.lists = 0
         self.watches = 0
         self.errors = 0
+        self._said_unserved = False
 
     def start(self) -> None:
         self._thread.start()
@@ -176,9 +186,27 @@ class Informer:
                         # Honoured, but never past our own ceiling: a huge value from a
                         # broken server must not stop us seeing changes.
                         delay = max(delay, min(e.retry_after, self._timing.backoff_max))
-                log.warning("%s: %s; retrying in %.1fs", self.resource.name, _describe(e), delay)
+                if self._unserved(e):
+                    delay = self._timing.backoff_max
+                    if not self._said_unserved:
+                        self._said_unserved = True
+                        log.warning(
+                            "%s: %s: not served or not allowed here; going on without them "
+                            "(retried every %.0fs)",
+                            self.resource.name, _describe(e), delay,
+                        )  # fmt: skip
+                    else:
+                        log.debug("%s: %s", self.resource.name, _describe(e))
+                else:
+                    log.warning(
+                        "%s: %s; retrying in %.1fs", self.resource.name, _describe(e), delay
+                    )
                 backoff = min(backoff * 2, self._timing.backoff_max)
                 self._stop.wait(delay)
+
+    def _unserved(self, e: Exception) -> bool:
+        """An optional resource this server does not serve (404) or lets us read (403)."""
+        return self.resource.optional and isinstance(e, ApiStatusError) and e.status in (403, 404)
 
     def _request(self, query: list[tuple[str, str]], read_timeout: float) -> BaseHTTPResponse:
         api = self._factory.get()

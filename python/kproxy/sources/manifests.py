@@ -1,4 +1,4 @@
-"""``--manifests DIR``: Services, EndpointSlices (and optionally this Node) from YAML files.
+"""``--manifests DIR``: Services, EndpointSlices, ServiceCIDRs and this Node from YAML files.
 
 This is how kproxy runs without a cluster (the quickstart, tests, tools). The directory is
 polled; when any file changes, every file is read again and the complete sets are handed to
@@ -20,7 +20,12 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-KINDS = {"Service": "services", "EndpointSlice": "endpointslices", "Node": "nodes"}
+KINDS = {
+    "Service": "services",
+    "EndpointSlice": "endpointslices",
+    "Node": "nodes",
+    "ServiceCIDR": "servicecidrs",
+}
 SUFFIXES = (".yaml", ".yml", ".json")
 
 Snapshot = tuple[tuple[str, int, int], ...]

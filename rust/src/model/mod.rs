@@ -311,6 +311,11 @@ pub struct ChangeSet {
     /// Present when the Node's topology changed (this forces a full sync).
     #[serde(default)]
     pub node: Option<NodeInfo>,
+    /// Present when the cluster's ServiceCIDRs changed: the CIDRs of every ServiceCIDR object,
+    /// of both families (empty: there are none). Traffic to an address inside them that no
+    /// Service holds is dropped, in the nftables mode (upstream's `cluster-ips-check`).
+    #[serde(default)]
+    pub service_cidrs: Option<Vec<Cidr>>,
 }
 
 impl ChangeSet {
@@ -320,7 +325,10 @@ impl ChangeSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoints.is_empty() && self.node.is_none()
+        self.services.is_empty()
+            && self.endpoints.is_empty()
+            && self.node.is_none()
+            && self.service_cidrs.is_none()
     }
 }
 

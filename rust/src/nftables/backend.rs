@@ -284,18 +284,26 @@ fn spans(key: &[Value]) -> Vec<(u128, u128)> {
         .collect()
 }
 
-/// The element of `set` that a new `key` runs into, as the kernel's concatenated interval
-/// set (pipapo) sees it: one that holds the new element's first or last point and is not the
-/// same element. A new element that merely surrounds an old one is accepted, as there.
+/// The element of `set` that a new `key` runs into. A concatenated interval set (pipapo)
+/// refuses one that holds the new element's first or last point (a new element that merely
+/// surrounds an old one is accepted there); a single-field one (rbtree, where `nft` says
+/// "conflicting intervals specified") refuses any overlap, nested either way. The same
+/// element again is no conflict in either.
 fn overlapping<'a>(set: &'a Set, key: &Key) -> Option<&'a Key> {
     let new = spans(key);
     let (start, end): (Vec<u128>, Vec<u128>) = new.iter().copied().unzip();
     let holds = |old: &[(u128, u128)], p: &[u128]| {
         old.iter().zip(p).all(|((lo, hi), x)| lo <= x && x <= hi)
     };
+    let single = new.len() == 1;
     let hit = |k: &&Key| {
         let old = spans(k);
-        old != new && (holds(&old, &start) || holds(&old, &end))
+        let meets = if single {
+            old[0].0 <= new[0].1 && new[0].0 <= old[0].1
+        } else {
+            holds(&old, &start) || holds(&old, &end)
+        };
+        old != new && meets
     };
     // Only elements whose first component can meet the new one's: kproxy's interval keys
     // start with an exact address, so this is one Service address's elements.
@@ -658,6 +666,42 @@ mod tests {
         assert_eq!(run(&[&["10.0.0.0/24", "10.0.1.0/24"]]), [true]);
         // A host prefix is the address: the same element.
         assert_eq!(run(&[&["9.9.9.9/32"], &["9.9.9.9"]]), [true, true]);
+    }
+
+    // Checked against the kernel (6.18, nft 1.0.6): a single-field interval set refuses
+    // nesting both ways, within one command or across transactions.
+    #[test]
+    fn single_field_interval_sets_refuse_any_overlap() {
+        let run = |batches: &[&[&str]]| -> Vec<bool> {
+            let def = SetDef {
+                name: "cidrs".into(),
+                spec: SetSpec::Addr,
+                interval: true,
+                dynamic_size: None,
+            };
+            let mut fake = Fake::new(IpFamily::V4);
+            fake.apply(&[Op::AddTable, Op::AddSet(def)]).unwrap();
+            batches
+                .iter()
+                .map(|b| {
+                    let elems = b
+                        .iter()
+                        .map(|c| (vec![Value::Cidr(c.parse().unwrap())], None))
+                        .collect();
+                    fake.apply(&[Op::AddElements("cidrs".into(), elems)])
+                        .is_ok()
+                })
+                .collect()
+        };
+        assert_eq!(run(&[&["10.96.0.0/12"], &["10.97.0.0/16"]]), [true, false]);
+        assert_eq!(run(&[&["10.97.0.0/16"], &["10.96.0.0/12"]]), [true, false]);
+        assert_eq!(run(&[&["10.97.0.0/16", "10.96.0.0/12"]]), [false]);
+        assert_eq!(run(&[&["10.96.0.0/12"], &["10.96.0.1/32"]]), [true, false]);
+        assert_eq!(
+            run(&[&["10.96.0.0/12", "10.96.0.0/12"], &["10.96.0.0/12"]]),
+            [true, true]
+        );
+        assert_eq!(run(&[&["10.96.0.0/16", "10.97.0.0/16"]]), [true]);
     }
 
     #[test]

@@ -31,6 +31,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 pub const CLUSTER_IPS: &str = "cluster-ips";
+/// The cluster's ServiceCIDRs (an interval set): traffic to an address in them that no Service
+/// holds is dropped.
+pub const SERVICE_CIDRS: &str = "service-cidrs";
 pub const NODEPORT_IPS: &str = "nodeport-ips";
 pub const SERVICE_IPS: &str = "service-ips";
 pub const SERVICE_NODEPORTS: &str = "service-nodeports";
@@ -248,6 +251,12 @@ pub fn fixed(cfg: &RenderConfig) -> Fixed {
         set(FIREWALL_ALLOW, SetSpec::AddrProtoPortSaddr),
         set(HAIRPIN, SetSpec::AddrAddrProtoPort),
         SetDef {
+            name: SERVICE_CIDRS.to_owned(),
+            spec: SetSpec::Addr,
+            interval: true,
+            dynamic_size: None,
+        },
+        SetDef {
             name: AFFINITY.to_owned(),
             spec: SetSpec::SaddrId,
             interval: false,
@@ -388,11 +397,18 @@ pub fn fixed(cfg: &RenderConfig) -> Fixed {
             CLUSTER_IPS_CHECK.into(),
             None,
             // A cluster IP answers only on its Services' ports: anything else is refused
-            // rather than left to time out (upstream nftables mode).
-            vec![Rule::new(
-                vec![lookup(&[Field::Daddr], CLUSTER_IPS, false)],
-                Stmt::Goto(REJECT_CHAIN.into()),
-            )],
+            // rather than left to time out; an address of the service CIDRs that no Service
+            // holds is dropped (upstream nftables mode, both).
+            vec![
+                Rule::new(
+                    vec![lookup(&[Field::Daddr], CLUSTER_IPS, false)],
+                    Stmt::Goto(REJECT_CHAIN.into()),
+                ),
+                Rule::new(
+                    vec![lookup(&[Field::Daddr], SERVICE_CIDRS, false)],
+                    Stmt::Drop,
+                ),
+            ],
         ),
         (
             REJECT_CHAIN.into(),

@@ -62,10 +62,13 @@ struct Walk<'a> {
     reason: Option<Reason>,
 }
 
-/// What a verdict given in (or below) one of kproxy's check chains means.
-fn chain_reason(chain: &str) -> Option<Reason> {
+/// What a verdict given in (or below) one of kproxy's check chains means: `cluster-ips-check`
+/// refuses a Service's address on another port (through the reject chain) and drops an
+/// address of the service CIDRs that no Service holds.
+fn chain_reason(chain: &str, drop: bool) -> Option<Reason> {
     match chain {
         FIREWALL_CHECK => Some(Reason::SourceRange),
+        CLUSTER_IPS_CHECK if drop => Some(Reason::UnallocatedClusterIp),
         CLUSTER_IPS_CHECK => Some(Reason::NoServicePort),
         _ => None,
     }
@@ -316,13 +319,13 @@ impl Walk<'_> {
 
     /// A verdict given in `chain`.
     fn verdict(&mut self, chain: &str, v: Verdict) -> Flow {
-        self.reason = self.via.or(chain_reason(chain));
+        self.reason = self.via.or(chain_reason(chain, v == Verdict::Drop));
         Flow::Stop(Some(v))
     }
 
     fn stmt(&mut self, chain: &str, stmt: &Stmt, p: &mut Pkt, depth: usize) -> Flow {
         match stmt {
-            Stmt::Jump(c) | Stmt::Goto(c) => self.enter(c, chain_reason(chain), p, depth),
+            Stmt::Jump(c) | Stmt::Goto(c) => self.enter(c, chain_reason(chain, false), p, depth),
             Stmt::Vmap { fields, map } => {
                 for k in self.keys(fields, p) {
                     let hit = self.lookup_data(map, &k);

@@ -9,11 +9,14 @@
 //! element deletions, then additions. Chains and pools nothing references any more are deleted
 //! by a second transaction ([`Plan::cleanup`]) once the first has removed every reference.
 
+use super::ast::Value;
 use super::ast::{Data, Hook, Key, Op, Rule};
 use super::packed::PackedKey;
-use super::render::{self, Fixed, Pool, ServiceObjects, SetId, AFFINITY, NODEPORT_IPS};
+use super::render::{
+    self, Fixed, Pool, ServiceObjects, SetId, AFFINITY, NODEPORT_IPS, SERVICE_CIDRS,
+};
 use crate::config::RenderConfig;
-use crate::model::ServiceKey;
+use crate::model::{Cidr, ServiceKey};
 use crate::state::State;
 use crate::topology::Counts;
 use smallvec::SmallVec;
@@ -60,6 +63,12 @@ pub struct Writer {
     element_total: usize,
     /// Keys two Services both claim (the first wins).
     conflicts: usize,
+    /// The service CIDRs the kernel's `service-cidrs` set holds.
+    service_cidrs: Vec<Cidr>,
+}
+
+fn cidr_elements<'a>(cidrs: impl IntoIterator<Item = &'a Cidr>) -> Vec<Key> {
+    cidrs.into_iter().map(|c| vec![Value::Cidr(*c)]).collect()
 }
 
 /// A Service as an element's claimant (shared: one allocation per Service, not per element).
@@ -238,6 +247,14 @@ impl Writer {
                     .collect(),
             );
         }
+        self.service_cidrs = state.service_cidrs().to_vec();
+        if !self.service_cidrs.is_empty() {
+            let elems = cidr_elements(&self.service_cidrs);
+            by_set.insert(
+                SetId::Fixed(SERVICE_CIDRS),
+                elems.into_iter().map(|k| (k, None)).collect(),
+            );
+        }
         self.element_total = by_set.values().map(Vec::len).sum();
 
         let mut plan = Plan::default();
@@ -364,6 +381,24 @@ impl Writer {
             }
         }
 
+        // The service CIDRs (a cluster-wide list that seldom changes): what left, what came.
+        if state.service_cidrs() != self.service_cidrs.as_slice() {
+            let (old, new) = (&self.service_cidrs, state.service_cidrs());
+            let gone = cidr_elements(old.iter().filter(|c| !new.contains(c)));
+            let came = cidr_elements(new.iter().filter(|c| !old.contains(c)));
+            self.element_total = self.element_total + came.len() - gone.len();
+            let set = SetId::Fixed(SERVICE_CIDRS);
+            if !gone.is_empty() {
+                deletes.entry(set).or_default().extend(gone);
+            }
+            if !came.is_empty() {
+                adds.entry(set)
+                    .or_default()
+                    .extend(came.into_iter().map(|k| (k, None)));
+            }
+            self.service_cidrs = new.to_vec();
+        }
+
         // Pools: create the ones that gain elements, retire the ones left empty. A retired
         // pool's elements go with its set (the cleanup deletes it), not one by one: a Service
         // of 100,000 endpoints gaining one moves all of them to the next pool.
@@ -431,6 +466,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{changes, deletion, lines, svc, Harness};
+    use crate::model::ChangeSet;
     use crate::model::IpFamily::V4;
 
     #[test]
@@ -667,5 +703,57 @@ mod tests {
             h.partial(cs);
             h.assert_in_step();
         }
+    }
+
+    fn service_cidrs(cidrs: &[&str]) -> ChangeSet {
+        ChangeSet {
+            service_cidrs: Some(cidrs.iter().map(|c| c.parse().unwrap()).collect()),
+            ..ChangeSet::default()
+        }
+    }
+
+    /// The ServiceCIDRs' set follows the cluster's objects through partial syncs: only this
+    /// family's CIDRs, overlapping ones as the fewest prefixes (the set is an interval set,
+    /// which the Fake refuses overlaps in as the kernel does), and only what changed written.
+    #[test]
+    fn service_cidrs_follow_partial_syncs() {
+        let mut h = Harness::new(V4);
+        h.full(changes(&[svc("a", "172.30.0.1").eps(&["10.1.0.1"])]));
+        assert!(lines(
+            V4,
+            &h.writer.full(&h.state, &h.cfg, &[]).ops,
+            "add element ip kproxy service-cidrs"
+        )
+        .is_empty());
+        let plan = h.partial(service_cidrs(&[
+            "172.30.0.0/16",
+            "172.30.5.0/24",
+            "fd00::/108",
+        ]));
+        assert_eq!(
+            lines(V4, &plan.ops, "add element ip kproxy service-cidrs"),
+            ["add element ip kproxy service-cidrs { 172.30.0.0/16 }"]
+        );
+        assert!(lines(V4, &plan.ops, "delete").is_empty());
+        h.assert_in_step();
+        // The same list again writes nothing; a second, adjacent CIDR joins the first.
+        assert!(h.partial(service_cidrs(&["172.30.0.0/16"])).ops.is_empty());
+        let plan = h.partial(service_cidrs(&["172.30.0.0/16", "172.31.0.0/16"]));
+        assert_eq!(
+            lines(V4, &plan.ops, "delete element ip kproxy service-cidrs"),
+            ["delete element ip kproxy service-cidrs { 172.30.0.0/16 }"]
+        );
+        assert_eq!(
+            lines(V4, &plan.ops, "add element ip kproxy service-cidrs"),
+            ["add element ip kproxy service-cidrs { 172.30.0.0/15 }"]
+        );
+        h.assert_in_step();
+        // Every ServiceCIDR gone.
+        let plan = h.partial(service_cidrs(&[]));
+        assert_eq!(
+            lines(V4, &plan.ops, "delete element ip kproxy service-cidrs"),
+            ["delete element ip kproxy service-cidrs { 172.30.0.0/15 }"]
+        );
+        h.assert_in_step();
     }
 }

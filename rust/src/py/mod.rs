@@ -406,7 +406,8 @@ impl Trace {
         })
     }
     /// Why the packet was dropped or rejected, when the tracer knows: "no-endpoints",
-    /// "no-local-endpoints", "source-range" or "no-service-port".
+    /// "no-local-endpoints", "source-range", "no-service-port" or
+    /// "unallocated-cluster-ip".
     #[getter]
     fn reason(&self) -> Option<&'static str> {
         self.0.reason.map(trace::Reason::as_str)

@@ -66,6 +66,8 @@ pub enum Reason {
     SourceRange,
     /// The address belongs to a Service, but no Service serves this port and protocol there.
     NoServicePort,
+    /// The address is inside the cluster's service CIDRs, and no Service holds it.
+    UnallocatedClusterIp,
 }
 
 impl Reason {
@@ -76,6 +78,7 @@ impl Reason {
             Reason::NoLocalEndpoints => "no-local-endpoints",
             Reason::SourceRange => "source-range",
             Reason::NoServicePort => "no-service-port",
+            Reason::UnallocatedClusterIp => "unallocated-cluster-ip",
         }
     }
 }
