@@ -75,6 +75,7 @@ class ServiceHealthServers:
                     f"{host}:{w.port}",
                     {"*": functools.partial(self._answer, key)},
                     name=f"healthcheck-{w.port}",
+                    lane="healthcheck",
                 )
             except OSError as e:
                 self._failed[key] = w.port
