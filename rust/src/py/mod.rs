@@ -151,9 +151,13 @@ impl SyncReport {
 pub struct Engine {
     inner: Mutex<engine::Engine>,
     family: IpFamily,
+    mode: Mode,
 }
 
 impl Engine {
+    /// The engine, once no sync holds it. Every caller takes it inside `py.detach`: a sync
+    /// holds the lock for as long as the kernel takes, and waiting with the GIL held would
+    /// stop every Python thread (the daemon's event loop, a scrape) meanwhile.
     fn lock(&self) -> MutexGuard<'_, engine::Engine> {
         // A panic while holding the lock cannot leave the engine half-updated in a way that
         // matters: the next sync is full anyway after an error. Recover the guard.
@@ -166,9 +170,11 @@ impl Engine {
     #[new]
     fn new(config_json: &str) -> PyResult<Engine> {
         let cfg = EngineConfig::from_json(config_json).map_err(to_py)?;
+        let engine = engine::Engine::new(cfg);
         Ok(Engine {
-            family: cfg.family,
-            inner: Mutex::new(engine::Engine::new(cfg)),
+            family: engine.config().family,
+            mode: engine.mode(),
+            inner: Mutex::new(engine),
         })
     }
 
@@ -179,8 +185,8 @@ impl Engine {
     }
 
     #[getter]
-    fn needs_full_sync(&self) -> bool {
-        self.lock().needs_full_sync()
+    fn needs_full_sync(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.lock().needs_full_sync())
     }
 
     /// Apply a JSON change set and program the kernel. Raises `kproxy.errors.ApplyError` when
@@ -214,14 +220,16 @@ impl Engine {
     }
 
     /// The userspace forwarder's counters by name (empty in the other modes).
-    fn forward_stats(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        let engine = self.lock();
-        let program = engine.program::<UserspaceProgram>();
-        program
-            .map(|p| p.stats())
-            .unwrap_or_default()
-            .into_iter()
-            .collect()
+    fn forward_stats(&self, py: Python<'_>) -> std::collections::BTreeMap<&'static str, u64> {
+        py.detach(|| {
+            let engine = self.lock();
+            let program = engine.program::<UserspaceProgram>();
+            program
+                .map(|p| p.stats())
+                .unwrap_or_default()
+                .into_iter()
+                .collect()
+        })
     }
 
     /// ipvs mode: (one line per virtual server and set member, the companion rules and their
@@ -236,15 +244,17 @@ impl Engine {
     }
 
     /// ipvs mode: the addresses kube-ipvs0 should hold after the last sync (empty otherwise).
-    fn ipvs_addresses(&self) -> Vec<String> {
-        let engine = self.lock();
-        engine
-            .program::<IpvsProgram>()
-            .map(|p| p.bind())
-            .unwrap_or_default()
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+    fn ipvs_addresses(&self, py: Python<'_>) -> Vec<String> {
+        py.detach(|| {
+            let engine = self.lock();
+            engine
+                .program::<IpvsProgram>()
+                .map(|p| p.bind())
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        })
     }
 
     /// Whether our canary chains are all present (False: someone flushed our tables, so the
@@ -257,7 +267,7 @@ impl Engine {
     /// "iptables", "nftables", "userspace" or "ipvs".
     #[getter]
     fn mode(&self) -> &'static str {
-        match self.lock().mode() {
+        match self.mode {
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
             Mode::Userspace => "userspace",
