@@ -637,16 +637,26 @@ mod tests {
         (key, None)
     }
 
-    /// Applies each transaction in turn to a table holding the `fw` set; whether each went in.
-    fn run(txs: &[&[&str]]) -> Vec<bool> {
+    /// Adds each batch of elements in turn, one transaction each, to a table holding only
+    /// `def`; whether each went in.
+    fn adds(def: SetDef, batches: Vec<Vec<(Key, Option<Data>)>>) -> Vec<bool> {
         let mut fake = Fake::new(IpFamily::V4);
-        fake.apply(&[Op::AddTable, Op::AddSet(fw())]).unwrap();
-        txs.iter()
-            .map(|tx| {
-                let elems = tx.iter().map(|s| el(s)).collect();
-                fake.apply(&[Op::AddElements("fw".into(), elems)]).is_ok()
-            })
+        let name = def.name.clone();
+        fake.apply(&[Op::AddTable, Op::AddSet(def)]).unwrap();
+        batches
+            .into_iter()
+            .map(|elems| fake.apply(&[Op::AddElements(name.clone(), elems)]).is_ok())
             .collect()
+    }
+
+    /// [`adds`] to the `fw` set (address . protocol . port . source range).
+    fn run(txs: &[&[&str]]) -> Vec<bool> {
+        adds(
+            fw(),
+            txs.iter()
+                .map(|tx| tx.iter().map(|s| el(s)).collect())
+                .collect(),
+        )
     }
 
     // Each case was checked against the kernel (6.18, `nft add element`); the differential
@@ -679,19 +689,14 @@ mod tests {
                 interval: true,
                 dynamic_size: None,
             };
-            let mut fake = Fake::new(IpFamily::V4);
-            fake.apply(&[Op::AddTable, Op::AddSet(def)]).unwrap();
-            batches
-                .iter()
-                .map(|b| {
-                    let elems = b
-                        .iter()
-                        .map(|c| (vec![Value::Cidr(c.parse().unwrap())], None))
-                        .collect();
-                    fake.apply(&[Op::AddElements("cidrs".into(), elems)])
-                        .is_ok()
-                })
-                .collect()
+            let cidr = |c: &&str| (vec![Value::Cidr(c.parse().unwrap())], None);
+            adds(
+                def,
+                batches
+                    .iter()
+                    .map(|b| b.iter().map(cidr).collect())
+                    .collect(),
+            )
         };
         assert_eq!(run(&[&["10.96.0.0/12"], &["10.97.0.0/16"]]), [true, false]);
         assert_eq!(run(&[&["10.97.0.0/16"], &["10.96.0.0/12"]]), [true, false]);
