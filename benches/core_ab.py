@@ -3,7 +3,8 @@
 For a refactor that must not slow anything down: ``python benches/core_ab.py --baseline DIR``
 where ``DIR`` is the ``python/`` directory of another checkout with its extension built in
 (``maturin build`` there, and the wheel's ``kproxy/_core.abi3.so`` unpacked into
-``DIR/kproxy``; ``--build REV`` does both from a git revision of this repository).
+``DIR/kproxy``; ``--build REV`` does both from a git revision of this repository, and
+removes them afterwards). ``--json PATH`` writes the report as JSON too.
 
 Each mode and shape (Services x endpoints, one TCP port each) runs in a fresh worker process
 per build, alternating baseline and candidate for ``--rounds`` rounds. A worker builds the
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,7 +140,7 @@ def main() -> int:
     p.add_argument("--backend", choices=("fake", "kernel"), default="fake")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--changes", type=int, default=9)
-    p.add_argument("--out", type=Path, help="write the report as JSON here too")
+    p.add_argument("--json", type=Path, help="write the report as JSON here too")
     p.add_argument(
         "--worker", nargs=3, metavar=("MODE", "BACKEND", "SHAPE"), help=argparse.SUPPRESS
     )
@@ -168,9 +170,14 @@ def main() -> int:
                              "candidate_s": c, "ratio": c / b})  # fmt: skip
                 print(f"{mode:<10} {shape:>9} {what:>6} {b * 1e3:>8.2f}ms {c * 1e3:>8.2f}ms "
                       f"{c / b:>6.2f}")  # fmt: skip
-    if a.out:
+    if a.json:
         report = {"machine": machine(), "backend": a.backend, "rounds": a.rounds, "rows": rows}
-        a.out.write_text(json.dumps(report, indent=1) + "\n")
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
+    if a.build:
+        # The baseline's checkout and build were ours: remove them (base is <root>/src/python).
+        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
+                        str(base.parent)], check=False)  # fmt: skip
+        shutil.rmtree(base.parent.parent, ignore_errors=True)
     return 0
 
 

@@ -108,6 +108,12 @@ FOCUSED: dict[str, tuple[list[str], list[str]]] = {
     "daemon_memory": ([], ["--services", "1000"]),
     "nftables_sync": ([], ["--shapes", "1000x10", "--repeat", "1"]),
     "iptables_sync": ([], ["--shapes", "1000x10"]),
+    # The core's sync paths against the build before the per-mode refactor (#24); the smoke
+    # run compares this tree with itself.
+    "core_ab": (
+        ["--build", "c575aa5", "--rounds", "7"],
+        ["--baseline", "python", "--shapes", "20x2", "--rounds", "2", "--changes", "3"],
+    ),
 }
 
 _FIRST = re.compile(r"first sync done ([\d.]+)s after start \(lists received after ([\d.]+)s\)")

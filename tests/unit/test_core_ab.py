@@ -15,7 +15,7 @@ def test_an_ab_run_of_this_tree_against_itself_reports_every_row(tmp_path: Path)
     out = tmp_path / "ab.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "benches" / "core_ab.py"), "--baseline", str(ROOT / "python"),
-         "--shapes", "20x2", "--rounds", "2", "--changes", "3", "--out", str(out)],
+         "--shapes", "20x2", "--rounds", "2", "--changes", "3", "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
