@@ -183,7 +183,8 @@ class Controller:
         self.services.resend_all()
         self.endpoints.resend_all()
         self._node_dirty = self.node is not None
-        self._cidrs_dirty = bool(self.service_cidrs)
+        # Even an empty list: the core may hold CIDRs whose last object went meanwhile.
+        self._cidrs_dirty = True
 
     def _set_service_cidrs(self, name: str, cidrs: tuple[str, ...] | None) -> None:
         before = self.all_service_cidrs()

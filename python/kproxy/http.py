@@ -4,25 +4,31 @@ Each route is a function returning (status, content type, body); the route "*" a
 path. Nothing a client sends can change anything (only GET is answered).
 
 Every server in the process is served by one event-driven thread (a selector over
-non-blocking sockets), so a client costs a socket, not a thread: a request's head must arrive
-whole within ``REQUEST_DEADLINE`` of the connection (a client dripping a byte at a time is cut
-off when it is spent, however often it sends), at most ``MAX_CONNECTIONS`` are open per server
-(past that the oldest is closed, so a flood of idle connections cannot lock newcomers out),
-and closing a server returns as soon as its socket is closed. Routes run on a few worker
-threads per lane, away from the sockets' thread: a slow route (a scrape during a long sync)
-holds up its own lane only, and never a health check.
+non-blocking sockets), so a client costs a socket, not a thread:
+
+* a request's head must arrive whole within ``REQUEST_DEADLINE`` of the connection (a client
+  dripping a byte at a time is cut off when it is spent, however often it sends); its answer
+  then has ``ANSWER_DEADLINE`` (a scrape may wait out a long sync);
+* at most ``MAX_CONNECTIONS`` are open in all (fewer when the descriptor limit is low): past
+  that, and whenever ``accept`` runs out of descriptors, the oldest unanswered connection is
+  closed, so a flood of idle connections cannot lock newcomers out;
+* closing a server returns as soon as its socket is closed.
+
+Routes run on a few worker threads per lane, away from the sockets' thread: a slow route (a
+scrape during a long sync) holds up its own lane only, and never a health check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import resource
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -33,6 +39,8 @@ Route = Callable[[], Response]
 
 # The whole request head, from the connection's accept: a slow or idle client is cut off.
 REQUEST_DEADLINE = 10.0
+# From the head to the last byte of the answer.
+ANSWER_DEADLINE = 120.0
 MAX_HEAD = 16 * 1024
 MAX_CONNECTIONS = 4096
 # Worker threads per lane (the routes of one kind of server share them).
@@ -45,8 +53,10 @@ class _Conn:
     server: Server
     deadline: float
     inbox: bytearray = field(default_factory=bytearray)
-    outbox: bytes = b""
-    answering: bool = False
+    outbox: memoryview = field(default_factory=lambda: memoryview(b""))
+    # In the selector (not while an answer is awaited from a client that half-closed).
+    registered: bool = True
+    closed: bool = False
 
 
 def _reply(code: int, ctype: str, body: bytes) -> bytes:
@@ -67,6 +77,26 @@ def _error(code: int) -> bytes:
     return _reply(code, "text/plain; charset=utf-8", f"{code} {phrase}\n".encode())
 
 
+class _Lane:
+    """A few daemon threads running routes (daemon: a route stuck at exit delays nothing)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        for i in range(LANE_WORKERS):
+            threading.Thread(target=self._work, name=f"http-{name}-{i}", daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # a worker must outlive any one route
+                log.exception("http: a route's job failed")
+
+
 class _Reactor:
     """The one thread that accepts, reads and writes for every server."""
 
@@ -78,8 +108,14 @@ class _Reactor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._conns: dict[socket.socket, _Conn] = {}
-        self._lanes: dict[str, ThreadPoolExecutor] = {}
+        # Open connections, oldest first: those still sending their head, and those being
+        # answered (each list has one allowance, so its first entry expires first).
+        self._reading: dict[socket.socket, _Conn] = {}
+        self._answering: dict[socket.socket, _Conn] = {}
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.cap = max(64, min(MAX_CONNECTIONS, soft // 4))
+        self._lanes: dict[str, _Lane] = {}
+        self._warned = 0.0
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._thread.start()
 
@@ -102,13 +138,12 @@ class _Reactor:
         if wait and threading.current_thread() is not self._thread:
             done.wait(5.0)
 
-    def lane(self, name: str) -> ThreadPoolExecutor:
+    def lane(self, name: str) -> _Lane:
         with self._lock:
-            pool = self._lanes.get(name)
-            if pool is None:
-                pool = ThreadPoolExecutor(LANE_WORKERS, thread_name_prefix=f"http-{name}")
-                self._lanes[name] = pool
-            return pool
+            lane = self._lanes.get(name)
+            if lane is None:
+                lane = self._lanes[name] = _Lane(name)
+            return lane
 
     # -- on the reactor's thread -------------------------------------------------------------
 
@@ -119,22 +154,23 @@ class _Reactor:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(server.sock)
         server.sock.close()
-        for conn in [c for c in self._conns.values() if c.server is server]:
-            self._drop(conn)
+        for conns in (self._reading, self._answering):
+            for conn in [c for c in conns.values() if c.server is server]:
+                self._drop(conn)
 
     def _run(self) -> None:
         while True:
             try:
                 self._turn()
-            except Exception:  # the thread must outlive any one bad turn
+            except BaseException:  # the thread must outlive any one bad turn
                 log.exception("http: unexpected error")
                 time.sleep(0.1)
 
     def _turn(self) -> None:
         now = time.monotonic()
-        first = next(iter(self._conns.values()), None)
-        timeout = 1.0 if first is None else max(0.0, min(1.0, first.deadline - now))
-        for key, events in self._sel.select(timeout):
+        firsts = [next(iter(c.values())) for c in (self._reading, self._answering) if c]
+        soonest = min((c.deadline for c in firsts), default=now + 1.0)
+        for key, events in self._sel.select(max(0.0, min(1.0, soonest - now))):
             if key.data is None:
                 self._run_calls()
             elif isinstance(key.data, Server):
@@ -143,24 +179,31 @@ class _Reactor:
                 self._read(key.data)
             else:
                 self._write(key.data)
-        # Connections are kept oldest first, and every one has the same allowance.
         now = time.monotonic()
-        while self._conns:
-            conn = next(iter(self._conns.values()))
-            if conn.deadline > now:
-                break
-            self._drop(conn)
+        for conns in (self._reading, self._answering):
+            while conns:
+                conn = next(iter(conns.values()))
+                if conn.deadline > now:
+                    break
+                self._drop(conn)
 
     def _run_calls(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
-        except BlockingIOError:
-            pass
         with self._lock:
             calls, self._calls = self._calls, []
         for fn in calls:
-            fn()
+            try:
+                fn()
+            except BaseException:  # one failing call must not lose the others
+                log.exception("http: a call failed")
+
+    def _evict_oldest(self) -> bool:
+        if not self._reading:
+            return False
+        self._drop(next(iter(self._reading.values())))
+        return True
 
     def _accept(self, server: Server) -> None:
         for _ in range(64):  # a burst at a time; the selector comes back for the rest
@@ -168,16 +211,20 @@ class _Reactor:
                 sock, _ = server.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of descriptors, say: the next turn tries again
-                log.warning("%s: accept: %s", server.name, e)
+            except OSError as e:
+                # Out of descriptors: free one (the oldest unanswered connection), or wait.
+                now = time.monotonic()
+                if now - self._warned > 10:
+                    self._warned = now
+                    log.warning("%s: accept: %s", server.name, e)
+                if not self._evict_oldest():
+                    time.sleep(0.05)
                 return
             sock.setblocking(False)
-            if server.open >= MAX_CONNECTIONS:
-                oldest = next(c for c in self._conns.values() if c.server is server)
-                self._drop(oldest)
+            if len(self._reading) + len(self._answering) >= self.cap:
+                self._evict_oldest()
             conn = _Conn(sock, server, time.monotonic() + REQUEST_DEADLINE)
-            self._conns[sock] = conn
-            server.open += 1
+            self._reading[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: _Conn) -> None:
@@ -186,39 +233,66 @@ class _Reactor:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
             self._drop(conn)
             return
-        if conn.answering:
+        answering = conn.sock in self._answering
+        if not data:
+            if answering:
+                # A client that half-closed after its request still gets the answer.
+                self._sel.unregister(conn.sock)
+                conn.registered = False
+            else:
+                self._drop(conn)
+            return
+        if answering:
             return  # anything after the head is ignored
         conn.inbox += data
         end = conn.inbox.find(b"\r\n\r\n")
         if end < 0:
             if len(conn.inbox) > MAX_HEAD:
-                self._send(conn, _error(431))
+                self._answer_with(conn, _error(431))
             return
-        conn.answering = True
         line = bytes(conn.inbox[: conn.inbox.find(b"\r\n")])
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-            self._send(conn, _error(400))
+            self._answer_with(conn, _error(400))
         elif parts[0] != b"GET":
-            self._send(conn, _error(501))
+            self._answer_with(conn, _error(501))
         else:
             path = parts[1].decode("latin-1").split("?", 1)[0]
             route = conn.server.routes.get(path) or conn.server.routes.get("*")
             if route is None:
-                self._send(conn, _error(404))
-            else:
-                future = self.lane(conn.server.lane).submit(conn.server.answer, route, path)
-                future.add_done_callback(lambda f: self.call(lambda: self._send(conn, f.result())))
+                self._answer_with(conn, _error(404))
+                return
+            self._answering_now(conn)
+            server = conn.server
+
+            def job() -> None:
+                if conn.closed:
+                    return  # cut off while it waited for a worker
+                reply = server.answer(route, path)
+                self.call(lambda: self._send(conn, reply))
+
+            self.lane(server.lane).submit(job)
+
+    def _answering_now(self, conn: _Conn) -> None:
+        del self._reading[conn.sock]
+        conn.deadline = time.monotonic() + ANSWER_DEADLINE
+        self._answering[conn.sock] = conn
+
+    def _answer_with(self, conn: _Conn, data: bytes) -> None:
+        self._answering_now(conn)
+        self._send(conn, data)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
-        if conn.sock not in self._conns:
+        if conn.closed:
             return  # closed meanwhile (its deadline, or its server)
-        conn.outbox = data
-        self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        conn.outbox = memoryview(data)
+        if conn.registered:
+            self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        else:
+            self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+            conn.registered = True
         self._write(conn)
 
     def _write(self, conn: _Conn) -> None:
@@ -233,11 +307,14 @@ class _Reactor:
             self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
-        if self._conns.pop(conn.sock, None) is None:
+        if conn.closed:
             return
-        conn.server.open -= 1
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(conn.sock)
+        conn.closed = True
+        self._reading.pop(conn.sock, None)
+        self._answering.pop(conn.sock, None)
+        if conn.registered:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn.sock)
         conn.sock.close()
 
 
@@ -266,7 +343,6 @@ class Server:
         self.name = name
         self.routes = routes
         self.lane = lane or name
-        self.open = 0  # connections (the reactor's count)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -281,10 +357,11 @@ class Server:
         self._started = False
 
     def answer(self, route: Route, path: str) -> bytes:
-        """Run on a lane's worker: the route's reply, or a 500 if it fails."""
+        """Run on a lane's worker: the route's reply, or a 500 if it fails (a panic from the
+        core included)."""
         try:
             code, ctype, body = route()
-        except Exception:
+        except BaseException:
             log.exception("%s: %s failed", self.name, path)
             return _error(500)
         return _reply(code, ctype, body)

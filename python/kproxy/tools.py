@@ -139,7 +139,7 @@ def explain(t: _core.Trace, src: str, dst: str, from_node: bool, live: bool) -> 
     else:
         lines.append("  DNAT to:     nothing (no Service matches, or none is usable)")
     lines.append(f"  masquerade:  {'yes' if t.masquerade else 'no'}")
-    reason = REASONS[t.reason] if t.reason else ""
+    reason = REASONS.get(t.reason, t.reason) if t.reason else ""
     verdict = t.verdict or "no verdict from kproxy's rules (the chains' policies decide)"
     lines.append(f"  verdict:     {verdict}{f' ({reason})' if reason else ''}")
     lines.append("  rules matched:")

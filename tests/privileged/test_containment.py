@@ -136,7 +136,7 @@ def test_nftables_a_service_the_kernel_refuses_is_held_and_the_rest_lands(
     # A second Service claims the same address and port with ranges that overlap the first's,
     # and echo changes in the same moment.
     lab.put(lb_service("second", "10.96.0.32", LB_IP, ["192.168.101.0/25", "192.168.102.0/24"]))
-    pods = [k.endpoint("10.244.2.2", node="node-a")]
+    pods = [k.endpoint("10.244.1.2", node="node-a")]  # pod1: echo leaves it for pod2
     lab.put(k.endpoint_slice("second-1", "second", pods, [k.slice_port("tcp", 8080)]))
     lab.put(echo_slice(["10.244.2.2"]))
     lab.wait(lambda: "Service default/second (IPv4): the kernel refused" in lab.log(), 15,

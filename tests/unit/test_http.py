@@ -3,6 +3,7 @@ deadline, the connection cap, a failing or slow route, and closing."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -69,8 +70,8 @@ def test_a_dripping_client_is_cut_at_the_request_deadline(monkeypatch: pytest.Mo
 
 
 def test_past_the_cap_the_oldest_connection_goes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http, "MAX_CONNECTIONS", 20)
     server = serving({"/": lambda: (200, "text/plain", b"ok")})
+    monkeypatch.setattr(http._the_reactor(), "cap", 20)
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
     try:
         assert get(server.port).endswith(b"ok")  # a newcomer always gets in
@@ -80,6 +81,10 @@ def test_past_the_cap_the_oldest_connection_goes(monkeypatch: pytest.MonkeyPatch
         for s in idle:
             s.close()
         server.close()
+
+
+class Panic(BaseException):
+    """As pyo3's PanicException: a BaseException, not an Exception."""
 
 
 def test_a_failing_route_is_a_500_and_a_slow_lane_holds_up_no_other() -> None:
@@ -92,8 +97,11 @@ def test_a_failing_route_is_a_500_and_a_slow_lane_holds_up_no_other() -> None:
     def broken() -> Response:
         raise RuntimeError("boom")
 
+    def panics() -> Response:
+        raise Panic("the core panicked")
+
     slow_server = serving({"/": slow}, lane="slow")
-    fast = serving({"/": lambda: (200, "text/plain", b"now"), "/broken": broken})
+    fast = serving({"/": lambda: (200, "text/plain", b"now"), "/broken": broken, "/panics": panics})
     try:
         waiting = [threading.Thread(target=get, args=(slow_server.port,)) for _ in range(3)]
         for w in waiting:
@@ -101,6 +109,8 @@ def test_a_failing_route_is_a_500_and_a_slow_lane_holds_up_no_other() -> None:
         t = time.monotonic()
         assert get(fast.port).endswith(b"now") and time.monotonic() - t < 1
         assert get(fast.port, b"GET /broken HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 500")
+        assert get(fast.port, b"GET /panics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 500")
+        assert get(fast.port).endswith(b"now")  # and every server still answers
     finally:
         release.set()
         for w in waiting:
@@ -117,8 +127,44 @@ def test_close_frees_the_port_at_once_and_drops_its_connections() -> None:
     server.close()
     assert time.monotonic() - t < 0.5
     idle.settimeout(2)
-    assert idle.recv(1) == b""
+    # Closed: a FIN, or a reset when it was still waiting to be accepted.
+    with contextlib.suppress(ConnectionResetError):
+        assert idle.recv(1) == b""
     again = Server(f"127.0.0.1:{port}", {}, name="again")  # the port is free for the next
     again.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def test_a_slow_answer_outlives_the_request_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's deadline is for the client; a route that waits (a scrape during a long
+    sync) is answered."""
+    monkeypatch.setattr(http, "REQUEST_DEADLINE", 0.3)
+
+    def slow() -> Response:
+        time.sleep(1.0)
+        return 200, "text/plain", b"late"
+
+    server = serving({"/": slow}, lane="slower")
+    try:
+        assert get(server.port).endswith(b"late")
+    finally:
+        server.close()
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> None:
+    def slowish() -> Response:
+        time.sleep(0.2)
+        return 200, "text/plain", b"here"
+
+    server = serving({"/": slowish}, lane="half")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"here")
+    finally:
+        server.close()

@@ -462,12 +462,15 @@ def a_missing_scheduler_is_contained(c: Controller, p: Proxier) -> None:
     its virtual server with ENOENT, the other change of the same sync lands, and the held
     Service is programmed by the first full sync after the module can be loaded."""
     release = os.uname().release
-    builtin = Path(f"/lib/modules/{release}/modules.builtin").read_text()
+    built = Path(f"/lib/modules/{release}/modules.dep").read_text()
     loaded = {line.split()[0] for line in Path("/proc/modules").read_text().splitlines()}
     sched = next(
-        s for s in ("sed", "nq", "dh", "lblcr", "lblc", "fo", "ovf", "twos")
-        if f"ip_vs_{s}" not in loaded and f"/ip_vs_{s}.ko" not in builtin
+        (s for s in ("sed", "nq", "dh", "lblcr", "lblc", "fo", "ovf", "twos")
+         if f"ip_vs_{s}" not in loaded and f"/ip_vs_{s}.ko" in built),
+        None,
     )  # fmt: skip
+    check("an unloaded scheduler module to refuse", sched is not None, sorted(loaded))
+    assert sched is not None
     helper = Path("/proc/sys/kernel/modprobe")
     before = helper.read_text().strip()
     tcp80 = [{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]

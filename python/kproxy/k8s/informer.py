@@ -180,7 +180,9 @@ class Informer:
                 self.errors += 1
                 delay = backoff * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not crypto)
                 if isinstance(e, ApiStatusError):
-                    if e.status in (401, 403):
+                    # A 403 for a resource this role may not read says nothing of the
+                    # credentials the other informers share.
+                    if e.status in (401, 403) and not self._unserved(e):
                         self._factory.invalidate()
                     if e.retry_after is not None:
                         # Honoured, but never past our own ceiling: a huge value from a
