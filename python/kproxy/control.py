@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kproxy.backends import for_mode
 from kproxy.errors import InvalidObjectError
 from kproxy.model import NodeInfo, ServiceKey
 from kproxy.normalize import (
@@ -69,6 +70,7 @@ class Controller:
         max_service_destinations: int = DEFAULT_MAX_SERVICE_DESTINATIONS,
         allow_external_ips: bool = True,
         external_ip_cidrs: Sequence[str] = (),
+        watch_service_cidrs: bool = True,
     ) -> None:
         self.node_name = node_name
         self._max_destinations = max_service_destinations
@@ -82,7 +84,9 @@ class Controller:
         self.endpoints = EndpointsTracker()
         self.node: NodeInfo | None = None
         self._node_dirty = False
-        # Each ServiceCIDR object's CIDRs; the union goes to the core when it changes.
+        # Each ServiceCIDR object's CIDRs; the union goes to the core when it changes. Only
+        # modes that use them read them (watchers ask `watch_service_cidrs`).
+        self.watch_service_cidrs = watch_service_cidrs
         self.service_cidrs: dict[str, tuple[str, ...]] = {}
         self._cidrs_dirty = False
         self._synced = {r: False for r in RESOURCES}
@@ -165,6 +169,8 @@ class Controller:
             max_service_destinations=cfg.max_service_destinations,
             allow_external_ips=cfg.feature_gates.get(ALLOW_EXTERNAL_IPS, True),
             external_ip_cidrs=cfg.external_ip_cidrs,
+            watch_service_cidrs=for_mode(cfg).service_cidrs
+            and cfg.feature_gates.get(MULTI_CIDR_SERVICE_ALLOCATOR, True),
         )
 
     def all_service_cidrs(self) -> tuple[str, ...]:
@@ -184,9 +190,11 @@ class Controller:
         self.endpoints.resend_all()
         self._node_dirty = self.node is not None
         # Even an empty list: the core may hold CIDRs whose last object went meanwhile.
-        self._cidrs_dirty = True
+        self._cidrs_dirty = self.watch_service_cidrs
 
     def _set_service_cidrs(self, name: str, cidrs: tuple[str, ...] | None) -> None:
+        if not self.watch_service_cidrs:
+            return  # this mode does not use them (a manifests directory may hold some)
         before = self.all_service_cidrs()
         if cidrs is None:
             self.service_cidrs.pop(name, None)

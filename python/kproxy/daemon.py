@@ -31,7 +31,7 @@ from kproxy.backends import for_mode
 from kproxy.backends.proxier import Proxier
 from kproxy.config import ProxyConfig
 from kproxy.conntrack import Reconciler
-from kproxy.control import MULTI_CIDR_SERVICE_ALLOCATOR, Controller
+from kproxy.control import Controller
 from kproxy.errors import ApplyError, CoreInputError, InvalidObjectError
 from kproxy.health import HealthServer, ProxyHealth
 from kproxy.http import Server
@@ -421,9 +421,7 @@ class Daemon:
                 informer.endpoint_slices(),
                 informer.node(self.cfg.node_name),
             ]
-            if self.mode.service_cidrs and self.cfg.feature_gates.get(
-                MULTI_CIDR_SERVICE_ALLOCATOR, True
-            ):
+            if self.controller.watch_service_cidrs:
                 watched.append(informer.service_cidrs())
             resources = {r.name: r for r in watched}
 

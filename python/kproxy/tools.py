@@ -18,7 +18,7 @@ from kproxy import _core
 from kproxy.backends import for_mode
 from kproxy.backends.proxier import Proxier, programmed
 from kproxy.config import ProxyConfig
-from kproxy.control import MULTI_CIDR_SERVICE_ALLOCATOR, Controller
+from kproxy.control import Controller
 from kproxy.errors import ApiConnectionError, ConfigError
 from kproxy.k8s import informer
 from kproxy.k8s.client import ClientFactory
@@ -54,7 +54,7 @@ def snapshot(cfg: ProxyConfig) -> Controller:
     factory.check()
     sink = _Collect(c)
     listed = [informer.services(), informer.endpoint_slices(), informer.node(cfg.node_name)]
-    if for_mode(cfg).service_cidrs and cfg.feature_gates.get(MULTI_CIDR_SERVICE_ALLOCATOR, True):
+    if c.watch_service_cidrs:
         listed.append(informer.service_cidrs())
     for res in listed:
         # One list per resource, through the informer's own list path.

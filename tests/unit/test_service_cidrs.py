@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from kproxy.config import build
 from kproxy.control import Controller
 from kproxy.errors import InvalidObjectError
 from kproxy.k8s import informer
@@ -113,3 +114,22 @@ def test_the_fake_api_server_serves_them() -> None:
             stop.set()
             api.drop_watches()
             inf.join(5)
+
+
+@pytest.mark.parametrize(
+    ("mode", "gates", "watched"),
+    [
+        ("nftables", {}, True),
+        ("nftables", {"MultiCIDRServiceAllocator": False}, False),
+        ("iptables", {}, False),  # upstream's iptables and ipvs modes do not use them
+        ("ipvs", {}, False),
+    ],
+)
+def test_only_the_nftables_mode_reads_them(
+    mode: str, gates: dict[str, bool], watched: bool
+) -> None:
+    cfg = build(None, {"mode": mode, "hostname_override": "n", "feature_gates": gates})
+    c = Controller.for_config(cfg)
+    assert c.watch_service_cidrs is watched
+    c.replace("servicecidrs", [k.service_cidr("kubernetes", ["10.96.0.0/16"])])
+    assert c.drain().service_cidrs == (("10.96.0.0/16",) if watched else None)
