@@ -1,7 +1,8 @@
 """A small HTTP server for kproxy's read-only endpoints (health, metrics, healthCheckNodePorts).
 
 Each route is a function returning (status, content type, body); the route "*" answers any
-path. Nothing a client sends can change anything (only GET is answered).
+path. Nothing a client sends can change anything (only GET is answered, and HEAD: its
+headers).
 
 Every server in the process is served by one event-driven thread (a selector over
 non-blocking sockets), so a client costs a socket, not a thread:
@@ -256,7 +257,7 @@ class _Reactor:
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
             self._answer_with(conn, _error(400))
-        elif parts[0] != b"GET":
+        elif parts[0] not in (b"GET", b"HEAD"):
             self._answer_with(conn, _error(501))
         else:
             path = parts[1].decode("latin-1").split("?", 1)[0]
@@ -265,12 +266,14 @@ class _Reactor:
                 self._answer_with(conn, _error(404))
                 return
             self._answering_now(conn)
-            server = conn.server
+            server, head_only = conn.server, parts[0] == b"HEAD"
 
             def job() -> None:
                 if conn.closed:
                     return  # cut off while it waited for a worker
                 reply = server.answer(route, path)
+                if head_only:  # as Go's servers answer HEAD for a GET handler (some LBs probe so)
+                    reply = reply[: reply.index(b"\r\n\r\n") + 4]
                 self.call(lambda: self._send(conn, reply))
 
             self.lane(server.lane).submit(job)

@@ -38,6 +38,10 @@ def test_answers_get_and_refuses_the_rest() -> None:
         assert b"Content-Length: 4" in head and b"X-Content-Type-Options: nosniff" in head
         assert get(server.port, b"GET /nothing HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 404")
         assert get(server.port, b"POST /ok HTTP/1.1\r\n\r\n{}").startswith(b"HTTP/1.0 501")
+        # HEAD: GET's status and headers, no body (Go's servers answer it so; LBs may probe so).
+        head_only = get(server.port, b"HEAD /ok HTTP/1.1\r\n\r\n")
+        assert head_only.startswith(b"HTTP/1.0 200") and head_only.endswith(b"\r\n\r\n")
+        assert b"Content-Length: 4" in head_only
         assert get(server.port, b"\x00\xff garbage\r\n\r\n").startswith(b"HTTP/1.0 400")
         assert get(server.port, b"GET /" + b"a" * 20000).startswith(b"HTTP/1.0 431")
     finally:
