@@ -58,13 +58,12 @@ def snapshot(cfg: ProxyConfig) -> Controller:
         listed.append(informer.service_cidrs())
     for res in listed:
         # One list per resource, through the informer's own list path.
+        inf = informer.Informer(res, factory, sink, threading.Event())
         try:
-            informer.Informer(res, factory, sink, threading.Event())._list()
-        except informer.ApiStatusError as e:
-            if not (res.optional and e.status in (403, 404)):
-                server = factory.get().host
-                raise ApiConnectionError(f"API server {server}", f"cannot list: {e}") from None
-        except (OSError, HTTPError, informer.MalformedReply) as e:
+            inf._list()
+        except (OSError, HTTPError, informer.ApiStatusError, informer.MalformedReply) as e:
+            if inf.unserved(e):
+                continue  # an optional resource this cluster does not serve us
             server = factory.get().host
             cause = getattr(e, "reason", None) or e
             raise ApiConnectionError(f"API server {server}", f"cannot list: {cause}") from None

@@ -133,3 +133,18 @@ def test_only_the_nftables_mode_reads_them(
     assert c.watch_service_cidrs is watched
     c.replace("servicecidrs", [k.service_cidr("kubernetes", ["10.96.0.0/16"])])
     assert c.drain().service_cidrs == (("10.96.0.0/16",) if watched else None)
+
+
+def test_the_tools_snapshot_lists_them_and_goes_on_where_they_are_not_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kproxy import tools
+
+    with FakeApiServer() as api:
+        api.put(k.service_cidr("kubernetes", ["10.96.0.0/16"]))
+        cfg = build(None, {"mode": "nftables", "hostname_override": "n", "master": api.api_url})
+        assert tools.snapshot(cfg).all_service_cidrs() == ("10.96.0.0/16",)
+        path = "/apis/networking.k8s.io/v1beta9/servicecidrs"  # a 404, as before 1.33
+        unserved = informer.Resource("servicecidrs", path, "ServiceCIDRList", optional=True)
+        monkeypatch.setattr(informer, "service_cidrs", lambda: unserved)
+        assert tools.snapshot(cfg).all_service_cidrs() == ()

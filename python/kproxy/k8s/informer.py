@@ -182,13 +182,13 @@ class Informer:
                 if isinstance(e, ApiStatusError):
                     # A 403 for a resource this role may not read says nothing of the
                     # credentials the other informers share.
-                    if e.status in (401, 403) and not self._unserved(e):
+                    if e.status in (401, 403) and not self.unserved(e):
                         self._factory.invalidate()
                     if e.retry_after is not None:
                         # Honoured, but never past our own ceiling: a huge value from a
                         # broken server must not stop us seeing changes.
                         delay = max(delay, min(e.retry_after, self._timing.backoff_max))
-                if self._unserved(e):
+                if self.unserved(e):
                     delay = self._timing.backoff_max
                     if not self._said_unserved:
                         self._said_unserved = True
@@ -206,7 +206,7 @@ class Informer:
                 backoff = min(backoff * 2, self._timing.backoff_max)
                 self._stop.wait(delay)
 
-    def _unserved(self, e: Exception) -> bool:
+    def unserved(self, e: Exception) -> bool:
         """An optional resource this server does not serve (404) or lets us read (403)."""
         return self.resource.optional and isinstance(e, ApiStatusError) and e.status in (403, 404)
 
