@@ -93,6 +93,10 @@ class ProxyConfig:
     # klog's "text" or "json".
     logging_format: str = "text"
 
+    def gate(self, name: str) -> bool:
+        """A feature gate's value: as given, else its default (``v1alpha1.GATES``)."""
+        return self.feature_gates.get(name, v1alpha1.GATES_BY_NAME[name].default)
+
     @property
     def node_name(self) -> str:
         """The Node this proxy serves: ``--hostname-override`` or the hostname, lower-cased."""
@@ -122,30 +126,47 @@ def _bind_address(field: str, value: str) -> str:
     return value
 
 
+# nodePortAddresses' keywords besides CIDRs: the Node's primary IPs (upstream 1.30), and the
+# loopback addresses (KEP-6032: in the nftables mode, TCP NodePorts served on them by a small
+# userspace proxy; in the iptables mode, the same as 127.0.0.0/8).
+NODEPORT_KEYWORDS = ("primary", "localhost")
+LOOPBACK_CIDRS = ("127.0.0.0/8", "::1/128")
+
+
 def _node_port_addresses(field: str, values: tuple[str, ...]) -> tuple[str, ...]:
     out: list[str] = []
     for raw in values:
         v = raw.strip()
-        if v == "primary":
+        if v in NODEPORT_KEYWORDS:
             out.append(v)
-        elif v == "localhost":
-            # Upstream 1.38's nftables mode serves TCP NodePorts on 127.0.0.1 through a small
-            # userspace proxy for this keyword (KEP-6032); kproxy does not do that yet.
-            raise ConfigError(
-                field,
-                "'localhost' (KEP-6032's nftables localhost NodePorts) is not supported yet; "
-                "the iptables mode serves NodePorts on 127.0.0.1 (--iptables-localhost-nodeports)",
-            )
         elif v:
             try:
                 out.append(str(ipaddress.ip_network(v, strict=False)))
             except ValueError:
                 raise ConfigError(
                     field,
-                    f"{raw!r} is neither 'primary' nor a CIDR (leave it empty for every "
+                    f"{raw!r} is not a CIDR, 'primary' or 'localhost' (leave it empty for every "
                     "address of the node)",
                 ) from None
     return tuple(out)
+
+
+def nodeport_cidrs(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """The CIDRs among validated nodePortAddresses, with ``localhost`` spelled out."""
+    out: list[str] = []
+    for a in addresses:
+        if a == "localhost":
+            out.extend(LOOPBACK_CIDRS)
+        elif a != "primary":
+            out.append(a)
+    return tuple(out)
+
+
+def admits_loopback(addresses: tuple[str, ...], family_version: int) -> bool:
+    """Whether validated nodePortAddresses name the family's loopback address explicitly
+    (``localhost`` or a CIDR holding it; an empty list names nothing)."""
+    lo = ipaddress.ip_address("127.0.0.1" if family_version == 4 else "::1")
+    return any(lo in ipaddress.ip_network(c) for c in nodeport_cidrs(addresses))
 
 
 def parse_port_range(field: str, value: str) -> tuple[int, int] | None:
@@ -168,7 +189,7 @@ def validate(cfg: ProxyConfig) -> ProxyConfig:
     """Check every field; returns the config with canonical values."""
     if cfg.mode not in MODES:
         raise ConfigError("--proxy-mode", f"unknown mode {cfg.mode!r} (one of {', '.join(MODES)})")
-    if cfg.mode == "ipvs" and not cfg.feature_gates.get("KubeProxyIPVS", True):
+    if cfg.mode == "ipvs" and not cfg.gate("KubeProxyIPVS"):
         # Upstream since 1.37: the deprecated mode sits behind this gate (KEP-5495).
         raise ConfigError("--proxy-mode", "the ipvs mode is turned off (KubeProxyIPVS=false)")
     if cfg.mode not in AVAILABLE_MODES:

@@ -167,10 +167,10 @@ class Controller:
             on_invalid=on_invalid,
             on_skipped=on_skipped,
             max_service_destinations=cfg.max_service_destinations,
-            allow_external_ips=cfg.feature_gates.get(ALLOW_EXTERNAL_IPS, True),
+            allow_external_ips=cfg.gate(ALLOW_EXTERNAL_IPS),
             external_ip_cidrs=cfg.external_ip_cidrs,
             watch_service_cidrs=for_mode(cfg).service_cidrs
-            and cfg.feature_gates.get(MULTI_CIDR_SERVICE_ALLOCATOR, True),
+            and cfg.gate(MULTI_CIDR_SERVICE_ALLOCATOR),
         )
 
     def all_service_cidrs(self) -> tuple[str, ...]:

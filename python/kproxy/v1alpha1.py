@@ -410,7 +410,7 @@ FIELDS: tuple[Field, ...] = (
         Kind.STR_LIST,
         [],
         IMPL,
-        "CIDRs or 'primary' NodePorts answer on (nftables mode: primary when empty)",
+        "CIDRs, 'primary' or 'localhost' NodePorts answer on (nftables mode: primary when empty)",
         attr="nodeport_addresses",
     ),
     _f(
@@ -536,7 +536,12 @@ class Gate:
 # names it does not know).
 GATES: tuple[Gate, ...] = (
     Gate("NFTablesNetlink", True, "kproxy's nftables mode sends elements over netlink"),
-    Gate("KubeProxyNFTablesLocalhostNodePorts", False, "nftables localhost NodePorts"),
+    Gate(
+        "KubeProxyNFTablesLocalhostNodePorts",
+        True,
+        "off, the nftables mode serves no NodePorts on loopback",
+        honoured=True,
+    ),
     Gate("KubeProxyIPVS", True, "the ipvs mode is available", honoured=True),
     Gate("PreferSameTrafficDistribution", True, "trafficDistribution PreferSameNode"),
     Gate(

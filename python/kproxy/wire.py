@@ -77,6 +77,8 @@ class EngineConfig(TypedDict):
     masquerade_all: NotRequired[bool]
     masquerade_bit: NotRequired[int]
     mode: NotRequired[Mode]
+    # The nftables mode's own settings (refused with another mode).
+    nftables: NotRequired[NftablesConfig | None]
     # The node's own addresses (loadBalancerSourceRanges that contain one also admit traffic
     # from the LB IP itself, as upstream).
     node_ips: NotRequired[list[str]]
@@ -121,6 +123,13 @@ IpvsScheduler = Literal["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "
 
 # How the kernel is programmed.
 Mode = Literal["iptables", "nftables", "userspace", "ipvs"]
+
+
+class NftablesConfig(TypedDict):
+    """The nftables mode's section of an [`EngineConfig`]."""
+
+    # TCP NodePorts on the family's loopback address, through a userspace proxy (KEP-6032).
+    localhost_nodeports: NotRequired[bool]
 
 
 class NodeInfo(TypedDict):

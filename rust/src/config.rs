@@ -78,6 +78,9 @@ pub struct EngineConfig {
     /// The iptables mode's own settings (refused with another mode).
     #[serde(default)]
     pub iptables: Option<IptablesConfig>,
+    /// The nftables mode's own settings (refused with another mode).
+    #[serde(default)]
+    pub nftables: Option<NftablesConfig>,
     /// The ipvs mode's own settings (refused with another mode).
     #[serde(default)]
     pub ipvs: Option<IpvsConfig>,
@@ -92,6 +95,16 @@ pub struct EngineConfig {
 #[serde(deny_unknown_fields)]
 pub struct IptablesConfig {
     /// NodePorts on 127.0.0.0/8 (IPv4 only; the caller sets route_localnet).
+    #[serde(default)]
+    pub localhost_nodeports: bool,
+}
+
+/// The nftables mode's section of an [`EngineConfig`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NftablesConfig {
+    /// TCP NodePorts on the family's loopback address, through a userspace proxy (KEP-6032).
     #[serde(default)]
     pub localhost_nodeports: bool,
 }
@@ -168,6 +181,7 @@ impl EngineConfig {
         }
         for (section, given) in [
             (Mode::Iptables, cfg.iptables.is_some()),
+            (Mode::Nftables, cfg.nftables.is_some()),
             (Mode::Ipvs, cfg.ipvs.is_some()),
             (Mode::Userspace, cfg.userspace.is_some()),
         ] {

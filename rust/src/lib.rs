@@ -9,7 +9,7 @@
 //!               iptables/program.rs   render per Service, write what changed, iptables-restore
 //!               nftables/program.rs   one nft transaction per sync (plus a cleanup one)
 //!               ipvs/program.rs       IPVS over netlink, ipsets, companion iptables rules
-//!               forward/program.rs    userspace listeners (and nftables redirects to them)
+//!               userspace/program.rs  listeners on the forwarder (and nftables redirects to them)
 //! ```
 //!
 //! The shared layer every mode reads:
@@ -29,6 +29,8 @@
 //! * [`config::EngineConfig`] and [`model::ChangeSet`] are the boundary's one schema: Python's
 //!   types for them (`python/kproxy/wire.py`) are generated from them (`wire.rs`, a test).
 //! * Only `py/` uses pyo3: `cargo test --no-default-features` builds without libpython.
+//! * [`forward`]: the userspace forwarder's data path (listeners, relays, balancing), which the
+//!   userspace mode and the nftables mode's localhost NodePorts run on.
 //! * No mode folder imports another's.
 
 pub mod cleanup;
@@ -48,6 +50,7 @@ pub mod program;
 pub mod state;
 pub mod topology;
 pub mod trace;
+pub mod userspace;
 #[cfg(test)]
 mod wire;
 pub mod xtables;

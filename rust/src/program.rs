@@ -8,7 +8,7 @@
 //! | iptables  | [`crate::iptables::program::IptablesProgram`] |
 //! | nftables  | [`crate::nftables::program::NftablesProgram`] |
 //! | ipvs      | [`crate::ipvs::program::IpvsProgram`]         |
-//! | userspace | [`crate::forward::program::UserspaceProgram`] |
+//! | userspace | [`crate::userspace::program::UserspaceProgram`] |
 
 use crate::config::{BackendKind, EngineConfig, Mode};
 use crate::contain::Refused;
@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::model::{ChangeSet, ServiceKey};
 use crate::state::{AddressConflict, State};
 use crate::trace::{NodeFacts, Packet, Trace};
-use crate::{forward, iptables, ipvs, nftables, xtables};
+use crate::{iptables, ipvs, nftables, userspace, xtables};
 use std::any::Any;
 use std::collections::BTreeSet;
 
@@ -76,7 +76,7 @@ pub fn build(config: &EngineConfig) -> Box<dyn Program> {
             },
         )),
         Mode::Ipvs => Box::new(ipvs::program::IpvsProgram::new(config)),
-        Mode::Userspace => Box::new(forward::program::UserspaceProgram::new(config)),
+        Mode::Userspace => Box::new(userspace::program::UserspaceProgram::new(config)),
     }
 }
 
@@ -119,5 +119,5 @@ pub enum ModeReport {
     Iptables(iptables::program::Report),
     Nftables(nftables::program::Report),
     Ipvs(ipvs::program::Report),
-    Userspace(forward::program::Report),
+    Userspace(userspace::program::Report),
 }

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from kproxy.config import ProxyConfig, build, load_file, validate
+from kproxy.config import (
+    ProxyConfig,
+    admits_loopback,
+    build,
+    load_file,
+    nodeport_cidrs,
+    validate,
+)
 from kproxy.errors import ConfigError
 from kproxy.goduration import parse_duration
 
@@ -487,16 +494,41 @@ def test_node_name_defaults_to_the_lower_cased_hostname(monkeypatch: pytest.Monk
     assert ProxyConfig().node_name == "my-host"
 
 
+def test_an_unknown_node_port_address_keyword_says_what_is_accepted() -> None:
+    # `all` is not a keyword upstream: the error lists what is.
+    says = "--nodeport-addresses: 'all' is not a CIDR, 'primary' or 'localhost'"
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        build(None, {"nodeport_addresses": ("all",)})
+
+
 @pytest.mark.parametrize(
-    ("value", "says"),
+    ("given", "cidrs", "v4", "v6"),
     [
-        ("all", "'all' is neither 'primary' nor a CIDR (leave it empty for every address"),
-        ("localhost", "'localhost' (KEP-6032's nftables localhost NodePorts) is not supported"),
+        (("localhost",), ("127.0.0.0/8", "::1/128"), True, True),
+        (("primary", "localhost"), ("127.0.0.0/8", "::1/128"), True, True),
+        (("127.0.0.1/32", "10.0.0.0/8"), ("127.0.0.1/32", "10.0.0.0/8"), True, False),
+        (("::/0",), ("::/0",), False, True),
+        (("primary",), (), False, False),
+        # Empty means every address, but names no loopback explicitly (upstream: no
+        # localhost NodePorts in the nftables mode).
+        ((), (), False, False),
     ],
 )
-def test_node_port_address_keywords_say_what_is_accepted(value: str, says: str) -> None:
-    with pytest.raises(ConfigError, match=re.escape(says)):
-        build(None, {"nodeport_addresses": (value,)})
+def test_node_port_addresses_spell_out_localhost(
+    given: tuple[str, ...], cidrs: tuple[str, ...], v4: bool, v6: bool
+) -> None:
+    addresses = build(None, {"nodeport_addresses": given}).nodeport_addresses
+    assert addresses == given
+    assert nodeport_cidrs(addresses) == cidrs
+    assert (admits_loopback(addresses, 4), admits_loopback(addresses, 6)) == (v4, v6)
+
+
+def test_gates_default_as_upstream_and_follow_what_is_given() -> None:
+    cfg = build(None, {})
+    assert cfg.gate("KubeProxyNFTablesLocalhostNodePorts") is True
+    assert cfg.gate("AllowServiceExternalIPs") is True
+    off = build(None, {"feature_gates": {"KubeProxyNFTablesLocalhostNodePorts": False}})
+    assert off.gate("KubeProxyNFTablesLocalhostNodePorts") is False
 
 
 def test_the_kube_proxy_ipvs_gate_turns_the_mode_off() -> None:

@@ -118,6 +118,9 @@ PER_MODE = {
         "sync_full_proxy_rules_duration_seconds", "sync_partial_proxy_rules_duration_seconds",
         "sync_proxy_rules_nftables_sync_failures_total",
         "sync_proxy_rules_nftables_cleanup_failures_total",
+        # KubeProxyNFTablesLocalhostNodePorts (on by default since 1.38).
+        "nftables_localhost_nodeport_listeners",
+        "nftables_localhost_nodeport_listener_creation_failures_total",
     },
     "userspace": set(),
 }  # fmt: skip

@@ -98,7 +98,7 @@ def test_a_bare_ip_gets_the_default_port_and_ipv6_defaults_follow_bind_address()
 # A value other than upstream's default, for every field (valid, so an implemented field's
 # effect can be checked through validation).
 SAMPLES: dict[str, Any] = {
-    "featureGates": {"KubeProxyNFTablesLocalhostNodePorts": True},
+    "featureGates": {"PreferSameTrafficDistribution": False},
     "clientConnection.kubeconfig": "KUBECONFIG",
     "clientConnection.acceptContentTypes": "application/json",
     "clientConnection.contentType": "application/json",
@@ -194,7 +194,7 @@ def test_every_field_is_implemented_or_warned(f: v1alpha1.Field, tmp_path: Path)
         return
     if f.path == "featureGates":
         (warning,) = after.warnings
-        assert "KubeProxyNFTablesLocalhostNodePorts=true is not implemented" in warning
+        assert "PreferSameTrafficDistribution=false is not implemented" in warning
         return
     assert after.warnings == []
     if f.attr is None:

@@ -4,7 +4,6 @@ their sysctl, the restore failure counters, and the iptables-save based tools.""
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import logging
 import subprocess
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 from kproxy import _core, metrics, netns, rulediff, wire
 from kproxy.backends.base import ModeBackend
 from kproxy.backends.proxier import engine_config
-from kproxy.config import ProxyConfig
+from kproxy.config import ProxyConfig, admits_loopback
 from kproxy.errors import ApplyError, KproxyError
 from kproxy.model import Family
 from kproxy.netinfo import iptables_families, set_sysctl, sysctl
@@ -145,7 +144,4 @@ def localhost_allowed(cfg: ProxyConfig) -> bool:
     """Whether nodePortAddresses admit loopback (unset means every address)."""
     if not cfg.nodeport_addresses:
         return True
-    return any(
-        a != "primary" and ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(a)
-        for a in cfg.nodeport_addresses
-    )
+    return admits_loopback(cfg.nodeport_addresses, 4)

@@ -8,11 +8,13 @@ import ipaddress
 import logging
 import shutil
 import subprocess
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kproxy import _core, metrics
+from kproxy import _core, metrics, wire
 from kproxy.backends.base import ModeBackend
 from kproxy.backends.proxier import programmed
+from kproxy.config import admits_loopback
 from kproxy.errors import ApplyError, KproxyError
 from kproxy.model import Family, NodeInfo
 from kproxy.rulediff import Difference, line_differences
@@ -45,9 +47,41 @@ def nft_families() -> list[Family]:
     return out
 
 
+LOCALHOST_GATE = "KubeProxyNFTablesLocalhostNodePorts"
+
+
 class NftablesMode(ModeBackend):
     name = "nftables"
     service_cidrs = True
+
+    def configure(
+        self,
+        config: wire.EngineConfig,
+        family: Family,
+        backend: wire.BackendKind,
+        host_addrs: Sequence[str] | None,
+    ) -> None:
+        # KEP-6032: TCP NodePorts on loopback, when nodePortAddresses name it explicitly.
+        config["nftables"] = {"localhost_nodeports": self.localhost_nodeports(family)}
+
+    def localhost_nodeports(self, family: Family) -> bool:
+        return self.cfg.gate(LOCALHOST_GATE) and admits_loopback(
+            self.cfg.nodeport_addresses, 4 if family == "IPv4" else 6
+        )
+
+    def start_note(self) -> str | None:
+        named = any(admits_loopback(self.cfg.nodeport_addresses, v) for v in (4, 6))
+        if named and not self.cfg.gate(LOCALHOST_GATE):
+            return (
+                f"nodePortAddresses name loopback but {LOCALHOST_GATE} is off: no NodePorts "
+                "on loopback"
+            )
+        if named:
+            return (
+                "localhost NodePorts: TCP NodePorts with endpoints are served on loopback by a "
+                "userspace proxy (UDP and SCTP are not, as upstream)"
+            )
+        return None
 
     def families(self) -> list[Family]:
         return nft_families()
@@ -74,11 +108,36 @@ class NftablesMode(ModeBackend):
             "sync_proxy_rules_nftables_cleanup_failures",
             "Cumulative nftables cleanup failures",
         )
+        self._localhost_errors: dict[Family, list[str]] = {}
+        if not self.cfg.gate(LOCALHOST_GATE):
+            return
+        self._localhost_listeners = metrics.gauge(
+            registry,
+            "nftables_localhost_nodeport_listeners",
+            "Localhost NodePort listeners open",
+        )
+        self._localhost_failures = metrics.counter(
+            registry,
+            "nftables_localhost_nodeport_listener_creation_failures",
+            "Cumulative localhost NodePort listeners that could not be opened",
+        )
 
     def record_sync(self, family: Family, r: _core.SyncReport, seconds: float) -> None:
         self._durations.observe(family, r.full, seconds)
-        if isinstance(r.mode, _core.NftablesReport) and r.mode.cleanup_failed:
+        if not isinstance(m := r.mode, _core.NftablesReport):
+            return
+        if m.cleanup_failed:
             self._cleanup_failures.labels(ip_family=family).inc()
+        if not self.localhost_nodeports(family):
+            return
+        self._localhost_listeners.labels(ip_family=family).set(m.localhost_listeners)
+        if m.localhost_errors:
+            self._localhost_failures.labels(ip_family=family).inc(len(m.localhost_errors))
+        # Each sync tries the failed listeners again: say so when the failures change only.
+        if m.localhost_errors != self._localhost_errors.get(family, []):
+            for e in m.localhost_errors:
+                log.warning("%s localhost NodePort: %s", family, e)
+            self._localhost_errors[family] = list(m.localhost_errors)
 
     def count_failure(self, e: ApplyError, family: Family, full: bool) -> None:
         self._sync_failures.labels(ip_family=family).inc()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from kproxy import _core, wire
 from kproxy.backends import for_mode
 from kproxy.backends.base import ModeBackend
-from kproxy.config import ProxyConfig
+from kproxy.config import ProxyConfig, nodeport_cidrs
 from kproxy.errors import ApplyError
 from kproxy.model import Family, NodeInfo
 from kproxy.netinfo import addresses_in, local_addresses, sysctl
@@ -38,7 +38,7 @@ def engine_config(
     nodeport_ips: list[str] | None = None
     nodeport_addresses = cfg.nodeport_addresses or mode.default_nodeport_addresses(family, node)
     if nodeport_addresses:
-        cidrs = tuple(a for a in nodeport_addresses if a != "primary")
+        cidrs = nodeport_cidrs(nodeport_addresses)
         addrs = list(local_addrs) if local_addrs is not None else local_addresses()
         nodeport_ips = addresses_in(cidrs, addrs) if cidrs else []
         if "primary" in nodeport_addresses and node is not None:

@@ -1,7 +1,7 @@
-"""The userspace mode around its engine (``rust/src/forward/``): the listeners' addresses and
-timeouts, the forwarder's counters as metrics, and what the mode cannot be asked (its
-connections end at kproxy, so there are no kernel rules to trace or diff, and no conntrack
-entries of its own)."""
+"""The userspace mode around its engine (``rust/src/userspace/``, on the forwarder of
+``rust/src/forward/``): the listeners' addresses and timeouts, the forwarder's counters as
+metrics, and what the mode cannot be asked (its connections end at kproxy, so there are no
+kernel rules to trace or diff, and no conntrack entries of its own)."""
 
 from __future__ import annotations
 

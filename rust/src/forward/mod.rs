@@ -7,11 +7,8 @@
 
 pub mod balance;
 pub mod budget;
-pub mod portals;
 pub mod ports;
-pub mod program;
 mod relay;
-pub mod routes;
 pub mod stats;
 mod tcp;
 mod udp;
@@ -72,6 +69,10 @@ impl Default for ForwardConfig {
     }
 }
 
+/// One redirect to a portal listener: (Service address, protocol, Service port, the portal
+/// listener's port).
+pub type PortalElement = (IpAddr, Protocol, u16, u16);
+
 /// One listening socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Listen {
@@ -109,6 +110,8 @@ struct Listener {
     backends: Arc<ArcSwap<Backends>>,
     route: Route,
     stop: watch::Sender<bool>,
+    /// Disconnected once the listener's task has ended and closed its socket.
+    done: std::sync::mpsc::Receiver<()>,
     port: u16,
     _slot: budget::Slot,
 }
@@ -183,7 +186,7 @@ impl Forwarder {
 
     /// What the redirect rules must send where: (Service address, protocol, Service port,
     /// the portal listener's port), sorted.
-    pub fn portal_elements(&self) -> Vec<portals::Element> {
+    pub fn portal_elements(&self) -> Vec<PortalElement> {
         let mut out: Vec<_> = self
             .listeners
             .iter()
@@ -229,14 +232,24 @@ impl Forwarder {
             .filter(|(l, have)| !routes.contains_key(l) && in_scope(&have.route))
             .map(|(l, _)| *l)
             .collect();
+        let mut closing = Vec::with_capacity(gone.len());
         for l in gone {
             if let Some(old) = self.listeners.remove(&l) {
                 let _ = old.stop.send(true);
                 if l.portal {
                     self.ports.release(l.protocol, old.port);
                 }
+                closing.push(old.done);
                 out.closed += 1;
             }
+        }
+        // Wait (bounded) for the sockets to close: once the update returns, a client of a
+        // removed listener is refused at connect rather than accepted into a backlog that
+        // is about to be reset, and its port is free for a listener opened below.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        for done in closing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let _ = done.recv_timeout(left);
         }
         // Walk the routes given, not every listener: a partial sync names a few.
         for (l, route) in routes {
@@ -313,6 +326,7 @@ impl Forwarder {
             (bound, l.addr.port())
         };
         let (stop, stopped) = watch::channel(false);
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         let shared = self.shared.clone();
         // Listeners are spread over the workers; their connections go to every worker.
         let on = self.shared.pool.next();
@@ -328,14 +342,20 @@ impl Forwarder {
                 })
                 .map(|listener| {
                     let serve = tcp::serve(listener, backends.clone(), shared, stopped);
-                    self.shared.pool.spawn(on, serve);
+                    self.shared.pool.spawn(on, async move {
+                        let _done = done_tx;
+                        serve.await;
+                    });
                 }),
             Bound::Udp(std) => std
                 .set_nonblocking(true)
                 .and_then(|()| tokio::net::UdpSocket::from_std(std))
                 .map(|socket| {
                     let serve = udp::serve(socket, backends.clone(), shared, stopped);
-                    self.shared.pool.spawn(on, serve);
+                    self.shared.pool.spawn(on, async move {
+                        let _done = done_tx;
+                        serve.await;
+                    });
                 }),
         };
         if let Err(e) = started {
@@ -348,10 +368,41 @@ impl Forwarder {
             backends,
             route,
             stop,
+            done,
             port,
             _slot: slot,
         })
     }
+}
+
+/// The listeners as text, one per line: `tcp 127.0.0.1:30080 -> 10.0.0.1:8080 10.0.0.2:8080
+/// (ns/svc:http)`; what `kproxy render` prints in the userspace mode.
+pub fn describe(routes: &BTreeMap<Listen, Route>) -> String {
+    let mut out = String::new();
+    for (l, r) in routes {
+        let eps: Vec<String> = r.endpoints.iter().map(|e| e.to_string()).collect();
+        let eps = if eps.is_empty() {
+            "(no endpoints: reset)".to_owned()
+        } else {
+            eps.join(" ")
+        };
+        let affinity = r
+            .affinity
+            .map(|d| format!(" affinity {}s", d.as_secs()))
+            .unwrap_or_default();
+        let target = if l.portal {
+            let ips: Vec<String> = r.portal_ips.iter().map(|i| i.to_string()).collect();
+            format!("portal {} port {}", ips.join(","), l.addr.port())
+        } else {
+            l.addr.to_string()
+        };
+        out.push_str(&format!(
+            "{} {target} -> {eps}{affinity} ({})\n",
+            l.protocol.lower(),
+            r.service
+        ));
+    }
+    out
 }
 
 /// A listening socket before the runtime takes it over.

@@ -9,11 +9,13 @@
 //! * [`trace`]: a packet tracer over the in-memory table.
 //! * [`json`]: the kernel's table read back (`nft -j list table`) into the same model.
 //! * [`replay`]: transactions as JSON, for the Fake-vs-kernel differential test.
+//! * [`localhost`]: localhost NodePorts through a userspace proxy (KEP-6032).
 //! * [`program`]: the engine's nftables side (one sync = one transaction plus cleanup).
 
 pub mod ast;
 pub mod backend;
 pub mod json;
+pub mod localhost;
 pub mod netlink;
 pub mod packed;
 pub mod program;

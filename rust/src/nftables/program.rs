@@ -3,9 +3,10 @@
 
 use super::ast::{Fmt, Op};
 use super::backend::{Backend, Fake, Model};
+use super::localhost::LocalhostNodePorts;
 use super::render::{self, ServiceObjects};
 use super::writer::{Plan, Writer};
-use crate::config::{EngineConfig, RenderConfig};
+use crate::config::{BackendKind, EngineConfig, RenderConfig};
 use crate::error::Result;
 use crate::model::{ChangeSet, IpFamily, ServiceKey};
 use crate::program::{ModeReport, Program, SyncReport};
@@ -31,6 +32,10 @@ pub struct Report {
     pub stale_chains_deleted: usize,
     /// The cleanup transaction was refused (retried by the next sync).
     pub cleanup_failed: bool,
+    /// Localhost NodePort listeners open after this sync ([`super::localhost`]).
+    pub localhost_listeners: usize,
+    /// Localhost NodePort listeners that could not be opened (each names its Service port).
+    pub localhost_errors: Vec<String>,
 }
 
 pub struct NftablesProgram {
@@ -40,6 +45,8 @@ pub struct NftablesProgram {
     writer: Writer,
     /// What the Services a change set touches rendered to before it was applied.
     before: BTreeMap<ServiceKey, ServiceObjects>,
+    /// Localhost NodePorts, when configured.
+    localhost: Option<LocalhostNodePorts>,
 }
 
 impl NftablesProgram {
@@ -50,7 +57,23 @@ impl NftablesProgram {
             backend,
             writer: Writer::default(),
             before: BTreeMap::new(),
+            localhost: config
+                .nftables
+                .as_ref()
+                .filter(|n| n.localhost_nodeports)
+                .map(|_| {
+                    let dry = config.backend == BackendKind::Fake;
+                    LocalhostNodePorts::new(config.family, &config.node_name, dry)
+                }),
         }
+    }
+
+    /// The localhost NodePorts' forwarder counters (empty without them).
+    pub fn localhost_stats(&self) -> Vec<(&'static str, u64)> {
+        self.localhost
+            .as_ref()
+            .map(LocalhostNodePorts::stats)
+            .unwrap_or_default()
     }
 
     fn apply(&mut self, ops: &[Op]) -> Result<usize> {
@@ -113,6 +136,13 @@ impl Program for NftablesProgram {
         };
         report.render_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
+        // The listeners follow the state whatever the table's transaction does: they do not
+        // depend on it, and a refused transaction makes the next sync full anyway.
+        if let Some(lh) = &mut self.localhost {
+            let s = lh.sync(state, changed, full);
+            r.localhost_listeners = s.listeners;
+            r.localhost_errors = s.errors;
+        }
         if !plan.ops.is_empty() {
             report.bytes += self.apply(&plan.ops)?;
             report.transactions += 1;
@@ -149,18 +179,35 @@ impl Program for NftablesProgram {
         self.backend.intact()
     }
 
-    /// The complete transaction for `state` (nothing is applied).
+    /// The complete transaction for `state` (nothing is applied), and the localhost
+    /// NodePort listeners as comments after it.
     fn render(&self, state: &State) -> String {
-        Fmt(self.family).script(&Writer::default().full(state, &self.render_config, &[]).ops)
+        let ops = Writer::default().full(state, &self.render_config, &[]).ops;
+        let mut out = Fmt(self.family).script(&ops);
+        if let Some(lh) = &self.localhost {
+            out.push_str("# localhost NodePorts (a userspace proxy, not rules):\n");
+            for line in lh.describe(state).lines() {
+                out.push_str(&format!("# {line}\n"));
+            }
+        }
+        out
     }
 
     fn dump(&mut self) -> Result<String> {
-        self.backend.dump()
+        let mut out = self.backend.dump()?;
+        if let Some(lh) = &self.localhost {
+            out.push_str(&lh.dump());
+        }
+        Ok(out)
     }
 
     fn trace(&mut self, state: &State, packet: &Packet, node: &NodeFacts) -> Result<Trace> {
         let model = self.model(state)?;
-        Ok(super::trace::trace(&model, self.family, packet, node))
+        let mut out = super::trace::trace(&model, self.family, packet, node);
+        if let Some(lh) = &self.localhost {
+            lh.trace(state, packet, &mut out);
+        }
+        Ok(out)
     }
 
     fn as_any(&self) -> &dyn Any {

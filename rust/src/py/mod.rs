@@ -7,12 +7,12 @@ mod errors;
 
 use crate::config::{EngineConfig, Mode};
 use crate::engine;
-use crate::forward::program::UserspaceProgram;
 use crate::ipvs::program::IpvsProgram;
 use crate::model::{ChangeSet, IpFamily};
 use crate::nftables::program::NftablesProgram;
 use crate::program::{ModeReport, SyncReport as CoreReport};
 use crate::trace::{self, xtables};
+use crate::userspace::program::UserspaceProgram;
 use errors::{in_family, to_py};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -219,16 +219,19 @@ impl Engine {
         result.map(SyncReport).map_err(in_family(self.family))
     }
 
-    /// The userspace forwarder's counters by name (empty in the other modes).
+    /// The userspace forwarder's counters by name: the userspace mode's, or the nftables
+    /// mode's localhost NodePorts' (empty otherwise).
     fn forward_stats(&self, py: Python<'_>) -> std::collections::BTreeMap<&'static str, u64> {
         py.detach(|| {
             let engine = self.lock();
-            let program = engine.program::<UserspaceProgram>();
-            program
-                .map(|p| p.stats())
-                .unwrap_or_default()
-                .into_iter()
-                .collect()
+            let stats = match engine.program::<UserspaceProgram>() {
+                Some(p) => p.stats(),
+                None => engine
+                    .program::<NftablesProgram>()
+                    .map(NftablesProgram::localhost_stats)
+                    .unwrap_or_default(),
+            };
+            stats.into_iter().collect()
         })
     }
 
@@ -688,7 +691,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<crate::iptables::program::Report>()?;
     m.add_class::<crate::nftables::program::Report>()?;
     m.add_class::<crate::ipvs::program::Report>()?;
-    m.add_class::<crate::forward::program::Report>()?;
+    m.add_class::<crate::userspace::program::Report>()?;
     m.add_class::<Trace>()?;
     m.add_class::<Packet>()?;
     m.add_class::<NftTable>()?;

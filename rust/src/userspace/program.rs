@@ -1,9 +1,10 @@
 //! The userspace mode's program: a listener per Service port on the [`Forwarder`], and with
 //! portals the nftables redirect rules that lead Service addresses to them.
 
-use super::{portals, routes, ForwardConfig, Forwarder};
+use super::{portals, routes};
 use crate::config::{BackendKind, EngineConfig};
 use crate::error::{Error, Result};
+use crate::forward::{self, ForwardConfig, Forwarder};
 use crate::model::{IpFamily, ServiceKey};
 use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
@@ -149,7 +150,7 @@ impl Program for UserspaceProgram {
 
     /// One line per listener and its endpoints.
     fn render(&self, state: &State) -> String {
-        routes::describe(&routes::routes(
+        forward::describe(&routes::routes(
             state,
             &self.node_name,
             &self.listen,

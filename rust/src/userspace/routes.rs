@@ -11,7 +11,7 @@
 //! load-balancer IPs, one for those (external policy); redirect rules send the Service
 //! addresses there ([`super::portals`]).
 
-use super::{Listen, Route};
+use crate::forward::{Listen, Route};
 use crate::model::{Protocol, ServiceKey};
 use crate::state::{ServicePortView, State};
 use crate::topology::{NodeView, Serving};
@@ -111,36 +111,6 @@ fn routes_of<'a>(
             };
             out.insert(l, route(&external, Vec::new()));
         }
-    }
-    out
-}
-
-/// The listeners as text, one per line: `tcp 127.0.0.1:30080 -> 10.0.0.1:8080 10.0.0.2:8080
-/// (ns/svc:http)`; what `kproxy render` prints in the userspace mode.
-pub fn describe(routes: &BTreeMap<Listen, Route>) -> String {
-    let mut out = String::new();
-    for (l, r) in routes {
-        let eps: Vec<String> = r.endpoints.iter().map(|e| e.to_string()).collect();
-        let eps = if eps.is_empty() {
-            "(no endpoints: reset)".to_owned()
-        } else {
-            eps.join(" ")
-        };
-        let affinity = r
-            .affinity
-            .map(|d| format!(" affinity {}s", d.as_secs()))
-            .unwrap_or_default();
-        let target = if l.portal {
-            let ips: Vec<String> = r.portal_ips.iter().map(|i| i.to_string()).collect();
-            format!("portal {} port {}", ips.join(","), l.addr.port())
-        } else {
-            l.addr.to_string()
-        };
-        out.push_str(&format!(
-            "{} {target} -> {eps}{affinity} ({})\n",
-            l.protocol.lower(),
-            r.service
-        ));
     }
     out
 }

@@ -6,14 +6,13 @@
 
 use crate::error::Result;
 use crate::exec;
-use crate::model::{IpFamily, Protocol};
+use crate::model::IpFamily;
 use std::fmt::Write;
-use std::net::IpAddr;
 
 pub const TABLE: &str = "kproxy-userspace";
 
 /// One redirect: (Service address, protocol, Service port, the portal listener's port).
-pub type Element = (IpAddr, Protocol, u16, u16);
+pub use crate::forward::PortalElement as Element;
 
 fn family_word(family: IpFamily) -> &'static str {
     match family {
@@ -94,6 +93,7 @@ pub fn cleanup(family: IpFamily) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
 
     #[test]
     fn the_table_maps_service_addresses_to_listener_ports() {
