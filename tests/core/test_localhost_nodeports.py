@@ -12,7 +12,16 @@ import pytest
 from kproxy import _core
 from kproxy.backends.proxier import engine_config
 from kproxy.config import build
-from kproxy.model import Endpoint, EndpointSlice, NodeInfo, PortSpec, Service, ServiceKey, SlicePort
+from kproxy.model import (
+    Endpoint,
+    EndpointSlice,
+    NodeInfo,
+    PortSpec,
+    Protocol,
+    Service,
+    ServiceKey,
+    SlicePort,
+)
 from kproxy.tracker import ChangeSet, Merged, merge_slices
 
 NODE_IP = "192.168.77.2"
@@ -43,7 +52,7 @@ def engine(**given: object) -> _core.Engine:
     return e
 
 
-def from_node(e: _core.Engine, dst: str, port: int, protocol: str = "TCP") -> _core.Trace:
+def from_node(e: _core.Engine, dst: str, port: int, protocol: Protocol = "TCP") -> _core.Trace:
     return e.trace(_core.Packet("127.0.0.1", dst, protocol, port, "local", [NODE_IP]))
 
 
