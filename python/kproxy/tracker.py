@@ -100,9 +100,12 @@ class ServiceTracker:
 def merge_slices(slices: Iterable[EndpointSlice]) -> Merged:
     """Merge a Service's slices into per-port endpoint lists.
 
-    The same address and port in two slices (which happens briefly while the EndpointSlice
-    controller moves endpoints) counts once; a ready copy wins over a not-ready one, then the
-    slice that sorts first by name, so the result never depends on event order.
+    The same address and port twice counts once. That happens briefly while the
+    EndpointSlice controller moves an endpoint between slices, and when a pod's IP is given
+    to a new pod while the old one is still terminating (upstream #135266, fixed in 1.36): the
+    address is the new pod's then, so the old pod's terminating copy must not make it a
+    fallback. A ready copy wins, then a copy that is not terminating, then the slice that sorts
+    first by name (and the first in it), so the result never depends on event order.
     """
     by_port: dict[tuple[str, str], dict[tuple[str, int], Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
@@ -111,13 +114,17 @@ def merge_slices(slices: Iterable[EndpointSlice]) -> Merged:
             for ep in sl.endpoints:
                 k = (ep.ip, port.port)
                 have = eps.get(k)
-                if have is None or (ep.ready and not have.ready):
+                if have is None or _precedence(ep) > _precedence(have):
                     eps[k] = ep
     out: list[PortEndpoints] = []
     for (name, protocol), eps in sorted(by_port.items()):
         items = tuple(sorted(((ep, port) for (_, port), ep in eps.items()), key=_ep_order))
         out.append(PortEndpoints(name, protocol, items))  # type: ignore[arg-type]
     return tuple(out)
+
+
+def _precedence(ep: Endpoint) -> tuple[bool, bool]:
+    return (ep.ready, not ep.terminating)
 
 
 def _ep_order(item: tuple[Endpoint, int]) -> tuple[str, int]:

@@ -145,3 +145,32 @@ def test_an_ipv6_udp_flow_follows_the_replaced_backend(tmp_path: Path) -> None:
         assert 'kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv6"} 1.0' in (
             metrics
         ), metrics
+
+
+def test_a_pod_ip_reused_while_its_old_pod_terminates_is_the_new_pods(lab: ProxyLab) -> None:
+    # upstream #135266/#135593: pod1's IP is given to a new pod (not ready yet) while pod1 is
+    # still terminating. The address is the new pod's: the old pod's terminating fallback must
+    # not keep it in the rules, and the flow it served is cut, not left on the new pod.
+    def slice_of(*endpoints: k.Obj) -> k.Obj:
+        sl = echo_slice([])
+        sl["endpoints"] = list(endpoints)
+        return sl
+
+    old = k.endpoint("10.244.1.2", node="node-a", ready=False, serving=True, terminating=True)
+    new = k.endpoint("10.244.1.2", node="node-b", ready=False, serving=False)
+    assert udp_server(lab) == "pod1"
+    # pod1 terminates, still serving: the only endpoint left, used as a fallback.
+    lab.put(slice_of(old))
+    lab.wait(lambda: lab.log().count("synced IPv4") >= 2, 5, "a sync")
+    assert udp_server(lab) == "pod1"
+    assert len(conntrack_udp(lab)) == 1
+    # Its IP is reused: in the same slice, after the old copy (the EndpointSlice controller's
+    # order), and not ready.
+    lab.put(slice_of(old, new))
+    lab.wait(lambda: not lab.dnat_targets(), 5, "the reused address out of the rules")
+    lab.wait(lambda: "deleted 1 stale UDP conntrack entries" in lab.log(), 5, "the reconciler")
+    r = lab.lab.pod("client").udp_probe(ECHO_IP, 80, timeout=1.0, src_port=SRC_PORT)
+    assert r.error == "refused" and r.server is None, r
+    # The new pod turns ready: served again.
+    lab.put(slice_of(old, k.endpoint("10.244.1.2", node="node-b")))
+    lab.wait(lambda: udp_server(lab) == "pod1", 5, "the new pod served", interval=0.2)

@@ -71,6 +71,19 @@ def test_merge_dedupes_and_prefers_ready() -> None:
     ]
 
 
+def test_a_reused_ip_belongs_to_the_new_pod_not_the_terminating_one() -> None:
+    # upstream #135266: the old pod (terminating, still serving) and the new one that was
+    # given its IP, in one slice or two, in either order.
+    old = Endpoint("10.0.0.2", ready=False, serving=True, terminating=True, node_name="n1")
+    starting = Endpoint("10.0.0.2", ready=False, serving=False, node_name="n2")
+    ready = Endpoint("10.0.0.2", node_name="n2")
+    for new in (starting, ready):
+        for slices in ([sl("a", old, new)], [sl("a", new, old)], [sl("a", old), sl("b", new)],
+                       [sl("a", new), sl("b", old)]):  # fmt: skip
+            ((port_eps,),) = [p.endpoints for p in merge_slices(slices)]
+            assert port_eps == (new, 8080), (new, slices)
+
+
 def test_endpoints_tracker_merges_per_service_and_drops_no_ops() -> None:
     t = EndpointsTracker()
     t.update("ns", "a", sl("a", Endpoint("10.0.0.1")))
