@@ -66,6 +66,23 @@ def test_the_controller_hands_over_the_union_when_it_changes() -> None:
     assert b'"service_cidrs":[]' in cs.to_json()
 
 
+def test_one_being_deleted_still_counts_until_it_is_gone() -> None:
+    # Upstream: the allocator stops using a ServiceCIDR once its deletion starts, but the
+    # addresses it gave out stay until the object (held by its finalizer) is gone; the
+    # proxy's view follows the object, not its deletionTimestamp.
+    c = Controller("n", wait_for_node=False)
+    c.replace("servicecidrs", [k.service_cidr("kubernetes", ["10.96.0.0/16"])])
+    c.drain()
+    deleting = k.service_cidr("kubernetes", ["10.96.0.0/16"])
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-04T00:00:00Z"
+    deleting["metadata"]["finalizers"] = ["networking.k8s.io/service-cidr-finalizer"]
+    c.event("servicecidrs", "MODIFIED", deleting)
+    assert c.drain().service_cidrs is None
+    assert c.all_service_cidrs() == ("10.96.0.0/16",)
+    c.event("servicecidrs", "DELETED", deleting)
+    assert c.drain().service_cidrs == ()
+
+
 def test_an_invalid_update_keeps_the_last_valid_cidrs() -> None:
     c = Controller("n", wait_for_node=False)
     c.replace("servicecidrs", [k.service_cidr("kubernetes", ["10.96.0.0/16"])])
