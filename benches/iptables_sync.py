@@ -143,7 +143,10 @@ def upstream_text(tables: dict[str, dict[str, list[str]]], only: set[str] | None
             rules = flatten(chains, c) if c in shared else chains[c]
             out += [f"-A {c} {r}" for r in rules]
         out.append("COMMIT")
-    return "\n".join(out) + "\n"
+    # Upstream creates its nfacct counters before its rules name them; the namespaces this
+    # layout is restored into have none, so its rules count nothing (as upstream's do where
+    # nfnetlink_acct is missing).
+    return re.sub(r" -m nfacct --nfacct-name \S+", "", "\n".join(out) + "\n")
 
 
 def restore(text: str) -> float:

@@ -107,6 +107,36 @@ class _ForwarderCollector:
             yield m
 
 
+# The iptables mode's nfacct counters (kernel objects, one per node, shared by both
+# families' rules): counter name -> (metric name, help).
+NFACCT_METRICS = {
+    "ct_state_invalid_dropped_pkts": (
+        "iptables_ct_state_invalid_dropped_packets",
+        "packets dropped by the iptables mode's conntrack INVALID rule",
+    ),
+    "localhost_nps_accepted_pkts": (
+        "iptables_localhost_nodeports_accepted_packets",
+        "packets accepted on localhost NodePorts",
+    ),
+}
+
+
+class NfacctCollector:
+    """Reads the nfacct counters at scrape time from whatever ``source`` gives (counter name
+    -> packets, for the counters that exist)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.source()
+        for key, (name, doc) in NFACCT_METRICS.items():
+            m = CounterMetricFamily(f"{NS}_{name}", doc)
+            if key in values:
+                m.add_metric([], values[key])
+            yield m
+
+
 def histogram(registry: CollectorRegistry, name: str, doc: str) -> Histogram:
     """A sync-latency histogram per IP family, with upstream's buckets."""
     return Histogram(name, doc, FAM, namespace=NS, buckets=SYNC_BUCKETS, registry=registry)

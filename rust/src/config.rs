@@ -228,6 +228,7 @@ impl EngineConfig {
                 .iptables
                 .as_ref()
                 .is_some_and(|i| i.localhost_nodeports),
+            nfacct: Vec::new(),
             masquerade_all: self.masquerade_all,
             masquerade_mark: 1u32 << self.masquerade_bit,
             nodeport_ips: self.nodeport_ips.clone(),
@@ -260,6 +261,9 @@ pub struct RenderConfig {
     pub node_ips: Vec<IpAddr>,
     /// NodePorts answer on 127.0.0.0/8 too (IPv4 only; needs `route_localnet`).
     pub localhost_nodeports: bool,
+    /// The nfacct counters that exist ([`crate::nfacct`]): the iptables mode's rules count
+    /// into these only (a rule naming a missing one is refused).
+    pub nfacct: Vec<&'static str>,
 }
 
 /// Recognizes traffic that comes from pods (upstream's local traffic detectors).

@@ -186,6 +186,12 @@ mod tests {
         fn dump(&mut self) -> crate::error::Result<String> {
             self.0.lock().unwrap().dump()
         }
+        fn ensure_counter(&mut self, name: &str) -> crate::error::Result<()> {
+            self.0.lock().unwrap().ensure_counter(name)
+        }
+        fn counter(&self, name: &str) -> crate::error::Result<Option<u64>> {
+            self.0.lock().unwrap().counter(name)
+        }
     }
 
     fn service(name: &str, ip: &str, endpoint: Option<&str>) -> String {

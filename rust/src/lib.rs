@@ -45,6 +45,7 @@ pub mod ipvs;
 pub mod model;
 pub mod naming;
 pub mod netlink;
+pub mod nfacct;
 pub mod nftables;
 pub mod program;
 pub mod state;

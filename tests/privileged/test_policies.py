@@ -184,6 +184,16 @@ def test_localhost_node_ports(lab: ProxyLab) -> None:
         == "1"
     )
     assert "KUBE-FIREWALL" in lab.filter()
+    # Upstream's nfacct counters, in the kernel: each of the 10 connections on loopback was
+    # counted once (nat rules see a connection's first packet); one to the node's address
+    # is not.
+    assert lab.lab.node.tcp_probe(lab.lab.node_ip, NODE_PORT_TCP).ok
+    assert "--nfacct-name  localhost_nps_accepted_pkts" in lab.nat()
+    assert "--nfacct-name  ct_state_invalid_dropped_pkts" in lab.filter()
+    status, body = http_get(lab.lab.node, "http://127.0.0.1:10249/metrics")
+    assert status == 200, body
+    assert "\nkubeproxy_iptables_localhost_nodeports_accepted_packets_total 10.0\n" in body
+    assert "\nkubeproxy_iptables_ct_state_invalid_dropped_packets_total 0.0\n" in body
 
 
 def test_localhost_node_ports_can_be_turned_off(lab: ProxyLab) -> None:

@@ -10,9 +10,12 @@ import urllib.request
 import pytest
 from prometheus_client import generate_latest
 
+from kproxy import _core
 from kproxy.backends import for_mode
+from kproxy.backends.proxier import engine_config
 from kproxy.config import ProxyConfig
 from kproxy.metrics import Metrics
+from kproxy.tracker import ChangeSet
 
 
 def get(port: int, path: str) -> tuple[int, str, str]:
@@ -112,6 +115,8 @@ PER_MODE = {
         "sync_proxy_rules_iptables_restore_failures_total",
         "sync_proxy_rules_iptables_partial_restore_failures_total",
         "sync_proxy_rules_iptables_total", "sync_proxy_rules_iptables_last",
+        "iptables_ct_state_invalid_dropped_packets_total",
+        "iptables_localhost_nodeports_accepted_packets_total",
     },
     "ipvs": {"sync_proxy_rules_iptables_restore_failures_total"},
     "nftables": {
@@ -169,3 +174,24 @@ def test_configz_serves_the_configuration() -> None:
         assert "process_resident_memory_bytes" in text
     finally:
         server.close()
+
+
+def test_the_nfacct_counters_are_read_from_the_engines_at_scrape_time() -> None:
+    # The engine (on the in-memory kernel) created both counters before its rules named them.
+    cfg = ProxyConfig(mode="iptables")
+    mode = for_mode(cfg)
+    m = Metrics("iptables")
+    mode.register_metrics(m.registry)
+    text = generate_latest(m.registry).decode()
+    assert "\nkubeproxy_iptables_localhost_nodeports_accepted_packets_total " not in text
+    wire = engine_config(cfg, "IPv4", None, backend="fake", local_addrs=["192.168.0.2"])
+    engine = _core.Engine(json.dumps(wire))
+    engine.sync(ChangeSet({}, {}).to_json(), True)
+    assert sorted(engine.nfacct_counters()) == [
+        ("ct_state_invalid_dropped_pkts", 0),
+        ("localhost_nps_accepted_pkts", 0),
+    ]
+    mode.watch(m, {"IPv4": engine})
+    text = generate_latest(m.registry).decode()
+    assert "kubeproxy_iptables_ct_state_invalid_dropped_packets_total 0.0" in text
+    assert "kubeproxy_iptables_localhost_nodeports_accepted_packets_total 0.0" in text

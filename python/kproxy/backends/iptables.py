@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from kproxy.control import Controller
+    from kproxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class IptablesMode(ModeBackend):
             log.warning("cannot set %s: localhost NodePorts will not work", ROUTE_LOCALNET)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
+        self._engines: Mapping[Family, _core.Engine] = {}
+        registry.register(metrics.NfacctCollector(self.nfacct_packets))
         self._durations = metrics.SyncDurations(registry)
         self._restore_failures = metrics.restore_failures(registry)
         self._partial_restore_failures = metrics.counter(
@@ -89,9 +92,30 @@ class IptablesMode(ModeBackend):
             labels,
         )
 
+    def watch(self, metrics: Metrics, engines: Mapping[Family, _core.Engine]) -> None:
+        self._engines = engines
+
+    def nfacct_packets(self) -> dict[str, int]:
+        """Each nfacct counter the engines' rules count into, with its packets (the counters
+        are the node's: every family reads the same ones)."""
+        out: dict[str, int] = {}
+        for fam, engine in self._engines.items():
+            try:
+                counters = engine.nfacct_counters()
+            except ApplyError as e:
+                log.debug("%s: cannot read the nfacct counters: %s", fam, e)
+                continue
+            for name, packets in counters:
+                if packets is not None:
+                    out[name] = packets
+        return out
+
     def record_sync(self, family: Family, r: _core.SyncReport, seconds: float) -> None:
         self._durations.observe(family, r.full, seconds)
         if isinstance(m := r.mode, _core.IptablesReport):
+            for e in m.counter_errors:
+                log.warning("%s: nfacct counter not created, its rule counts nothing: %s",
+                            family, e)  # fmt: skip
             self._rules_last.labels(ip_family=family, table="nat").set(m.nat_rules)
             self._rules_last.labels(ip_family=family, table="filter").set(m.filter_rules)
             self._rules_total.labels(ip_family=family, table="nat").set(m.nat_rules_total)

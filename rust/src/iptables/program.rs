@@ -6,6 +6,7 @@ use super::writer::Writer;
 use crate::config::{BackendKind, EngineConfig, RenderConfig};
 use crate::error::Result;
 use crate::model::{IpFamily, ServiceKey};
+use crate::nfacct;
 use crate::program::{ModeReport, Program, SyncReport};
 use crate::state::State;
 use crate::trace::xtables as trace;
@@ -35,6 +36,9 @@ pub struct Report {
     /// Rules kproxy owns in the kernel after this sync.
     pub nat_rules_total: usize,
     pub filter_rules_total: usize,
+    /// nfacct counters that could not be created (the first sync only): their rules are
+    /// written without counting.
+    pub counter_errors: Vec<String>,
 }
 
 pub struct IptablesProgram {
@@ -44,6 +48,9 @@ pub struct IptablesProgram {
     traces_backend: bool,
     /// What previous syncs wrote (reset by every full sync).
     writer: Writer,
+    /// The nfacct counters were tried (once, before the first sync renders anything).
+    counters_tried: bool,
+    counter_errors: Vec<String>,
 }
 
 impl IptablesProgram {
@@ -53,7 +60,41 @@ impl IptablesProgram {
             backend,
             traces_backend: config.backend == BackendKind::Fake,
             writer: Writer::default(),
+            counters_tried: false,
+            counter_errors: Vec::new(),
         }
+    }
+
+    /// Create upstream's nfacct counters that this configuration's rules use; the rules
+    /// count into the ones that exist. Returns what could not be created.
+    fn ensure_counters(&mut self) -> Vec<String> {
+        self.counters_tried = true;
+        let cfg = &self.render_config;
+        let mut wanted = Vec::new();
+        if !cfg.conntrack_tcp_be_liberal {
+            wanted.push(nfacct::INVALID_DROPPED);
+        }
+        if cfg.localhost_nodeports && cfg.family == IpFamily::V4 {
+            wanted.push(nfacct::LOCALHOST_NODEPORTS);
+        }
+        let mut errors = Vec::new();
+        for name in wanted {
+            match self.backend.ensure_counter(name) {
+                Ok(()) => self.render_config.nfacct.push(name),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        errors
+    }
+
+    /// Each counter this engine's rules count into, with its packets so far (`None`: it
+    /// went away, for instance removed by hand).
+    pub fn counters(&self) -> Result<Vec<(&'static str, Option<u64>)>> {
+        let names = &self.render_config.nfacct;
+        names
+            .iter()
+            .map(|n| Ok((*n, self.backend.counter(n)?)))
+            .collect()
     }
 
     fn ensure_jumps(&mut self) -> Result<()> {
@@ -74,6 +115,9 @@ impl Program for IptablesProgram {
         full: bool,
         report: &mut SyncReport,
     ) -> Result<()> {
+        if !self.counters_tried {
+            self.counter_errors = self.ensure_counters();
+        }
         let t0 = Instant::now();
         let plan = if full {
             let filter = self.backend.chains("filter")?;
@@ -116,6 +160,8 @@ impl Program for IptablesProgram {
             stale_chains_deleted: plan.deleted(),
             nat_rules_total,
             filter_rules_total,
+            // Said by the first sync that succeeds.
+            counter_errors: std::mem::take(&mut self.counter_errors),
         });
         Ok(())
     }
@@ -211,6 +257,10 @@ mod tests {
         let report = engine.sync(cluster(1500, 10), true).unwrap();
         assert!(report.transactions > 1, "{report:?}");
         let mut single = Fake::new();
+        // The engine created its counter before its first rules named it.
+        single
+            .ensure_counter(crate::nfacct::INVALID_DROPPED)
+            .unwrap();
         single.restore(&engine.render()).unwrap();
         single.ensure_jumps(chains::JUMPS).unwrap();
         let mut canary = String::new();
@@ -222,5 +272,86 @@ mod tests {
         // A small change afterwards is one transaction again.
         let r = engine.sync(cluster(1, 3), false).unwrap();
         assert_eq!(r.transactions, 1);
+    }
+
+    const NODE_PORT_SERVICE: &str = r#"{"services":[{"namespace":"ns","name":"web","service":{"cluster_ips":["172.30.0.1"],"externally_accessible":true,"ports":[{"name":"p","protocol":"TCP","port":80,"node_port":30080}]}}],"endpoints":[{"namespace":"ns","name":"web","ports":[{"name":"p","protocol":"TCP","endpoints":[{"ip":"10.0.0.5","port":8080,"ready":true,"serving":true,"terminating":false}]}]}]}"#;
+
+    fn localhost_config() -> EngineConfig {
+        EngineConfig::from_json(
+            r#"{"family":"IPv4","node_name":"n","cluster_cidrs":["10.0.0.0/8"],"backend":"fake","iptables":{"localhost_nodeports":true}}"#,
+        )
+        .unwrap()
+    }
+
+    /// Upstream's nfacct counters: created before the first rules name them; the INVALID
+    /// drop counts into one, and a NodePort reached on 127.0.0.0/8 goes through a counting
+    /// rule first, to the same place as from anywhere else.
+    #[test]
+    fn the_rules_count_into_the_nfacct_counters_they_created() {
+        let mut engine = Engine::new(localhost_config());
+        let r = engine
+            .sync(
+                crate::model::ChangeSet::from_json(NODE_PORT_SERVICE.as_bytes()).unwrap(),
+                true,
+            )
+            .unwrap();
+        assert!(iptables(&r).counter_errors.is_empty());
+        let dump = engine.dump().unwrap();
+        assert!(dump.contains(
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP"
+        ), "{dump}");
+        let nodeports: Vec<&str> = dump
+            .lines()
+            .filter(|l| l.contains("--dport 30080") && l.contains("KUBE-EXT-"))
+            .collect();
+        assert_eq!(nodeports.len(), 2, "{dump}");
+        assert!(nodeports[0].contains(" -d 127.0.0.0/8 "), "{nodeports:?}");
+        assert!(nodeports[0].contains("-m nfacct --nfacct-name localhost_nps_accepted_pkts"));
+        let program = engine.program::<IptablesProgram>().unwrap();
+        let mut counters = program.counters().unwrap();
+        counters.sort();
+        assert_eq!(
+            counters,
+            [
+                (nfacct::INVALID_DROPPED, Some(0)),
+                (nfacct::LOCALHOST_NODEPORTS, Some(0))
+            ]
+        );
+        // The tracer walks through the counting rule.
+        let packet = Packet {
+            src: "127.0.0.1".parse().unwrap(),
+            dst: "127.0.0.1".parse().unwrap(),
+            protocol: crate::model::Protocol::Tcp,
+            dport: 30080,
+            origin: crate::trace::Origin::Local,
+        };
+        let t = engine.trace(&packet, &NodeFacts::default()).unwrap();
+        assert_eq!(t.dnat, ["10.0.0.5:8080"]);
+        assert!(t
+            .matched
+            .iter()
+            .any(|m| m.contains("localhost_nps_accepted_pkts")));
+    }
+
+    /// Without nfnetlink_acct (or the right to use it) the rules count nothing, and the
+    /// first sync says which counters are missing; nothing else changes.
+    #[test]
+    fn without_counters_the_rules_are_written_without_them() {
+        let mut fake = Fake::new();
+        fake.no_counters = true;
+        let mut program = IptablesProgram::new(&localhost_config(), Box::new(fake));
+        let mut state = State::new(IpFamily::V4);
+        state.apply(crate::model::ChangeSet::from_json(NODE_PORT_SERVICE.as_bytes()).unwrap());
+        let keys = state.service_keys().cloned().collect();
+        let mut report = SyncReport::default();
+        program.sync(&state, &keys, true, &mut report).unwrap();
+        assert_eq!(iptables(&report).counter_errors.len(), 2, "{report:?}");
+        let dump = program.dump().unwrap();
+        assert!(!dump.contains("nfacct"), "{dump}");
+        assert!(dump.contains("--ctstate INVALID -j DROP"));
+        assert!(program.counters().unwrap().is_empty());
+        let mut again = SyncReport::default();
+        program.sync(&state, &keys, false, &mut again).unwrap();
+        assert!(iptables(&again).counter_errors.is_empty(), "said once");
     }
 }

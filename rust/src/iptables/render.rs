@@ -14,6 +14,7 @@ use super::dispatch::{Key, Root};
 use crate::config::RenderConfig;
 use crate::model::{IpFamily, Protocol, ServiceKey};
 use crate::naming::{endpoint_chain, join_host_port, ServiceChains};
+use crate::nfacct;
 use crate::state::{ServicePortView, State};
 use crate::topology::Counts;
 use crate::topology::{NodeView, Serving};
@@ -170,9 +171,10 @@ pub fn fixed_chains(cfg: &RenderConfig) -> (Table, Table) {
     // Forwarding: drop INVALID packets (they would otherwise reach pods un-NATed and cause
     // spurious resets), accept what we marked and what belongs to accepted connections.
     if !cfg.conntrack_tcp_be_liberal {
+        let count = counting(cfg, nfacct::INVALID_DROPPED);
         filter.rule(
             KUBE_FORWARD,
-            format_args!("-m conntrack --ctstate INVALID -j DROP"),
+            format_args!("-m conntrack --ctstate INVALID{count} -j DROP"),
         );
     }
     filter.rule(
@@ -212,6 +214,15 @@ pub fn root_tail(root: Root, cfg: &RenderConfig) -> Vec<String> {
             .filter(|ip| cfg.family.contains(ip) && (localhost || !ip.is_loopback()))
             .map(|ip| format!("{np_comment} -d {ip} -j {KUBE_NODEPORTS}"))
             .collect(),
+    }
+}
+
+/// ` -m nfacct --nfacct-name <counter>` when the counter exists, else nothing.
+fn counting(cfg: &RenderConfig, counter: &str) -> String {
+    if cfg.nfacct.contains(&counter) {
+        format!(" -m nfacct --nfacct-name {counter}")
+    } else {
+        String::new()
     }
 }
 
@@ -363,6 +374,21 @@ fn render_service_port(
     let node_port = sp.port.node_port;
     if node_port != 0 {
         if has_endpoints {
+            // Connections to the NodePort on 127.0.0.0/8 are counted first (upstream's
+            // localhost NodePort counter), then take the same way as the others.
+            if cfg.localhost_nodeports && cfg.family == IpFamily::V4 {
+                let count = counting(cfg, nfacct::LOCALHOST_NODEPORTS);
+                if !count.is_empty() {
+                    out.entry(
+                        Root::NatNodePorts,
+                        Key::Port(sp.name.protocol, node_port),
+                        format_args!(
+                            "-d 127.0.0.0/8 -m comment --comment {name} {p} --dport {node_port}{count} -j {}",
+                            chains.external
+                        ),
+                    );
+                }
+            }
             out.entry(
                 Root::NatNodePorts,
                 Key::Port(sp.name.protocol, node_port),
@@ -604,6 +630,7 @@ pub(crate) mod tests {
             conntrack_tcp_be_liberal: false,
             node_ips: vec!["192.168.0.2".parse().unwrap()],
             localhost_nodeports: false,
+            nfacct: Vec::new(),
         }
     }
 

@@ -35,6 +35,7 @@ fn known_set(name: &str, family: IpFamily) -> Option<SetDef> {
         conntrack_tcp_be_liberal: false,
         node_ips: Vec::new(),
         localhost_nodeports: false,
+        nfacct: Vec::new(),
     };
     render::fixed(&cfg)
         .sets

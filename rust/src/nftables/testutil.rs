@@ -34,6 +34,7 @@ pub fn cfg(family: IpFamily) -> RenderConfig {
         conntrack_tcp_be_liberal: false,
         node_ips: vec![node_ip.parse().expect("an address")],
         localhost_nodeports: false,
+        nfacct: Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@ mod errors;
 
 use crate::config::{EngineConfig, Mode};
 use crate::engine;
+use crate::iptables::program::IptablesProgram;
 use crate::ipvs::program::IpvsProgram;
 use crate::model::{ChangeSet, IpFamily};
 use crate::nftables::program::NftablesProgram;
@@ -244,6 +245,19 @@ impl Engine {
             let program = engine.program::<IpvsProgram>();
             program.map(|p| p.parts(engine.state())).unwrap_or_default()
         })
+    }
+
+    /// iptables mode: each nfacct counter the rules count into, with its packets so far
+    /// (`None`: the counter went away); empty before the first sync and in other modes.
+    fn nfacct_counters(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, Option<u64>)>> {
+        py.detach(|| {
+            let engine = self.lock();
+            match engine.program::<IptablesProgram>() {
+                Some(p) => p.counters(),
+                None => Ok(Vec::new()),
+            }
+        })
+        .map_err(in_family(self.family))
     }
 
     /// ipvs mode: the addresses kube-ipvs0 should hold after the last sync (empty otherwise).

@@ -602,6 +602,7 @@ fn known_option(owner: &str, opt: &str) -> Option<bool> {
         ("comment", "--comment") => true,
         ("addrtype", "--src-type" | "--dst-type") => true,
         ("conntrack", "--ctstate") => true,
+        ("nfacct", "--nfacct-name") => true,
         ("state", "--state") => true,
         ("mark", "--mark") => true,
         ("set", "--match-set") => true,
@@ -633,6 +634,7 @@ const MODULES: &[&str] = &[
     "comment",
     "addrtype",
     "conntrack",
+    "nfacct",
     "state",
     "mark",
     "recent",
@@ -839,6 +841,8 @@ impl Rule {
                             });
                         }
                         ("physdev", _) => cond(Test::Fixed(false)),
+                        // A counter: it counts what reaches it and matches everything.
+                        ("nfacct", _) => cond(Test::Fixed(true)),
                         ("recent", "--set") => cond(Test::Fixed(true)),
                         ("recent", "--rcheck" | "--update" | "--remove") => {
                             cond(Test::Fixed(false))
@@ -1128,6 +1132,7 @@ mod tests {
             conntrack_tcp_be_liberal: false,
             node_ips: Vec::new(),
             localhost_nodeports: false,
+            nfacct: Vec::new(),
         }
     }
 

@@ -20,6 +20,19 @@ pub trait Backend: Send {
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool>;
     /// The tables as `iptables-save` prints them (for tests, tracing and `--dry-run`).
     fn dump(&mut self) -> Result<String>;
+    /// Create the nfacct counter `name` unless it exists ([`crate::nfacct`]): a rule may
+    /// name it (`-m nfacct --nfacct-name`) only after this succeeded.
+    fn ensure_counter(&mut self, name: &str) -> Result<()>;
+    /// The packets the nfacct counter `name` has counted (`None`: no such counter).
+    fn counter(&self, name: &str) -> Result<Option<u64>>;
+}
+
+fn nfacct_error(name: &str, e: std::io::Error) -> Error {
+    Error::Apply {
+        op: "nfacct",
+        code: e.raw_os_error(),
+        stderr: format!("{name}: {e}"),
+    }
 }
 
 /// The real kernel, through `iptables-restore`, `iptables` and `iptables-save` (or the ip6
@@ -153,6 +166,14 @@ impl Backend for Kernel {
         }
         Ok(text)
     }
+
+    fn ensure_counter(&mut self, name: &str) -> Result<()> {
+        crate::nfacct::ensure(name).map_err(|e| nfacct_error(name, e))
+    }
+
+    fn counter(&self, name: &str) -> Result<Option<u64>> {
+        crate::nfacct::packets(name).map_err(|e| nfacct_error(name, e))
+    }
 }
 
 fn parse_chain_names(save: &str) -> BTreeSet<String> {
@@ -176,9 +197,14 @@ type Tables = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 
 /// An in-memory kernel with iptables-restore's semantics: `--noflush`, a declared chain is
 /// created or flushed, every table commits all-or-nothing, a rule may only jump to a chain that
-/// exists and a chain may only be deleted when nothing references it.
+/// exists, a rule may only name an nfacct counter that exists, and a chain may only be deleted
+/// when nothing references it.
 pub struct Fake {
     tables: Tables,
+    /// nfacct counters by name, with their packet counts.
+    pub counters: BTreeMap<String, u64>,
+    /// `ensure_counter` fails (a kernel without nfnetlink_acct, or no CAP_NET_ADMIN).
+    pub no_counters: bool,
     /// Every restore input accepted so far (tests assert on what partial syncs wrote).
     pub restores: Vec<String>,
     /// Make the next N restores fail (fault injection).
@@ -202,6 +228,8 @@ impl Fake {
         }
         Fake {
             tables,
+            counters: BTreeMap::new(),
+            no_counters: false,
             restores: Vec::new(),
             fail_next: 0,
         }
@@ -221,6 +249,7 @@ impl Fake {
     fn apply_table(
         table: &str,
         chains: &mut BTreeMap<String, Vec<String>>,
+        counters: &BTreeMap<String, u64>,
         lines: &[(usize, &str)],
     ) -> Result<()> {
         let fail = |n: usize, msg: String| Error::Apply {
@@ -242,6 +271,12 @@ impl Fake {
                 let r = chains
                     .get_mut(chain)
                     .ok_or_else(|| fail(n, format!("chain {chain} does not exist")))?;
+                if let Some(name) = nfacct_name(rule) {
+                    // xt_nfacct's checkentry: the counter must exist when the rule is added.
+                    if !counters.contains_key(name) {
+                        return Err(fail(n, format!("nfacct counter {name} does not exist")));
+                    }
+                }
                 r.push(rule.to_owned());
             } else if let Some(rest) = line.strip_prefix("-D ") {
                 // Delete the first rule that matches (iptables compares the rule's meaning;
@@ -279,6 +314,17 @@ impl Fake {
     }
 }
 
+/// The counter a rule's `-m nfacct --nfacct-name` names, if any.
+pub fn nfacct_name(rule: &str) -> Option<&str> {
+    let mut it = rule.split_whitespace();
+    while let Some(tok) = it.next() {
+        if tok == "--nfacct-name" {
+            return it.next();
+        }
+    }
+    None
+}
+
 /// The `-j` target of a rule, if any.
 pub fn jump_target(rule: &str) -> Option<&str> {
     let mut it = rule.split_whitespace();
@@ -314,7 +360,7 @@ impl Backend for Fake {
                     stderr: format!("line {n}: COMMIT outside a table"),
                 })?;
                 let chains = staged.entry(t.clone()).or_default();
-                Fake::apply_table(&t, chains, &lines)?;
+                Fake::apply_table(&t, chains, &self.counters, &lines)?;
             } else if let Some((_, lines)) = current.as_mut() {
                 lines.push((n, line));
             }
@@ -329,6 +375,22 @@ impl Backend for Fake {
         self.tables = staged;
         self.restores.push(text.to_owned());
         Ok(())
+    }
+
+    fn ensure_counter(&mut self, name: &str) -> Result<()> {
+        if self.no_counters {
+            return Err(Error::Apply {
+                op: "nfacct",
+                code: Some(libc::EOPNOTSUPP),
+                stderr: format!("{name}: Operation not supported"),
+            });
+        }
+        self.counters.entry(name.to_owned()).or_insert(0);
+        Ok(())
+    }
+
+    fn counter(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.counters.get(name).copied())
     }
 
     fn ensure_jumps(&mut self, jumps: &[Jump]) -> Result<()> {
