@@ -146,7 +146,7 @@ def upstream_text(tables: dict[str, dict[str, list[str]]], only: set[str] | None
     # Upstream creates its nfacct counters before its rules name them; the namespaces this
     # layout is restored into have none, so its rules count nothing (as upstream's do where
     # nfnetlink_acct is missing).
-    return re.sub(r" -m nfacct --nfacct-name \S+", "", "\n".join(out) + "\n")
+    return re.sub(r" -m nfacct --nfacct-name +\S+", "", "\n".join(out) + "\n")
 
 
 def restore(text: str) -> float:

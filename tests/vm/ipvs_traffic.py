@@ -21,12 +21,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kproxy import _core, lifecycle, tools
 from kproxy.backends.ipvs import bound_addresses
@@ -36,6 +40,7 @@ from kproxy.control import Controller
 from kproxy.netinfo import local_addresses
 from kproxy.tracker import ChangeSet
 
+ROOT = Path(__file__).resolve().parents[2]
 NODE = "vm"
 NODE_IP = "192.168.50.1"
 CLIENT = "192.168.50.2"
@@ -427,6 +432,93 @@ def traffic_across(what: str) -> Iterator[None]:
     held.close()
 
 
+def http_status(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return 0, ""
+
+
+def kubeadms_daemonset_in_ipvs_mode() -> None:
+    """The drop-in in the ipvs mode: kubeadm's ConfigMap as it is with `mode: ipvs` (what a
+    kubeadm user sets) and `ipvs.scheduler`, the daemon started as kubeadm's DaemonSet
+    starts kube-proxy, against an API server: it serves /healthz and /metrics on upstream's
+    defaulted addresses, programs the Services with the file's scheduler, detects local
+    traffic by the cluster CIDR, and leaves nothing once stopped and cleaned up."""
+    sys.path.insert(0, str(ROOT))
+    from tests import k8sobjects
+    from tests.fakeapi import FakeApiServer
+    from tests.fakeapi.server import write_kubeconfig
+
+    api = FakeApiServer(bookmark_interval=0.5)
+    api.start()
+    work = Path("/tmp/kproxy-kubeadm")
+    work.mkdir(exist_ok=True)
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        api.put(k8sobjects.node(NODE, addresses=[NODE_IP]))
+        for svc in services():
+            api.put({"apiVersion": "v1", **svc})
+        for sl in slices(["pod1", "pod2"]):
+            api.put({"apiVersion": "discovery.k8s.io/v1", **sl})
+        cm = yaml.safe_load((ROOT / "tests/fixtures/kubeadm-kube-proxy-configmap.yaml").read_text())
+        doc = yaml.safe_load(cm["data"]["config.conf"])
+        write_kubeconfig(work / "kubeconfig.conf", api.api_url)
+        doc["clientConnection"]["kubeconfig"] = str(work / "kubeconfig.conf")
+        doc["mode"] = "ipvs"
+        doc["ipvs"]["scheduler"] = "wrr"
+        (work / "config.conf").write_text(yaml.safe_dump(doc))
+        log = (work / "kube-proxy.log").open("wb")
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "kube-proxy"), f"--config={work / 'config.conf'}",
+             f"--hostname-override={NODE}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 90
+        # Programmed: the virtual server, and then (after every family's engine) its address
+        # on kube-ipvs0.
+        while time.monotonic() < deadline and not (
+            "10.96.0.10:80 wrr" in ipvsadm() and "10.96.0.10" in bound_addresses()
+        ):
+            if daemon.poll() is not None:
+                check("kube-proxy keeps running", False, (work / "kube-proxy.log").read_text())
+            time.sleep(0.5)
+        text = (work / "kube-proxy.log").read_text()
+        check("kubeadm's ConfigMap with mode: ipvs programs the file's scheduler",
+              "10.96.0.10:80 wrr" in ipvsadm(), ipvsadm() + text[-3000:])  # fmt: skip
+        check("...and warns of nothing", "not implemented" not in text, text[-3000:])
+        check("/healthz answers on 0.0.0.0:10256",
+              http_status(f"http://{NODE_IP}:10256/healthz")[0] == 200)  # fmt: skip
+        status, body = http_status("http://127.0.0.1:10249/metrics")
+        check("/metrics answers on 127.0.0.1:10249 with the ipvs mode's families",
+              status == 200 and "kubeproxy_sync_proxy_rules_duration_seconds" in body
+              and "kubeproxy_sync_proxy_rules_iptables_restore_failures_total" in body
+              and "nftables" not in body, body[-2000:])  # fmt: skip
+        check("/metrics is not on the node's address",
+              http_status(f"http://{NODE_IP}:10249/metrics")[0] == 0)  # fmt: skip
+        got = answers(8, lambda: tcp("client", "10.96.0.10", 80))
+        check("its Services carry traffic", {n for n, _ in got} == {"pod1", "pod2"}, got)
+        saved = sh("iptables-save", "-t", "nat")
+        check("local traffic is detected by the cluster CIDR",
+              "! -s 10.244.0.0/16" in saved, saved)  # fmt: skip
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=10)
+        api.close()
+    check("kube-proxy stops on SIGTERM", daemon is not None and daemon.returncode == 0)
+    check("kproxy cleanup after it succeeds", lifecycle.cleanup() == 0)
+    check("...and leaves no kube-ipvs0", not os.path.exists("/sys/class/net/kube-ipvs0"))
+
+
 def takeover_from_kube_proxy(cfg: ProxyConfig) -> None:
     """kproxy starts on a node kube-proxy's ipvs mode programmed, then hands it back: across
     each, a held connection survives and a new connection every 20 ms succeeds; after the
@@ -639,6 +731,7 @@ def main() -> int:
     check("cleanup removed kube-ipvs0", not os.path.exists("/sys/class/net/kube-ipvs0"))
     check("cleanup removed the chains", "KUBE-IPVS-FILTER" not in sh("iptables-save"))
     check("cleanup removed the ipsets", "KUBE-" not in sh("ipset", "list", "-n"))
+    kubeadms_daemonset_in_ipvs_mode()
     takeover_from_kube_proxy(cfg)
     print("IPVS-TRAFFIC-DONE", flush=True)
     return 0

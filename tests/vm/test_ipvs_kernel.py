@@ -70,5 +70,5 @@ def test_ipvs_mode_on_a_real_kernel(tmp_path: Path) -> None:
     assert "test result: ok. 1 passed" in out, out[-4000:]  # the fixture
     assert "pyroute2 lists the 12 virtual servers kproxy wrote" in out
     assert "IPVS-TRAFFIC-DONE" in out, out[-4000:]
-    assert out.count("\nok: ") == 57, out[-4000:]  # every check of ipvs_traffic.py
+    assert out.count("\nok: ") == 67, out[-4000:]  # every check of ipvs_traffic.py
     assert "VM-TIER-DONE" in out
