@@ -146,7 +146,13 @@ def upstream_text(tables: dict[str, dict[str, list[str]]], only: set[str] | None
     # Upstream creates its nfacct counters before its rules name them; the namespaces this
     # layout is restored into have none, so its rules count nothing (as upstream's do where
     # nfnetlink_acct is missing).
-    return re.sub(r" -m nfacct --nfacct-name +\S+", "", "\n".join(out) + "\n")
+    return without_counters("\n".join(out) + "\n")
+
+
+def without_counters(rules: str) -> str:
+    """iptables rules without their nfacct matches: a fresh namespace has no nfacct counters
+    for them to name (the kernel refuses such a rule), and the tools cannot create them."""
+    return re.sub(r" -m nfacct --nfacct-name +\S+", "", rules)
 
 
 def restore(text: str) -> float:

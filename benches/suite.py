@@ -70,7 +70,7 @@ from benches import vm
 from benches.daemon_memory import status_kib
 from benches.iptables_sync import cluster as cluster_changes
 from benches.iptables_sync import parse as parse_restore
-from benches.iptables_sync import upstream_text
+from benches.iptables_sync import upstream_text, without_counters
 from benches.ipvs_program import PROGRAM as IPVS_PROGRAM
 from benches.ipvs_program import build as build_ipvs_program
 from benches.nftables_sync import upstream_like
@@ -347,12 +347,6 @@ def _in(ns: str, argv: list[str], stdin: str | None = None) -> str:
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-2000:]}")
     return r.stdout
-
-
-def without_counters(rules: str) -> str:
-    """iptables rules without their nfacct matches: a fresh namespace has no nfacct counters
-    for them to name (the kernel refuses such a rule), and the tools cannot create them."""
-    return re.sub(r" -m nfacct --nfacct-name +\S+", "", rules)
 
 
 def _timed_load(mode: str, text: str, ipvs_way: str = "batched") -> float:
